@@ -1,0 +1,149 @@
+"""Feature taps: named module outputs, in depth (execution) order, with their per-sample shapes.
+
+A tap is addressed by module path (`layer3.1`, `blocks.7`), as in torchdistill. `TapRecorder` captures tap
+outputs with forward hooks and stops the forward pass after the last tap when the logits are not wanted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UserError, first_line
+
+# Leaf layers never count as blocks, even when they sit in a Sequential.
+_PRIMITIVES = (
+    nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Dropout,
+    nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)
+
+
+@dataclass(frozen=True)
+class Tap:
+    index: int
+    name: str
+    shape: tuple[int, ...]  # per sample: (C, H, W) for maps, (T, D) for tokens, (D,) for vectors
+
+    @property
+    def kind(self) -> str:
+        return {3: "map", 2: "tokens", 1: "vector"}.get(len(self.shape), "other")
+
+
+def candidate_taps(model: nn.Module) -> list[str]:
+    """The model's generalized layers by module path, in no particular order.
+
+    Built-in models declare them (`default_taps`). Otherwise: the outermost parameterised, non-primitive
+    children of Sequential/ModuleList containers (residual, inverted-residual and transformer blocks), plus
+    timm `feature_info` modules outside them (e.g. the stem activation); a plain conv stack (VGG) falls back to
+    its activations.
+    """
+    if hasattr(model, "default_taps"):
+        return list(model.default_taps)
+    blocks: list[str] = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            continue
+        if any(_inside(parent_name, b) for b in blocks):
+            continue
+        for child_name, child in parent.named_children():
+            if not isinstance(child, _PRIMITIVES + _ACTIVATIONS) and any(True for _ in child.parameters()):
+                blocks.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    feature_modules = [info["module"] for info in getattr(model, "feature_info", []) if isinstance(info, dict)]
+    extra = [m for m in feature_modules if m and not any(_inside(m, b) or _inside(b, m) for b in blocks)]
+    taps = blocks + extra
+    if not taps:
+        taps = [n for n, m in model.named_modules() if isinstance(m, _ACTIVATIONS)]
+    return taps
+
+
+def _inside(name: str, ancestor: str) -> bool:
+    return name == ancestor or name.startswith(ancestor + ".")
+
+
+class StopForward(Exception):
+    """Raised by the last hook so the network does not run past the last requested tap."""
+
+
+class TapRecorder:
+    """Records the outputs of named modules during a forward pass.
+
+    with TapRecorder(model, ["layer1.0", "pool"], stop_after_last=True) as rec:
+        feats = rec.run(x)   # {"layer1.0": tensor, "pool": tensor}; rec.logits is None when stopped early
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], stop_after_last: bool = False) -> None:
+        modules = dict(model.named_modules())
+        unknown = [n for n in names if n not in modules or n == ""]
+        if unknown:
+            raise UserError(
+                f"unknown tap {unknown[0]!r} for this model; `kdpipe layers MODEL` lists the taps"
+            )
+        self.model = model
+        self.names = list(names)
+        self.stop_after_last = stop_after_last
+        self._modules = [modules[n] for n in names]
+        self._handles: list = []
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.order: list[str] = []
+        self.logits: torch.Tensor | None = None
+
+    def __enter__(self) -> "TapRecorder":
+        for name, module in zip(self.names, self._modules):
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args, output) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise UserError(f"tap {name!r} outputs {type(output).__name__}, not a tensor; choose another module")
+            if name not in self.outputs:  # a module called twice keeps its first output
+                self.outputs[name] = output
+                self.order.append(name)
+            if self.stop_after_last and len(self.outputs) == len(self.names):
+                raise StopForward
+
+        return hook
+
+    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.outputs, self.order, self.logits = {}, [], None
+        try:
+            self.logits = self.model(x)
+        except StopForward:
+            pass
+        missing = [n for n in self.names if n not in self.outputs]
+        if missing:
+            raise UserError(f"tap {missing[0]!r} never ran in the forward pass")
+        return {n: self.outputs[n] for n in self.names}
+
+
+def list_taps(model: nn.Module, input_size: int, in_chans: int = 3, names: list[str] | None = None) -> list[Tap]:
+    """Taps (all candidates, or `names`) with shapes, sorted by execution order, from one dry forward pass."""
+    names = candidate_taps(model) if names is None else list(names)
+    if not names:
+        raise UserError("no taps found for this model; name modules explicitly with --layers")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), TapRecorder(model, names, stop_after_last=True) as rec:
+            dummy = torch.zeros(1, in_chans, input_size, input_size, device=_device_of(model))
+            try:
+                rec.run(dummy)
+            except (RuntimeError, AssertionError) as err:
+                raise UserError(f"the model does not accept {input_size}x{input_size} inputs: {first_line(err)}")
+            order = rec.order
+    finally:
+        model.train(was_training)
+    return [Tap(i, n, tuple(rec.outputs[n].shape[1:])) for i, n in enumerate(order)]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
