@@ -1,0 +1,42 @@
+"""The training recipe shared by every stage that trains (METHOD.md §5): loaders, AdamW + OneCycle, top-1."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, workers: int = 0, shuffle: bool = False,
+    generator: torch.Generator | None = None, drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader; worker processes are spawned, never forked (fork deadlocks with Blosc/zarr threads)."""
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+        num_workers=workers, multiprocessing_context="spawn" if workers > 0 else None,
+        persistent_workers=workers > 0,
+    )
+
+
+def adamw_onecycle(
+    params, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW and a OneCycle schedule (pct_start 0.3, PyTorch defaults otherwise) stepped once per batch."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.3
+    )
+    return optimizer, schedule
+
+
+@torch.no_grad()
+def evaluate_top1(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy in percent over every sample of `loader` (no dropped batch)."""
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        logits = model(images.to(device))
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        total += len(labels)
+    return 100.0 * correct / max(total, 1)
