@@ -1,0 +1,5 @@
+"""The kdpipe feature store: teacher features, labels and logits in a Zarr v3 group, written by chunk."""
+
+from .store import FORMAT_VERSION, ArraySpec, FeatureStore, SplitStore, StoreError
+
+__all__ = ["FORMAT_VERSION", "ArraySpec", "FeatureStore", "SplitStore", "StoreError"]

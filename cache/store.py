@@ -1,0 +1,206 @@
+"""Layout, provenance and completion tracking of the feature store.
+
+    features.zarr/                 attrs["kdpipe"]: format version, provenance, config hash, `complete`
+      <split>/                     attrs: num_samples, block_rows, fingerprint, `complete`
+        features/<tap>             (N, *tap_shape) float16, chunked along N only
+        labels, indices            (N,) int64
+        logits                     (N, num_classes) float32
+        progress                   (num_blocks,) uint8, one chunk per block: 1 once the block is fully written
+
+Rows are written in *blocks*: every array's chunk length divides the block length, so a block is a
+chunk-aligned region of every array and can be written by any process independently (the torchrun shards of
+the future). A block is marked done only after all its chunks are written; a split, and then the store, is
+marked complete only when every block is done. Plain `zarr.open_group` / `dask.array.from_zarr` read it all.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+FORMAT_VERSION = 1
+ATTR_KEY = "kdpipe"
+FEATURES = "features"
+PROGRESS = "progress"
+MIN_CHUNK_BYTES = 1 << 20  # feature chunks hold at least 1 MiB where N allows
+MAX_CHUNK_ROWS = 4096  # bounds the block, hence the resume and sharding granularity
+
+
+class StoreError(Exception):
+    """A store that is missing, foreign, newer, incomplete or inconsistent with what the caller expects."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-sample array of a split: `shape` excludes the leading sample axis."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def compressors(clevel: int = 1, shuffle: str = "shuffle") -> list:
+    """Blosc zstd, then a crc32c checksum so a corrupted chunk fails loudly instead of decoding to garbage."""
+    return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle), Crc32cCodec()]
+
+
+def chunk_rows(row_bytes: int) -> int:
+    """The smallest power of two of rows making a chunk of at least MIN_CHUNK_BYTES, at most MAX_CHUNK_ROWS."""
+    rows = 1 << max(0, math.ceil(math.log2(max(1, MIN_CHUNK_BYTES / max(row_bytes, 1)))))
+    return min(rows, MAX_CHUNK_ROWS)
+
+
+def plan_chunks(specs: list[ArraySpec], num_samples: int) -> tuple[dict[str, int], int]:
+    """Chunk rows per array and the block length. Powers of two make every chunk length divide the block."""
+    rows = {s.path: chunk_rows(s.row_bytes) for s in specs}
+    block = max(rows.values())
+    if block >= num_samples:  # a single block: its only boundaries are 0 and N, aligned for every array
+        return {p: min(r, num_samples) for p, r in rows.items()}, num_samples
+    return rows, block
+
+
+class SplitStore:
+    """One split's group: arrays, the per-block progress flags and the completion state."""
+
+    def __init__(self, group: zarr.Group) -> None:
+        self.group = group
+        self.name = group.basename
+        self.num_samples: int = group.attrs["num_samples"]
+        self.block_rows: int = group.attrs["block_rows"]
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.num_samples / self.block_rows)
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        start = block * self.block_rows
+        return start, min(start + self.block_rows, self.num_samples)
+
+    def array(self, path: str) -> zarr.Array:
+        return self.group[path]
+
+    @property
+    def tap_names(self) -> list[str]:
+        return list(self.group.attrs["taps"])
+
+    def feature(self, tap: str) -> zarr.Array:
+        return self.group[f"{FEATURES}/{tap}"]
+
+    def missing_blocks(self) -> list[int]:
+        done = self.group[PROGRESS][:]
+        return [int(b) for b in np.flatnonzero(done == 0)]
+
+    def mark_block_done(self, block: int) -> None:
+        self.group[PROGRESS][block] = 1
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.group.attrs.get("complete", False))
+
+    def mark_complete(self) -> None:
+        if self.missing_blocks():
+            raise StoreError(f"split {self.name!r} still has {len(self.missing_blocks())} unwritten blocks")
+        self.group.attrs["complete"] = True
+
+    def arrays(self) -> dict[str, zarr.Array]:
+        return {path: self.group[path] for path in self.group.attrs["arrays"]}
+
+
+class FeatureStore:
+    """A kdpipe store on disk. `create` lays it out; `open` checks it is one, of a format this version reads."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path, self.group = path, group
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"no feature store at {path}")
+        group = zarr.open_group(str(path), mode=mode)
+        meta = group.attrs.get(ATTR_KEY)
+        if not isinstance(meta, dict):
+            raise StoreError(f"{path} is a Zarr group but not a kdpipe feature store")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise StoreError(
+                f"{path} has store format {meta['format_version']}, newer than this kdpipe reads ({FORMAT_VERSION});"
+                " upgrade kdpipe"
+            )
+        return cls(path, group)
+
+    @classmethod
+    def create(cls, path: str | Path, meta: dict[str, Any], overwrite: bool = False) -> "FeatureStore":
+        path = Path(path)
+        if path.exists():
+            if not overwrite:
+                raise StoreError(f"{path} already exists")
+            if not (path / "zarr.json").is_file():
+                raise StoreError(f"{path} exists and is not a Zarr store; refusing to delete it")
+            shutil.rmtree(path)
+        group = zarr.open_group(str(path), mode="w-")
+        group.attrs[ATTR_KEY] = {**meta, "format_version": FORMAT_VERSION, "complete": False}
+        return cls(path, group)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.group.attrs[ATTR_KEY])
+
+    def update_meta(self, **fields: Any) -> None:
+        self.group.attrs[ATTR_KEY] = {**self.meta, **fields}
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete", False))
+
+    def mark_complete(self) -> None:
+        incomplete = [s.name for s in self.splits() if not s.complete]
+        if incomplete:
+            raise StoreError(f"splits not complete: {', '.join(incomplete)}")
+        self.update_meta(complete=True)
+
+    def split_names(self) -> list[str]:
+        return [name for name, _ in self.group.groups()]
+
+    def splits(self) -> list[SplitStore]:
+        return [self.split(name) for name in sorted(self.split_names())]
+
+    def split(self, name: str) -> SplitStore:
+        if name not in self.split_names():
+            raise StoreError(f"store {self.path} has no split {name!r}; it has {', '.join(self.split_names()) or 'none'}")
+        return SplitStore(self.group[name])
+
+    def create_split(
+        self, name: str, num_samples: int, specs: list[ArraySpec], taps: list[str], attrs: dict[str, Any],
+        clevel: int = 1, shuffle: str = "shuffle",
+    ) -> SplitStore:
+        """Creates the split's arrays (empty) and its progress flags, all blocks pending."""
+        rows, block = plan_chunks(specs, num_samples)
+        group = self.group.create_group(name)
+        for spec in specs:
+            group.create_array(
+                spec.path, shape=(num_samples, *spec.shape), chunks=(rows[spec.path], *spec.shape),
+                dtype=spec.dtype, compressors=compressors(clevel, shuffle), fill_value=0,
+            )
+        group.create_array(PROGRESS, shape=(math.ceil(num_samples / block),), chunks=(1,), dtype="uint8", fill_value=0)
+        group.attrs.update({
+            **attrs, "num_samples": num_samples, "block_rows": block, "taps": taps,
+            "arrays": [s.path for s in specs], "complete": False,
+        })
+        return SplitStore(group)
+
+
+def stored_bytes(store_path: Path, array: zarr.Array) -> int:
+    """Bytes of an array's chunk files on disk (the store is a local directory; metadata excluded)."""
+    chunk_dir = store_path / array.path / "c"
+    return sum(f.stat().st_size for f in chunk_dir.rglob("*") if f.is_file()) if chunk_dir.is_dir() else 0

@@ -1,0 +1,132 @@
+"""Background, chunk-aligned writing of one split.
+
+The producer (the teacher loop) puts batches of rows; a writer thread copies them into per-array chunk buffers,
+writes each chunk as soon as it is full (compression happens there, overlapping the next forward pass) and
+flags a block done once every array has written all of that block's chunks. Rows arrive in the order of the
+pending blocks, so a resumed run simply feeds the missing blocks.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Mapping
+
+import numpy as np
+
+from .store import SplitStore
+
+
+class _ChunkBuffer:
+    """Collects one array's rows until its current chunk is complete, then writes that chunk."""
+
+    def __init__(self, array, chunk_rows: int) -> None:
+        self.array, self.chunk_rows = array, chunk_rows
+        self.num_rows = array.shape[0]
+        self.buffer = np.empty((chunk_rows, *array.shape[1:]), dtype=array.dtype)
+        self.chunk_start = -1
+        self.filled_until = -1
+        self.written_until = 0  # every row below this is on disk (within the rows fed so far)
+
+    def add(self, start: int, rows: np.ndarray) -> None:
+        """Adds rows for store positions [start, start + len(rows)); they never straddle a block gap."""
+        offset = 0
+        while offset < len(rows):
+            row = start + offset
+            if row >= self.chunk_start + self.chunk_rows or self.chunk_start < 0:
+                self.chunk_start = row - row % self.chunk_rows
+                self.filled_until = self.chunk_start
+            if row != self.filled_until:
+                raise RuntimeError(f"rows for {self.array.path} arrived out of order ({row} != {self.filled_until})")
+            chunk_end = min(self.chunk_start + self.chunk_rows, self.num_rows)
+            take = min(len(rows) - offset, chunk_end - row)
+            self.buffer[row - self.chunk_start : row - self.chunk_start + take] = rows[offset : offset + take]
+            self.filled_until = row + take
+            offset += take
+            if self.filled_until == chunk_end:
+                self.array[self.chunk_start : chunk_end] = self.buffer[: chunk_end - self.chunk_start]
+                self.written_until = chunk_end
+
+
+class SplitWriter:
+    """Writes the pending blocks of a split from a stream of batches, on a background thread.
+
+    with SplitWriter(split, blocks) as writer:
+        for batch in batches:           # dict: array path -> rows, in the order of `blocks`
+            writer.put(batch)
+    Leaving the `with` block normally waits for the last chunk; an exception abandons the queue, leaving the
+    blocks already flagged done (and only those) for a resume.
+    """
+
+    def __init__(self, split: SplitStore, blocks: list[int], queue_size: int = 4) -> None:
+        self.split = split
+        self.blocks = list(blocks)
+        arrays = split.arrays()
+        self._buffers = {path: _ChunkBuffer(arr, arr.chunks[0]) for path, arr in arrays.items()}
+        self._slots = [split.block_range(b) for b in self.blocks]
+        self._slot, self._slot_offset = 0, 0
+        self._next_block = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kdpipe-writer", daemon=True)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(stop - start for start, stop in self._slots)
+
+    def __enter__(self) -> "SplitWriter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None if exc_type is None else _ABORT)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
+        if exc_type is None and self._next_block < len(self.blocks):
+            raise RuntimeError(f"stream ended with {len(self.blocks) - self._next_block} blocks unwritten")
+
+    def put(self, batch: Mapping[str, np.ndarray]) -> None:
+        """Queues a batch (blocks while the writer is `queue_size` batches behind)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None or batch is _ABORT:
+                return
+            if self._error is not None:
+                continue  # drain so the producer never blocks on a dead writer
+            try:
+                self._write(batch)
+            except BaseException as err:  # re-raised in the producer's thread
+                self._error = err
+
+    def _write(self, batch: Mapping[str, np.ndarray]) -> None:
+        count = len(next(iter(batch.values())))
+        offset = 0
+        while offset < count:
+            start, stop = self._slots[self._slot]
+            row = start + self._slot_offset
+            take = min(count - offset, stop - row)
+            for path, buffer in self._buffers.items():
+                buffer.add(row, batch[path][offset : offset + take])
+            offset += take
+            self._slot_offset += take
+            if row + take == stop:
+                self._slot, self._slot_offset = self._slot + 1, 0
+            self._flag_finished_blocks()
+
+    def _flag_finished_blocks(self) -> None:
+        while self._next_block < len(self.blocks):
+            block = self.blocks[self._next_block]
+            stop = self.split.block_range(block)[1]
+            if any(b.written_until < stop for b in self._buffers.values()):
+                return
+            self.split.mark_block_done(block)
+            self._next_block += 1
+
+
+_ABORT = object()

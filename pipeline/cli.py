@@ -1,0 +1,194 @@
+"""The `kdpipe` command line: one click command per stage, every option also settable from `--config`."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import yaml
+
+from cache.store import StoreError
+
+from . import __version__
+from .config import config_option
+from .errors import UserError
+
+DEVICES = click.Choice(["auto", "cpu", "cuda"] + [f"cuda:{i}" for i in range(8)])
+
+
+class CommaList(click.ParamType):
+    """`a,b,c` on the command line, or a YAML list in a config file."""
+
+    name = "LIST"
+
+    def convert(self, value: Any, param, ctx) -> tuple[str, ...]:
+        if isinstance(value, (list, tuple)):
+            return tuple(str(v) for v in value)
+        return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+class Mapping(click.ParamType):
+    """A YAML/JSON mapping on the command line (`'{base_width: 8}'`), or a mapping in a config file."""
+
+    name = "MAPPING"
+
+    def convert(self, value: Any, param, ctx) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            self.fail(f"{value!r} is not a mapping such as '{{base_width: 8}}'", param, ctx)
+        return parsed
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turns the pipeline's user errors into click's one-line `Error: ...` and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, StoreError) as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+def stage(fn: Callable) -> click.Command:
+    """A kdpipe command: user errors handled and `--config` attached."""
+    return config_option(cli.command(name=fn.__name__.rstrip("_").replace("_", "-"))(user_errors(fn)))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.version_option(__version__, prog_name="kdpipe")
+def cli() -> None:
+    """kdpipe: offline feature knowledge distillation (extract once, score layers, distill, probe)."""
+
+
+def data_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.option("--dataset", default="digits", show_default=True, help="Registered dataset (`kdpipe datasets`)."),
+        click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset's files."),
+        click.option("--input-size", type=click.IntRange(8), help="Served image size (default: the dataset's)."),
+        click.option("--download/--no-download", default=False, help="Let torchvision download (needs internet)."),
+        click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def run_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.option("--device", type=DEVICES, default="auto", show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def model_kwargs_option(fn: Callable) -> Callable:
+    return click.option("--model-kwargs", type=Mapping(), help="Extra keyword arguments for the model factory.")(fn)
+
+
+@stage
+@click.argument("pattern", default="*")
+def models(pattern: str, config: str | None) -> None:
+    """List built-in models matching PATTERN (timm:<name> and tv:<name> also work)."""
+    from .models import list_models
+
+    for name in list_models(pattern):
+        click.echo(name)
+
+
+@stage
+@click.argument("pattern", default="*")
+def datasets(pattern: str, config: str | None) -> None:
+    """List registered datasets and their splits."""
+    from .datasets import DATASETS
+
+    for name in DATASETS.names(pattern):
+        click.echo(f"{name:12s} splits: {', '.join(DATASETS.get(name).splits)}")
+
+
+@stage
+@click.argument("model")
+@click.option("--input-size", type=click.IntRange(8), default=32, show_default=True)
+@click.option("--num-classes", type=click.IntRange(1), default=10, show_default=True)
+@model_kwargs_option
+def layers(model: str, input_size: int, num_classes: int, model_kwargs: dict | None, config: str | None) -> None:
+    """List MODEL's taps (generalized layers) in depth order: index, module path, per-sample shape."""
+    from .models import create_model
+    from .taps import list_taps
+
+    net = create_model(model, num_classes, input_size=input_size, model_kwargs=model_kwargs)
+    click.echo(f"{'index':>5}  {'name':24s} {'kind':7s} shape")
+    for tap in list_taps(net, input_size):
+        click.echo(f"{tap.index:>5}  {tap.name:24s} {tap.kind:7s} {tuple(tap.shape)}")
+
+
+@stage
+@click.option("--teacher", default="resnet20", show_default=True, help="Model to train (`kdpipe models`).")
+@data_options
+@model_kwargs_option
+@click.option("--out", type=click.Path(file_okay=False), default="runs/teacher", show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=15, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True, help="OneCycle peak.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.01, show_default=True)
+@run_options
+def teach(config: str | None, **options: Any) -> None:
+    """Train a teacher with cross entropy; writes OUT/model.safetensors and OUT/teach.json."""
+    from .runtime import write_args
+    from .teach import teach as run
+
+    summary = run(**options)
+    write_args(Path(options["out"]) / "teach_args.yaml", options)
+    click.echo(f"teacher {summary['model']}: {summary['test_split']} top-1 {summary['test_top1']:.2f}% "
+               f"-> {summary['checkpoint']}")
+
+
+@stage
+@click.option("--teacher", default="resnet20", show_default=True, help="Teacher model (`kdpipe models`).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Teacher weights (.safetensors, or .pt/.pth).")
+@click.option("--pretrained/--no-pretrained", default=False, help="timm/torchvision weights from the local cache.")
+@model_kwargs_option
+@data_options
+@click.option("--splits", type=CommaList(), default="train", show_default=True, help="Splits to cache, e.g. train,test.")
+@click.option("--layers", type=CommaList(), default="", help="Taps to cache by module path (default: all).")
+@click.option("--logits/--no-logits", default=True, show_default=True, help="Also cache the teacher's logits.")
+@click.option("--max-samples", type=click.IntRange(1), help="Cache a seeded class-stratified subset per split.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/extract", show_default=True,
+              help="Folder for features.zarr and extract.json.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a store in OUT made with a different configuration.")
+@run_options
+def extract(config: str | None, **options: Any) -> None:
+    """Run the teacher once over the split(s) and cache tap features, labels and logits in a Zarr store."""
+    from .extract import extract as run
+    from .runtime import write_args
+
+    summary = run(**options)
+    write_args(Path(options["out"]) / "extract_args.yaml", options)
+    for split, s in summary["splits"].items():
+        rate = f", {s['images_per_second']:.0f} img/s" if s.get("images_per_second") else ""
+        click.echo(f"{split}: {s['num_samples']} samples, {s['raw_bytes'] / 2**20:.1f} MiB raw -> "
+                   f"{s['stored_bytes'] / 2**20:.1f} MiB stored ({s['stored_over_raw']:.2f}){rate}")
+    click.echo(f"store: {summary['store']}")
+
+
+@stage
+@click.argument("store", type=click.Path())
+def info(store: str, config: str | None) -> None:
+    """Print a store's taps, shapes, raw and stored sizes, completion and provenance."""
+    from .info import describe_store
+
+    click.echo(describe_store(store))
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,232 @@
+"""`kdpipe extract`: run the teacher once (eval, no grad) and cache its tap features, labels and logits.
+
+The store's identity is a hash of everything that determines its contents (teacher, weights, data, preprocessing,
+taps, subset); re-running on an incomplete store with the same identity resumes at the missing blocks, on a
+complete one it does nothing, and on a different one it refuses unless told to overwrite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from cache.store import FEATURES, ArraySpec, FeatureStore, SplitStore, StoreError, stored_bytes
+from cache.writer import SplitWriter
+
+from . import __version__
+from .datasets import SplitData, load_split
+from .errors import UserError
+from .models import create_model, file_sha256, load_checkpoint, read_model_spec
+from .recipe import make_loader
+from .runtime import resolve_device, seed_everything, write_json
+from .taps import Tap, TapRecorder, list_taps
+
+STORE_NAME = "features.zarr"
+FEATURE_DTYPE = "float16"
+
+
+def extract(
+    teacher: str,
+    dataset: str,
+    out: str,
+    checkpoint: str | None = None,
+    pretrained: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    data_root: str | None = None,
+    input_size: int | None = None,
+    splits: tuple[str, ...] = ("train",),
+    layers: tuple[str, ...] = (),
+    logits: bool = True,
+    max_samples: int | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    workers: int = 0,
+    seed: int = 0,
+    overwrite: bool = False,
+    download: bool = False,
+) -> dict[str, Any]:
+    """Extracts every requested split into `out/features.zarr` and writes `out/extract.json`; returns that summary."""
+    dev = resolve_device(device)
+    seed_everything(seed)
+    data = {split: load_split(dataset, split, data_root, input_size, download) for split in splits}
+    first = data[splits[0]]
+    model = _load_teacher(teacher, checkpoint, pretrained, model_kwargs, first)
+    model.to(dev).eval()
+    taps = list_taps(model, first.preprocessing.input_size, names=list(layers) or None)
+    rows = {split: _select_rows(d, max_samples, seed) for split, d in data.items()}
+    identity = {
+        "teacher": {
+            "name": teacher, "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+            "pretrained": pretrained, "model_kwargs": model_kwargs or {},
+        },
+        "dataset": {
+            "name": dataset, "num_classes": first.num_classes, "classes": first.classes,
+            "preprocessing": first.preprocessing.to_dict(),
+            "splits": {s: {"fingerprint": d.fingerprint(), "size": len(d)} for s, d in data.items()},
+        },
+        "taps": [{"index": t.index, "name": t.name, "shape": list(t.shape), "kind": t.kind} for t in taps],
+        "feature_dtype": FEATURE_DTYPE, "logits": logits, "max_samples": max_samples,
+        "subset_seed": seed if max_samples else None,
+    }
+    store = _open_or_create(Path(out) / STORE_NAME, identity, checkpoint, overwrite)
+    if store.complete:
+        tqdm.write(f"{store.path} is already complete; nothing to do")
+        return _summary(store, {}, Path(out))
+    timings = {}
+    for split, d in data.items():
+        part = _split_store(store, split, d, rows[split], taps, logits, first.num_classes)
+        timings[split] = _extract_split(model, d, part, rows[split], taps, logits, batch_size, workers, dev)
+    store.mark_complete()
+    return _summary(store, timings, Path(out))
+
+
+def _load_teacher(name: str, checkpoint: str | None, pretrained: bool, model_kwargs, data: SplitData):
+    if checkpoint is None and not pretrained:
+        raise UserError("the teacher needs weights: pass --checkpoint FILE (or --pretrained for timm/torchvision)")
+    spec = read_model_spec(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+    if spec and spec.get("model") != name:
+        raise UserError(f"checkpoint {checkpoint} holds a {spec.get('model')!r}, not a {name!r}")
+    if spec and spec.get("num_classes") != data.num_classes:
+        raise UserError(
+            f"checkpoint {checkpoint} has {spec.get('num_classes')} classes; dataset {data.name!r} has {data.num_classes}"
+        )
+    if spec and not model_kwargs:
+        model_kwargs = spec.get("model_kwargs") or None
+    model = create_model(
+        name, data.num_classes, input_size=data.preprocessing.input_size, pretrained=pretrained, model_kwargs=model_kwargs
+    )
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndarray:
+    """Dataset indices to cache: all of them, or a seeded class-stratified subset, in ascending order."""
+    if max_samples is None or max_samples >= len(data):
+        return np.arange(len(data))
+    if max_samples < data.num_classes:
+        raise UserError(f"--max-samples {max_samples} is below the number of classes ({data.num_classes})")
+    from sklearn.model_selection import train_test_split
+
+    chosen, _ = train_test_split(
+        np.arange(len(data)), train_size=max_samples, stratify=data.labels, random_state=seed
+    )
+    return np.sort(chosen)
+
+
+def config_hash(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _open_or_create(path: Path, identity: dict[str, Any], checkpoint: str | None, overwrite: bool) -> FeatureStore:
+    wanted = config_hash(identity)
+    if path.exists() and not overwrite:
+        store = FeatureStore.open(path, mode="r+")
+        if store.meta.get("config_hash") != wanted:
+            field = _first_difference(store.meta.get("identity", {}), identity)
+            raise UserError(
+                f"{path} holds a different store ({field} differs); use another --out or pass --overwrite"
+            )
+        return store
+    meta = {
+        "kdpipe_version": __version__, "identity": identity, "config_hash": wanted,
+        "checkpoint_path": str(checkpoint) if checkpoint else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return FeatureStore.create(path, meta, overwrite=overwrite)
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
+    """The dotted path of the first field where two identity records differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')} ({_short(old)} vs {_short(new)})" if prefix else "format"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _split_store(
+    store: FeatureStore, split: str, data: SplitData, rows: np.ndarray, taps: list[Tap], logits: bool, num_classes: int
+) -> SplitStore:
+    if split in store.split_names():
+        return store.split(split)
+    specs = [ArraySpec(f"{FEATURES}/{t.name}", t.shape, FEATURE_DTYPE) for t in taps]
+    specs += [ArraySpec("labels", (), "int64"), ArraySpec("indices", (), "int64")]
+    if logits:
+        specs.append(ArraySpec("logits", (num_classes,), "float32"))
+    attrs = {"split": split, "dataset_size": len(data), "fingerprint": data.fingerprint()}
+    return store.create_split(split, len(rows), specs, [t.name for t in taps], attrs)
+
+
+def _extract_split(
+    model, data: SplitData, part: SplitStore, rows: np.ndarray, taps: list[Tap], logits: bool,
+    batch_size: int, workers: int, device: torch.device,
+) -> dict[str, float]:
+    """Feeds the split's missing blocks through the teacher into a background writer; returns timing figures."""
+    blocks = part.missing_blocks()
+    positions = np.concatenate([np.arange(*part.block_range(b)) for b in blocks]) if blocks else np.array([], int)
+    if len(positions) == 0:
+        part.mark_complete()
+        return {"images": 0, "seconds": 0.0}
+    loader = make_loader(Subset(data, rows[positions].tolist()), batch_size, workers)
+    names = [t.name for t in taps]
+    start, done = time.perf_counter(), 0
+    bar = tqdm(total=len(positions), desc=f"extract {part.name}", unit="img", unit_scale=True, smoothing=0.1)
+    with torch.no_grad(), TapRecorder(model, names, stop_after_last=not logits) as recorder, SplitWriter(part, blocks) as writer:
+        for images, labels in loader:
+            features = recorder.run(images.to(device, non_blocking=True))
+            batch = {f"{FEATURES}/{n}": _to_float16(n, f, positions[done]) for n, f in features.items()}
+            batch["labels"] = labels.numpy().astype(np.int64)
+            batch["indices"] = rows[positions[done : done + len(labels)]]
+            if logits:
+                batch["logits"] = recorder.logits.float().cpu().numpy()
+            writer.put(batch)
+            done += len(labels)
+            bar.update(len(labels))
+    bar.close()
+    part.mark_complete()
+    seconds = time.perf_counter() - start
+    return {"images": done, "seconds": round(seconds, 3), "images_per_second": round(done / seconds, 1)}
+
+
+def _to_float16(name: str, features: torch.Tensor, first_row: int) -> np.ndarray:
+    half = features.detach().to(torch.float16)
+    if not torch.isfinite(half).all():
+        bad = int((~torch.isfinite(half)).flatten(1).any(1).nonzero()[0])
+        raise UserError(f"tap {name!r} is not finite in float16 at store row {first_row + bad} (NaN, or |x| > 65504)")
+    return half.cpu().numpy()
+
+
+def _summary(store: FeatureStore, timings: dict[str, dict[str, float]], out: Path) -> dict[str, Any]:
+    """Throughput and raw vs stored bytes per split and array; written to `out/extract.json`."""
+    splits = {}
+    for part in store.splits():
+        arrays = {
+            path: {"raw_bytes": int(arr.nbytes), "stored_bytes": stored_bytes(store.path, arr)}
+            for path, arr in part.arrays().items()
+        }
+        raw = sum(a["raw_bytes"] for a in arrays.values())
+        stored = sum(a["stored_bytes"] for a in arrays.values())
+        splits[part.name] = {
+            "num_samples": part.num_samples, "raw_bytes": raw, "stored_bytes": stored,
+            "stored_over_raw": round(stored / raw, 4) if raw else None, "arrays": arrays, **timings.get(part.name, {}),
+        }
+    summary = {
+        "stage": "extract", "store": str(store.path), "complete": store.complete,
+        "config_hash": store.meta["config_hash"], "splits": splits,
+    }
+    write_json(out / "extract.json", summary)
+    return summary

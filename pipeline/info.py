@@ -1,0 +1,48 @@
+"""`kdpipe info`: what a feature store holds, how big it is, where it came from and whether it is complete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cache.store import FeatureStore, stored_bytes
+
+from .extract import STORE_NAME
+
+
+def resolve_store(path: str | Path) -> FeatureStore:
+    """Opens a store given its own path or the extract output folder holding it."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file() and (path / STORE_NAME / "zarr.json").is_file():
+        path = path / STORE_NAME
+    return FeatureStore.open(path)
+
+
+def describe_store(path: str | Path) -> str:
+    store = resolve_store(path)
+    meta = store.meta
+    identity = meta["identity"]
+    teacher, dataset = identity["teacher"], identity["dataset"]
+    lines = [
+        f"store       {store.path}",
+        f"complete    {'yes' if store.complete else 'NO (resume with the same kdpipe extract command)'}",
+        f"teacher     {teacher['name']}  checkpoint sha256 {(teacher['checkpoint_sha256'] or 'none')[:16]}"
+        f"  ({meta.get('checkpoint_path') or 'pretrained'})",
+        f"dataset     {dataset['name']}  {dataset['num_classes']} classes  preprocessing {dataset['preprocessing']}",
+        f"created     {meta['created']} by kdpipe {meta['kdpipe_version']}  config {meta['config_hash'][:16]}",
+    ]
+    for part in store.splits():
+        missing = len(part.missing_blocks())
+        state = "complete" if part.complete else f"{missing}/{part.num_blocks} blocks missing"
+        lines.append(f"split {part.name}: {part.num_samples} of {part.group.attrs['dataset_size']} samples, "
+                     f"fingerprint {part.group.attrs['fingerprint'][:16]}, {state}")
+        lines.append(f"  {'array':32s} {'shape':22s} {'dtype':8s} {'chunk':>6s} {'raw MiB':>9s} {'stored MiB':>10s}")
+        raw_total = stored_total = 0
+        for name, arr in part.arrays().items():
+            raw, stored = arr.nbytes, stored_bytes(store.path, arr)
+            raw_total, stored_total = raw_total + raw, stored_total + stored
+            lines.append(f"  {name:32s} {str(arr.shape):22s} {str(arr.dtype):8s} {arr.chunks[0]:>6d} "
+                         f"{raw / 2**20:>9.2f} {stored / 2**20:>10.2f}")
+        ratio = stored_total / raw_total if raw_total else float("nan")
+        lines.append(f"  {'total':32s} {'':22s} {'':8s} {'':>6s} {raw_total / 2**20:>9.2f} {stored_total / 2**20:>10.2f}"
+                     f"  (stored/raw {ratio:.2f})")
+    return "\n".join(lines)
