@@ -44,6 +44,8 @@ class ArraySpec:
     path: str
     shape: tuple[int, ...]
     dtype: str
+    sets_block: bool = True  # per-sample metadata (labels, indices) follows the features' block instead
+
 
     @property
     def row_bytes(self) -> int:
@@ -62,9 +64,14 @@ def chunk_rows(row_bytes: int) -> int:
 
 
 def plan_chunks(specs: list[ArraySpec], num_samples: int) -> tuple[dict[str, int], int]:
-    """Chunk rows per array and the block length. Powers of two make every chunk length divide the block."""
+    """Chunk rows per array and the block length. Powers of two make every chunk length divide the block.
+
+    The block is the longest chunk among the arrays that set it (the features); narrow per-sample arrays get
+    at most one block per chunk, so a few bytes of labels do not stretch the block to MAX_CHUNK_ROWS.
+    """
     rows = {s.path: chunk_rows(s.row_bytes) for s in specs}
-    block = max(rows.values())
+    block = max((rows[s.path] for s in specs if s.sets_block), default=max(rows.values()))
+    rows = {path: min(r, block) for path, r in rows.items()}
     if block >= num_samples:  # a single block: its only boundaries are 0 and N, aligned for every array
         return {p: min(r, num_samples) for p, r in rows.items()}, num_samples
     return rows, block

@@ -24,7 +24,7 @@ from cache.writer import SplitWriter
 from . import __version__
 from .datasets import SplitData, load_split
 from .errors import UserError
-from .models import create_model, file_sha256, load_checkpoint, read_model_spec
+from .models import MODELS, PREFIXES, create_model, file_sha256, load_checkpoint, read_model_spec
 from .recipe import make_loader
 from .runtime import resolve_device, seed_everything, write_json
 from .taps import Tap, TapRecorder, list_taps
@@ -89,6 +89,8 @@ def extract(
 
 
 def _load_teacher(name: str, checkpoint: str | None, pretrained: bool, model_kwargs, data: SplitData):
+    if not name.startswith(PREFIXES):
+        MODELS.get(name)  # an unknown name is reported before anything is read
     if checkpoint is None and not pretrained:
         raise UserError("the teacher needs weights: pass --checkpoint FILE (or --pretrained for timm/torchvision)")
     spec = read_model_spec(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
@@ -164,9 +166,9 @@ def _split_store(
     if split in store.split_names():
         return store.split(split)
     specs = [ArraySpec(f"{FEATURES}/{t.name}", t.shape, FEATURE_DTYPE) for t in taps]
-    specs += [ArraySpec("labels", (), "int64"), ArraySpec("indices", (), "int64")]
+    specs += [ArraySpec("labels", (), "int64", sets_block=False), ArraySpec("indices", (), "int64", sets_block=False)]
     if logits:
-        specs.append(ArraySpec("logits", (num_classes,), "float32"))
+        specs.append(ArraySpec("logits", (num_classes,), "float32", sets_block=False))
     attrs = {"split": split, "dataset_size": len(data), "fingerprint": data.fingerprint()}
     return store.create_split(split, len(rows), specs, [t.name for t in taps], attrs)
 

@@ -192,8 +192,11 @@ def read_model_spec(path: str | Path) -> dict[str, Any] | None:
     """The model spec that `save_checkpoint` wrote, or None for checkpoints made elsewhere."""
     if Path(path).suffix != ".safetensors":
         return None
-    with safe_open(str(path), framework="pt") as f:
-        spec = (f.metadata() or {}).get("kdpipe_model_spec")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            spec = (f.metadata() or {}).get("kdpipe_model_spec")
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from err
     return json.loads(spec) if spec else None
 
 
