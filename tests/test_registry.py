@@ -1,0 +1,97 @@
+"""Registries list what is registered; every built-in model honours the tap contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.datasets import list_datasets
+from pipeline.models import create_model, list_models
+from pipeline.registry import Registry, UnknownName
+from pipeline.taps import TapRecorder, candidate_taps, list_taps
+
+from conftest import run_cli
+
+
+def test_model_and_dataset_listing():
+    assert {"resnet8", "resnet20", "resnet32", "resnet9", "vit_et", "vit_tiny_cifar"} <= set(list_models())
+    assert list_models("vit*") == ["vit_et", "vit_tiny_cifar"]
+    assert set(list_datasets()) == {"digits", "cifar10", "cifar100", "imagefolder"}
+    out = run_cli("models", "resnet*").output.split()
+    assert "resnet20" in out and "vit_et" not in out
+    assert "imagefolder" in run_cli("datasets").output
+
+
+def test_registry_rejects_duplicates_and_names_unknown():
+    reg = Registry("widget")
+
+    @reg.register
+    def gear():
+        return 1
+
+    with pytest.raises(ValueError):
+        reg.register(gear)
+    with pytest.raises(UnknownName, match="unknown widget 'cog'; known: gear"):
+        reg.get("cog")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_taps_match_forward(name):
+    """Shapes from `list_taps` match a real forward; recording taps leaves the logits unchanged."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7, input_size=32).eval()
+    taps = list_taps(model, 32)
+    assert [t.index for t in taps] == list(range(len(taps)))
+    assert sorted(t.name for t in taps) == sorted(candidate_taps(model))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        with TapRecorder(model, [t.name for t in taps]) as rec:
+            feats = rec.run(x)
+    assert torch.equal(rec.logits, plain) and plain.shape == (2, 7)
+    for tap in taps:
+        assert tuple(feats[tap.name].shape) == (2, *tap.shape)
+
+
+def test_early_stop_does_not_run_past_last_tap():
+    model = create_model("resnet8", 10).eval()
+    calls = []
+    model.fc.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad(), TapRecorder(model, ["layer2.0"], stop_after_last=True) as rec:
+        rec.run(torch.zeros(1, 3, 32, 32))
+    assert rec.logits is None and calls == []
+
+
+@pytest.mark.parametrize("name,first,count", [
+    ("timm:resnet18", "act1", 9), ("tv:mobilenet_v2", "features.0", 19), ("tv:vgg11_bn", "features.2", 10),
+])
+def test_tap_discovery_for_external_models(name, first, count):
+    taps = list_taps(create_model(name, 10), 64)
+    assert taps[0].name == first and len(taps) == count
+
+
+def test_layers_command_prints_taps_in_depth_order():
+    lines = run_cli("layers", "resnet8").output.strip().splitlines()[1:]
+    assert [line.split()[1] for line in lines] == ["stem", "layer1.0", "layer2.0", "layer3.0", "pool"]
+    assert "(64, 8, 8)" in lines[3]
+    vit = run_cli("layers", "vit_et").output
+    assert "blocks.7" in vit and "(65, 192)" in vit
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt", "pt-wrapped"])
+def test_checkpoint_formats_load_exactly(tmp_path, fmt):
+    from pipeline.models import load_checkpoint, read_model_spec, save_checkpoint
+
+    torch.manual_seed(1)
+    source = create_model("resnet8", 10)
+    path = tmp_path / f"w.{fmt.split('-')[0]}"
+    if fmt == "safetensors":
+        save_checkpoint(source, path, {"model": "resnet8", "num_classes": 10})
+        assert read_model_spec(path) == {"model": "resnet8", "num_classes": 10}
+    else:
+        state = source.state_dict()
+        torch.save({"state_dict": state, "epoch": 3} if fmt == "pt-wrapped" else state, path)
+    target = create_model("resnet8", 10)
+    load_checkpoint(target, path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key

@@ -1,0 +1,96 @@
+"""The store's chunk plan and the background writer, on small synthetic arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cache.store import MIN_CHUNK_BYTES, ArraySpec, FeatureStore, StoreError, chunk_rows, plan_chunks
+from cache.writer import SplitWriter
+
+
+def test_chunks_hold_a_mebibyte_and_divide_the_block():
+    assert chunk_rows(MIN_CHUNK_BYTES) == 1 and chunk_rows(1000) == 2048 and chunk_rows(8) == 4096
+    specs = [ArraySpec("a", (16, 32, 32), "float16"), ArraySpec("b", (512,), "float16"), ArraySpec("c", (), "int64", sets_block=False)]
+    rows, block = plan_chunks(specs, 100_000)
+    assert rows["a"] * 32 * 1024 >= MIN_CHUNK_BYTES
+    assert all(block % r == 0 for r in rows.values())
+    assert block == rows["b"] == rows["c"] == 1024  # the narrow label array follows the features' block
+    rows, block = plan_chunks(specs, 100)
+    assert block == 100 and max(rows.values()) == 100
+
+
+def _store(tmp_path, n: int, specs):
+    store = FeatureStore.create(tmp_path / "s.zarr", {"identity": {}})
+    return store, store.create_split("train", n, specs, taps=["x"], attrs={})
+
+
+def _stream(part, blocks, data, batch):
+    """Feeds rows of the pending blocks, in order, in batches of `batch`."""
+    rows = np.concatenate([np.arange(*part.block_range(b)) for b in blocks])
+    with SplitWriter(part, blocks) as writer:
+        for start in range(0, len(rows), batch):
+            idx = rows[start : start + batch]
+            writer.put({name: values[idx] for name, values in data.items()})
+
+
+@pytest.mark.parametrize("batch", [1, 7, 300, 2000])
+def test_writer_round_trip_any_batch_size(tmp_path, batch):
+    specs = [ArraySpec("features/big", (256, 8, 8), "float16"), ArraySpec("features/mid", (32, 32), "float16")]
+    n = 1300
+    rng = np.random.default_rng(0)
+    data = {path: rng.standard_normal((n, *s.shape)).astype(np.float16) for path, s in [(s.path, s) for s in specs]}
+    store, part = _store(tmp_path, n, specs)
+    assert (part.array("features/big").chunks[0], part.block_rows, part.num_blocks) == (32, 512, 3)
+    _stream(part, list(range(part.num_blocks)), data, batch)
+    assert part.missing_blocks() == []
+    for name, values in data.items():
+        np.testing.assert_array_equal(part.array(name)[:], values)
+    part.mark_complete()
+    store.mark_complete()
+    assert FeatureStore.open(store.path).complete
+
+
+def test_writer_fills_only_missing_blocks(tmp_path):
+    n = 100
+    big = np.zeros((n, 512, 8, 8), np.float16)
+    big[:, 0, 0, 0] = np.arange(1, n + 1)  # row ids, exact in float16
+    store, part = _store(tmp_path, n, [ArraySpec("features/big", (512, 8, 8), "float16")])
+    assert part.num_blocks == 7
+    pending = [1, 6]
+    _stream(part, pending, {"features/big": big}, batch=5)
+    assert part.missing_blocks() == [0, 2, 3, 4, 5]
+    ids = part.array("features/big")[:, 0, 0, 0]
+    for b in range(part.num_blocks):
+        start, stop = part.block_range(b)
+        expected = np.arange(start + 1, stop + 1) if b in pending else np.zeros(stop - start)
+        np.testing.assert_array_equal(ids[start:stop], expected)
+    with pytest.raises(StoreError, match="unwritten blocks"):
+        part.mark_complete()
+
+
+def test_writer_failure_leaves_block_pending(tmp_path):
+    specs = [ArraySpec("labels", (), "int64")]
+    store, part = _store(tmp_path, 10, specs)
+    with pytest.raises(RuntimeError, match="boom"):
+        with SplitWriter(part, [0]) as writer:
+            writer.put({"labels": np.arange(5)})
+            raise RuntimeError("boom")
+    assert part.missing_blocks() == [0] and not part.complete
+
+
+def test_open_rejects_foreign_and_newer_stores(tmp_path):
+    import zarr
+
+    with pytest.raises(StoreError, match="no feature store"):
+        FeatureStore.open(tmp_path)
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(StoreError, match="not a kdpipe feature store"):
+        FeatureStore.open(tmp_path / "plain.zarr")
+    store = FeatureStore.create(tmp_path / "new.zarr", {})
+    store.update_meta(format_version=99)
+    with pytest.raises(StoreError, match="newer than this kdpipe reads"):
+        FeatureStore.open(tmp_path / "new.zarr")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(StoreError, match="not a Zarr store; refusing"):
+        FeatureStore.create(tmp_path / "dir", {}, overwrite=True)

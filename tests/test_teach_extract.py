@@ -1,0 +1,143 @@
+"""teach reaches a sane accuracy; extract caches exactly what a fresh teacher forward gives, deterministically."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cache.store import FeatureStore
+from pipeline.datasets import load_split
+from pipeline.extract import STORE_NAME, extract
+from pipeline.models import create_model, load_checkpoint, save_checkpoint
+from pipeline.taps import TapRecorder
+
+from conftest import run_cli
+
+
+def test_teach_reaches_ninety_percent(digits_teacher):
+    assert digits_teacher["test_top1"] >= 90.0
+    out = Path(digits_teacher["checkpoint"]).parent
+    assert json.loads((out / "teach.json").read_text())["test_top1"] == digits_teacher["test_top1"]
+    assert len((out / "teach_log.csv").read_text().splitlines()) == 1 + digits_teacher["epochs"]
+
+
+def _check_round_trip(store_dir: Path, model_name: str, checkpoint: str, split: str = "train"):
+    """Every cached tap, label and logit equals a fresh eval forward of the teacher, to float16 precision."""
+    store = FeatureStore.open(store_dir / STORE_NAME)
+    part = store.split(split)
+    indices = part.array("indices")[:]
+    data = load_split("digits", split)
+    model = create_model(model_name, data.num_classes, input_size=32)
+    load_checkpoint(model, checkpoint)
+    model.eval()
+    images = torch.stack([data[int(i)][0] for i in indices])
+    with torch.no_grad(), TapRecorder(model, part.tap_names) as rec:
+        fresh = rec.run(images)
+    for tap, expected in fresh.items():
+        cached = part.feature(tap)[:].astype(np.float32)
+        np.testing.assert_allclose(cached, expected.numpy(), rtol=1e-3, atol=1e-3, err_msg=tap)
+    np.testing.assert_array_equal(part.array("labels")[:], data.labels[indices])
+    np.testing.assert_allclose(part.array("logits")[:], rec.logits.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_extract_round_trip_cnn(digits_teacher, tmp_path):
+    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"], max_samples=200,
+            device="cpu")
+    _check_round_trip(tmp_path, "resnet20", digits_teacher["checkpoint"])
+    summary = json.loads((tmp_path / "extract.json").read_text())
+    train = summary["splits"]["train"]
+    assert summary["complete"] and train["num_samples"] == 200
+    assert 0 < train["stored_bytes"] < train["raw_bytes"]
+
+
+def test_extract_round_trip_vit(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_cifar", 10, input_size=32)
+    save_checkpoint(model, tmp_path / "vit.safetensors", {"model": "vit_tiny_cifar", "num_classes": 10})
+    extract("vit_tiny_cifar", "digits", str(tmp_path / "out"), checkpoint=str(tmp_path / "vit.safetensors"),
+            splits=("test",), layers=("blocks.5", "patch_embed", "blocks.0"), max_samples=64, device="cpu")
+    part = FeatureStore.open(tmp_path / "out" / STORE_NAME).split("test")
+    assert part.tap_names == ["patch_embed", "blocks.0", "blocks.5"]  # depth order, whatever the request order
+    assert part.feature("blocks.5").shape == (64, 65, 96)
+    _check_round_trip(tmp_path / "out", "vit_tiny_cifar", str(tmp_path / "vit.safetensors"), split="test")
+
+
+@pytest.fixture(scope="module")
+def small_store(digits_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store")
+    extract("resnet20", "digits", str(out), checkpoint=digits_teacher["checkpoint"], splits=("train", "test"),
+            layers=("layer2.2", "layer3.2"), max_samples=300, device="cpu")
+    return out
+
+
+def test_extraction_is_deterministic(digits_teacher, small_store, tmp_path):
+    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"], splits=("train", "test"),
+            layers=("layer2.2", "layer3.2"), max_samples=300, device="cpu", batch_size=256)
+    first, second = zarr.open_group(str(small_store / STORE_NAME)), zarr.open_group(str(tmp_path / STORE_NAME))
+    for split in ("train", "test"):
+        for path in ("features/layer2.2", "features/layer3.2", "labels", "indices", "logits"):
+            np.testing.assert_array_equal(first[f"{split}/{path}"][:], second[f"{split}/{path}"][:])
+    assert first.attrs["kdpipe"]["config_hash"] == second.attrs["kdpipe"]["config_hash"]
+
+
+def test_store_reads_with_plain_zarr_and_dask(small_store):
+    script = f"""
+import sys, zarr, dask.array as da
+g = zarr.open_group({str(small_store / STORE_NAME)!r}, mode="r")
+x = da.from_zarr(g["train/features/layer3.2"])
+assert x.shape == (300, 64, 8, 8) and x.dtype == "float16", x
+assert float(x.astype("float32").mean().compute()) > 0  # float16 sums overflow: upcast first
+assert g["train/labels"][:].max() == 9 and g.attrs["kdpipe"]["complete"]
+assert not any(m.split(".")[0] in ("pipeline", "cache") for m in sys.modules), "kdpipe was imported"
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_rerun_on_complete_store_does_nothing(digits_teacher, small_store):
+    before = (small_store / STORE_NAME / "train" / "labels" / "zarr.json").stat().st_mtime_ns
+    result = run_cli("extract", "--teacher", "resnet20", "--checkpoint", digits_teacher["checkpoint"],
+                     "--splits", "train,test", "--layers", "layer2.2,layer3.2", "--max-samples", 300,
+                     "--device", "cpu", "--out", small_store)
+    assert "already complete" in result.output
+    assert (small_store / STORE_NAME / "train" / "labels" / "zarr.json").stat().st_mtime_ns == before
+
+
+def test_interrupted_extraction_resumes(digits_teacher, small_store, tmp_path, monkeypatch):
+    """A run that dies mid-split leaves done blocks flagged and the store incomplete; a rerun finishes it."""
+    import pipeline.extract as extract_module
+
+    args = dict(checkpoint=digits_teacher["checkpoint"], splits=("train", "test"), layers=("layer2.2", "layer3.2"),
+                max_samples=300, device="cpu", batch_size=64)
+    real_to_float16, calls = extract_module._to_float16, []
+
+    def dying(name, features, first_row):
+        calls.append(first_row)
+        if len(calls) > 6:
+            raise KeyboardInterrupt
+        return real_to_float16(name, features, first_row)
+
+    monkeypatch.setattr(extract_module, "_to_float16", dying)
+    with pytest.raises(KeyboardInterrupt):
+        extract("resnet20", "digits", str(tmp_path), **args)
+    store = FeatureStore.open(tmp_path / STORE_NAME)
+    assert not store.complete and not store.split("train").complete
+    assert 0 < len(store.split("train").missing_blocks()) < store.split("train").num_blocks
+    monkeypatch.setattr(extract_module, "_to_float16", real_to_float16)
+    extract("resnet20", "digits", str(tmp_path), **args)
+    resumed, reference = zarr.open_group(str(tmp_path / STORE_NAME)), zarr.open_group(str(small_store / STORE_NAME))
+    assert resumed.attrs["kdpipe"]["complete"]
+    for path in ("train/features/layer2.2", "train/features/layer3.2", "train/labels", "test/logits"):
+        np.testing.assert_array_equal(resumed[path][:], reference[path][:])
+
+
+def test_info_describes_the_store(small_store):
+    text = run_cli("info", small_store).output
+    assert "complete    yes" in text and "features/layer3.2" in text and "(300, 64, 8, 8)" in text
+    assert "resnet20" in text and "split test" in text
