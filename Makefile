@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,21 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python -m pipeline.demo
+# The demo on the embedded digits data; finished steps are reused (delete runs/ to start over).
+DEMO := runs/digits
+demo: $(DEMO)/extract/extract.json
+	$(BIN)/kdpipe info $(DEMO)/extract
+
+# A new teacher invalidates the features cached from the old one.
+$(DEMO)/teacher/model.safetensors: configs/digits.yaml | $(STAMP)
+	rm -rf $(DEMO)/extract
+	$(BIN)/kdpipe teach --config configs/digits.yaml
+
+$(DEMO)/extract/extract.json: $(DEMO)/teacher/model.safetensors
+	$(BIN)/kdpipe extract --config configs/digits.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
-
-bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf runs .pytest_cache
