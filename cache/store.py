@@ -26,6 +26,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 FORMAT_VERSION = 1
+STORE_NAME = "features.zarr"  # the store's name inside an extract output folder
 ATTR_KEY = "kdpipe"
 FEATURES = "features"
 PROGRESS = "progress"
@@ -132,7 +133,10 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
+        """Opens the store at `path`, or the one inside `path` when given an extract output folder."""
         path = Path(path)
+        if not (path / "zarr.json").is_file() and (path / STORE_NAME / "zarr.json").is_file():
+            path = path / STORE_NAME
         if not (path / "zarr.json").is_file():
             raise StoreError(f"no feature store at {path}")
         group = zarr.open_group(str(path), mode=mode)

@@ -183,6 +183,27 @@ def extract(config: str | None, **options: Any) -> None:
 
 @stage
 @click.argument("store", type=click.Path())
+@click.option("--split", default="train", show_default=True, help="Split whose features are scored.")
+@click.option("--layers", type=CommaList(), default="", help="Taps to score (default: every cached tap).")
+@click.option("--top-k", type=click.IntRange(1), default=4, show_default=True, help="Number of taps to select.")
+@click.option("--max-samples", type=click.IntRange(2), help="Score a seeded class-stratified subset of the cache.")
+@click.option("--memory-gb", type=click.FloatRange(0.01), default=4.0, show_default=True,
+              help="Memory for subset B at a time; larger subsets are read in class groups.")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Threads reading chunks.")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Write scores.png.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def score(store: str, config: str | None, **options: Any) -> None:
+    """Knowledge quality Q = S + sqrt(I*E) of each cached tap of STORE; picks the top-k taps."""
+    from .runtime import write_args
+    from .score import format_table, score as run
+
+    summary = run(store, **options)
+    write_args(Path(summary["store"]).parent / "score_args.yaml", {"store": store, **options})
+    click.echo(format_table(summary))
+
+
+@stage
+@click.argument("store", type=click.Path())
 def info(store: str, config: str | None) -> None:
     """Print a store's taps, shapes, raw and stored sizes, completion and provenance."""
     from .info import describe_store

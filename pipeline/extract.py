@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from cache.store import FEATURES, ArraySpec, FeatureStore, SplitStore, StoreError, stored_bytes
+from cache.store import FEATURES, STORE_NAME, ArraySpec, FeatureStore, SplitStore, StoreError, stored_bytes
 from cache.writer import SplitWriter
 
 from . import __version__
@@ -29,7 +29,6 @@ from .recipe import make_loader
 from .runtime import resolve_device, seed_everything, write_json
 from .taps import Tap, TapRecorder, list_taps
 
-STORE_NAME = "features.zarr"
 FEATURE_DTYPE = "float16"
 
 

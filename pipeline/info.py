@@ -6,19 +6,8 @@ from pathlib import Path
 
 from cache.store import FeatureStore, stored_bytes
 
-from .extract import STORE_NAME
-
-
-def resolve_store(path: str | Path) -> FeatureStore:
-    """Opens a store given its own path or the extract output folder holding it."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file() and (path / STORE_NAME / "zarr.json").is_file():
-        path = path / STORE_NAME
-    return FeatureStore.open(path)
-
-
 def describe_store(path: str | Path) -> str:
-    store = resolve_store(path)
+    store = FeatureStore.open(path)
     meta = store.meta
     identity = meta["identity"]
     teacher, dataset = identity["teacher"], identity["dataset"]

@@ -12,9 +12,9 @@ import pytest
 import torch
 import zarr
 
-from cache.store import FeatureStore
+from cache.store import STORE_NAME, FeatureStore
 from pipeline.datasets import load_split
-from pipeline.extract import STORE_NAME, extract
+from pipeline.extract import extract
 from pipeline.models import create_model, load_checkpoint, save_checkpoint
 from pipeline.taps import TapRecorder
 

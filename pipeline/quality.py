@@ -1,0 +1,200 @@
+"""Knowledge quality Q = S + sqrt(I·E) of one layer's features (METHOD.md §1, the paper's released code).
+
+Pure array code, no I/O: `score.py` gathers the subsets from the store and calls these. Step numbers follow
+METHOD.md. Quirks of the reference are reproduced on purpose and marked "quirk".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+POOL_THRESHOLD = 262_144  # a 4-D map with more elements per sample is max-pooled first (step 1)
+SUBSET_A_TOTAL = 5000  # subset A: floor(5000 / C) samples per class (step 2)
+SUBSET_B_PER_CLASS = 500  # subset B: min(500, floor(N / C)) per class
+ENERGY = 0.95  # class embedding dimension: components holding 95 % of the spectrum
+GRAM_COLUMNS = 8192  # feature columns per block of the float64 Gram product
+
+
+class QualityError(ValueError):
+    """Features or labels on which Q is undefined (absent class, class with fewer than 2 samples in A)."""
+
+
+def pool_kernel(shape: tuple[int, ...]) -> int:
+    """Step 1: the max-pool window for a per-sample shape; 1 (no pooling) unless a (C, H, W) map is too large."""
+    size = math.prod(shape)
+    if len(shape) != 3 or size <= POOL_THRESHOLD:
+        return 1
+    return math.ceil(math.sqrt(size / POOL_THRESHOLD))
+
+
+def flatten_features(x: np.ndarray, kernel: int) -> np.ndarray:
+    """Step 1 on a block of samples: optional k×k max-pool (stride k, leftovers dropped), then one row per sample."""
+    x = torch.from_numpy(np.ascontiguousarray(x)).float()
+    if kernel > 1:
+        x = torch.nn.functional.max_pool2d(x, kernel, stride=kernel)
+    return x.reshape(len(x), -1).numpy()
+
+
+def subset_sizes(num_samples: int, num_classes: int) -> tuple[int, int]:
+    """Per-class caps of subsets A and B (step 2)."""
+    return SUBSET_A_TOTAL // num_classes, min(SUBSET_B_PER_CLASS, num_samples // num_classes)
+
+
+def draw_subset(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> np.ndarray:
+    """Row positions of a class-balanced subset: for each class in ascending order, its rows (ascending) at
+    positions `default_rng(seed).permutation(n_c)[:per_class]`, concatenated by class."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        picks.append(members[rng.permutation(len(members))[:per_class]])
+    return np.concatenate(picks)
+
+
+def draw_subsets(labels: np.ndarray, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Subsets A (seed) and B (seed + 1) of step 2, as row positions grouped by class."""
+    counts = np.bincount(labels, minlength=num_classes)
+    if len(counts) > num_classes:
+        raise QualityError(f"label {len(counts) - 1} is out of range for {num_classes} classes")
+    absent = np.flatnonzero(counts == 0)
+    if len(absent):
+        raise QualityError(f"class {int(absent[0])} has no cached sample; Q needs every class")
+    per_a, per_b = subset_sizes(len(labels), num_classes)
+    subset_a = draw_subset(labels, num_classes, per_a, seed)
+    small = np.flatnonzero(np.bincount(labels[subset_a], minlength=num_classes) < 2)
+    if len(small):
+        raise QualityError(f"class {int(small[0])} has fewer than 2 samples in subset A; Q needs at least 2")
+    return subset_a, draw_subset(labels, num_classes, per_b, seed + 1)
+
+
+@dataclass
+class SubsetAStats:
+    """Step 3: separation S and efficiency E from the raw features of subset A, with their parts per class."""
+
+    S: float
+    E: float
+    mu: float  # mean over classes of the smallest within-class |cosine| (feeds I)
+    Delta: float
+    R: float
+    K: float
+    d: int
+    intra: list[float] = field(default_factory=list)  # a_c
+    min_cos: list[float] = field(default_factory=list)  # m_c
+    nearest_other: list[float] = field(default_factory=list)  # delta_c
+    mean_norm: list[float] = field(default_factory=list)
+
+
+def subset_a_stats(x: np.ndarray, labels: np.ndarray, num_classes: int, n_train: int) -> SubsetAStats:
+    """Step 3 in float64 from one blocked Gram product: cosines, distances and norms all derive from it."""
+    gram = gram_matrix(x)
+    sq_norm = np.clip(np.diag(gram).copy(), 0.0, None)
+    norm = np.sqrt(sq_norm)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos_abs = np.abs(gram / np.outer(norm, norm))  # quirk 6: absolute cosines; NaN for a zero-norm sample
+    sq_dist = np.clip(sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram, 0.0, None)
+    onehot = np.eye(num_classes)[labels]
+    counts = onehot.sum(0)
+    block_means = (onehot.T @ cos_abs @ onehot) / np.outer(counts, counts)  # quirk 1: diagonal included
+    intra = np.diag(block_means)
+    off_diagonal = ~np.eye(num_classes, dtype=bool)
+    separation = intra.mean() - block_means[off_diagonal].mean()
+    members = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    min_cos = np.array([cos_abs[np.ix_(m, m)].min() for m in members])
+    nearest = np.array([math.sqrt(sq_dist[np.ix_(m, np.flatnonzero(labels != c))].min()) for c, m in enumerate(members)])
+    mean_norm = np.array([norm[m].mean() for m in members])
+    d = min(x.shape[0], x.shape[1])  # quirk 4: the length of the singular-value spectrum of A
+    k_factor = (n_train / math.pi) ** (1.0 / d)
+    delta, radius = nearest.mean(), mean_norm.mean()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        efficiency = k_factor * 2.0 * delta / radius
+    return SubsetAStats(
+        S=float(separation), E=float(efficiency), mu=float(min_cos.mean()), Delta=float(delta), R=float(radius),
+        K=float(k_factor), d=int(d), intra=intra.tolist(), min_cos=min_cos.tolist(),
+        nearest_other=nearest.tolist(), mean_norm=mean_norm.tolist(),
+    )
+
+
+def gram_matrix(x: np.ndarray) -> np.ndarray:
+    """x @ x.T in float64, accumulated over column blocks so only one block is ever upcast."""
+    x = torch.from_numpy(np.ascontiguousarray(x))
+    gram = torch.zeros(len(x), len(x), dtype=torch.float64)
+    for start in range(0, x.shape[1], GRAM_COLUMNS):
+        block = x[:, start : start + GRAM_COLUMNS].double()
+        gram += block @ block.T
+    return gram.numpy()
+
+
+def class_spectrum(x: np.ndarray) -> np.ndarray:
+    """Step 4 for one class of subset B: the normalised squared singular values of its centred rows, in float32
+    as the reference computes them (NaN when the class has no variance)."""
+    z = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    z = z - z.mean(0, keepdim=True)
+    energy = torch.linalg.svdvals(z) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (energy / energy.sum()).numpy()
+
+
+@dataclass
+class InformationStats:
+    """Step 4: information I with the per-class embedding dimensions and entropies."""
+
+    I: float
+    mean_entropy: float
+    embedding_dims: list[int]
+    entropies: list[float]
+
+
+def information(spectra: list[np.ndarray], class_sizes: list[int], mu: float) -> InformationStats:
+    """I = (1 - mu) · mean_c H_c / ln 5 from the class spectra of subset B (quirks 2, 3, 5, 7).
+
+    Each spectrum is zero-padded to M = the largest class size in B (M counts samples, not capped by D).
+    """
+    width = max(class_sizes)
+    rows = np.zeros((len(spectra), width), dtype=np.float32)
+    for c, p in enumerate(spectra):
+        rows[c, : len(p)] = p
+    dims = [_embedding_dim(row, width) for row in rows]
+    keep = min(sum(dims), width)  # quirk 2: the sum of the dimensions, so rows are in effect kept whole
+    entropies = [_entropy(row[:keep]) for row in rows]
+    mean_entropy = float(np.mean(entropies))
+    return InformationStats(
+        I=float((1.0 - mu) * mean_entropy / math.log(5.0)), mean_entropy=mean_entropy,
+        embedding_dims=dims, entropies=entropies,
+    )
+
+
+def _embedding_dim(p: np.ndarray, width: int) -> int:
+    """Smallest k >= 1 whose first k components hold 95 % of the spectrum, capped at width - 1; 1 for NaN rows."""
+    if np.isnan(p).any():
+        return 1
+    reached = np.flatnonzero(np.cumsum(p, dtype=np.float32) >= np.float32(ENERGY))
+    k = int(reached[0]) + 1 if len(reached) else len(p)
+    return max(1, min(k, width - 1))
+
+
+def _entropy(q: np.ndarray) -> float:
+    """Shannon entropy of the renormalised row; 0 if it holds an exact zero or a NaN (quirk 3)."""
+    if np.isnan(q).any() or (q == 0.0).any():
+        return 0.0
+    q_hat = q.astype(np.float64) / q.sum(dtype=np.float64)
+    return float(-(q_hat * np.log(q_hat)).sum())
+
+
+def knowledge_quality(a: SubsetAStats, info: InformationStats) -> float:
+    """Step 5: Q = S + sqrt(I · E)."""
+    product = info.I * a.E
+    return float("nan") if math.isnan(product) else a.S + math.sqrt(product)
+
+
+def select_top_k(qualities: list[float], k: int) -> list[int]:
+    """Positions of the k best layers by Q (NaN last, ties to the shallower layer), returned in depth order."""
+    ranked = sorted(range(len(qualities)), key=lambda i: (math.isnan(qualities[i]), -_finite(qualities[i]), i))
+    return sorted(ranked[:k])
+
+
+def _finite(value: float) -> float:
+    return 0.0 if math.isnan(value) else value

@@ -1,0 +1,215 @@
+"""`kdpipe score`: knowledge quality Q of every cached tap, out of core, and the top-k teacher layers.
+
+Subsets A and B (METHOD.md §1 step 2) are drawn from the cached labels; their rows are gathered chunk by chunk
+through dask (never per sample), pooled and flattened as they are read. Memory holds subset A and at most
+`--memory-gb` of subset B at a time, whatever the number of cached samples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cache.reader import gather_rows
+from cache.store import FeatureStore, SplitStore
+
+from . import __version__
+from .errors import UserError
+from .quality import (
+    QualityError, class_spectrum, draw_subsets, flatten_features, information, knowledge_quality, pool_kernel,
+    select_top_k, subset_a_stats,
+)
+from .runtime import write_json
+
+SCORES_FILE = "scores.json"
+
+
+def score(
+    store: str,
+    split: str = "train",
+    layers: tuple[str, ...] = (),
+    top_k: int = 4,
+    seed: int = 0,
+    max_samples: int | None = None,
+    memory_gb: float = 4.0,
+    workers: int = 2,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Scores the taps of `store`'s split, records them in the store and beside it; returns the summary."""
+    feature_store = FeatureStore.open(store, mode="r+")
+    part = _checked_split(feature_store, split)
+    taps = _taps_to_score(feature_store, part, layers)
+    num_classes = feature_store.meta["identity"]["dataset"]["num_classes"]
+    labels = part.array("labels")[:]
+    rows = _sample_rows(labels, num_classes, max_samples, seed)
+    try:
+        subset_a, subset_b = draw_subsets(labels[rows], num_classes, seed)
+    except QualityError as err:
+        raise UserError(f"{feature_store.path} [{split}]: {err}") from err
+    a_rows, b_rows = rows[subset_a], rows[subset_b]
+    n_train = int(part.group.attrs["dataset_size"])
+    budget_bytes = max(1, int(memory_gb * 2**30))
+    results = []
+    for tap in tqdm(taps, desc="score", unit="tap"):
+        start = time.perf_counter()
+        result = tap_quality(
+            part, tap["name"], tuple(tap["shape"]), a_rows, labels[a_rows], b_rows, labels[b_rows],
+            num_classes, n_train, budget_bytes, workers,
+        )
+        results.append({"index": tap["index"], "name": tap["name"], "shape": tap["shape"], **result,
+                        "seconds": round(time.perf_counter() - start, 3)})
+    selected, notes = _select(results, top_k)
+    identity = feature_store.meta["identity"]
+    summary = {
+        "stage": "score", "kdpipe_version": __version__, "store": str(feature_store.path), "split": split,
+        "teacher": identity["teacher"]["name"], "dataset": identity["dataset"]["name"],
+        "seed": seed, "top_k": top_k, "selected": [results[i]["name"] for i in selected],
+        "num_samples": len(rows), "n_train": n_train, "num_classes": num_classes,
+        "subset_sizes": {"A": len(a_rows), "B": len(b_rows)}, "notes": notes, "taps": results,
+    }
+    _record(feature_store, part, summary, plot)
+    return summary
+
+
+def _checked_split(store: FeatureStore, split: str) -> SplitStore:
+    if not store.complete:
+        raise UserError(f"{store.path} is incomplete; finish it by rerunning the same kdpipe extract")
+    part = store.split(split)
+    if "labels" not in part.group.attrs["arrays"]:
+        raise UserError(f"{store.path} [{split}] has no labels; Q needs them")
+    return part
+
+
+def _taps_to_score(store: FeatureStore, part: SplitStore, layers: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The requested taps (default: all) as recorded in the store, in depth order."""
+    taps = store.meta["identity"]["taps"]
+    names = [t["name"] for t in taps]
+    unknown = [name for name in layers if name not in names]
+    if unknown:
+        raise UserError(f"tap {unknown[0]!r} is not in {store.path}; it holds {', '.join(names)}")
+    return [t for t in taps if not layers or t["name"] in layers]
+
+
+def _sample_rows(labels: np.ndarray, num_classes: int, max_samples: int | None, seed: int) -> np.ndarray:
+    """All cached rows, or a seeded class-stratified subset of `max_samples` of them (a smaller cache)."""
+    if len(np.unique(labels)) < 2 or num_classes < 2:
+        raise UserError("Q needs at least 2 classes in the cached labels")
+    if max_samples is None or max_samples >= len(labels):
+        return np.arange(len(labels))
+    from sklearn.model_selection import train_test_split
+
+    kept, _ = train_test_split(np.arange(len(labels)), train_size=max_samples, stratify=labels, random_state=seed)
+    return np.sort(kept)
+
+
+def tap_quality(
+    part: SplitStore, tap: str, shape: tuple[int, ...], a_rows: np.ndarray, a_labels: np.ndarray,
+    b_rows: np.ndarray, b_labels: np.ndarray, num_classes: int, n_train: int, budget_bytes: int, workers: int,
+) -> dict[str, Any]:
+    """S, I, E, Q and their parts for one tap; subset B is read in class groups that fit `budget_bytes`."""
+    array = part.feature(tap)
+    kernel = pool_kernel(shape)
+    flatten = partial(flatten_features, kernel=kernel)
+    dim = flatten(np.zeros((1, *shape), dtype=np.float32)).shape[1]
+    a_stats = subset_a_stats(gather_rows(array, a_rows, flatten, workers), a_labels, num_classes, n_train)
+    spectra, sizes = [], []
+    for classes in _class_groups(np.bincount(b_labels, minlength=num_classes), budget_bytes // (4 * dim)):
+        in_group = np.isin(b_labels, classes)
+        block, block_labels = gather_rows(array, b_rows[in_group], flatten, workers), b_labels[in_group]
+        for c in classes:
+            spectra.append(class_spectrum(block[block_labels == c]))
+            sizes.append(int((block_labels == c).sum()))
+    info = information(spectra, sizes, a_stats.mu)
+    q = knowledge_quality(a_stats, info)
+    return {
+        "D": dim, "pool_kernel": kernel, "S": a_stats.S, "I": info.I, "E": a_stats.E, "Q": q,
+        "mu": a_stats.mu, "Delta": a_stats.Delta, "R": a_stats.R, "K": a_stats.K, "d": a_stats.d,
+        "mean_entropy": info.mean_entropy,
+        "per_class": {
+            "intra_cos": a_stats.intra, "min_cos": a_stats.min_cos, "nearest_other": a_stats.nearest_other,
+            "mean_norm": a_stats.mean_norm, "embedding_dim": info.embedding_dims, "entropy": info.entropies,
+        },
+    }
+
+
+def _class_groups(class_sizes: np.ndarray, budget_rows: int) -> list[list[int]]:
+    """Consecutive classes packed so each group's rows fit the budget (a class is never split)."""
+    groups: list[list[int]] = [[]]
+    rows = 0
+    for c, size in enumerate(class_sizes):
+        if groups[-1] and rows + size > budget_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append(c)
+        rows += int(size)
+    return groups
+
+
+def _select(results: list[dict[str, Any]], top_k: int) -> tuple[list[int], list[str]]:
+    qualities = [r["Q"] for r in results]
+    notes = []
+    if top_k > len(results):
+        notes.append(f"--top-k {top_k} exceeds the {len(results)} scored taps: all are selected")
+    for r in results:
+        if math.isnan(r["Q"]):
+            notes.append(f"tap {r['name']} has Q = NaN (a zero-norm sample or zero spread); it is ranked last")
+    selected = select_top_k(qualities, top_k)
+    cut = sorted((q for q in qualities if not math.isnan(q)), reverse=True)
+    if len(cut) > top_k and cut[top_k - 1] == cut[top_k]:
+        notes.append(f"Q ties at the top-{top_k} cut ({cut[top_k]:.6g}); the shallower tap is preferred")
+    return selected, notes
+
+
+def _record(store: FeatureStore, part: SplitStore, summary: dict[str, Any], plot: bool) -> None:
+    """Scores into the split's attributes and `scores.json` (and `scores.png`) next to the store."""
+    part.group.attrs["scores"] = {
+        "selected": summary["selected"], "seed": summary["seed"], "top_k": summary["top_k"],
+        "Q": {t["name"]: t["Q"] for t in summary["taps"]},
+    }
+    out = store.path.parent
+    write_json(out / SCORES_FILE, summary)
+    if plot:
+        plot_scores(summary, out / "scores.png")
+
+
+def plot_scores(summary: dict[str, Any], path: Path) -> None:
+    """S, I, E and Q against tap depth, the top-k picks marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    taps = summary["taps"]
+    depth = [t["index"] for t in taps]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(taps)), 4.0))
+    for key, style in (("S", "--"), ("I", "-."), ("E", ":"), ("Q", "-")):
+        ax.plot(depth, [t[key] for t in taps], style, marker="o", markersize=3, label=key, lw=2 if key == "Q" else 1)
+    picks = [t for t in taps if t["name"] in summary["selected"]]
+    ax.scatter([t["index"] for t in picks], [t["Q"] for t in picks], s=120, facecolors="none", edgecolors="red",
+               zorder=3, label=f"top-{summary['top_k']} by Q")
+    ax.set_xticks(depth, [t["name"] for t in taps], rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("teacher tap (depth order)")
+    ax.set_title(f"Knowledge quality per layer: {summary['teacher']} on {summary['dataset']} ({summary['split']})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """One row per tap in depth order; `*` marks the selected taps."""
+    lines = [f"{'':1s} {'idx':>3s}  {'tap':20s} {'D':>7s} {'S':>8s} {'I':>8s} {'E':>8s} {'Q':>8s}"]
+    for t in summary["taps"]:
+        mark = "*" if t["name"] in summary["selected"] else " "
+        lines.append(f"{mark} {t['index']:>3d}  {t['name']:20s} {t['D']:>7d} {t['S']:>8.4f} {t['I']:>8.4f} "
+                     f"{t['E']:>8.4f} {t['Q']:>8.4f}")
+    lines.append(f"selected (depth order): {', '.join(summary['selected'])}")
+    lines += [f"note: {n}" for n in summary["notes"]]
+    return "\n".join(lines)
