@@ -30,3 +30,32 @@ def digits_teacher(tmp_path_factory):
     """The default teacher (resnet20) trained on digits with a short schedule; returns teach's summary."""
     out = tmp_path_factory.mktemp("teacher")
     return teach("resnet20", "digits", str(out), epochs=TEACH_EPOCHS, seed=0, device="cpu")
+
+
+def make_store(path, features: dict, labels, dataset_size: int | None = None, num_classes: int | None = None,
+               complete: bool = True):
+    """A feature store written directly from arrays (one 'train' split), for tests that need exact contents."""
+    import numpy as np
+
+    from cache.store import ArraySpec, FeatureStore
+
+    labels = np.asarray(labels, dtype=np.int64)
+    num_classes = num_classes or int(labels.max()) + 1
+    taps = [{"index": i, "name": name, "shape": list(x.shape[1:]), "kind": "map"} for i, (name, x) in enumerate(features.items())]
+    identity = {"teacher": {"name": "synthetic", "checkpoint_sha256": None}, "taps": taps,
+                "dataset": {"name": "synthetic", "num_classes": num_classes}}
+    store = FeatureStore.create(path, {"identity": identity, "config_hash": "test", "kdpipe_version": "test",
+                                       "created": "now", "checkpoint_path": None})
+    specs = [ArraySpec(f"features/{name}", x.shape[1:], "float16") for name, x in features.items()]
+    specs.append(ArraySpec("labels", (), "int64", sets_block=False))
+    part = store.create_split("train", len(labels), specs, list(features),
+                              {"split": "train", "dataset_size": dataset_size or len(labels), "fingerprint": "test"})
+    for name, x in features.items():
+        part.array(f"features/{name}")[:] = x.astype(np.float16)
+    part.array("labels")[:] = labels
+    if complete:
+        for block in range(part.num_blocks):
+            part.mark_block_done(block)
+        part.mark_complete()
+        store.mark_complete()
+    return store

@@ -1,0 +1,198 @@
+"""The Q metric: a naive loop reference on random data, known answers on hand-built features, subsets, selection."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.quality import (
+    QualityError, class_spectrum, draw_subsets, flatten_features, information, knowledge_quality, pool_kernel,
+    select_top_k, subset_a_stats, subset_sizes,
+)
+
+
+def naive_quality(x: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarray, n_train: int) -> dict:
+    """METHOD.md §1 steps 3-5 written as plainly as possible: loops over samples and classes."""
+    classes = sorted(set(labels.tolist()))
+    C = len(classes)
+    xa, ya = x[a].astype(np.float64), labels[a]
+    n = len(xa)
+    r = [math.sqrt(sum(v * v for v in xa[i])) for i in range(n)]
+    g = [[abs(float(np.dot(xa[i], xa[j]))) / (r[i] * r[j]) for j in range(n)] for i in range(n)]
+    members = {c: [i for i in range(n) if ya[i] == c] for c in classes}
+    a_c = {c: np.mean([g[i][j] for i in members[c] for j in members[c]]) for c in classes}
+    m_c = {c: min(g[i][j] for i in members[c] for j in members[c]) for c in classes}
+    b_pairs = [np.mean([g[i][j] for i in members[c] for j in members[k]]) for c in classes for k in classes if c != k]
+    S = np.mean(list(a_c.values())) - np.mean(b_pairs)
+    delta = [min(float(np.linalg.norm(xa[i] - xa[j])) for i in members[c] for j in range(n) if ya[j] != c)
+             for c in classes]
+    R = np.mean([np.mean([r[i] for i in members[c]]) for c in classes])
+    d = min(n, xa.shape[1])
+    E = (n_train / math.pi) ** (1 / d) * 2 * np.mean(delta) / R
+    spectra = []
+    for c in classes:
+        z = x[b][labels[b] == c].astype(np.float32)
+        z = z - z.mean(0)
+        lam = np.linalg.svd(z, compute_uv=False) ** 2
+        spectra.append(lam / lam.sum())
+    M = max(int((labels[b] == c).sum()) for c in classes)
+    rows = np.zeros((C, M), dtype=np.float32)
+    for c, p in enumerate(spectra):
+        rows[c, : len(p)] = p
+    dims = []
+    for row in rows:
+        k, total = 0, np.float32(0)
+        while total < np.float32(0.95):
+            total += row[k]
+            k += 1
+        dims.append(min(k, M - 1))
+    T = min(sum(dims), M)
+    H = []
+    for row in rows:
+        q = row[:T]
+        if (q == 0).any() or np.isnan(q).any():
+            H.append(0.0)
+        else:
+            q = q / q.sum()
+            H.append(-sum(v * math.log(v) for v in q))
+    I = (1 - np.mean(list(m_c.values()))) * np.mean(H) / math.log(5)
+    return {"S": S, "I": I, "E": E, "Q": S + math.sqrt(I * E)}
+
+
+def fast_quality(x, labels, a, b, n_train, num_classes):
+    stats = subset_a_stats(x[a], labels[a], num_classes, n_train)
+    spectra = [class_spectrum(x[b][labels[b] == c]) for c in range(num_classes)]
+    sizes = [int((labels[b] == c).sum()) for c in range(num_classes)]
+    info = information(spectra, sizes, stats.mu)
+    return {"S": stats.S, "I": info.I, "E": stats.E, "Q": knowledge_quality(stats, info)}, stats, info
+
+
+@pytest.mark.parametrize("seed,sizes", [(0, (20, 20, 20)), (1, (25, 18, 30)), (2, (12, 12, 12, 12))])
+def test_matches_naive_reference(seed, sizes):
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
+    centres = rng.standard_normal((len(sizes), 48))
+    x = (centres[labels] + 0.8 * rng.standard_normal((len(labels), 48))).astype(np.float32)
+    a, b = draw_subsets(labels, len(sizes), seed)
+    expected = naive_quality(x, labels, a, b, n_train=1000)
+    got, _, _ = fast_quality(x, labels, a, b, 1000, len(sizes))
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9), key
+    if len(set(sizes)) > 1:
+        assert 0 < got["I"]  # padding zeroes the smaller classes' entropies (quirk 3), not the largest's
+
+
+def _clusters(rng, spread: float, n: int = 30, dim: int = 64, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.repeat(np.arange(classes), n)
+    centres = 5.0 * rng.standard_normal((classes, dim))
+    return (centres[labels] + spread * rng.standard_normal((len(labels), dim))).astype(np.float32), labels
+
+
+def test_tight_separated_clusters_separate_better_than_mixed():
+    rng = np.random.default_rng(0)
+    tight, labels = _clusters(rng, spread=0.3)
+    mixed, _ = _clusters(rng, spread=20.0)
+    s_tight = subset_a_stats(tight, labels, 3, 100).S
+    s_mixed = subset_a_stats(mixed, labels, 3, 100).S
+    assert s_tight > 0.5 > 0.1 > s_mixed
+
+
+def test_orthogonal_class_means_give_full_separation():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 10)
+    x = (10.0 * np.eye(16)[labels] + 0.01 * rng.standard_normal((40, 16))).astype(np.float32)
+    stats = subset_a_stats(x, labels, 4, 100)
+    assert stats.S == pytest.approx(1.0, abs=2e-3)
+    assert min(stats.intra) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_one_dominant_direction_has_low_spectral_entropy():
+    rng = np.random.default_rng(0)
+    n, dim = 40, 64
+    direction = rng.standard_normal(dim)
+    line = (rng.standard_normal((n, 1)) * direction + 1e-3 * rng.standard_normal((n, dim))).astype(np.float32)
+    cloud = rng.standard_normal((n, dim)).astype(np.float32)
+    low = information([class_spectrum(line)], [n], mu=0.0)
+    high = information([class_spectrum(cloud)], [n], mu=0.0)
+    assert low.embedding_dims == [1] and high.embedding_dims[0] > 20
+    assert low.mean_entropy < 0.1 < 2.5 < high.mean_entropy
+
+
+def test_scaling_leaves_s_i_e_unchanged():
+    rng = np.random.default_rng(3)
+    x, labels = _clusters(rng, spread=2.0, n=15)
+    a, b = draw_subsets(labels, 3, 0)
+    base, _, _ = fast_quality(x, labels, a, b, 500, 3)
+    scaled, _, _ = fast_quality(x * np.float32(37.5), labels, a, b, 500, 3)
+    for key in ("S", "I", "E", "Q"):
+        assert scaled[key] == pytest.approx(base[key], rel=1e-5), key
+
+
+def test_efficiency_by_hand():
+    """Class 0 at (1,0),(3,0); class 1 at (0,2),(0,4): nearest other-class points are sqrt(5) apart."""
+    x = np.array([[1, 0], [3, 0], [0, 2], [0, 4]], dtype=np.float32)
+    labels = np.array([0, 0, 1, 1])
+    stats = subset_a_stats(x, labels, 2, n_train=100)
+    assert stats.Delta == pytest.approx(math.sqrt(5))
+    assert stats.R == pytest.approx(2.5)  # mean of per-class mean norms (2 and 3)
+    assert stats.d == 2 and stats.K == pytest.approx(math.sqrt(100 / math.pi))
+    assert stats.E == pytest.approx(math.sqrt(100 / math.pi) * 2 * math.sqrt(5) / 2.5)
+    assert stats.S == pytest.approx(1.0) and stats.mu == pytest.approx(1.0)  # collinear classes, orthogonal pairs
+
+
+def test_zero_norm_sample_gives_nan_and_constant_class_gives_no_crash():
+    x = np.array([[0, 0], [1, 1], [2, 0], [3, 0.5]], dtype=np.float32)
+    stats = subset_a_stats(x, np.array([0, 0, 1, 1]), 2, 10)
+    assert math.isnan(stats.S)
+    p = class_spectrum(np.ones((5, 8), dtype=np.float32))
+    assert np.isnan(p).all()
+    info = information([p, class_spectrum(np.eye(5, 8, dtype=np.float32))], [5, 5], mu=0.5)
+    assert info.embedding_dims[0] == 1 and info.entropies[0] == 0.0 and info.entropies[1] > 0
+
+
+@pytest.mark.parametrize("num_samples,num_classes,expected", [
+    (50_000, 10, (500, 500)), (50_000, 100, (50, 500)), (100_000, 200, (25, 500)), (10_000, 200, (25, 50)),
+])
+def test_subset_sizes_follow_method(num_samples, num_classes, expected):
+    assert subset_sizes(num_samples, num_classes) == expected
+    labels = np.arange(num_samples) % num_classes
+    a, b = draw_subsets(labels, num_classes, seed=0)
+    assert (len(a), len(b)) == (expected[0] * num_classes, expected[1] * num_classes)
+    assert np.all(np.bincount(labels[a]) == expected[0])
+
+
+def test_subsets_are_seeded_as_specified():
+    labels = np.random.default_rng(9).integers(0, 3, 6000)
+    a, b = draw_subsets(labels, 3, seed=5)
+    members = np.flatnonzero(labels == 0)
+    assert len(members) > 1666
+    assert np.array_equal(a[:1666], members[np.random.default_rng(5).permutation(len(members))[:1666]])
+    assert np.array_equal(b[:500], members[np.random.default_rng(6).permutation(len(members))[:500]])
+    a2, b2 = draw_subsets(labels, 3, seed=5)
+    assert np.array_equal(a, a2) and np.array_equal(b, b2)
+    assert not np.array_equal(b, draw_subsets(labels, 3, seed=6)[1])
+
+
+def test_subsets_reject_absent_and_singleton_classes():
+    with pytest.raises(QualityError, match="class 2 has no cached sample"):
+        draw_subsets(np.array([0, 0, 1, 1]), 3, 0)
+    with pytest.raises(QualityError, match="class 1 has fewer than 2"):
+        draw_subsets(np.array([0, 0, 1]), 2, 0)
+
+
+def test_pooling_rule():
+    assert pool_kernel((256, 32, 32)) == 1 and pool_kernel((197, 768)) == 1 and pool_kernel((300_000,)) == 1
+    assert pool_kernel((64, 112, 112)) == 2 and pool_kernel((64, 224, 224)) == 4
+    x = np.arange(2 * 1 * 5 * 5, dtype=np.float32).reshape(2, 1, 5, 5)
+    pooled = flatten_features(x, 2)
+    assert pooled.shape == (2, 4)  # leftover row and column dropped
+    assert pooled[0].tolist() == [6, 8, 16, 18]
+
+
+def test_selection_ties_nan_and_large_k():
+    assert select_top_k([0.1, 0.9, 0.5, 0.7], 2) == [1, 3]
+    assert select_top_k([0.5, 0.9, 0.5, 0.1], 2) == [0, 1]  # tie: the shallower layer wins
+    assert select_top_k([float("nan"), 0.2, 0.1], 2) == [1, 2]  # NaN last
+    assert select_top_k([0.3, 0.2], 5) == [0, 1]

@@ -1,0 +1,134 @@
+"""`kdpipe score` on stores: agrees with the reference on the cached values, is deterministic, reads out of core."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from cache.store import FeatureStore
+from pipeline.quality import draw_subsets
+from pipeline.score import score
+
+from conftest import make_store, run_cli
+from test_cli import assert_one_line_error
+from test_quality import naive_quality
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """Three taps over 4 classes: a map, tokens and a vector, with class structure that sharpens with depth."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 240)
+    labels[:4] = np.arange(4)
+    centres = rng.standard_normal((4, 64))
+    def tap(spread, shape):
+        x = centres[labels] + spread * rng.standard_normal((len(labels), 64))
+        return x.reshape(len(labels), *shape).astype(np.float16)
+    features = {"early": tap(3.0, (4, 4, 4)), "middle": tap(1.0, (8, 8)), "late": tap(0.3, (64,))}
+    path = tmp_path_factory.mktemp("syn") / "features.zarr"
+    make_store(path, features, labels, dataset_size=1000)
+    return path, features, labels
+
+
+def test_matches_reference_on_cached_values(synthetic):
+    path, features, labels = synthetic
+    summary = score(str(path), seed=3, top_k=2, plot=False)
+    a, b = draw_subsets(labels, 4, 3)
+    for tap in summary["taps"]:
+        x = features[tap["name"]].astype(np.float32).reshape(len(labels), -1)
+        expected = naive_quality(x, labels, a, b, n_train=1000)
+        for key in ("S", "I", "E", "Q"):
+            assert tap[key] == pytest.approx(expected[key], rel=1e-5), (tap["name"], key)
+    best = sorted(summary["taps"], key=lambda t: -t["Q"])[:2]
+    assert summary["selected"] == [t["name"] for t in sorted(best, key=lambda t: t["index"])]
+    per_class_b = np.minimum(np.bincount(labels), 240 // 4)  # B: min(500, floor(N / C)) per class
+    assert summary["subset_sizes"] == {"A": 240, "B": int(per_class_b.sum())}
+
+
+def test_records_scores_everywhere(synthetic):
+    path, _, _ = synthetic
+    result = run_cli("score", path.parent, "--top-k", "1", "--seed", "1")
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["idx", "tap", "D"], result.stdout
+    marked = [line.split()[2] for line in lines[1:4] if line.startswith("*")]
+    summary = json.loads((path.parent / "scores.json").read_text())
+    assert marked == summary["selected"] and len(marked) == 1
+    assert (path.parent / "scores.png").stat().st_size > 10_000
+    attrs = zarr.open_group(str(path), mode="r")["train"].attrs["scores"]
+    assert attrs["selected"] == summary["selected"] and set(attrs["Q"]) == {"early", "middle", "late"}
+    assert (path.parent / "score_args.yaml").is_file()
+
+
+def test_deterministic_and_seeded(synthetic):
+    path, _, _ = synthetic
+    first = score(str(path), seed=7, plot=False, max_samples=120)
+    second = score(str(path), seed=7, plot=False, max_samples=120)
+    other = score(str(path), seed=8, plot=False, max_samples=120)
+    assert [t["Q"] for t in first["taps"]] == [t["Q"] for t in second["taps"]]
+    assert [t["Q"] for t in first["taps"]] != [t["Q"] for t in other["taps"]]
+    assert first["num_samples"] == 120
+
+
+def test_memory_budget_splits_subset_b_without_changing_scores(synthetic):
+    path, _, _ = synthetic
+    whole = score(str(path), seed=0, plot=False)
+    grouped = score(str(path), seed=0, plot=False, memory_gb=60 * 64 * 4 / 2**30)  # about one class per read
+    assert [t["Q"] for t in whole["taps"]] == pytest.approx([t["Q"] for t in grouped["taps"]], rel=1e-6)
+
+
+def test_zero_norm_sample_ranks_last(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(2), 20)
+    good = (rng.standard_normal((40, 16)) + 3 * labels[:, None]).astype(np.float16)
+    broken = good.copy()
+    broken[5] = 0
+    make_store(tmp_path / "features.zarr", {"broken": broken, "good": good}, labels)
+    summary = score(str(tmp_path), top_k=1, plot=False)
+    assert summary["selected"] == ["good"] and np.isnan(summary["taps"][0]["Q"])
+    assert any("NaN" in note for note in summary["notes"])
+    summary = score(str(tmp_path), top_k=5, plot=False)
+    assert summary["selected"] == ["broken", "good"] and any("exceeds" in note for note in summary["notes"])
+
+
+def _store_without_labels(tmp_path):
+    store = make_store(tmp_path / "features.zarr", {"x": np.ones((8, 4), np.float16)}, np.arange(8) % 2)
+    attrs = store.group["train"].attrs
+    attrs["arrays"] = [a for a in attrs["arrays"] if a != "labels"]
+
+
+@pytest.mark.parametrize("case,args,fragment", [
+    ("no labels", [], "has no labels"),
+    ("unknown tap", ["--layers", "nope"], "tap 'nope' is not in"),
+    ("incomplete", [], "is incomplete"),
+    ("one class", [], "at least 2 classes"),
+    ("no store", [], "no feature store"),
+    ("singleton class", [], "fewer than 2 samples"),
+])
+def test_bad_input(tmp_path, case, args, fragment):
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float16)
+    if case == "no labels":
+        _store_without_labels(tmp_path)
+    elif case == "incomplete":
+        make_store(tmp_path / "features.zarr", {"x": x}, np.arange(8) % 2, complete=False)
+    elif case == "one class":
+        make_store(tmp_path / "features.zarr", {"x": x}, np.zeros(8))
+    elif case == "singleton class":
+        make_store(tmp_path / "features.zarr", {"x": x}, [0, 0, 0, 0, 0, 0, 0, 1])
+    elif case != "no store":
+        make_store(tmp_path / "features.zarr", {"x": x}, np.arange(8) % 2)
+    assert_one_line_error(run_cli("score", tmp_path, *args, expect_ok=False), fragment)
+    assert not (tmp_path / "scores.json").exists()
+
+
+def test_digits_teacher_peaks_late(digits_teacher, tmp_path):
+    """On the real digits teacher, Q is highest in the last stage (as the paper's deep picks)."""
+    from pipeline.extract import extract
+
+    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"],
+            layers=("stem", "layer1.2", "layer2.2", "layer3.2"), max_samples=400, device="cpu")
+    summary = score(str(tmp_path), top_k=1, plot=False)
+    assert summary["selected"] == ["layer3.2"]
+    assert FeatureStore.open(tmp_path).split("train").group.attrs["scores"]["selected"] == ["layer3.2"]
