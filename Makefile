@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 # The demo on the embedded digits data; finished steps are reused (delete runs/ to start over).
 DEMO := runs/digits
-demo: $(DEMO)/extract/extract.json
+demo: $(DEMO)/extract/scores.json
 	$(BIN)/kdpipe info $(DEMO)/extract
 
 # A new teacher invalidates the features cached from the old one.
@@ -26,6 +26,9 @@ $(DEMO)/teacher/model.safetensors: configs/digits.yaml | $(STAMP)
 
 $(DEMO)/extract/extract.json: $(DEMO)/teacher/model.safetensors
 	$(BIN)/kdpipe extract --config configs/digits.yaml
+
+$(DEMO)/extract/scores.json: $(DEMO)/extract/extract.json
+	$(BIN)/kdpipe score --config configs/digits.yaml $(DEMO)/extract
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
