@@ -93,9 +93,15 @@ def subset_a_stats(x: np.ndarray, labels: np.ndarray, num_classes: int, n_train:
     gram = gram_matrix(x)
     sq_norm = np.clip(np.diag(gram).copy(), 0.0, None)
     norm = np.sqrt(sq_norm)
+    cos_abs = np.abs(gram)  # quirk 6: absolute cosines; NaN for a zero-norm sample
     with np.errstate(divide="ignore", invalid="ignore"):
-        cos_abs = np.abs(gram / np.outer(norm, norm))  # quirk 6: absolute cosines; NaN for a zero-norm sample
-    sq_dist = np.clip(sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram, 0.0, None)
+        cos_abs /= norm[:, None]
+        cos_abs /= norm[None, :]
+    sq_dist = gram  # reused in place: |x_i - x_j|^2 = |x_i|^2 + |x_j|^2 - 2 x_i.x_j
+    sq_dist *= -2.0
+    sq_dist += sq_norm[:, None]
+    sq_dist += sq_norm[None, :]
+    np.clip(sq_dist, 0.0, None, out=sq_dist)
     onehot = np.eye(num_classes)[labels]
     counts = onehot.sum(0)
     block_means = (onehot.T @ cos_abs @ onehot) / np.outer(counts, counts)  # quirk 1: diagonal included

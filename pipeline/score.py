@@ -112,16 +112,24 @@ def tap_quality(
     part: SplitStore, tap: str, shape: tuple[int, ...], a_rows: np.ndarray, a_labels: np.ndarray,
     b_rows: np.ndarray, b_labels: np.ndarray, num_classes: int, n_train: int, budget_bytes: int, workers: int,
 ) -> dict[str, Any]:
-    """S, I, E, Q and their parts for one tap; subset B is read in class groups that fit `budget_bytes`."""
+    """S, I, E, Q and their parts for one tap.
+
+    Subset A is read with the first class group of subset B in one pass; further groups (only when B exceeds
+    `budget_bytes` beyond A) take one pass each.
+    """
     array = part.feature(tap)
     kernel = pool_kernel(shape)
     flatten = partial(flatten_features, kernel=kernel)
     dim = flatten(np.zeros((1, *shape), dtype=np.float32)).shape[1]
-    a_stats = subset_a_stats(gather_rows(array, a_rows, flatten, workers), a_labels, num_classes, n_train)
     spectra, sizes = [], []
-    for classes in _class_groups(np.bincount(b_labels, minlength=num_classes), budget_bytes // (4 * dim)):
+    budget_rows = max(0, budget_bytes // (4 * dim) - len(a_rows))
+    for group, classes in enumerate(_class_groups(np.bincount(b_labels, minlength=num_classes), budget_rows)):
         in_group = np.isin(b_labels, classes)
-        block, block_labels = gather_rows(array, b_rows[in_group], flatten, workers), b_labels[in_group]
+        rows = b_rows[in_group] if group else np.concatenate([a_rows, b_rows[in_group]])  # one pass reads A too
+        block, block_labels = gather_rows(array, rows, flatten, workers), b_labels[in_group]
+        if group == 0:
+            a_stats = subset_a_stats(block[: len(a_rows)], a_labels, num_classes, n_train)
+            block = block[len(a_rows) :]
         for c in classes:
             spectra.append(class_spectrum(block[block_labels == c]))
             sizes.append(int((block_labels == c).sum()))
