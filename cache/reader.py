@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import dask
 import dask.array as da
@@ -33,3 +34,64 @@ def gather_rows(
     result = np.empty_like(gathered)
     result[order] = gathered
     return result
+
+
+class CachedTargets:
+    """Teacher targets of some taps, served in batches for training, by chunk.
+
+    If they fit `memory_bytes` they are read once (whole chunks) and kept in RAM, and an epoch is a random
+    permutation of all rows. Otherwise they are streamed: an epoch shuffles the order of blocks (each block is
+    a chunk-aligned region of every array), reads `window` blocks at a time on a background thread, and shuffles
+    rows within each window. Either way `epoch_order` says which rows come in which order, so the caller loads
+    the matching images: targets and images stay paired by row.
+    """
+
+    def __init__(self, split, taps: list[str], memory_bytes: int, window: int = 8) -> None:
+        self.split, self.taps, self.window = split, list(taps), window
+        self.arrays = [split.feature(t) for t in self.taps]
+        self.num_rows = split.num_samples
+        self.nbytes = sum(int(a.nbytes) for a in self.arrays)
+        self.in_memory = self.nbytes <= memory_bytes
+        self._ram = [a[:] for a in self.arrays] if self.in_memory else None
+
+    def epoch_order(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """The epoch's rows as windows (one window when in RAM); concatenated they are the sample order."""
+        if self.in_memory:
+            return [rng.permutation(self.num_rows)]
+        blocks = rng.permutation(self.split.num_blocks)
+        windows = []
+        for start in range(0, len(blocks), self.window):
+            rows = np.concatenate([np.arange(*self.split.block_range(b)) for b in blocks[start : start + self.window]])
+            windows.append(rng.permutation(rows))
+        return windows
+
+    def batches(self, windows: list[np.ndarray], batch_size: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """(rows, [target per tap]) for consecutive `batch_size` rows of the order; the last partial batch is
+        dropped. Streamed windows are read one ahead on a background thread."""
+        pending_rows: list[np.ndarray] = []
+        pending_values: list[list[np.ndarray]] = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(self._load, windows[0]) if windows else None
+            for i, rows in enumerate(windows):
+                values = future.result()
+                if i + 1 < len(windows):
+                    future = pool.submit(self._load, windows[i + 1])
+                pending_rows.append(rows)
+                pending_values.append(values)
+                stacked_rows = np.concatenate(pending_rows)
+                stacked = [np.concatenate([v[k] for v in pending_values]) for k in range(len(self.taps))]
+                usable = len(stacked_rows) - len(stacked_rows) % batch_size
+                for start in range(0, usable, batch_size):
+                    yield stacked_rows[start : start + batch_size], [v[start : start + batch_size] for v in stacked]
+                pending_rows = [stacked_rows[usable:]]
+                pending_values = [[v[usable:] for v in stacked]]
+
+    def _load(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Targets of `rows` in that order: from RAM, or by reading the whole blocks the window spans."""
+        if self._ram is not None:
+            return [values[rows] for values in self._ram]
+        block_rows = self.split.block_rows
+        blocks = np.unique(rows // block_rows)  # only the array's last block can be short, and it sorts last
+        position = np.searchsorted(blocks, rows // block_rows) * block_rows + rows % block_rows
+        ranges = [self.split.block_range(int(b)) for b in blocks]
+        return [np.concatenate([array[start:stop] for start, stop in ranges])[position] for array in self.arrays]

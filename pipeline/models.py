@@ -49,6 +49,10 @@ class CifarResNet(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(in_width, num_classes)
         self.default_taps = ["stem"] + [f"{s}.{j}" for s, d in zip(self.stage_names, depths) for j in range(d)] + ["pool"]
+        self.feature_info = [  # stage ends, as timm describes its models' feature maps
+            {"module": f"{s}.{d - 1}", "num_chs": w, "reduction": 2**i}
+            for i, (s, d, w) in enumerate(zip(self.stage_names, depths, widths))
+        ]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -90,15 +90,23 @@ class TapRecorder:
         self.order: list[str] = []
         self.logits: torch.Tensor | None = None
 
-    def __enter__(self) -> "TapRecorder":
-        for name, module in zip(self.names, self._modules):
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+    def attach(self) -> "TapRecorder":
+        """Registers the hooks (idempotent); a module that trains through its taps keeps them attached."""
+        if not self._handles:
+            for name, module in zip(self.names, self._modules):
+                self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def __enter__(self) -> "TapRecorder":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args, output) -> None:
