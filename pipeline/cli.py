@@ -204,6 +204,68 @@ def score(store: str, config: str | None, **options: Any) -> None:
 
 @stage
 @click.argument("store", type=click.Path())
+@click.option("--student", default="resnet8", show_default=True, help="Student model (`kdpipe models`).")
+@click.option("--method", default="feature", show_default=True, help="Distillation method.")
+@click.option("--teacher-layers", type=CommaList(), default="", help="Teacher taps (default: the store's top-k by Q).")
+@click.option("--student-layers", type=CommaList(), default="",
+              help="Student taps, paired in depth order (default: k stage ends spread over depth).")
+@model_kwargs_option
+@click.option("--dataset", help="Dataset to pair with the store (default: the one it was extracted from).")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset's files.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/distill", show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True, help="OneCycle peak.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.01, show_default=True)
+@click.option("--cache-memory-gb", type=click.FloatRange(0), default=4.0, show_default=True,
+              help="Hold cached targets in RAM up to this size; stream them by chunk beyond it.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@run_options
+def distill(store: str, config: str | None, **options: Any) -> None:
+    """Train a student backbone on STORE's cached teacher features with feature losses only."""
+    from .distill import distill as run
+    from .runtime import write_args
+
+    summary = run(store, **options)
+    write_args(Path(options["out"]) / "distill_args.yaml", {"store": store, **options})
+    pairs = ", ".join(f"{p['student']}->{p['teacher']}" for p in summary["pairs"])
+    losses = "  ".join(f"{k} {v:.5f}" for k, v in summary["final"].items() if k not in ("epoch", "lr", "seconds",
+                                                                                          "images_per_second"))
+    click.echo(f"distilled {summary['model']} ({pairs}): epoch {summary['final']['epoch']}  {losses}"
+               f" -> {summary['weights']}")
+
+
+@stage
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--tap", help="Student tap to probe (default: the last distilled one).")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset's files.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--max-iter", type=click.IntRange(1), default=300, show_default=True, help="L-BFGS iterations.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
+@run_options
+def probe(run: str, config: str | None, **options: Any) -> None:
+    """Freeze RUN's distilled backbone, fit a linear head on its pooled features, report top-1."""
+    from .probe import probe as fit
+    from .runtime import write_args
+
+    summary = fit(run, **options)
+    write_args(Path(run) / "probe_args.yaml", {"run": run, **options})
+    click.echo(f"probe on {summary['tap']} ({summary['embedding_dim']}-d, weight decay {summary['weight_decay']}): "
+               f"{summary['test_split']} top-1 {summary['test_top1']:.2f}% -> {summary['classifier']}")
+
+
+@stage
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def summary(folder: str, config: str | None) -> None:
+    """Summarise the stage results found under FOLDER (teach, score, probe) in one table."""
+    from .summary import summarize
+
+    click.echo(summarize(folder))
+
+
+@stage
+@click.argument("store", type=click.Path())
 def info(store: str, config: str | None) -> None:
     """Print a store's taps, shapes, raw and stored sizes, completion and provenance."""
     from .info import describe_store

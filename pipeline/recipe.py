@@ -8,14 +8,19 @@ from torch.utils.data import DataLoader, Dataset
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, workers: int = 0, shuffle: bool = False,
-    generator: torch.Generator | None = None, drop_last: bool = False,
+    dataset: Dataset, batch_size: int = 1, workers: int = 0, shuffle: bool = False,
+    generator: torch.Generator | None = None, drop_last: bool = False, batch_sampler: list | None = None,
 ) -> DataLoader:
-    """A DataLoader; worker processes are spawned, never forked (fork deadlocks with Blosc/zarr threads)."""
+    """A DataLoader; worker processes are spawned, never forked (fork deadlocks with Blosc/zarr threads).
+
+    `batch_sampler` (lists of indices) fixes the batches and their order instead of batch_size/shuffle.
+    """
+    common = {"num_workers": workers, "multiprocessing_context": "spawn" if workers > 0 else None}
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **common)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
-        num_workers=workers, multiprocessing_context="spawn" if workers > 0 else None,
-        persistent_workers=workers > 0,
+        persistent_workers=workers > 0, **common,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from pathlib import Path
@@ -42,3 +43,11 @@ def write_args(path: Path, params: dict[str, Any]) -> None:
     """The resolved options of a run (config file merged with the command line), as timm's args.yaml."""
     plain = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
     path.write_text(yaml.safe_dump(plain, sort_keys=False))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Per-epoch metrics, one row each (timm's summary.csv)."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

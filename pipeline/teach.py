@@ -5,7 +5,6 @@ Writes `model.safetensors` (the model spec in its header), `teach_log.csv` (per 
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from .datasets import held_out_split, load_split
 from .errors import UserError
 from .models import create_model, save_checkpoint
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
-from .runtime import resolve_device, seed_everything, write_json
+from .runtime import resolve_device, seed_everything, write_csv, write_json
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -82,7 +81,7 @@ def teach(
         tqdm.write(f"epoch {epoch}: loss {loss_sum / seen:.4f}  train {100 * correct / seen:.2f}%  test {test_top1:.2f}%")
     seconds = time.perf_counter() - start
     save_checkpoint(model, out_dir / WEIGHTS_FILE, model_spec)
-    _write_log(out_dir / "teach_log.csv", log_rows)
+    write_csv(out_dir / "teach_log.csv", log_rows)
     summary = {
         "stage": "teach", **model_spec, "checkpoint": str(out_dir / WEIGHTS_FILE),
         "test_split": held_out.split, "test_top1": log_rows[-1]["test_top1"], "train_top1": log_rows[-1]["train_top1"],
@@ -91,10 +90,3 @@ def teach(
     }
     write_json(out_dir / "teach.json", summary)
     return summary
-
-
-def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)

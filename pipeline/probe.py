@@ -1,0 +1,191 @@
+"""`kdpipe probe`: freeze the distilled backbone, fit a linear classifier on its pooled features, report top-1.
+
+The backbone never saw a label; this is the only place labels are used for the student. Features are taken at the
+last distilled tap (or `--tap`), globally average-pooled (tokens: mean over all tokens, class token included) and
+standardised with train statistics. The head is fitted full-batch with L-BFGS on cross entropy plus L2; its weight
+decay is chosen on a stratified held-out part of the train split, never on the test split, which is evaluated once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from cache.store import FeatureStore, StoreError
+
+from .datasets import Preprocessing, SplitData, held_out_split, load_split
+from .distill import STUDENT_FILE
+from .errors import UserError
+from .models import create_model, load_checkpoint, read_model_spec
+from .provenance import load_matching_split
+from .recipe import make_loader
+from .runtime import resolve_device, seed_everything, write_json
+from .taps import TapRecorder, list_taps
+
+CLASSIFIER_FILE = "classifier.safetensors"
+WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+VALIDATION_FRACTION = 0.2
+
+
+def pool_embedding(features: torch.Tensor) -> torch.Tensor:
+    """Global average pooling: maps over space, tokens over all tokens; vectors pass through."""
+    return features.mean(dim=(2, 3)) if features.dim() == 4 else features.mean(1) if features.dim() == 3 else features
+
+
+class LinearProbeClassifier(nn.Module):
+    """Backbone up to `tap`, global average pooling, one linear layer (standardisation folded into it)."""
+
+    def __init__(self, backbone: nn.Module, tap: str, head: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.tap, self.head = backbone, tap, head
+        self._recorder = TapRecorder(backbone, [tap], stop_after_last=True).attach()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return pool_embedding(self._recorder.run(images)[self.tap])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(images))
+
+
+def load_classifier(path: str | Path) -> LinearProbeClassifier:
+    """The exported classifier in eval mode; `.transform` preprocesses a PIL image or uint8 tensor for it."""
+    path = Path(path)
+    path = path / CLASSIFIER_FILE if path.is_dir() else path
+    spec = read_model_spec(path)
+    if not spec or "tap" not in spec:
+        raise UserError(f"{path} is not a kdpipe classifier")
+    backbone = create_model(spec["model"], spec["num_classes"], input_size=spec["input_size"],
+                            model_kwargs=spec["model_kwargs"])
+    classifier = LinearProbeClassifier(backbone, spec["tap"], nn.Linear(spec["embedding_dim"], spec["num_classes"]))
+    load_checkpoint(classifier, path)
+    classifier.transform = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
+                                            for k, v in spec["preprocessing"].items()}).transform()
+    classifier.classes = spec["classes"]
+    return classifier.eval()
+
+
+def probe(
+    run: str,
+    tap: str | None = None,
+    data_root: str | None = None,
+    batch_size: int = 256,
+    max_iter: int = 300,
+    seed: int = 0,
+    device: str = "auto",
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Fits and evaluates the linear probe of the student in `run`; writes probe.json and the classifier."""
+    run_dir = Path(run)
+    spec = read_model_spec(run_dir / STUDENT_FILE) if (run_dir / STUDENT_FILE).is_file() else None
+    if not spec:
+        raise UserError(f"{run_dir} holds no distilled student ({STUDENT_FILE}); run kdpipe distill first")
+    dev = resolve_device(device)
+    seed_everything(seed)
+    backbone = create_model(spec["model"], spec["num_classes"], input_size=spec["input_size"],
+                            model_kwargs=spec["model_kwargs"])
+    load_checkpoint(backbone, run_dir / STUDENT_FILE)
+    tap = tap or spec["student_taps"][-1]
+    list_taps(backbone, spec["input_size"], names=[tap])  # an unknown tap is reported before any work
+    train, test = _probe_data(spec, data_root)
+    backbone.to(dev).eval()
+    x_train = _embed(backbone, tap, train, batch_size, workers, dev)
+    x_test = _embed(backbone, tap, test, batch_size, workers, dev)
+    y_train, y_test = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    z_train, z_test = (x_train - mean) / std, (x_test - mean) / std
+    val_scores = _choose_weight_decay(z_train, y_train, train.num_classes, max_iter, seed)
+    weight_decay = max(val_scores, key=lambda wd: (val_scores[wd], wd))  # ties: the stronger regularisation
+    head = fit_linear(z_train, y_train, train.num_classes, weight_decay, max_iter)
+    test_top1 = _top1(head(z_test), y_test)
+    train_top1 = _top1(head(z_train), y_train)
+    folded = _fold_standardisation(head, mean, std)
+    classifier = LinearProbeClassifier(backbone.cpu(), tap, folded)
+    export_spec = {**spec, "tap": tap, "embedding_dim": int(x_train.shape[1]), "classes": train.classes,
+                   "preprocessing": train.preprocessing.to_dict()}
+    state = {k: v.detach().contiguous() for k, v in classifier.state_dict().items()}
+    save_file(state, str(run_dir / CLASSIFIER_FILE), metadata={"kdpipe_model_spec": json.dumps(export_spec)})
+    summary = {
+        "stage": "probe", "run": str(run_dir), "model": spec["model"], "tap": tap,
+        "embedding_dim": int(x_train.shape[1]), "test_split": test.split, "test_top1": test_top1,
+        "train_top1": train_top1, "weight_decay": weight_decay,
+        "validation_top1_by_weight_decay": {str(k): v for k, v in val_scores.items()},
+        "num_train": len(train), "num_test": len(test), "seed": seed, "classifier": str(run_dir / CLASSIFIER_FILE),
+    }
+    write_json(run_dir / "probe.json", summary)
+    return summary
+
+
+def _probe_data(spec: dict[str, Any], data_root: str | None) -> tuple[SplitData, SplitData]:
+    """Train split checked against the store the student was distilled from (when it is still there); test split."""
+    try:
+        store = FeatureStore.open(spec["store"])
+    except StoreError:
+        store = None
+    if store is not None and store.meta["config_hash"] == spec["store_config_hash"]:
+        train = load_matching_split(store, "train", spec["dataset"], data_root)
+    else:
+        train = load_split(spec["dataset"], "train", data_root, spec["input_size"])
+    test = load_split(spec["dataset"], held_out_split(spec["dataset"]), data_root, spec["input_size"])
+    return train, test
+
+
+@torch.no_grad()
+def _embed(backbone: nn.Module, tap: str, data: SplitData, batch_size: int, workers: int, dev) -> torch.Tensor:
+    chunks = []
+    with TapRecorder(backbone, [tap], stop_after_last=True) as recorder:
+        for images, _ in tqdm(make_loader(data, batch_size, workers), desc=f"embed {data.split}", leave=False):
+            chunks.append(pool_embedding(recorder.run(images.to(dev))[tap]).float().cpu())
+    return torch.cat(chunks)
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int) -> nn.Linear:
+    """Multinomial logistic regression, full batch: L-BFGS on CE + (weight_decay / 2)·|W|², from zeros."""
+    head = nn.Linear(x.shape[1], num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                                  line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(x), y) + 0.5 * weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return head.requires_grad_(False)
+
+
+def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_iter: int, seed: int):
+    """Validation top-1 per weight decay, on a seeded stratified part of the train split."""
+    from sklearn.model_selection import train_test_split
+
+    fit_idx, val_idx = train_test_split(np.arange(len(y)), test_size=VALIDATION_FRACTION, stratify=y.numpy(),
+                                        random_state=seed)
+    fit_idx, val_idx = torch.from_numpy(fit_idx), torch.from_numpy(val_idx)
+    return {
+        wd: _top1(fit_linear(x[fit_idx], y[fit_idx], num_classes, wd, max_iter)(x[val_idx]), y[val_idx])
+        for wd in WEIGHT_DECAYS
+    }
+
+
+def _fold_standardisation(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """W((x - m) / s) + b  ==  (W / s) x + (b - (W / s) m): the exported head takes raw pooled features."""
+    folded = nn.Linear(head.in_features, head.out_features)
+    with torch.no_grad():
+        folded.weight.copy_(head.weight / std)
+        folded.bias.copy_(head.bias - folded.weight @ mean)
+    return folded
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
