@@ -14,21 +14,29 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The demo on the embedded digits data; finished steps are reused (delete runs/ to start over).
+# The demo on the embedded digits data, teach -> extract -> score -> distill -> probe; finished steps are reused
+# (delete runs/digits to start over). Each step's output depends on the previous one, so a change reruns what follows.
 DEMO := runs/digits
-demo: $(DEMO)/extract/scores.json
-	$(BIN)/kdpipe info $(DEMO)/extract
+KD := $(BIN)/kdpipe
+demo: $(DEMO)/distill/probe.json
+	$(KD) summary $(DEMO)
 
-# A new teacher invalidates the features cached from the old one.
 $(DEMO)/teacher/model.safetensors: configs/digits.yaml | $(STAMP)
-	rm -rf $(DEMO)/extract
-	$(BIN)/kdpipe teach --config configs/digits.yaml
+	rm -rf $(DEMO)/extract $(DEMO)/distill
+	$(KD) teach --config configs/digits.yaml
 
 $(DEMO)/extract/extract.json: $(DEMO)/teacher/model.safetensors
-	$(BIN)/kdpipe extract --config configs/digits.yaml
+	$(KD) extract --config configs/digits.yaml
 
 $(DEMO)/extract/scores.json: $(DEMO)/extract/extract.json
-	$(BIN)/kdpipe score --config configs/digits.yaml $(DEMO)/extract
+	$(KD) score --config configs/digits.yaml $(DEMO)/extract
+
+$(DEMO)/distill/student.safetensors: $(DEMO)/extract/scores.json
+	rm -rf $(DEMO)/distill
+	$(KD) distill --config configs/digits.yaml $(DEMO)/extract
+
+$(DEMO)/distill/probe.json: $(DEMO)/distill/student.safetensors
+	$(KD) probe --config configs/digits.yaml $(DEMO)/distill
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
