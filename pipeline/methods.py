@@ -41,7 +41,9 @@ class FeaturePair(nn.Module):
         self.tokens = len(s_shape) == 2 or len(t_shape) == 2
         s_channels, s_extent = self._channels_and_extent(s_shape)
         t_channels, t_extent = self._channels_and_extent(t_shape)
-        if all(s <= t for s, t in zip(s_extent, t_extent)):
+        if s_extent == t_extent:
+            self.student_size = self.teacher_size = None
+        elif all(s <= t for s, t in zip(s_extent, t_extent)):
             self.student_size, self.teacher_size = None, s_extent
         elif all(s >= t for s, t in zip(s_extent, t_extent)):
             self.student_size, self.teacher_size = t_extent, None

@@ -1,0 +1,159 @@
+"""distill and probe on a small digits store: no label reaches the backbone, resume is exact, the pipeline learns."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+
+from cache.reader import CachedTargets
+from cache.store import STORE_NAME, FeatureStore
+from pipeline.distill import STUDENT_FILE, distill
+from pipeline.extract import extract
+from pipeline.models import create_model
+from pipeline.probe import load_classifier, probe
+from pipeline.datasets import load_split
+from pipeline.score import score
+
+from conftest import run_cli
+from test_cli import assert_one_line_error
+
+STUDENT = dict(student="resnet8", model_kwargs={"base_width": 8}, epochs=2, batch_size=64, lr=0.01, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scored_store(digits_teacher, tmp_path_factory):
+    """400 cached train samples of two teacher taps (several blocks), scored: top-2 are both taps."""
+    out = tmp_path_factory.mktemp("distill_store")
+    extract("resnet20", "digits", str(out), checkpoint=digits_teacher["checkpoint"], layers=("layer2.2", "layer3.2"),
+            max_samples=400, device="cpu")
+    score(str(out), top_k=2, plot=False)
+    return out
+
+
+def test_cached_targets_in_ram_and_streamed_agree(scored_store):
+    part = FeatureStore.open(scored_store).split("train")
+    assert part.num_blocks > 2
+    full = [part.feature(t)[:] for t in ("layer2.2", "layer3.2")]
+    for memory in (1 << 40, 0):
+        targets = CachedTargets(part, ["layer2.2", "layer3.2"], memory, window=2)
+        assert targets.in_memory == bool(memory)
+        windows = targets.epoch_order(np.random.default_rng(0))
+        seen = []
+        for rows, values in targets.batches(windows, 50):
+            for k in range(2):
+                np.testing.assert_array_equal(values[k], full[k][rows])
+            seen.append(rows)
+        seen = np.concatenate(seen)
+        assert len(seen) == 400 and len(np.unique(seen)) == 400
+        if not memory:  # streamed: each window holds whole blocks, so the first 2 blocks' rows come first
+            first_blocks = np.unique(seen[: 2 * part.block_rows] // part.block_rows)
+            assert len(first_blocks) == 2
+
+
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / STUDENT_FILE))
+
+
+def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path):
+    distill(str(scored_store), out=str(tmp_path / "a"), **STUDENT)
+    permuted = tmp_path / "permuted"
+    shutil.copytree(scored_store, permuted)
+    group = zarr.open_group(str(permuted / STORE_NAME), mode="r+")
+    rng = np.random.default_rng(0)
+    group["train/labels"][:] = rng.permutation(group["train/labels"][:])
+    group["train/logits"][:] = rng.permutation(group["train/logits"][:])
+    distill(str(permuted), out=str(tmp_path / "b"), **STUDENT)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(0)
+    fresh = create_model("resnet8", 10, model_kwargs={"base_width": 8}).state_dict()
+    assert not torch.equal(a["layer3.0.conv1.weight"], fresh["layer3.0.conv1.weight"])  # distilled
+    assert torch.equal(a["fc.weight"], fresh["fc.weight"])  # after the last tap: never trained
+
+
+def test_resume_after_interruption_is_exact(scored_store, tmp_path, monkeypatch):
+    import pipeline.distill as distill_module
+
+    args = {**STUDENT, "epochs": 3, "cache_memory_gb": 0.0}  # streamed targets, chunk-shuffled
+    distill(str(scored_store), out=str(tmp_path / "whole"), **args)
+    real_epoch = distill_module._train_epoch
+
+    def dies_in_epoch_3(*a, **kw):
+        if a[5] == 3:  # the epoch argument
+            raise KeyboardInterrupt
+        return real_epoch(*a, **kw)
+
+    monkeypatch.setattr(distill_module, "_train_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        distill(str(scored_store), out=str(tmp_path / "cut"), **args)
+    assert not (tmp_path / "cut" / STUDENT_FILE).exists()
+    monkeypatch.setattr(distill_module, "_train_epoch", real_epoch)
+    summary = distill(str(scored_store), out=str(tmp_path / "cut"), resume=True, **args)
+    assert summary["final"]["epoch"] == 3 and not summary["targets_in_memory"]
+    whole, cut = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert len(list((tmp_path / "cut").glob("epoch-*.state.pt"))) == 2  # the two latest are kept
+
+
+def test_pipeline_learns_and_exports_a_classifier(scored_store, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("distill", scored_store, "--student", "resnet8", "--model-kwargs", "{base_width: 8}",
+                     "--epochs", 4, "--batch-size", 64, "--lr", 0.01, "--device", "cpu", "--out", run)
+    assert "layer2.0->layer2.2" in result.output and "layer3.0->layer3.2" in result.output
+    summary = probe(str(run), device="cpu")
+    assert summary["test_top1"] > 60.0  # chance is 10 %
+    classifier = load_classifier(run)
+    test = load_split("digits", "test")
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        accuracy = 100 * (classifier(images).argmax(1).numpy() == test.labels).mean()
+    assert accuracy == pytest.approx(summary["test_top1"], abs=0.3)
+    raw = test.images.images[0]  # a uint8 (3, 8, 8) image, as stored
+    assert classifier(classifier.transform(raw)[None]).argmax().item() == classifier(images[:1]).argmax().item()
+    assert "student" in run_cli("summary", tmp_path).output
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--student-layers", "layer9.9"], "unknown tap 'layer9.9'"),
+    (["--student-layers", "layer3.0"], "1 student taps for 2 teacher taps"),
+    (["--teacher-layers", "pool"], "teacher tap 'pool' is not in"),
+    (["--dataset", "cifar10"], "was extracted from dataset 'digits', not 'cifar10'"),
+    (["--batch-size", "1000"], "exceeds the 400 cached samples"),
+    (["--student", "resnet9", "--student-layers", "layer1.0,layer2.0"], None),  # fine: only checks it runs
+])
+def test_bad_input(scored_store, tmp_path, extra, fragment):
+    args = ["distill", scored_store, "--student", "resnet8", "--epochs", 1, "--device", "cpu",
+            "--out", tmp_path / "run", *extra]
+    if fragment is None:
+        run_cli(*args, "--batch-size", 200)
+        return
+    assert_one_line_error(run_cli(*args, expect_ok=False), fragment)
+    assert not (tmp_path / "run" / STUDENT_FILE).exists()
+
+
+def test_mismatched_store_and_foreign_checkpoint(scored_store, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(scored_store, tampered)
+    group = zarr.open_group(str(tampered / STORE_NAME), mode="r+")
+    group["train"].attrs["fingerprint"] = "0" * 64
+    result = run_cli("distill", tampered, "--device", "cpu", "--out", tmp_path / "x", expect_ok=False)
+    assert_one_line_error(result, "data fingerprint differs")
+    base = ["distill", scored_store, "--epochs", 1, "--batch-size", 200, "--device", "cpu", "--out", tmp_path / "run"]
+    run_cli(*base, "--student", "resnet8")
+    assert_one_line_error(run_cli(*base, "--student", "resnet8", expect_ok=False), "already holds a distill run")
+    result = run_cli(*base, "--student", "resnet20", "--resume", expect_ok=False)
+    assert_one_line_error(result, "made with model = 'resnet8', not 'resnet20'")
+    assert_one_line_error(run_cli("probe", tmp_path / "x", expect_ok=False), "holds no distilled student")
+
+
+def test_unscored_store_needs_teacher_layers(digits_teacher, tmp_path):
+    extract("resnet20", "digits", str(tmp_path / "s"), checkpoint=digits_teacher["checkpoint"],
+            layers=("layer3.2",), max_samples=100, device="cpu")
+    result = run_cli("distill", tmp_path / "s", "--device", "cpu", "--out", tmp_path / "r", expect_ok=False)
+    assert_one_line_error(result, "no scores", "--teacher-layers")
