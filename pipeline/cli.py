@@ -219,6 +219,10 @@ def score(store: str, config: str | None, **options: Any) -> None:
 @click.option("--weight-decay", type=click.FloatRange(0), default=0.01, show_default=True)
 @click.option("--cache-memory-gb", type=click.FloatRange(0), default=4.0, show_default=True,
               help="Hold cached targets in RAM up to this size; stream them by chunk beyond it.")
+@click.option("--online-teacher", is_flag=True,
+              help="Run the teacher on every batch instead of reading cached targets (same taps and loss).")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False),
+              help="Teacher weights for --online-teacher (default: the path recorded in the store).")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @run_options

@@ -83,6 +83,14 @@ class SplitData(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index][0], int(self.labels[index])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch at once (DataLoader calls this): in-memory images are transformed in one go."""
+        if hasattr(self.images, "__getitems__"):
+            images = [image for image, _ in self.images.__getitems__(indices)]
+        else:
+            images = [self.images[i][0] for i in indices]
+        return list(zip(images, (int(self.labels[i]) for i in indices)))
+
     def fingerprint(self) -> str:
         """sha256 of the split size, all labels and the raw bytes of evenly spaced samples."""
         digest = hashlib.sha256(f"{self.name}/{self.split}/{len(self)}".encode())
@@ -109,6 +117,11 @@ class UInt8Images(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
         return self.transform(self.images[index]), None
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, None]]:
+        """Transforms the batch as one tensor (identical to per-image results, ~10x faster)."""
+        batch = self.transform(self.images[torch.as_tensor(indices, dtype=torch.long)])
+        return [(image, None) for image in batch.unbind(0)]
 
 
 def _array_split(name: str, split: str, images: torch.Tensor, labels, classes, prep: Preprocessing) -> SplitData:
@@ -164,6 +177,20 @@ def _digits_train_stats(train_pixels: np.ndarray, size: int) -> tuple[tuple[floa
     values = resized.double() / 255.0
     mean, std = round(values.mean().item(), 6), round(values.std().item(), 6)
     return (mean,) * 3, (std,) * 3
+
+
+@register_dataset
+@with_splits("train", "test")
+def synthetic(split: str = "train", root: str | None = None, input_size: int | None = None, download: bool = False):
+    """Seeded random pixels with random labels (10,000 train / 2,000 test, 10 classes, 32×32): a CIFAR-sized
+    workload for speed benchmarks and smoke tests, with nothing to learn."""
+    _check_split("synthetic", split)
+    num = 10_000 if split == "train" else 2_000
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    images = torch.from_numpy(rng.integers(0, 256, (num, 3, 32, 32), dtype=np.uint8))
+    labels = rng.integers(0, 10, num)
+    prep = Preprocessing(input_size or 32, (0.5,) * 3, (0.289,) * 3)  # uniform pixels: mean 1/2, std 1/sqrt(12)
+    return _array_split("synthetic", split, images, labels, [str(c) for c in range(10)], prep)
 
 
 def _cifar(name: str, tv_class: type, mean, std, split: str, root: str | None, input_size: int | None, download: bool):

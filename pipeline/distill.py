@@ -26,11 +26,12 @@ from . import __version__
 from .datasets import SplitData
 from .errors import UserError
 from .methods import create_method
-from .models import create_model, save_checkpoint
+from .extract import load_teacher
+from .models import create_model, file_sha256, save_checkpoint
 from .provenance import load_matching_split, open_complete_store
 from .recipe import adamw_onecycle, make_loader
 from .runtime import resolve_device, seed_everything, write_csv, write_json
-from .taps import Tap, list_taps
+from .taps import Tap, TapRecorder, list_taps
 
 STUDENT_FILE = "student.safetensors"
 CHECKPOINT = re.compile(r"epoch-(\d+)\.state\.pt$")
@@ -48,6 +49,44 @@ class RowImages(Dataset):
     def __getitem__(self, row: int) -> tuple[torch.Tensor, int]:
         return self.data[int(self.indices[row])][0], row
 
+    def __getitems__(self, rows: list[int]) -> list[tuple[torch.Tensor, int]]:
+        images = self.data.__getitems__([int(self.indices[r]) for r in rows])
+        return [(image, row) for (image, _), row in zip(images, rows)]
+
+
+class OnlineTeacher:
+    """The teacher run on every batch (eval, no grad) instead of reading the cache: same taps, same loss.
+
+    For users who need fresh targets (e.g. with augmentation), and the baseline the cache is measured against.
+    """
+
+    def __init__(self, model: torch.nn.Module, taps: list[str]) -> None:
+        self.model, self.taps = model.eval(), taps
+        self._recorder = TapRecorder(model, taps, stop_after_last=True).attach()
+
+    @classmethod
+    def from_store(cls, store: FeatureStore, taps: list[str], checkpoint: str | None, num_classes: int,
+                   input_size: int) -> "OnlineTeacher":
+        """Rebuilds the store's teacher; its weights must be the ones the store was extracted with."""
+        teacher = store.meta["identity"]["teacher"]
+        checkpoint = checkpoint or store.meta.get("checkpoint_path")
+        if teacher["checkpoint_sha256"] and (not checkpoint or not Path(checkpoint).is_file()):
+            raise UserError(f"--online-teacher: teacher weights not found at {checkpoint}; pass --teacher-checkpoint")
+        if checkpoint and file_sha256(checkpoint) != teacher["checkpoint_sha256"]:
+            raise UserError(f"--online-teacher: {checkpoint} is not the checkpoint {store.path} was extracted with")
+        model = load_teacher(teacher["name"], checkpoint, teacher.get("pretrained", False),
+                             teacher.get("model_kwargs") or None, num_classes, input_size)
+        return cls(model, taps)
+
+    def to(self, device: torch.device) -> "OnlineTeacher":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self._recorder.run(images)
+        return [features[t] for t in self.taps]
+
 
 def distill(
     store: str,
@@ -64,6 +103,8 @@ def distill(
     lr: float = 0.05,
     weight_decay: float = 0.01,
     cache_memory_gb: float = 4.0,
+    online_teacher: bool = False,
+    teacher_checkpoint: str | None = None,
     seed: int = 0,
     device: str = "auto",
     workers: int = 0,
@@ -78,6 +119,10 @@ def distill(
     net = create_model(student, data.num_classes, input_size=data.preprocessing.input_size, model_kwargs=model_kwargs)
     student_taps = _student_taps(net, data.preprocessing.input_size, student_layers, len(teacher_taps))
     distiller = create_method(method, student=net, student_taps=student_taps, teacher_taps=teacher_taps).to(dev)
+    teacher = None
+    if online_teacher:
+        teacher = OnlineTeacher.from_store(feature_store, [t.name for t in teacher_taps], teacher_checkpoint,
+                                           data.num_classes, data.preprocessing.input_size).to(dev)
     steps = part.num_samples // batch_size
     if steps == 0:
         raise UserError(f"--batch-size {batch_size} exceeds the {part.num_samples} cached samples")
@@ -88,14 +133,17 @@ def distill(
         "dataset": data.name, "store": str(feature_store.path), "store_config_hash": feature_store.meta["config_hash"],
         "student_taps": [t.name for t in student_taps], "teacher_taps": [t.name for t in teacher_taps],
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+        "online_teacher": online_teacher,
     }
     out_dir = Path(out)
     log_rows, first_epoch = _start_or_resume(out_dir, resume, spec, distiller, optimizer, schedule)
-    targets = CachedTargets(part, spec["teacher_taps"], int(cache_memory_gb * 2**30))
+    # Online, the cache supplies only the sample order; the teacher supplies the targets.
+    targets = CachedTargets(part, [] if teacher else spec["teacher_taps"], int(cache_memory_gb * 2**30))
     images = RowImages(data, part.array("indices")[:])
     start = time.perf_counter()
     for epoch in range(first_epoch, epochs + 1):
-        row = _train_epoch(distiller, optimizer, schedule, targets, images, epoch, epochs, batch_size, seed, dev, workers)
+        row = _train_epoch(distiller, optimizer, schedule, targets, teacher, images, epoch, epochs, batch_size, seed,
+                           dev, workers)
         log_rows.append(row)
         _save_checkpoint(out_dir, epoch, spec, distiller, optimizer, schedule, log_rows)
     save_checkpoint(net, out_dir / STUDENT_FILE, spec)
@@ -105,7 +153,8 @@ def distill(
             {"student": s.name, "student_shape": list(s.shape), "teacher": t.name, "teacher_shape": list(t.shape)}
             for s, t in zip(student_taps, teacher_taps)
         ],
-        "final": log_rows[-1], "targets_in_memory": targets.in_memory, "device": str(dev),
+        "final": log_rows[-1], "targets": "online teacher" if teacher else "cache in RAM" if targets.in_memory
+        else "cache streamed", "device": str(dev),
         "seconds_this_run": round(time.perf_counter() - start, 2), "weights": str(out_dir / STUDENT_FILE),
     }
     write_json(out_dir / "distill.json", summary)
@@ -152,7 +201,8 @@ def _student_taps(net: torch.nn.Module, input_size: int, requested: tuple[str, .
 
 
 def _train_epoch(
-    distiller, optimizer, schedule, targets: CachedTargets, images: RowImages, epoch: int, epochs: int,
+    distiller, optimizer, schedule, targets: CachedTargets, teacher: OnlineTeacher | None, images: RowImages,
+    epoch: int, epochs: int,
     batch_size: int, seed: int, dev: torch.device, workers: int,
 ) -> dict[str, Any]:
     distiller.train()
@@ -167,7 +217,9 @@ def _train_epoch(
     for (batch, rows), (target_rows, target_values) in bar:
         if not np.array_equal(rows.numpy(), target_rows):
             raise RuntimeError("images and cached targets went out of step")
-        _, losses = distiller(batch.to(dev), [torch.from_numpy(v).to(dev) for v in target_values])
+        batch = batch.to(dev)
+        values = teacher(batch) if teacher else [torch.from_numpy(v).to(dev) for v in target_values]
+        _, losses = distiller(batch, values)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise UserError(f"the loss is not finite at epoch {epoch}; the last good checkpoint is kept")

@@ -57,7 +57,7 @@ def extract(
     seed_everything(seed)
     data = {split: load_split(dataset, split, data_root, input_size, download) for split in splits}
     first = data[splits[0]]
-    model = _load_teacher(teacher, checkpoint, pretrained, model_kwargs, first)
+    model = load_teacher(teacher, checkpoint, pretrained, model_kwargs, first.num_classes, first.preprocessing.input_size)
     model.to(dev).eval()
     taps = list_taps(model, first.preprocessing.input_size, names=list(layers) or None)
     rows = {split: _select_rows(d, max_samples, seed) for split, d in data.items()}
@@ -87,7 +87,11 @@ def extract(
     return _summary(store, timings, Path(out))
 
 
-def _load_teacher(name: str, checkpoint: str | None, pretrained: bool, model_kwargs, data: SplitData):
+def load_teacher(
+    name: str, checkpoint: str | None, pretrained: bool, model_kwargs: dict[str, Any] | None, num_classes: int,
+    input_size: int,
+) -> torch.nn.Module:
+    """The teacher with its weights; a missing, unreadable or mismatched checkpoint is a UserError."""
     if not name.startswith(PREFIXES):
         MODELS.get(name)  # an unknown name is reported before anything is read
     if checkpoint is None and not pretrained:
@@ -95,15 +99,11 @@ def _load_teacher(name: str, checkpoint: str | None, pretrained: bool, model_kwa
     spec = read_model_spec(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
     if spec and spec.get("model") != name:
         raise UserError(f"checkpoint {checkpoint} holds a {spec.get('model')!r}, not a {name!r}")
-    if spec and spec.get("num_classes") != data.num_classes:
-        raise UserError(
-            f"checkpoint {checkpoint} has {spec.get('num_classes')} classes; dataset {data.name!r} has {data.num_classes}"
-        )
+    if spec and spec.get("num_classes") != num_classes:
+        raise UserError(f"checkpoint {checkpoint} has {spec.get('num_classes')} classes; the dataset has {num_classes}")
     if spec and not model_kwargs:
         model_kwargs = spec.get("model_kwargs") or None
-    model = create_model(
-        name, data.num_classes, input_size=data.preprocessing.input_size, pretrained=pretrained, model_kwargs=model_kwargs
-    )
+    model = create_model(name, num_classes, input_size=input_size, pretrained=pretrained, model_kwargs=model_kwargs)
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model

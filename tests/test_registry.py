@@ -16,7 +16,7 @@ from conftest import run_cli
 def test_model_and_dataset_listing():
     assert {"resnet8", "resnet20", "resnet32", "resnet9", "vit_et", "vit_tiny_cifar"} <= set(list_models())
     assert list_models("vit*") == ["vit_et", "vit_tiny_cifar"]
-    assert set(list_datasets()) == {"digits", "cifar10", "cifar100", "imagefolder"}
+    assert set(list_datasets()) == {"digits", "cifar10", "cifar100", "imagefolder", "synthetic"}
     out = run_cli("models", "resnet*").output.split()
     assert "resnet20" in out and "vit_et" not in out
     assert "imagefolder" in run_cli("datasets").output
