@@ -30,7 +30,7 @@ STORE_NAME = "features.zarr"  # the store's name inside an extract output folder
 ATTR_KEY = "kdpipe"
 FEATURES = "features"
 PROGRESS = "progress"
-MIN_CHUNK_BYTES = 1 << 20  # feature chunks hold at least 1 MiB where N allows
+MIN_CHUNK_BYTES = 4 << 20  # feature chunks hold at least 4 MiB where N allows (fewer, cheaper writes)
 MAX_CHUNK_ROWS = 4096  # bounds the block, hence the resume and sharding granularity
 
 
@@ -53,9 +53,24 @@ class ArraySpec:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def compressors(clevel: int = 1, shuffle: str = "shuffle") -> list:
-    """Blosc zstd, then a crc32c checksum so a corrupted chunk fails loudly instead of decoding to garbage."""
-    return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle), Crc32cCodec()]
+DEFAULT_COMPRESSION = "zstd:1:shuffle"
+BLOSC_NAMES = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
+SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
+
+
+def compressors(compression: str = DEFAULT_COMPRESSION) -> list:
+    """Blosc `cname:clevel:shuffle` (or `none`), then a crc32c checksum so a corrupted chunk fails loudly
+    instead of decoding to garbage."""
+    if compression == "none":
+        return [Crc32cCodec()]
+    parts = compression.split(":")
+    cname, clevel, shuffle = parts[0], parts[1] if len(parts) > 1 else "1", parts[2] if len(parts) > 2 else "shuffle"
+    if len(parts) > 3 or cname not in BLOSC_NAMES or shuffle not in SHUFFLES or not clevel.isdigit() or not 0 <= int(clevel) <= 9:
+        raise StoreError(
+            f"compression {compression!r}: expected none or CNAME[:LEVEL[:SHUFFLE]] with CNAME in "
+            f"{', '.join(BLOSC_NAMES)}, LEVEL 0-9, SHUFFLE in {', '.join(SHUFFLES)}"
+        )
+    return [BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle), Crc32cCodec()]
 
 
 def chunk_rows(row_bytes: int) -> int:
@@ -193,7 +208,7 @@ class FeatureStore:
 
     def create_split(
         self, name: str, num_samples: int, specs: list[ArraySpec], taps: list[str], attrs: dict[str, Any],
-        clevel: int = 1, shuffle: str = "shuffle",
+        compression: str = DEFAULT_COMPRESSION,
     ) -> SplitStore:
         """Creates the split's arrays (empty) and its progress flags, all blocks pending."""
         rows, block = plan_chunks(specs, num_samples)
@@ -201,7 +216,7 @@ class FeatureStore:
         for spec in specs:
             group.create_array(
                 spec.path, shape=(num_samples, *spec.shape), chunks=(rows[spec.path], *spec.shape),
-                dtype=spec.dtype, compressors=compressors(clevel, shuffle), fill_value=0,
+                dtype=spec.dtype, compressors=compressors(compression), fill_value=0,
             )
         group.create_array(PROGRESS, shape=(math.ceil(num_samples / block),), chunks=(1,), dtype="uint8", fill_value=0)
         group.attrs.update({

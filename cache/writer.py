@@ -10,15 +10,29 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
-from .store import SplitStore
+from .store import SplitStore, StoreError
+
+
+WRITE_BYTES = 8 << 20  # rows gathered per array before one write call
+
+
+def region_rows(chunk_rows: int, row_bytes: int, block_rows: int) -> int:
+    """Rows written per call: whole chunks, doubling up to WRITE_BYTES, never beyond the block (so regions stay
+    chunk-aligned and divide the block). One call for several chunks lets zarr encode them concurrently; one
+    call per chunk costs a fixed overhead that dominated writing."""
+    rows = chunk_rows
+    while rows * 2 <= block_rows and rows * 2 * row_bytes <= WRITE_BYTES:
+        rows *= 2
+    return rows
 
 
 class _ChunkBuffer:
-    """Collects one array's rows until its current chunk is complete, then writes that chunk."""
+    """Collects one array's rows until its current region (`chunk_rows` rows: one or more whole chunks) is
+    complete, then writes that region in one call."""
 
     def __init__(self, array, chunk_rows: int) -> None:
         self.array, self.chunk_rows = array, chunk_rows
@@ -30,6 +44,8 @@ class _ChunkBuffer:
 
     def add(self, start: int, rows: np.ndarray) -> None:
         """Adds rows for store positions [start, start + len(rows)); they never straddle a block gap."""
+        if rows.dtype == np.float16:
+            _check_finite(self.array.path, start, rows)
         offset = 0
         while offset < len(rows):
             row = start + offset
@@ -48,6 +64,14 @@ class _ChunkBuffer:
                 self.written_until = chunk_end
 
 
+def _check_finite(path: str, start: int, rows: np.ndarray) -> None:
+    """float16 overflow (|x| > 65504) or NaN is refused, naming the array and row: all exponent bits set."""
+    bad = (rows.view(np.uint16) & 0x7C00) == 0x7C00
+    if bad.any():
+        row = start + int(np.flatnonzero(bad.reshape(len(rows), -1).any(1))[0])
+        raise StoreError(f"{path} is not finite in float16 at store row {row} (NaN, or |x| > 65504)")
+
+
 class SplitWriter:
     """Writes the pending blocks of a split from a stream of batches, on a background thread.
 
@@ -62,7 +86,10 @@ class SplitWriter:
         self.split = split
         self.blocks = list(blocks)
         arrays = split.arrays()
-        self._buffers = {path: _ChunkBuffer(arr, arr.chunks[0]) for path, arr in arrays.items()}
+        self._buffers = {
+            path: _ChunkBuffer(arr, region_rows(arr.chunks[0], arr.nbytes // max(arr.shape[0], 1), split.block_rows))
+            for path, arr in arrays.items()
+        }
         self._slots = [split.block_range(b) for b in self.blocks]
         self._slot, self._slot_offset = 0, 0
         self._next_block = 0
@@ -86,23 +113,26 @@ class SplitWriter:
         if exc_type is None and self._next_block < len(self.blocks):
             raise RuntimeError(f"stream ended with {len(self.blocks) - self._next_block} blocks unwritten")
 
-    def put(self, batch: Mapping[str, np.ndarray]) -> None:
-        """Queues a batch (blocks while the writer is `queue_size` batches behind)."""
+    def put(self, batch: Mapping[str, np.ndarray], on_written: Callable[[], None] | None = None) -> None:
+        """Queues a batch (blocks while the writer is `queue_size` batches behind); `on_written` is called once
+        its rows are copied out, so the producer may reuse the batch's buffers."""
         if self._error is not None:
             raise self._error
-        self._queue.put(batch)
+        self._queue.put((batch, on_written))
 
     def _run(self) -> None:
         while True:
-            batch = self._queue.get()
-            if batch is None or batch is _ABORT:
+            item = self._queue.get()
+            if item is None or item is _ABORT:
                 return
-            if self._error is not None:
-                continue  # drain so the producer never blocks on a dead writer
-            try:
-                self._write(batch)
-            except BaseException as err:  # re-raised in the producer's thread
-                self._error = err
+            batch, on_written = item
+            if self._error is None:  # after an error, drain so the producer never blocks on a dead writer
+                try:
+                    self._write(batch)
+                except BaseException as err:  # re-raised in the producer's thread
+                    self._error = err
+            if on_written is not None:
+                on_written()
 
     def _write(self, batch: Mapping[str, np.ndarray]) -> None:
         count = len(next(iter(batch.values())))

@@ -164,7 +164,9 @@ def teach(config: str | None, **options: Any) -> None:
 @click.option("--max-samples", type=click.IntRange(1), help="Cache a seeded class-stratified subset per split.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/extract", show_default=True,
               help="Folder for features.zarr and extract.json.")
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--compression", default="zstd:1:shuffle", show_default=True,
+              help="Blosc CNAME[:LEVEL[:SHUFFLE]] for feature chunks, or none (see benchmarks/p5_storage.py).")
 @click.option("--overwrite", is_flag=True, help="Replace a store in OUT made with a different configuration.")
 @run_options
 def extract(config: str | None, **options: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +14,16 @@ from pipeline.cli import cli
 from pipeline.teach import teach
 
 TEACH_EPOCHS = 8
+
+
+@contextlib.contextmanager
+def small_chunks():
+    """A context with 1 MiB chunks, so small test stores span several blocks (resume, streaming)."""
+    import cache.store
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache.store, "MIN_CHUNK_BYTES", 1 << 20)
+        yield
 
 
 def run_cli(*args: str, expect_ok: bool = True):

@@ -20,7 +20,7 @@ from pipeline.probe import load_classifier, probe
 from pipeline.datasets import load_split
 from pipeline.score import score
 
-from conftest import run_cli
+from conftest import run_cli, small_chunks
 from test_cli import assert_one_line_error
 
 STUDENT = dict(student="resnet8", model_kwargs={"base_width": 8}, epochs=2, batch_size=64, lr=0.01, device="cpu")
@@ -30,8 +30,9 @@ STUDENT = dict(student="resnet8", model_kwargs={"base_width": 8}, epochs=2, batc
 def scored_store(digits_teacher, tmp_path_factory):
     """400 cached train samples of two teacher taps (several blocks), scored: top-2 are both taps."""
     out = tmp_path_factory.mktemp("distill_store")
-    extract("resnet20", "digits", str(out), checkpoint=digits_teacher["checkpoint"], layers=("layer2.2", "layer3.2"),
-            max_samples=400, device="cpu")
+    with small_chunks():
+        extract("resnet20", "digits", str(out), checkpoint=digits_teacher["checkpoint"],
+                layers=("layer2.2", "layer3.2"), max_samples=400, device="cpu")
     score(str(out), top_k=2, plot=False)
     return out
 

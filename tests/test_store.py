@@ -8,16 +8,24 @@ import pytest
 from cache.store import MIN_CHUNK_BYTES, ArraySpec, FeatureStore, StoreError, chunk_rows, plan_chunks
 from cache.writer import SplitWriter
 
+import conftest
 
-def test_chunks_hold_a_mebibyte_and_divide_the_block():
-    assert chunk_rows(MIN_CHUNK_BYTES) == 1 and chunk_rows(1000) == 2048 and chunk_rows(8) == 4096
-    specs = [ArraySpec("a", (16, 32, 32), "float16"), ArraySpec("b", (512,), "float16"), ArraySpec("c", (), "int64", sets_block=False)]
+
+def test_chunks_hold_four_mebibytes_and_divide_the_block():
+    assert chunk_rows(MIN_CHUNK_BYTES) == 1 and chunk_rows(MIN_CHUNK_BYTES // 3) == 4 and chunk_rows(8) == 4096
+    specs = [ArraySpec("a", (16, 32, 32), "float16"), ArraySpec("b", (2048,), "float16"), ArraySpec("c", (), "int64", sets_block=False)]
     rows, block = plan_chunks(specs, 100_000)
     assert rows["a"] * 32 * 1024 >= MIN_CHUNK_BYTES
     assert all(block % r == 0 for r in rows.values())
     assert block == rows["b"] == rows["c"] == 1024  # the narrow label array follows the features' block
     rows, block = plan_chunks(specs, 100)
     assert block == 100 and max(rows.values()) == 100
+
+
+@pytest.fixture
+def small_chunks():
+    with conftest.small_chunks():
+        yield
 
 
 def _store(tmp_path, n: int, specs):
@@ -35,7 +43,7 @@ def _stream(part, blocks, data, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 7, 300, 2000])
-def test_writer_round_trip_any_batch_size(tmp_path, batch):
+def test_writer_round_trip_any_batch_size(tmp_path, batch, small_chunks):
     specs = [ArraySpec("features/big", (256, 8, 8), "float16"), ArraySpec("features/mid", (32, 32), "float16")]
     n = 1300
     rng = np.random.default_rng(0)
@@ -51,7 +59,7 @@ def test_writer_round_trip_any_batch_size(tmp_path, batch):
     assert FeatureStore.open(store.path).complete
 
 
-def test_writer_fills_only_missing_blocks(tmp_path):
+def test_writer_fills_only_missing_blocks(tmp_path, small_chunks):
     n = 100
     big = np.zeros((n, 512, 8, 8), np.float16)
     big[:, 0, 0, 0] = np.arange(1, n + 1)  # row ids, exact in float16
@@ -94,3 +102,13 @@ def test_open_rejects_foreign_and_newer_stores(tmp_path):
     (tmp_path / "dir").mkdir()
     with pytest.raises(StoreError, match="not a Zarr store; refusing"):
         FeatureStore.create(tmp_path / "dir", {}, overwrite=True)
+
+
+def test_writer_refuses_float16_overflow(tmp_path):
+    store, part = _store(tmp_path, 10, [ArraySpec("features/x", (3,), "float16")])
+    values = np.zeros((10, 3), np.float16)
+    values[7, 1] = np.float16(np.inf)
+    with pytest.raises(StoreError, match=r"features/x is not finite in float16 at store row 7"):
+        with SplitWriter(part, [0]) as writer:
+            writer.put({"features/x": values})
+    assert part.missing_blocks() == [0]

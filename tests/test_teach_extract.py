@@ -18,7 +18,7 @@ from pipeline.extract import extract
 from pipeline.models import create_model, load_checkpoint, save_checkpoint
 from pipeline.taps import TapRecorder
 
-from conftest import run_cli
+from conftest import run_cli, small_chunks
 
 
 def test_teach_reaches_ninety_percent(digits_teacher):
@@ -115,21 +115,21 @@ def test_interrupted_extraction_resumes(digits_teacher, small_store, tmp_path, m
 
     args = dict(checkpoint=digits_teacher["checkpoint"], splits=("train", "test"), layers=("layer2.2", "layer3.2"),
                 max_samples=300, device="cpu", batch_size=64)
-    real_to_float16, calls = extract_module._to_float16, []
+    real_fill, calls = extract_module.HalfSlots.fill, []
 
-    def dying(name, features, first_row):
-        calls.append(first_row)
-        if len(calls) > 6:
+    def dying(self, features):
+        calls.append(1)
+        if len(calls) > 3:  # dies in the 4th batch, after at least one block is written
             raise KeyboardInterrupt
-        return real_to_float16(name, features, first_row)
+        return real_fill(self, features)
 
-    monkeypatch.setattr(extract_module, "_to_float16", dying)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(extract_module.HalfSlots, "fill", dying)
+    with small_chunks(), pytest.raises(KeyboardInterrupt):
         extract("resnet20", "digits", str(tmp_path), **args)
     store = FeatureStore.open(tmp_path / STORE_NAME)
     assert not store.complete and not store.split("train").complete
     assert 0 < len(store.split("train").missing_blocks()) < store.split("train").num_blocks
-    monkeypatch.setattr(extract_module, "_to_float16", real_to_float16)
+    monkeypatch.setattr(extract_module.HalfSlots, "fill", real_fill)
     extract("resnet20", "digits", str(tmp_path), **args)
     resumed, reference = zarr.open_group(str(tmp_path / STORE_NAME)), zarr.open_group(str(small_store / STORE_NAME))
     assert resumed.attrs["kdpipe"]["complete"]

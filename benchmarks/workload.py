@@ -1,0 +1,40 @@
+"""The CIFAR-size workload the speed benchmarks share (issue 5): 10k random 32×32 images (`synthetic`), a
+CIFAR-style ResNet-18 teacher (random weights: speed does not depend on them) and a resnet8 student, 2 threads."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+TEACHER = "resnet18_cifar"
+STUDENT = "resnet8"
+DATASET = "synthetic"
+TEACHER_TAPS = ("layer2.1", "layer3.1", "layer4.1")  # paired with resnet8's three stage ends
+THREADS = 2
+
+
+def setup_threads() -> None:
+    torch.set_num_threads(THREADS)
+
+
+def teacher_checkpoint(folder: Path) -> str:
+    from pipeline.models import create_model, save_checkpoint
+
+    path = folder / "teacher.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        save_checkpoint(create_model(TEACHER, 10), path, {"model": TEACHER, "num_classes": 10})
+    return str(path)
+
+
+class Timer:
+    """Wall-clock seconds of a `with` block."""
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
