@@ -23,7 +23,7 @@ demo: $(DEMO)/distill/probe.json
 
 $(DEMO)/teacher/model.safetensors: configs/digits.yaml | $(STAMP)
 	rm -rf $(DEMO)/extract $(DEMO)/distill
-	$(KD) teach --config configs/digits.yaml
+	$(KD) teach --config configs/digits.yaml --overwrite
 
 $(DEMO)/extract/extract.json: $(DEMO)/teacher/model.safetensors
 	$(KD) extract --config configs/digits.yaml

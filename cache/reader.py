@@ -46,12 +46,15 @@ class CachedTargets:
     the matching images: targets and images stay paired by row.
     """
 
-    def __init__(self, split, taps: list[str], memory_bytes: int, window: int = 8) -> None:
-        self.split, self.taps, self.window = split, list(taps), window
+    def __init__(self, split, taps: list[str], memory_bytes: int, window: int | None = None) -> None:
+        self.split, self.taps = split, list(taps)
         self.arrays = [split.feature(t) for t in self.taps]
         self.num_rows = split.num_samples
         self.nbytes = sum(int(a.nbytes) for a in self.arrays)
         self.in_memory = self.nbytes <= memory_bytes
+        # Streamed, about three windows live at once (the one served, the one prefetched, their concatenation).
+        block_bytes = self.nbytes / max(split.num_blocks, 1)
+        self.window = window or max(1, int(memory_bytes / (3 * block_bytes)) if block_bytes else 1)
         self._ram = [a[:] for a in self.arrays] if self.in_memory else None
 
     def epoch_order(self, rng: np.random.Generator) -> list[np.ndarray]:

@@ -201,6 +201,13 @@ class FeatureStore:
     def splits(self) -> list[SplitStore]:
         return [self.split(name) for name in sorted(self.split_names())]
 
+    def split_created(self, name: str) -> bool:
+        """Whether the split's creation finished (its attributes are written last)."""
+        return "arrays" in self.group[name].attrs
+
+    def remove_split(self, name: str) -> None:
+        shutil.rmtree(self.path / name)
+
     def split(self, name: str) -> SplitStore:
         if name not in self.split_names():
             raise StoreError(f"store {self.path} has no split {name!r}; it has {', '.join(self.split_names()) or 'none'}")
@@ -216,7 +223,7 @@ class FeatureStore:
         for spec in specs:
             group.create_array(
                 spec.path, shape=(num_samples, *spec.shape), chunks=(rows[spec.path], *spec.shape),
-                dtype=spec.dtype, compressors=compressors(compression), fill_value=0,
+                dtype=spec.dtype, compressors=compressors(compression), fill_value=_missing_value(spec.dtype),
             )
         group.create_array(PROGRESS, shape=(math.ceil(num_samples / block),), chunks=(1,), dtype="uint8", fill_value=0)
         group.attrs.update({
@@ -224,6 +231,11 @@ class FeatureStore:
             "arrays": [s.path for s in specs], "complete": False,
         })
         return SplitStore(group)
+
+
+def _missing_value(dtype: str) -> float | int:
+    """What a missing chunk reads as: NaN for floats (caught by the finite checks), -1 for integers."""
+    return float("nan") if np.dtype(dtype).kind == "f" else -1
 
 
 def stored_bytes(store_path: Path, array: zarr.Array) -> int:

@@ -140,6 +140,7 @@ def layers(model: str, input_size: int, num_classes: int, model_kwargs: dict | N
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True, help="OneCycle peak.")
 @click.option("--weight-decay", type=click.FloatRange(0), default=0.01, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace the weights already in OUT.")
 @run_options
 def teach(config: str | None, **options: Any) -> None:
     """Train a teacher with cross entropy; writes OUT/model.safetensors and OUT/teach.json."""
@@ -206,7 +207,7 @@ def score(store: str, config: str | None, **options: Any) -> None:
 
 @stage
 @click.argument("store", type=click.Path())
-@click.option("--student", default="resnet8", show_default=True, help="Student model (`kdpipe models`).")
+@click.option("--student", default="resnet9", show_default=True, help="Student model (`kdpipe models`).")
 @click.option("--method", default="feature", show_default=True, help="Distillation method.")
 @click.option("--teacher-layers", type=CommaList(), default="", help="Teacher taps (default: the store's top-k by Q).")
 @click.option("--student-layers", type=CommaList(), default="",

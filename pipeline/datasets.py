@@ -18,7 +18,7 @@ import torchvision
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -255,6 +255,12 @@ def imagefolder(split: str = "train", root: str | None = None, input_size: int |
     class Fixed(torchvision.datasets.ImageFolder):
         def find_classes(self, directory):  # the train split's label map, even where a class folder is absent
             return classes, {c: i for i, c in enumerate(classes)}
+
+        def __getitem__(self, index: int):
+            try:
+                return super().__getitem__(index)
+            except OSError as err:  # PIL's UnidentifiedImageError is an OSError
+                raise UserError(f"cannot read image {self.samples[index][0]}: {first_line(err)}") from err
 
     prep = Preprocessing(input_size or 224, IMAGENET_MEAN, IMAGENET_STD)
     try:

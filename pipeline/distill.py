@@ -90,8 +90,8 @@ class OnlineTeacher:
 
 def distill(
     store: str,
-    student: str,
     out: str,
+    student: str = "resnet9",
     method: str = "feature",
     teacher_layers: tuple[str, ...] = (),
     student_layers: tuple[str, ...] = (),
@@ -146,8 +146,8 @@ def distill(
                            dev, workers)
         log_rows.append(row)
         _save_checkpoint(out_dir, epoch, spec, distiller, optimizer, schedule, log_rows)
+        write_csv(out_dir / "distill_log.csv", log_rows)
     save_checkpoint(net, out_dir / STUDENT_FILE, spec)
-    write_csv(out_dir / "distill_log.csv", log_rows)
     summary = {
         "stage": "distill", **spec, "pairs": [
             {"student": s.name, "student_shape": list(s.shape), "teacher": t.name, "teacher_shape": list(t.shape)}

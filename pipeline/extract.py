@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from cache.store import DEFAULT_COMPRESSION, FEATURES, STORE_NAME, ArraySpec, FeatureStore, SplitStore, StoreError, stored_bytes
+from cache.store import DEFAULT_COMPRESSION, FEATURES, compressors, STORE_NAME, ArraySpec, FeatureStore, SplitStore, StoreError, stored_bytes
 from cache.writer import SplitWriter
 
 from . import __version__
@@ -57,6 +57,9 @@ def extract(
 ) -> dict[str, Any]:
     """Extracts every requested split into `out/features.zarr` and writes `out/extract.json`; returns that summary."""
     dev = resolve_device(device)
+    compressors(compression)  # a bad codec string fails before anything is written
+    if not splits:
+        raise UserError("--splits names no split")
     seed_everything(seed)
     data = {split: load_split(dataset, split, data_root, input_size, download) for split in splits}
     first = data[splits[0]]
@@ -132,14 +135,20 @@ def config_hash(identity: dict[str, Any]) -> str:
 
 def _open_or_create(path: Path, identity: dict[str, Any], checkpoint: str | None, overwrite: bool) -> FeatureStore:
     wanted = config_hash(identity)
-    if path.exists() and not overwrite:
-        store = FeatureStore.open(path, mode="r+")
-        if store.meta.get("config_hash") != wanted:
+    if path.exists():
+        try:
+            store = FeatureStore.open(path, mode="r+")
+        except StoreError as err:
+            if not overwrite:
+                raise UserError(f"{path} exists and is not a kdpipe store ({err}); choose another --out") from err
+            store = None
+        if store is not None and store.meta.get("config_hash") == wanted:
+            return store  # the same store: resume it (or find it complete), even with --overwrite
+        if store is not None and not overwrite:
             field = _first_difference(store.meta.get("identity", {}), identity)
             raise UserError(
                 f"{path} holds a different store ({field} differs); use another --out or pass --overwrite"
             )
-        return store
     meta = {
         "kdpipe_version": __version__, "identity": identity, "config_hash": wanted,
         "checkpoint_path": str(checkpoint) if checkpoint else None,
@@ -167,7 +176,9 @@ def _split_store(
     num_classes: int, compression: str,
 ) -> SplitStore:
     if split in store.split_names():
-        return store.split(split)
+        if store.split_created(split):
+            return store.split(split)
+        store.remove_split(split)  # its creation was interrupted: nothing in it was written
     specs = [ArraySpec(f"{FEATURES}/{t.name}", t.shape, FEATURE_DTYPE) for t in taps]
     specs += [ArraySpec("labels", (), "int64", sets_block=False), ArraySpec("indices", (), "int64", sets_block=False)]
     if logits:

@@ -113,15 +113,33 @@ def resnet34_cifar(num_classes: int = 10, in_chans: int = 3, base_width: int = 6
     return _cifar_resnet([3, 4, 6, 3], base_width, num_classes, in_chans)
 
 
+class TokensWithClass(nn.Module):
+    """Prepends the class token to the patch tokens: the tap METHOD.md calls ViT layer 0 (before positions)."""
+
+    def forward(self, patches: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
+        return torch.cat([cls_token.expand(len(patches), -1, -1), patches], dim=1)
+
+
+class SmallViT(VisionTransformer):
+    """timm's VisionTransformer with a tappable `embed` module (class + patch tokens, no positions yet)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.embed = TokensWithClass()
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.embed(x, self.cls_token) + self.pos_embed)
+
+
 def _small_vit(img_size: int, depth: int, dim: int, heads: int, mlp_ratio: float, num_classes: int, in_chans: int):
     """timm ViT sized for small images: patch = img_size / 8, so 64 patch tokens plus the class token."""
     if img_size % 8:
         raise UserError(f"ViT input size must be a multiple of 8, got {img_size}")
-    model = VisionTransformer(
+    model = SmallViT(
         img_size=img_size, patch_size=img_size // 8, in_chans=in_chans, num_classes=num_classes,
         embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, global_pool="avg",
     )
-    model.default_taps = ["patch_embed"] + [f"blocks.{i}" for i in range(depth)]
+    model.default_taps = ["embed"] + [f"blocks.{i}" for i in range(depth)]
     return model
 
 
@@ -171,9 +189,9 @@ def create_model(
         if input_size is not None and "img_size" in inspect.signature(factory).parameters:
             kwargs.setdefault("img_size", input_size)
         return factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
-    except (RuntimeError, ValueError, TypeError) as err:
-        if isinstance(err, UserError):
-            raise
+    except UserError:
+        raise
+    except Exception as err:  # unknown timm/torchvision names, bad kwargs, pretrained weights not cached, ...
         raise UserError(f"cannot create model {name!r}: {first_line(err)}") from err
 
 
@@ -221,7 +239,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
             for key in ("state_dict", "model"):
                 if isinstance(state, dict) and isinstance(state.get(key), dict):
                     state = state[key]
-    except (SafetensorError, RuntimeError, OSError, EOFError) as err:
+    except Exception as err:  # a pickled model, a renamed file, junk: whatever torch.load meets, one line
         raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from err
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} holds no state dict")

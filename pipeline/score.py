@@ -53,7 +53,7 @@ def score(
     except QualityError as err:
         raise UserError(f"{feature_store.path} [{split}]: {err}") from err
     a_rows, b_rows = rows[subset_a], rows[subset_b]
-    n_train = int(part.group.attrs["dataset_size"])
+    n_train = _train_split_size(feature_store, part)
     budget_bytes = max(1, int(memory_gb * 2**30))
     results = []
     for tap in tqdm(taps, desc="score", unit="tap"):
@@ -81,9 +81,15 @@ def _checked_split(store: FeatureStore, split: str) -> SplitStore:
     if not store.complete:
         raise UserError(f"{store.path} is incomplete; finish it by rerunning the same kdpipe extract")
     part = store.split(split)
-    if "labels" not in part.group.attrs["arrays"]:
+    if "labels" not in part.group.attrs["arrays"] or "labels" not in part.group:
         raise UserError(f"{store.path} [{split}] has no labels; Q needs them")
     return part
+
+
+def _train_split_size(store: FeatureStore, part: SplitStore) -> int:
+    """N_train of K: the size of the dataset's whole training split (METHOD.md quirk 8), whatever split is scored."""
+    train = store.meta["identity"]["dataset"].get("splits", {}).get("train")
+    return int(train["size"]) if train else int(part.group.attrs["dataset_size"])
 
 
 def _taps_to_score(store: FeatureStore, part: SplitStore, layers: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -98,13 +104,21 @@ def _taps_to_score(store: FeatureStore, part: SplitStore, layers: tuple[str, ...
 
 def _sample_rows(labels: np.ndarray, num_classes: int, max_samples: int | None, seed: int) -> np.ndarray:
     """All cached rows, or a seeded class-stratified subset of `max_samples` of them (a smaller cache)."""
+    if labels.min() < 0:
+        raise UserError("the cached labels hold -1 (a chunk missing on disk); check the store with kdpipe info")
     if len(np.unique(labels)) < 2 or num_classes < 2:
         raise UserError("Q needs at least 2 classes in the cached labels")
     if max_samples is None or max_samples >= len(labels):
         return np.arange(len(labels))
+    if max_samples < 2 * num_classes:
+        raise UserError(f"--max-samples {max_samples}: Q needs at least 2 samples of each of {num_classes} classes")
     from sklearn.model_selection import train_test_split
 
-    kept, _ = train_test_split(np.arange(len(labels)), train_size=max_samples, stratify=labels, random_state=seed)
+    try:
+        kept, _ = train_test_split(np.arange(len(labels)), train_size=max_samples, stratify=labels,
+                                   random_state=seed)
+    except ValueError as err:  # a class too small to stratify
+        raise UserError(f"--max-samples {max_samples}: cannot draw a class-stratified subset ({err})") from err
     return np.sort(kept)
 
 
@@ -127,6 +141,8 @@ def tap_quality(
         in_group = np.isin(b_labels, classes)
         rows = b_rows[in_group] if group else np.concatenate([a_rows, b_rows[in_group]])  # one pass reads A too
         block, block_labels = gather_rows(array, rows, flatten, workers), b_labels[in_group]
+        if not np.isfinite(block).all():  # missing chunks read as NaN; the writer never stores non-finite values
+            raise UserError(f"tap {tap} reads non-finite values: a chunk of {array.path} is missing or damaged")
         if group == 0:
             a_stats = subset_a_stats(block[: len(a_rows)], a_labels, num_classes, n_train)
             block = block[len(a_rows) :]

@@ -37,9 +37,12 @@ def teach(
     device: str = "auto",
     workers: int = 0,
     download: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Trains `teacher` on the train split, evaluates the last epoch on the held-out split; returns the summary."""
     out_dir = Path(out)
+    if (out_dir / WEIGHTS_FILE).exists() and not overwrite:
+        raise UserError(f"{out_dir / WEIGHTS_FILE} exists (stores may record it); pass --overwrite or another --out")
     dev = resolve_device(device)
     generator = seed_everything(seed)
     train = load_split(dataset, "train", data_root, input_size, download)

@@ -140,3 +140,45 @@ def test_bad_config(tmp_path, content, fragment):
 
 def test_missing_config_file(tmp_path):
     assert_one_line_error(run_cli("teach", "--config", tmp_path / "none.yaml", expect_ok=False), "cannot read")
+
+
+def test_pickled_model_checkpoint_is_refused(tmp_path, digits_teacher):
+    torch.save(create_model("resnet20", 10), tmp_path / "model.pt")  # a whole pickled module, not weights
+    result = run_cli(*extract_args(str(tmp_path / "model.pt"), tmp_path / "out"), expect_ok=False)
+    assert_one_line_error(result, "cannot read checkpoint")
+
+
+def test_empty_splits_and_bad_compression(tmp_path, digits_teacher):
+    args = extract_args(digits_teacher["checkpoint"], tmp_path)
+    args[args.index("test")] = ","
+    assert_one_line_error(run_cli(*args, expect_ok=False), "--splits names no split")
+    result = run_cli(*extract_args(digits_teacher["checkpoint"], tmp_path, "--compression", "lz5"), expect_ok=False)
+    assert_one_line_error(result, "compression 'lz5'")
+    assert not (tmp_path / "features.zarr").exists()
+    run_cli(*extract_args(digits_teacher["checkpoint"], tmp_path))  # nothing half-made blocks a valid rerun
+
+
+def test_interrupted_split_creation_is_redone(tmp_path, digits_teacher):
+    import zarr
+
+    run_cli(*extract_args(digits_teacher["checkpoint"], tmp_path))
+    group = zarr.open_group(str(tmp_path / "features.zarr"), mode="r+")
+    group.attrs["kdpipe"] = {**group.attrs["kdpipe"], "complete": False}
+    del group["test"]
+    group.create_group("test")  # as if creation died before the split's attributes were written
+    run_cli(*extract_args(digits_teacher["checkpoint"], tmp_path))
+    assert "complete    yes" in run_cli("info", tmp_path).output
+
+
+def test_overwrite_keeps_a_matching_store(tmp_path, digits_teacher):
+    run_cli(*extract_args(digits_teacher["checkpoint"], tmp_path))
+    marker = tmp_path / "features.zarr" / "test" / "labels" / "zarr.json"
+    before = marker.stat().st_mtime_ns
+    assert "already complete" in run_cli(*extract_args(digits_teacher["checkpoint"], tmp_path, "--overwrite")).output
+    assert marker.stat().st_mtime_ns == before
+
+
+def test_teach_refuses_to_replace_weights(digits_teacher):
+    out = Path(digits_teacher["checkpoint"]).parent
+    result = run_cli("teach", "--out", out, "--epochs", 1, expect_ok=False)
+    assert_one_line_error(result, "exists", "--overwrite")

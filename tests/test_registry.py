@@ -95,3 +95,12 @@ def test_checkpoint_formats_load_exactly(tmp_path, fmt):
     load_checkpoint(target, path)
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_vit_layer_zero_is_patch_tokens_with_class_token():
+    model = create_model("vit_tiny_cifar", 10).eval()
+    with torch.no_grad(), TapRecorder(model, ["embed"]) as rec:
+        tokens = rec.run(torch.randn(2, 3, 32, 32))["embed"]
+        patches = model.patch_embed(torch.randn(1, 3, 32, 32))
+    assert tokens.shape == (2, 65, 96) and patches.shape == (1, 64, 96)
+    assert torch.equal(tokens[:, 0], model.cls_token[0].expand(2, -1))  # class token first, no position added

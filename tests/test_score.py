@@ -12,7 +12,7 @@ from cache.store import FeatureStore
 from pipeline.quality import draw_subsets
 from pipeline.score import score
 
-from conftest import make_store, run_cli
+from conftest import make_store, run_cli, small_chunks
 from test_cli import assert_one_line_error
 from test_quality import naive_quality
 
@@ -132,3 +132,21 @@ def test_digits_teacher_peaks_late(digits_teacher, tmp_path):
     summary = score(str(tmp_path), top_k=1, plot=False)
     assert summary["selected"] == ["layer3.2"]
     assert FeatureStore.open(tmp_path).split("train").group.attrs["scores"]["selected"] == ["layer3.2"]
+
+
+def test_missing_chunk_reads_as_nan_not_zeros(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(2), 40)
+    x = (rng.standard_normal((80, 1024, 16)) + labels[:, None, None]).astype(np.float16)  # 32 KiB rows
+    with small_chunks():
+        make_store(tmp_path / "features.zarr", {"x": x}, labels)
+    chunk = next((tmp_path / "features.zarr" / "train" / "features" / "x" / "c").iterdir())
+    assert FeatureStore.open(tmp_path).split("train").feature("x").chunks[0] < 80
+    import shutil
+    shutil.rmtree(chunk) if chunk.is_dir() else chunk.unlink()
+    assert_one_line_error(run_cli("score", tmp_path, expect_ok=False), "a chunk of train/features/x is missing")
+
+
+def test_max_samples_below_two_per_class(synthetic):
+    path, _, _ = synthetic
+    assert_one_line_error(run_cli("score", path, "--max-samples", 5, expect_ok=False), "at least 2 samples")

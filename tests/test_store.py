@@ -71,7 +71,7 @@ def test_writer_fills_only_missing_blocks(tmp_path, small_chunks):
     ids = part.array("features/big")[:, 0, 0, 0]
     for b in range(part.num_blocks):
         start, stop = part.block_range(b)
-        expected = np.arange(start + 1, stop + 1) if b in pending else np.zeros(stop - start)
+        expected = np.arange(start + 1, stop + 1) if b in pending else np.full(stop - start, np.nan)  # unwritten
         np.testing.assert_array_equal(ids[start:stop], expected)
     with pytest.raises(StoreError, match="unwritten blocks"):
         part.mark_complete()

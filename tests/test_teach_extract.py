@@ -62,9 +62,9 @@ def test_extract_round_trip_vit(tmp_path):
     model = create_model("vit_tiny_cifar", 10, input_size=32)
     save_checkpoint(model, tmp_path / "vit.safetensors", {"model": "vit_tiny_cifar", "num_classes": 10})
     extract("vit_tiny_cifar", "digits", str(tmp_path / "out"), checkpoint=str(tmp_path / "vit.safetensors"),
-            splits=("test",), layers=("blocks.5", "patch_embed", "blocks.0"), max_samples=64, device="cpu")
+            splits=("test",), layers=("blocks.5", "embed", "blocks.0"), max_samples=64, device="cpu")
     part = FeatureStore.open(tmp_path / "out" / STORE_NAME).split("test")
-    assert part.tap_names == ["patch_embed", "blocks.0", "blocks.5"]  # depth order, whatever the request order
+    assert part.tap_names == ["embed", "blocks.0", "blocks.5"]  # depth order, whatever the request order
     assert part.feature("blocks.5").shape == (64, 65, 96)
     _check_round_trip(tmp_path / "out", "vit_tiny_cifar", str(tmp_path / "vit.safetensors"), split="test")
 
