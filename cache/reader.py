@@ -70,7 +70,14 @@ class CachedTargets:
 
     def batches(self, windows: list[np.ndarray], batch_size: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
         """(rows, [target per tap]) for consecutive `batch_size` rows of the order; the last partial batch is
-        dropped. Streamed windows are read one ahead on a background thread."""
+        dropped. In RAM, each batch is gathered on its own; streamed windows are read one ahead on a background
+        thread."""
+        if self._ram is not None:
+            order = np.concatenate(windows)
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                rows = order[start : start + batch_size]
+                yield rows, [values[rows] for values in self._ram]
+            return
         pending_rows: list[np.ndarray] = []
         pending_values: list[list[np.ndarray]] = []
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -90,9 +97,7 @@ class CachedTargets:
                 pending_values = [[v[usable:] for v in stacked]]
 
     def _load(self, rows: np.ndarray) -> list[np.ndarray]:
-        """Targets of `rows` in that order: from RAM, or by reading the whole blocks the window spans."""
-        if self._ram is not None:
-            return [values[rows] for values in self._ram]
+        """Targets of `rows` in that order, reading the whole blocks the window spans."""
         block_rows = self.split.block_rows
         blocks = np.unique(rows // block_rows)  # only the array's last block can be short, and it sorts last
         position = np.searchsorted(blocks, rows // block_rows) * block_rows + rows % block_rows

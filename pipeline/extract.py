@@ -31,7 +31,7 @@ from .runtime import resolve_device, seed_everything, write_json
 from .taps import Tap, TapRecorder, list_taps
 
 FEATURE_DTYPE = "float16"
-QUEUE_BATCHES = 4  # batches the writer may lag behind the teacher
+QUEUE_BATCHES = 8  # batches the writer may lag behind the teacher
 
 
 def extract(

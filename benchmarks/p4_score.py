@@ -3,7 +3,7 @@
 Each N is scored in its own subprocess so its peak RSS is its own. Subsets A and B do not grow with N (10 classes:
 500 per class each), so peak RSS should not either; the last line prints RSS(50k) / RSS(10k).
 
-    python benchmarks/score_bench.py [--sizes 10000,50000] [--workdir DIR]
+    python benchmarks/p4_score.py [--sizes 10000,50000] [--workdir DIR]
 """
 
 from __future__ import annotations

@@ -1,0 +1,95 @@
+"""P1: how much faster a distillation epoch is with cached targets than with the teacher run online.
+
+Measured in one run: one `kdpipe distill` epoch with `--online-teacher` and one reading the cache (targets in RAM),
+and, on the same batches in memory, the bare teacher forward and the bare student step, giving the ideal speed-up
+(teacher forward + student step) / student step. Target: measured speed-up >= 0.9 x ideal.
+
+    python benchmarks/p1_cache_speedup.py [--num-images 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from workload import DATASET, STUDENT, TEACHER, TEACHER_TAPS, Timer, setup_threads, teacher_checkpoint
+
+BATCH = 128
+IDEAL_BATCHES = 8
+
+
+def kdpipe(*args: str) -> None:
+    subprocess.run([str(Path(sys.executable).parent / "kdpipe"), *args], check=True, capture_output=True)
+
+
+def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:
+    """(teacher forward s/batch, student step s/batch, ideal ratio) on in-memory batches."""
+    from cache.store import FeatureStore
+    from pipeline.distill import OnlineTeacher, _student_taps
+    from pipeline.extract import load_teacher
+    from pipeline.methods import create_method
+    from pipeline.models import create_model
+    from pipeline.recipe import adamw_onecycle
+    from pipeline.taps import Tap
+
+    setup_threads()
+    feature_store = FeatureStore.open(store)
+    taps = {t["name"]: Tap(t["index"], t["name"], tuple(t["shape"])) for t in feature_store.meta["identity"]["taps"]}
+    teacher = OnlineTeacher(load_teacher(TEACHER, checkpoint, False, None, 10, 32), list(TEACHER_TAPS))
+    student = create_model(STUDENT, 10)
+    method = create_method("feature", student=student, student_taps=_student_taps(student, 32, (), len(TEACHER_TAPS)),
+                           teacher_taps=[taps[t] for t in TEACHER_TAPS])
+    optimizer, schedule = adamw_onecycle(method.parameters(), 0.05, 0.01, 1, 10 * IDEAL_BATCHES)
+    images = [torch.randn(BATCH, 3, 32, 32) for _ in range(IDEAL_BATCHES)]
+    targets = [teacher(x) for x in images[:1]] * IDEAL_BATCHES
+    with Timer() as forward:
+        for x in images:
+            teacher(x)
+    method.train()
+    with Timer() as step:
+        for x, t in zip(images, targets):
+            loss = sum(method(x, t)[1].values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    t_forward, t_step = forward.seconds / IDEAL_BATCHES, step.seconds / IDEAL_BATCHES
+    return t_forward, t_step, (t_forward + t_step) / t_step
+
+
+def epoch_seconds(run: Path) -> float:
+    return json.loads((run / "distill.json").read_text())["final"]["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=10_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = teacher_checkpoint(tmp)
+        subset = ["--max-samples", str(args.num_images)] if args.num_images < 10_000 else []
+        kdpipe("extract", "--teacher", TEACHER, "--dataset", DATASET, "--checkpoint", checkpoint, "--layers",
+               ",".join(TEACHER_TAPS), "--no-logits", "--device", "cpu", "--out", str(tmp / "store"), *subset)
+        common = ["--student", STUDENT, "--teacher-layers", ",".join(TEACHER_TAPS), "--epochs", "1",
+                  "--batch-size", str(BATCH), "--device", "cpu"]
+        kdpipe("distill", str(tmp / "store"), *common, "--out", str(tmp / "cached"))
+        kdpipe("distill", str(tmp / "store"), *common, "--online-teacher", "--out", str(tmp / "online"))
+        cached, online = epoch_seconds(tmp / "cached"), epoch_seconds(tmp / "online")
+        t_forward, t_step, ideal = ideal_speedup(tmp / "store", checkpoint)
+    measured = online / cached
+    print(f"{TEACHER} -> {STUDENT}, taps {', '.join(TEACHER_TAPS)}, {args.num_images} images, batch {BATCH}")
+    print(f"epoch: online teacher {online:.1f} s, cached targets {cached:.1f} s -> speed-up {measured:.2f}x")
+    print(f"ideal: (teacher forward {t_forward * 1000:.0f} ms + student step {t_step * 1000:.0f} ms) / student step "
+          f"= {ideal:.2f}x")
+    print(f"P1 measured / ideal speed-up: {measured / ideal:.2f} (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Runs every benchmark (P1-P5) in turn and prints each one's last line, the figure it exists for.
+
+    python benchmarks/run_all.py        # `make bench`; about 12 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCRIPTS = ["p1_cache_speedup.py", "p2_extract_overhead.py", "p3_loader.py", "p4_score.py", "p5_storage.py"]
+
+
+def main() -> None:
+    here = Path(__file__).parent
+    results = []
+    for script in SCRIPTS:
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, script], cwd=here, capture_output=True, text=True)
+        print(run.stdout, end="", flush=True)
+        if run.returncode:
+            print(run.stderr[-2000:], file=sys.stderr)
+        last = run.stdout.strip().splitlines()[-1] if run.returncode == 0 else f"FAILED ({run.returncode})"
+        results.append(f"{script:24s} {time.perf_counter() - start:6.0f} s  {last}")
+    print("\n".join(["", "summary:"] + results))
+    sys.exit(any("FAILED" in r for r in results))
+
+
+if __name__ == "__main__":
+    main()
