@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -9,6 +10,18 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
+
+from .store import StoreError
+
+
+@contextlib.contextmanager
+def named_read_errors(array: zarr.Array) -> Iterator[None]:
+    """A chunk that fails its checksum or does not decode is reported with its array, not as a codec error."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as err:
+        raise StoreError(f"{array.path}: a chunk is damaged ({str(err).splitlines()[0]}); "
+                         "`kdpipe verify` lists every damaged chunk") from err
 
 
 def gather_rows(
@@ -29,7 +42,7 @@ def gather_rows(
             transform, dtype=sample.dtype, chunks=(lazy.chunks[0], *sample.shape[1:]),
             drop_axis=list(range(sample.ndim, lazy.ndim)) or None,
         )
-    with dask.config.set(scheduler="threads", num_workers=workers):
+    with dask.config.set(scheduler="threads", num_workers=workers), named_read_errors(array):
         gathered = lazy.compute()
     result = np.empty_like(gathered)
     result[order] = gathered
@@ -55,7 +68,12 @@ class CachedTargets:
         # Streamed, about three windows live at once (the one served, the one prefetched, their concatenation).
         block_bytes = self.nbytes / max(split.num_blocks, 1)
         self.window = window or max(1, int(memory_bytes / (3 * block_bytes)) if block_bytes else 1)
-        self._ram = [a[:] for a in self.arrays] if self.in_memory else None
+        self._ram = None
+        if self.in_memory:
+            self._ram = []
+            for array in self.arrays:
+                with named_read_errors(array):
+                    self._ram.append(array[:])
 
     def epoch_order(self, rng: np.random.Generator) -> list[np.ndarray]:
         """The epoch's rows as windows (one window when in RAM); concatenated they are the sample order."""
@@ -102,4 +120,8 @@ class CachedTargets:
         blocks = np.unique(rows // block_rows)  # only the array's last block can be short, and it sorts last
         position = np.searchsorted(blocks, rows // block_rows) * block_rows + rows % block_rows
         ranges = [self.split.block_range(int(b)) for b in blocks]
-        return [np.concatenate([array[start:stop] for start, stop in ranges])[position] for array in self.arrays]
+        out = []
+        for array in self.arrays:
+            with named_read_errors(array):
+                out.append(np.concatenate([array[start:stop] for start, stop in ranges])[position])
+        return out

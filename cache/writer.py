@@ -129,6 +129,9 @@ class SplitWriter:
             if self._error is None:  # after an error, drain so the producer never blocks on a dead writer
                 try:
                     self._write(batch)
+                except OSError as err:  # disk full, permissions, ...: the store stays incomplete and resumable
+                    self._error = StoreError(f"writing split {self.split.name!r} failed: {err}; the store is left "
+                                             "incomplete and resumes with the same command")
                 except BaseException as err:  # re-raised in the producer's thread
                     self._error = err
             if on_written is not None:

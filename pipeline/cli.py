@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import click
 import yaml
+from tqdm import tqdm
 
 from cache.store import DEFAULT_COMPRESSION, StoreError
 
@@ -55,6 +56,8 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (UserError, StoreError) as err:
+            for bar in list(getattr(tqdm, "_instances", [])):  # so the error starts its own line
+                bar.close()
             raise click.ClickException(str(err)) from None
 
     return wrapper
@@ -274,6 +277,21 @@ def summary(folder: str, config: str | None) -> None:
     from .summary import summarize
 
     click.echo(summarize(folder))
+
+
+@stage
+@click.argument("store", type=click.Path())
+def verify(store: str, config: str | None) -> None:
+    """Read every chunk of STORE (checksums), check chunk files against the completion flags."""
+    from cache.verify import verify_store
+
+    feature_store, problems, checked = verify_store(store)
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problems in {feature_store.path}")
+    state = "complete" if feature_store.complete else "incomplete (resume with the same kdpipe extract)"
+    click.echo(f"{feature_store.path}: {checked} chunks read, all checksums good; store {state}")
 
 
 @stage

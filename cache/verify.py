@@ -1,0 +1,52 @@
+"""Whole-store integrity check: every chunk decodes (crc32c), every flagged block has its chunk files, and the
+completion flags agree with each other."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .store import FeatureStore, SplitStore
+
+
+def chunk_file(store_path: Path, array, index: int) -> Path:
+    """The file of chunk `index` along the sample axis (default v3 key encoding: c/<i>/0/...)."""
+    return store_path / array.path / "c" / str(index) / Path(*(["0"] * (array.ndim - 1)))
+
+
+def verify_split(store: FeatureStore, part: SplitStore) -> tuple[list[str], int]:
+    """Problems found in one split, and the number of chunks read."""
+    problems, checked = [], 0
+    done = set(range(part.num_blocks)) - set(part.missing_blocks())
+    if part.complete and len(done) < part.num_blocks:
+        problems.append(f"{part.name}: marked complete with {part.num_blocks - len(done)} blocks unwritten")
+    for path, array in part.arrays().items():
+        rows = array.chunks[0]
+        for index in tqdm(range(math.ceil(array.shape[0] / rows)), desc=f"verify {part.name}/{path}", leave=False):
+            start, stop = index * rows, min((index + 1) * rows, array.shape[0])
+            block_done = all(b in done for b in range(start // part.block_rows, (stop - 1) // part.block_rows + 1))
+            where = f"{part.name}/{path} chunk {index} (rows {start}-{stop - 1})"
+            if not chunk_file(store.path, array, index).is_file():
+                if block_done:
+                    problems.append(f"{where}: missing, though its block is marked written")
+                continue
+            try:
+                array[start:stop]
+                checked += 1
+            except (ValueError, RuntimeError) as err:
+                problems.append(f"{where}: damaged ({str(err).splitlines()[0]})")
+    return problems, checked
+
+
+def verify_store(path: str | Path) -> tuple[FeatureStore, list[str], int]:
+    store = FeatureStore.open(path)
+    problems, checked = [], 0
+    for part in store.splits():
+        found, count = verify_split(store, part)
+        problems += found
+        checked += count
+    if store.complete and not all(part.complete for part in store.splits()):
+        problems.append("store marked complete while a split is not")
+    return store, problems, checked
