@@ -1,0 +1,103 @@
+"""Crash-safety soak: SIGKILL `kdpipe extract` and `kdpipe distill` at random moments, resume, and check the
+result is byte-identical to an uninterrupted run.
+
+    python scripts/soak.py --kills 10 [--seed 0]      # prints kills survived and bytes compared
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+KDPIPE = str(Path(sys.executable).parent / "kdpipe")
+
+
+def run(args: list[str]) -> None:
+    subprocess.run([KDPIPE, *args], check=True, capture_output=True)
+
+
+def killed_runs(make_args, done, kills: int, rng: random.Random, window: tuple[float, float]) -> int:
+    """Starts `make_args()` and SIGKILLs it after a random delay, `kills` times (fewer if it finishes first),
+    then runs it to completion. Returns the number of processes killed."""
+    killed = 0
+    while killed < kills and not done():
+        process = subprocess.Popen([KDPIPE, *make_args()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(*window))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            killed += 1
+        process.wait()
+    if not done():
+        run(make_args())
+    return killed
+
+
+def zarr_bytes_equal(first: Path, second: Path) -> int:
+    """Asserts every array of two stores holds identical bytes; returns the bytes compared."""
+    import zarr
+
+    a, b = zarr.open_group(str(first), mode="r"), zarr.open_group(str(second), mode="r")
+    compared = 0
+    for split_name, split in a.groups():
+        for path in split.attrs["arrays"]:
+            left, right = split[path][:], b[f"{split_name}/{path}"][:]
+            assert left.tobytes() == right.tobytes(), f"{split_name}/{path} differs"
+            compared += left.nbytes
+    assert b.attrs["kdpipe"]["complete"]
+    return compared
+
+
+def soak_extract(tmp: Path, checkpoint: str, kills: int, rng: random.Random) -> tuple[int, int]:
+    args = ["--teacher", "resnet20", "--checkpoint", checkpoint, "--layers", "layer1.2,layer2.2",
+            "--splits", "train,test", "--device", "cpu"]
+    run(["extract", *args, "--out", str(tmp / "reference")])
+    done = lambda: (tmp / "killed" / "extract.json").exists()  # noqa: E731 (written last, after completion)
+    killed = killed_runs(lambda: ["extract", *args, "--out", str(tmp / "killed")], done, kills, rng, (2.5, 7.0))
+    return killed, zarr_bytes_equal(tmp / "reference" / "features.zarr", tmp / "killed" / "features.zarr")
+
+
+def soak_distill(tmp: Path, kills: int, rng: random.Random) -> tuple[int, int]:
+    from safetensors.torch import load_file
+
+    store = str(tmp / "reference")
+    args = ["--student", "resnet8", "--teacher-layers", "layer1.2,layer2.2", "--student-layers", "layer1.0,layer2.0",
+            "--epochs", "4", "--batch-size", "64", "--lr", "0.01", "--device", "cpu"]
+    run(["distill", store, *args, "--out", str(tmp / "whole")])
+    out = tmp / "cut"
+
+    def command() -> list[str]:
+        resume = ["--resume"] if list(out.glob("epoch-*.state.pt")) else []
+        return ["distill", store, *args, "--out", str(out), *resume]
+
+    killed = killed_runs(command, lambda: (out / "distill.json").exists(), kills, rng, (2.5, 8.0))
+    whole, cut = load_file(str(tmp / "whole" / "student.safetensors")), load_file(str(out / "student.safetensors"))
+    assert whole.keys() == cut.keys() and all(np.array_equal(whole[k].numpy(), cut[k].numpy()) for k in whole)
+    return killed, sum(v.numel() * v.element_size() for v in whole.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run(["teach", "--teacher", "resnet20", "--epochs", "2", "--device", "cpu", "--out", str(tmp / "teacher")])
+        killed, compared = soak_extract(tmp, str(tmp / "teacher" / "model.safetensors"), args.kills, rng)
+        print(f"extract: {killed} SIGKILLs survived, {compared / 2**20:.1f} MiB byte-identical to an uninterrupted run")
+        killed_d, compared_d = soak_distill(tmp, args.kills, rng)
+        print(f"distill: {killed_d} SIGKILLs survived, {compared_d / 2**10:.0f} KiB of weights identical")
+    print(f"soak: {killed + killed_d} kills survived, results identical")
+
+
+if __name__ == "__main__":
+    main()
