@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .store import FeatureStore, SplitStore
+from .store import PROGRESS, FeatureStore, SplitStore
 
 
 def chunk_file(store_path: Path, array, index: int) -> Path:
@@ -16,9 +16,9 @@ def chunk_file(store_path: Path, array, index: int) -> Path:
     return store_path / array.path / "c" / str(index) / Path(*(["0"] * (array.ndim - 1)))
 
 
-def verify_split(store: FeatureStore, part: SplitStore) -> tuple[list[str], int]:
-    """Problems found in one split, and the number of chunks read."""
-    problems, checked = [], 0
+def verify_split(store: FeatureStore, part: SplitStore) -> tuple[list[str], set[int], int]:
+    """Problems found in one split, the blocks they touch, and the number of chunks read."""
+    problems, bad_blocks, checked = [], set(), 0
     done = set(range(part.num_blocks)) - set(part.missing_blocks())
     if part.complete and len(done) < part.num_blocks:
         problems.append(f"{part.name}: marked complete with {part.num_blocks - len(done)} blocks unwritten")
@@ -28,25 +28,35 @@ def verify_split(store: FeatureStore, part: SplitStore) -> tuple[list[str], int]
             start, stop = index * rows, min((index + 1) * rows, array.shape[0])
             block_done = all(b in done for b in range(start // part.block_rows, (stop - 1) // part.block_rows + 1))
             where = f"{part.name}/{path} chunk {index} (rows {start}-{stop - 1})"
+            blocks = set(range(start // part.block_rows, (stop - 1) // part.block_rows + 1))
             if not chunk_file(store.path, array, index).is_file():
                 if block_done:
                     problems.append(f"{where}: missing, though its block is marked written")
+                    bad_blocks |= blocks
                 continue
             try:
                 array[start:stop]
                 checked += 1
             except (ValueError, RuntimeError) as err:
                 problems.append(f"{where}: damaged ({str(err).splitlines()[0]})")
-    return problems, checked
+                bad_blocks |= blocks
+    return problems, bad_blocks, checked
 
 
-def verify_store(path: str | Path) -> tuple[FeatureStore, list[str], int]:
-    store = FeatureStore.open(path)
+def verify_store(path: str | Path, repair: bool = False) -> tuple[FeatureStore, list[str], int]:
+    """Problems found and chunks read. With `repair`, blocks holding a damaged or missing chunk are flagged
+    unwritten and the store incomplete, so rerunning the same `kdpipe extract` recomputes exactly those blocks."""
+    store = FeatureStore.open(path, mode="r+" if repair else "r")
     problems, checked = [], 0
     for part in store.splits():
-        found, count = verify_split(store, part)
+        found, bad_blocks, count = verify_split(store, part)
         problems += found
         checked += count
+        if repair and bad_blocks:
+            for block in sorted(bad_blocks):
+                part.group[PROGRESS][block] = 0
+            part.group.attrs["complete"] = False
+            store.update_meta(complete=False)
     if store.complete and not all(part.complete for part in store.splits()):
         problems.append("store marked complete while a split is not")
     return store, problems, checked

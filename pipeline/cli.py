@@ -281,15 +281,18 @@ def summary(folder: str, config: str | None) -> None:
 
 @stage
 @click.argument("store", type=click.Path())
-def verify(store: str, config: str | None) -> None:
+@click.option("--repair", is_flag=True, help="Mark blocks with damaged or missing chunks unwritten, so that rerunning "
+              "the same kdpipe extract recomputes them.")
+def verify(store: str, repair: bool, config: str | None) -> None:
     """Read every chunk of STORE (checksums), check chunk files against the completion flags."""
     from cache.verify import verify_store
 
-    feature_store, problems, checked = verify_store(store)
+    feature_store, problems, checked = verify_store(store, repair)
     for problem in problems:
         click.echo(problem)
     if problems:
-        raise click.ClickException(f"{len(problems)} problems in {feature_store.path}")
+        hint = "marked for recomputation: rerun the same kdpipe extract" if repair else "--repair marks them"
+        raise click.ClickException(f"{len(problems)} problems in {feature_store.path}; {hint}")
     state = "complete" if feature_store.complete else "incomplete (resume with the same kdpipe extract)"
     click.echo(f"{feature_store.path}: {checked} chunks read, all checksums good; store {state}")
 

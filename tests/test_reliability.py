@@ -42,6 +42,10 @@ def store(digits_teacher, tmp_path):
     return tmp_path
 
 
+def digits_teacher_checkpoint(store: Path) -> str:
+    return FeatureStore.open(store).meta["checkpoint_path"]
+
+
 def _a_chunk(store: Path) -> Path:
     return store / STORE_NAME / "test" / "features" / "layer3.2" / "c" / "0" / "0" / "0" / "0"
 
@@ -57,6 +61,11 @@ def test_verify_reports_damaged_and_missing_chunks(store):
     assert_one_line_error(run_cli("score", store, "--split", "test", expect_ok=False), "features/layer3.2", "damaged")
     chunk.unlink()
     assert "missing, though its block is marked written" in run_cli("verify", store, expect_ok=False).output
+    assert_one_line_error(run_cli("verify", store, "--repair", expect_ok=False), "rerun the same kdpipe extract")
+    assert not FeatureStore.open(store).complete
+    run_cli("extract", "--teacher", "resnet20", "--checkpoint", digits_teacher_checkpoint(store), "--layers",
+            "layer3.2", "--splits", "test", "--device", "cpu", "--out", store)
+    assert "all checksums good; store complete" in run_cli("verify", store).output
 
 
 def test_failing_write_leaves_the_store_incomplete_and_resumable(digits_teacher, store, tmp_path, monkeypatch):
