@@ -56,11 +56,11 @@ def zarr_bytes_equal(first: Path, second: Path) -> int:
 
 
 def soak_extract(tmp: Path, checkpoint: str, kills: int, rng: random.Random) -> tuple[int, int]:
-    args = ["--teacher", "resnet20", "--checkpoint", checkpoint, "--layers", "layer1.2,layer2.2",
-            "--splits", "train,test", "--device", "cpu"]
+    args = ["--teacher", "resnet20", "--checkpoint", checkpoint, "--splits", "train,test", "--batch-size", "32",
+            "--device", "cpu"]
     run(["extract", *args, "--out", str(tmp / "reference")])
     done = lambda: (tmp / "killed" / "extract.json").exists()  # noqa: E731 (written last, after completion)
-    killed = killed_runs(lambda: ["extract", *args, "--out", str(tmp / "killed")], done, kills, rng, (2.5, 7.0))
+    killed = killed_runs(lambda: ["extract", *args, "--out", str(tmp / "killed")], done, kills, rng, (2.0, 5.0))
     return killed, zarr_bytes_equal(tmp / "reference" / "features.zarr", tmp / "killed" / "features.zarr")
 
 
@@ -69,7 +69,7 @@ def soak_distill(tmp: Path, kills: int, rng: random.Random) -> tuple[int, int]:
 
     store = str(tmp / "reference")
     args = ["--student", "resnet8", "--teacher-layers", "layer1.2,layer2.2", "--student-layers", "layer1.0,layer2.0",
-            "--epochs", "4", "--batch-size", "64", "--lr", "0.01", "--device", "cpu"]
+            "--epochs", "8", "--batch-size", "64", "--lr", "0.01", "--device", "cpu"]
     run(["distill", store, *args, "--out", str(tmp / "whole")])
     out = tmp / "cut"
 
@@ -77,7 +77,7 @@ def soak_distill(tmp: Path, kills: int, rng: random.Random) -> tuple[int, int]:
         resume = ["--resume"] if list(out.glob("epoch-*.state.pt")) else []
         return ["distill", store, *args, "--out", str(out), *resume]
 
-    killed = killed_runs(command, lambda: (out / "distill.json").exists(), kills, rng, (2.5, 8.0))
+    killed = killed_runs(command, lambda: (out / "distill.json").exists(), kills, rng, (2.5, 6.0))
     whole, cut = load_file(str(tmp / "whole" / "student.safetensors")), load_file(str(out / "student.safetensors"))
     assert whole.keys() == cut.keys() and all(np.array_equal(whole[k].numpy(), cut[k].numpy()) for k in whole)
     return killed, sum(v.numel() * v.element_size() for v in whole.values())
