@@ -43,8 +43,12 @@ def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:
     taps = {t["name"]: Tap(t["index"], t["name"], tuple(t["shape"])) for t in feature_store.meta["identity"]["taps"]}
     teacher = OnlineTeacher(load_teacher(TEACHER, checkpoint, False, None, 10, 32), list(TEACHER_TAPS))
     student = create_model(STUDENT, 10)
-    method = create_method("feature", student=student, student_taps=_student_taps(student, 32, (), len(TEACHER_TAPS)),
-                           teacher_taps=[taps[t] for t in TEACHER_TAPS])
+    method = create_method(
+        "feature",
+        student=student,
+        student_taps=_student_taps(student, 32, (), len(TEACHER_TAPS)),
+        teacher_taps=[taps[t] for t in TEACHER_TAPS],
+    )
     optimizer, schedule = adamw_onecycle(method.parameters(), 0.05, 0.01, 1, 10 * IDEAL_BATCHES)
     images = [torch.randn(BATCH, 3, 32, 32) for _ in range(IDEAL_BATCHES + 1)]
     method.train()
@@ -76,10 +80,35 @@ def main() -> None:
         tmp = Path(tmp)
         checkpoint = teacher_checkpoint(tmp)
         subset = ["--max-samples", str(args.num_images)] if args.num_images < 10_000 else []
-        kdpipe("extract", "--teacher", TEACHER, "--dataset", DATASET, "--checkpoint", checkpoint, "--layers",
-               ",".join(TEACHER_TAPS), "--no-logits", "--device", "cpu", "--out", str(tmp / "store"), *subset)
-        common = ["--student", STUDENT, "--teacher-layers", ",".join(TEACHER_TAPS), "--epochs", "1",
-                  "--batch-size", str(BATCH), "--device", "cpu"]
+        kdpipe(
+            "extract",
+            "--teacher",
+            TEACHER,
+            "--dataset",
+            DATASET,
+            "--checkpoint",
+            checkpoint,
+            "--layers",
+            ",".join(TEACHER_TAPS),
+            "--no-logits",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp / "store"),
+            *subset,
+        )
+        common = [
+            "--student",
+            STUDENT,
+            "--teacher-layers",
+            ",".join(TEACHER_TAPS),
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(BATCH),
+            "--device",
+            "cpu",
+        ]
         kdpipe("distill", str(tmp / "store"), *common, "--out", str(tmp / "cached"))
         kdpipe("distill", str(tmp / "store"), *common, "--online-teacher", "--out", str(tmp / "online"))
         cached, online = epoch_seconds(tmp / "cached"), epoch_seconds(tmp / "online")
@@ -87,8 +116,10 @@ def main() -> None:
     measured = online / cached
     print(f"{TEACHER} -> {STUDENT}, taps {', '.join(TEACHER_TAPS)}, {args.num_images} images, batch {BATCH}")
     print(f"epoch: online teacher {online:.1f} s, cached targets {cached:.1f} s -> speed-up {measured:.2f}x")
-    print(f"ideal: (teacher forward {t_forward * 1000:.0f} ms + student step {t_step * 1000:.0f} ms) / student step "
-          f"= {ideal:.2f}x")
+    print(
+        f"ideal: (teacher forward {t_forward * 1000:.0f} ms + student step {t_step * 1000:.0f} ms) / student step "
+        f"= {ideal:.2f}x"
+    )
     print(f"P1 measured / ideal speed-up: {measured / ideal:.2f} (target >= 0.9)")
 
 

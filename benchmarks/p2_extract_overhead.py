@@ -52,12 +52,38 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = teacher_checkpoint(Path(tmp))
-        bare = float(subprocess.run(
-            [sys.executable, __file__, "--bare", checkpoint, str(args.num_images), "--batch-size", str(args.batch_size)],
-            check=True, capture_output=True, text=True).stdout.split()[-1])
-        command = [str(Path(sys.executable).parent / "kdpipe"), "extract", "--teacher", TEACHER, "--dataset", DATASET,
-                   "--checkpoint", checkpoint, "--batch-size", str(args.batch_size), "--device", "cpu",
-                   "--out", str(Path(tmp) / "store")]
+        bare = float(
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--bare",
+                    checkpoint,
+                    str(args.num_images),
+                    "--batch-size",
+                    str(args.batch_size),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()[-1]
+        )
+        command = [
+            str(Path(sys.executable).parent / "kdpipe"),
+            "extract",
+            "--teacher",
+            TEACHER,
+            "--dataset",
+            DATASET,
+            "--checkpoint",
+            checkpoint,
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            "cpu",
+            "--out",
+            str(Path(tmp) / "store"),
+        ]
         if args.num_images < 10_000:
             command += ["--max-samples", str(args.num_images)]
         if args.compression:
@@ -66,8 +92,11 @@ def main() -> None:
         summary = json.loads((Path(tmp) / "store" / "extract.json").read_text())
     split = summary["splits"]["train"]
     rate = split["images_per_second"]
-    print(f"{TEACHER}, every tap + logits, batch {args.batch_size}, {split['num_samples']} images, "
-          f"{split['raw_bytes'] / split['num_samples'] / 2**20:.2f} MiB/img float16, stored/raw {split['stored_over_raw']}")
+    print(
+        f"{TEACHER}, every tap + logits, batch {args.batch_size}, {split['num_samples']} images, "
+        f"{split['raw_bytes'] / split['num_samples'] / 2**20:.2f} MiB/img float16, "
+        f"stored/raw {split['stored_over_raw']}"
+    )
     print(f"bare forward {bare:.1f} img/s; kdpipe extract {rate:.1f} img/s")
     print(f"P2 extract / bare forward: {rate / bare:.2f} (target >= 0.9)")
 

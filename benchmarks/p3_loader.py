@@ -69,8 +69,12 @@ def student_step_rate(num_batches: int = 8) -> float:
 
     student = create_model(STUDENT, 10)
     teacher_taps = [Tap(i, t, TAP_SHAPES[t]) for i, t in enumerate(TEACHER_TAPS)]
-    method = create_method("feature", student=student, teacher_taps=teacher_taps,
-                           student_taps=_student_taps(student, 32, (), len(teacher_taps))).train()
+    method = create_method(
+        "feature",
+        student=student,
+        teacher_taps=teacher_taps,
+        student_taps=_student_taps(student, 32, (), len(teacher_taps)),
+    ).train()
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
     x = torch.randn(BATCH, 3, 32, 32)
     targets = [torch.randn(BATCH, *s) for s in TAP_SHAPES.values()]
@@ -95,8 +99,10 @@ def main() -> None:
         streamed, streamed_in_memory = loader_rate(part, data, STREAM_BUDGET)
     assert in_memory and not streamed_in_memory
     print(f"{args.num_images} images, taps {', '.join(f'{t} {s}' for t, s in TAP_SHAPES.items())}, batch {BATCH}")
-    print(f"student step {step:.0f} img/s; loader in RAM {ram:.0f} img/s ({ram / step:.1f}x); "
-          f"streamed under {STREAM_BUDGET >> 20} MiB {streamed:.0f} img/s ({streamed / step:.1f}x)")
+    print(
+        f"student step {step:.0f} img/s; loader in RAM {ram:.0f} img/s ({ram / step:.1f}x); "
+        f"streamed under {STREAM_BUDGET >> 20} MiB {streamed:.0f} img/s ({streamed / step:.1f}x)"
+    )
     print(f"P3 slower loader path / student step: {min(ram, streamed) / step:.1f}x (target >= 3)")
 
 

@@ -31,15 +31,27 @@ def build_store(path: Path, num_samples: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, NUM_CLASSES, num_samples)
     centres = rng.standard_normal((NUM_CLASSES, *TAP_SHAPE)).astype(np.float32)
-    identity = {"teacher": {"name": "synthetic", "checkpoint_sha256": None},
-                "dataset": {"name": "synthetic", "num_classes": NUM_CLASSES},
-                "taps": [{"index": 0, "name": "layer", "shape": list(TAP_SHAPE), "kind": "map"}]}
-    store = FeatureStore.create(path, {"identity": identity, "config_hash": "bench", "kdpipe_version": "bench",
-                                       "created": "bench", "checkpoint_path": None})
+    identity = {
+        "teacher": {"name": "synthetic", "checkpoint_sha256": None},
+        "dataset": {"name": "synthetic", "num_classes": NUM_CLASSES},
+        "taps": [{"index": 0, "name": "layer", "shape": list(TAP_SHAPE), "kind": "map"}],
+    }
+    store = FeatureStore.create(
+        path,
+        {
+            "identity": identity,
+            "config_hash": "bench",
+            "kdpipe_version": "bench",
+            "created": "bench",
+            "checkpoint_path": None,
+        },
+    )
     part = store.create_split(
-        "train", num_samples,
+        "train",
+        num_samples,
         [ArraySpec("features/layer", TAP_SHAPE, "float16"), ArraySpec("labels", (), "int64", sets_block=False)],
-        ["layer"], {"split": "train", "dataset_size": num_samples, "fingerprint": "bench"},
+        ["layer"],
+        {"split": "train", "dataset_size": num_samples, "fingerprint": "bench"},
     )
     features = part.feature("layer")
     step = part.block_rows * max(1, WRITE_ROWS // part.block_rows)
@@ -62,8 +74,15 @@ def measure(path: str) -> None:
     summary = score(path, plot=False)
     seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds_per_tap": seconds / len(summary["taps"]), "peak_rss_mib": peak_mib,
-                      "subset_sizes": summary["subset_sizes"]}))
+    print(
+        json.dumps(
+            {
+                "seconds_per_tap": seconds / len(summary["taps"]),
+                "peak_rss_mib": peak_mib,
+                "subset_sizes": summary["subset_sizes"],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -81,12 +100,15 @@ def main() -> None:
         for n in sizes:
             path = Path(tmp) / f"n{n}.zarr"
             build_store(path, n)
-            out = subprocess.run([sys.executable, __file__, "--measure", str(path)], check=True,
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--measure", str(path)], check=True, capture_output=True, text=True
+            ).stdout
             results[n] = json.loads(out.strip().splitlines()[-1])
             r = results[n]
-            print(f"N={n:>6d}  tap {TAP_SHAPE}  {r['seconds_per_tap']:.2f} s/tap  peak RSS {r['peak_rss_mib']:.0f} MiB  "
-                  f"subsets A={r['subset_sizes']['A']} B={r['subset_sizes']['B']}")
+            print(
+                f"N={n:>6d}  tap {TAP_SHAPE}  {r['seconds_per_tap']:.2f} s/tap  peak RSS {r['peak_rss_mib']:.0f} MiB  "
+                f"subsets A={r['subset_sizes']['A']} B={r['subset_sizes']['B']}"
+            )
     small, large = results[sizes[0]], results[sizes[-1]]
     print(f"peak RSS ratio N={sizes[-1]} / N={sizes[0]}: {large['peak_rss_mib'] / small['peak_rss_mib']:.2f}")
 

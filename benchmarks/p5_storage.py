@@ -23,8 +23,17 @@ from numcodecs import Blosc
 
 from workload import setup_threads
 
-CODECS = ["zstd:1:shuffle", "zstd:1:bitshuffle", "zstd:3:shuffle", "zstd:5:shuffle", "lz4:5:shuffle",
-          "lz4:5:bitshuffle", "lz4:9:bitshuffle", "blosclz:5:shuffle", "none"]
+CODECS = [
+    "zstd:1:shuffle",
+    "zstd:1:bitshuffle",
+    "zstd:3:shuffle",
+    "zstd:5:shuffle",
+    "lz4:5:shuffle",
+    "lz4:5:bitshuffle",
+    "lz4:9:bitshuffle",
+    "blosclz:5:shuffle",
+    "none",
+]
 SHUFFLE = {"shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE, "noshuffle": Blosc.NOSHUFFLE}
 
 
@@ -59,10 +68,32 @@ def main() -> None:
     blosc.set_nthreads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        kdpipe("teach", "--dataset", "digits", "--teacher", "resnet20", "--epochs", str(args.epochs), "--device", "cpu",
-               "--out", str(tmp / "teacher"))
-        kdpipe("extract", "--dataset", "digits", "--teacher", "resnet20", "--device", "cpu",
-               "--checkpoint", str(tmp / "teacher" / "model.safetensors"), "--out", str(tmp / "store"))
+        kdpipe(
+            "teach",
+            "--dataset",
+            "digits",
+            "--teacher",
+            "resnet20",
+            "--epochs",
+            str(args.epochs),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp / "teacher"),
+        )
+        kdpipe(
+            "extract",
+            "--dataset",
+            "digits",
+            "--teacher",
+            "resnet20",
+            "--device",
+            "cpu",
+            "--checkpoint",
+            str(tmp / "teacher" / "model.safetensors"),
+            "--out",
+            str(tmp / "store"),
+        )
         summary = json.loads((tmp / "store" / "extract.json").read_text())["splits"]["train"]
         group = zarr.open_group(str(tmp / "store" / "features.zarr"), mode="r")["train/features"]
         chunks = []
@@ -70,14 +101,21 @@ def main() -> None:
             values, rows = array[:], array.chunks[0]
             chunks += [np.ascontiguousarray(values[s : s + rows]) for s in range(0, len(values), rows)]
     features = {k: v for k, v in summary["arrays"].items() if k.startswith("features/")}
-    default_ratio = sum(a["stored_bytes"] for a in features.values()) / (2 * sum(a["raw_bytes"] for a in features.values()))
-    print(f"real activations: resnet20 on digits, {len(chunks)} float16 chunks, {sum(c.nbytes for c in chunks) / 2**20:.0f} MiB")
+    default_ratio = sum(a["stored_bytes"] for a in features.values()) / (
+        2 * sum(a["raw_bytes"] for a in features.values())
+    )
+    print(
+        f"real activations: resnet20 on digits, {len(chunks)} float16 chunks, "
+        f"{sum(c.nbytes for c in chunks) / 2**20:.0f} MiB"
+    )
     print(f"{'codec':20s} {'stored/fp32':>12s} {'encode MB/s':>12s} {'decode MB/s':>12s}")
     for codec in CODECS:
         ratio, encode, decode = measure(chunks, codec)
         print(f"{codec:20s} {ratio:12.3f} {encode:12.0f} {decode:12.0f}")
-    print(f"P5 default store ({summary['compression'] if 'compression' in summary else 'default codec'}) "
-          f"stored / float32 bytes: {default_ratio:.3f} (target <= 0.6)")
+    print(
+        f"P5 default store ({summary['compression'] if 'compression' in summary else 'default codec'}) "
+        f"stored / float32 bytes: {default_ratio:.3f} (target <= 0.6)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Runs every benchmark (P1-P5) in turn and prints each one's last line, the figure it exists for.
 
-    python benchmarks/run_all.py        # `make bench`; about 12 minutes on 2 cores
+python benchmarks/run_all.py        # `make bench`; about 12 minutes on 2 cores
 """
 
 from __future__ import annotations

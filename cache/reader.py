@@ -20,12 +20,15 @@ def named_read_errors(array: zarr.Array) -> Iterator[None]:
     try:
         yield
     except (ValueError, RuntimeError) as err:
-        raise StoreError(f"{array.path}: a chunk is damaged ({str(err).splitlines()[0]}); "
-                         "`kdpipe verify` lists every damaged chunk") from err
+        raise StoreError(
+            f"{array.path}: a chunk is damaged ({str(err).splitlines()[0]}); `kdpipe verify` lists every damaged chunk"
+        ) from err
 
 
 def gather_rows(
-    array: zarr.Array, rows: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    array: zarr.Array,
+    rows: np.ndarray,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
     workers: int = 2,
 ) -> np.ndarray:
     """`array[rows]` in the order given, reading chunk by chunk, never sample by sample.
@@ -39,7 +42,9 @@ def gather_rows(
     if transform is not None:
         sample = transform(np.zeros((1, *array.shape[1:]), dtype=array.dtype))
         lazy = lazy.map_blocks(
-            transform, dtype=sample.dtype, chunks=(lazy.chunks[0], *sample.shape[1:]),
+            transform,
+            dtype=sample.dtype,
+            chunks=(lazy.chunks[0], *sample.shape[1:]),
             drop_axis=list(range(sample.ndim, lazy.ndim)) or None,
         )
     with dask.config.set(scheduler="threads", num_workers=workers), named_read_errors(array):

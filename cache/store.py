@@ -47,7 +47,6 @@ class ArraySpec:
     dtype: str
     sets_block: bool = True  # per-sample metadata (labels, indices) follows the features' block instead
 
-
     @property
     def row_bytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
@@ -67,7 +66,13 @@ def compressors(compression: str = DEFAULT_COMPRESSION) -> list:
         return [Crc32cCodec()]
     parts = compression.split(":")
     cname, clevel, shuffle = parts[0], parts[1] if len(parts) > 1 else "1", parts[2] if len(parts) > 2 else "shuffle"
-    if len(parts) > 3 or cname not in BLOSC_NAMES or shuffle not in SHUFFLES or not clevel.isdigit() or not 0 <= int(clevel) <= 9:
+    if (
+        len(parts) > 3
+        or cname not in BLOSC_NAMES
+        or shuffle not in SHUFFLES
+        or not clevel.isdigit()
+        or not 0 <= int(clevel) <= 9
+    ):
         raise StoreError(
             f"compression {compression!r}: expected none or CNAME[:LEVEL[:SHUFFLE]] with CNAME in "
             f"{', '.join(BLOSC_NAMES)}, LEVEL 0-9, SHUFFLE in {', '.join(SHUFFLES)}"
@@ -212,11 +217,18 @@ class FeatureStore:
 
     def split(self, name: str) -> SplitStore:
         if name not in self.split_names():
-            raise StoreError(f"store {self.path} has no split {name!r}; it has {', '.join(self.split_names()) or 'none'}")
+            raise StoreError(
+                f"store {self.path} has no split {name!r}; it has {', '.join(self.split_names()) or 'none'}"
+            )
         return SplitStore(self.group[name])
 
     def create_split(
-        self, name: str, num_samples: int, specs: list[ArraySpec], taps: list[str], attrs: dict[str, Any],
+        self,
+        name: str,
+        num_samples: int,
+        specs: list[ArraySpec],
+        taps: list[str],
+        attrs: dict[str, Any],
         compression: str = DEFAULT_COMPRESSION,
     ) -> SplitStore:
         """Creates the split's arrays (empty) and its progress flags, all blocks pending."""
@@ -224,16 +236,26 @@ class FeatureStore:
         group = self.group.create_group(name)
         for spec in specs:
             group.create_array(
-                spec.path, shape=(num_samples, *spec.shape), chunks=(rows[spec.path], *spec.shape),
-                dtype=spec.dtype, compressors=compressors(compression), fill_value=_missing_value(spec.dtype),
+                spec.path,
+                shape=(num_samples, *spec.shape),
+                chunks=(rows[spec.path], *spec.shape),
+                dtype=spec.dtype,
+                compressors=compressors(compression),
+                fill_value=_missing_value(spec.dtype),
                 config={"write_empty_chunks": True},  # skips zarr's per-chunk "all fill value?" scan (a third of
                 # the write cost); every chunk written holds real rows anyway
             )
         group.create_array(PROGRESS, shape=(math.ceil(num_samples / block),), chunks=(1,), dtype="uint8", fill_value=0)
-        group.attrs.update({
-            **attrs, "num_samples": num_samples, "block_rows": block, "taps": taps,
-            "arrays": [s.path for s in specs], "complete": False,
-        })
+        group.attrs.update(
+            {
+                **attrs,
+                "num_samples": num_samples,
+                "block_rows": block,
+                "taps": taps,
+                "arrays": [s.path for s in specs],
+                "complete": False,
+            }
+        )
         return SplitStore(group)
 
 

@@ -97,10 +97,6 @@ class SplitWriter:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kdpipe-writer", daemon=True)
 
-    @property
-    def total_rows(self) -> int:
-        return sum(stop - start for start, stop in self._slots)
-
     def __enter__(self) -> "SplitWriter":
         self._thread.start()
         return self
@@ -130,8 +126,10 @@ class SplitWriter:
                 try:
                     self._write(batch)
                 except OSError as err:  # disk full, permissions, ...: the store stays incomplete and resumable
-                    self._error = StoreError(f"writing split {self.split.name!r} failed: {err}; the store is left "
-                                             "incomplete and resumes with the same command")
+                    self._error = StoreError(
+                        f"writing split {self.split.name!r} failed: {err}; the store is left "
+                        "incomplete and resumes with the same command"
+                    )
                 except BaseException as err:  # re-raised in the producer's thread
                     self._error = err
             if on_written is not None:

@@ -75,22 +75,28 @@ def cli() -> None:
 
 
 def data_options(fn: Callable) -> Callable:
-    for option in reversed([
-        click.option("--dataset", default="digits", show_default=True, help="Registered dataset (`kdpipe datasets`)."),
-        click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset's files."),
-        click.option("--input-size", type=click.IntRange(8), help="Served image size (default: the dataset's)."),
-        click.option("--download/--no-download", default=False, help="Let torchvision download (needs internet)."),
-        click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--dataset", default="digits", show_default=True, help="Registered dataset (`kdpipe datasets`)."
+            ),
+            click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset's files."),
+            click.option("--input-size", type=click.IntRange(8), help="Served image size (default: the dataset's)."),
+            click.option("--download/--no-download", default=False, help="Let torchvision download (needs internet)."),
+            click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers."),
+        ]
+    ):
         fn = option(fn)
     return fn
 
 
 def run_options(fn: Callable) -> Callable:
-    for option in reversed([
-        click.option("--device", type=DEVICES, default="auto", show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-    ]):
+    for option in reversed(
+        [
+            click.option("--device", type=DEVICES, default="auto", show_default=True),
+            click.option("--seed", type=int, default=0, show_default=True),
+        ]
+    ):
         fn = option(fn)
     return fn
 
@@ -153,8 +159,10 @@ def teach(config: str | None, **options: Any) -> None:
 
     summary = run(**options)
     write_args(Path(options["out"]) / "teach_args.yaml", options)
-    click.echo(f"teacher {summary['model']}: {summary['test_split']} top-1 {summary['test_top1']:.2f}% "
-               f"-> {summary['checkpoint']}")
+    click.echo(
+        f"teacher {summary['model']}: {summary['test_split']} top-1 {summary['test_top1']:.2f}% "
+        f"-> {summary['checkpoint']}"
+    )
 
 
 @stage
@@ -163,15 +171,26 @@ def teach(config: str | None, **options: Any) -> None:
 @click.option("--pretrained/--no-pretrained", default=False, help="timm/torchvision weights from the local cache.")
 @model_kwargs_option
 @data_options
-@click.option("--splits", type=CommaList(), default="train", show_default=True, help="Splits to cache, e.g. train,test.")
+@click.option(
+    "--splits", type=CommaList(), default="train", show_default=True, help="Splits to cache, e.g. train,test."
+)
 @click.option("--layers", type=CommaList(), default="", help="Taps to cache by module path (default: all).")
 @click.option("--logits/--no-logits", default=True, show_default=True, help="Also cache the teacher's logits.")
 @click.option("--max-samples", type=click.IntRange(1), help="Cache a seeded class-stratified subset per split.")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/extract", show_default=True,
-              help="Folder for features.zarr and extract.json.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="runs/extract",
+    show_default=True,
+    help="Folder for features.zarr and extract.json.",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True,
-              help="Blosc CNAME[:LEVEL[:SHUFFLE]] for feature chunks, or none (see benchmarks/p5_storage.py).")
+@click.option(
+    "--compression",
+    default=DEFAULT_COMPRESSION,
+    show_default=True,
+    help="Blosc CNAME[:LEVEL[:SHUFFLE]] for feature chunks, or none (see benchmarks/p5_storage.py).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a store in OUT made with a different configuration.")
 @run_options
 def extract(config: str | None, **options: Any) -> None:
@@ -187,8 +206,10 @@ def extract(config: str | None, **options: Any) -> None:
     write_args(Path(options["out"]) / "extract_args.yaml", options)
     for split, s in summary["splits"].items():
         rate = f", {s['images_per_second']:.0f} img/s" if s.get("images_per_second") else ""
-        click.echo(f"{split}: {s['num_samples']} samples, {s['raw_bytes'] / 2**20:.1f} MiB raw -> "
-                   f"{s['stored_bytes'] / 2**20:.1f} MiB stored ({s['stored_over_raw']:.2f}){rate}")
+        click.echo(
+            f"{split}: {s['num_samples']} samples, {s['raw_bytes'] / 2**20:.1f} MiB raw -> "
+            f"{s['stored_bytes'] / 2**20:.1f} MiB stored ({s['stored_over_raw']:.2f}){rate}"
+        )
     click.echo(f"store: {summary['store']}")
 
 
@@ -198,8 +219,13 @@ def extract(config: str | None, **options: Any) -> None:
 @click.option("--layers", type=CommaList(), default="", help="Taps to score (default: every cached tap).")
 @click.option("--top-k", type=click.IntRange(1), default=4, show_default=True, help="Number of taps to select.")
 @click.option("--max-samples", type=click.IntRange(2), help="Score a seeded class-stratified subset of the cache.")
-@click.option("--memory-gb", type=click.FloatRange(0.01), default=4.0, show_default=True,
-              help="Memory for subset B at a time; larger subsets are read in class groups.")
+@click.option(
+    "--memory-gb",
+    type=click.FloatRange(0.01),
+    default=4.0,
+    show_default=True,
+    help="Memory for subset B at a time; larger subsets are read in class groups.",
+)
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Threads reading chunks.")
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Write scores.png.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -218,8 +244,12 @@ def score(store: str, config: str | None, **options: Any) -> None:
 @click.option("--student", default="resnet9", show_default=True, help="Student model (`kdpipe models`).")
 @click.option("--method", default="feature", show_default=True, help="Distillation method.")
 @click.option("--teacher-layers", type=CommaList(), default="", help="Teacher taps (default: the store's top-k by Q).")
-@click.option("--student-layers", type=CommaList(), default="",
-              help="Student taps, paired in depth order (default: k stage ends spread over depth).")
+@click.option(
+    "--student-layers",
+    type=CommaList(),
+    default="",
+    help="Student taps, paired in depth order (default: k stage ends spread over depth).",
+)
 @model_kwargs_option
 @click.option("--dataset", help="Dataset to pair with the store (default: the one it was extracted from).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset's files.")
@@ -228,12 +258,23 @@ def score(store: str, config: str | None, **options: Any) -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True, help="OneCycle peak.")
 @click.option("--weight-decay", type=click.FloatRange(0), default=0.01, show_default=True)
-@click.option("--cache-memory-gb", type=click.FloatRange(0), default=4.0, show_default=True,
-              help="Hold cached targets in RAM up to this size; stream them by chunk beyond it.")
-@click.option("--online-teacher", is_flag=True,
-              help="Run the teacher on every batch instead of reading cached targets (same taps and loss).")
-@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False),
-              help="Teacher weights for --online-teacher (default: the path recorded in the store).")
+@click.option(
+    "--cache-memory-gb",
+    type=click.FloatRange(0),
+    default=4.0,
+    show_default=True,
+    help="Hold cached targets in RAM up to this size; stream them by chunk beyond it.",
+)
+@click.option(
+    "--online-teacher",
+    is_flag=True,
+    help="Run the teacher on every batch instead of reading cached targets (same taps and loss).",
+)
+@click.option(
+    "--teacher-checkpoint",
+    type=click.Path(dir_okay=False),
+    help="Teacher weights for --online-teacher (default: the path recorded in the store).",
+)
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @run_options
@@ -245,10 +286,12 @@ def distill(store: str, config: str | None, **options: Any) -> None:
     summary = run(store, **options)
     write_args(Path(options["out"]) / "distill_args.yaml", {"store": store, **options})
     pairs = ", ".join(f"{p['student']}->{p['teacher']}" for p in summary["pairs"])
-    losses = "  ".join(f"{k} {v:.5f}" for k, v in summary["final"].items() if k not in ("epoch", "lr", "seconds",
-                                                                                          "images_per_second"))
-    click.echo(f"distilled {summary['model']} ({pairs}): epoch {summary['final']['epoch']}  {losses}"
-               f" -> {summary['weights']}")
+    losses = "  ".join(
+        f"{k} {v:.5f}" for k, v in summary["final"].items() if k not in ("epoch", "lr", "seconds", "images_per_second")
+    )
+    click.echo(
+        f"distilled {summary['model']} ({pairs}): epoch {summary['final']['epoch']}  {losses} -> {summary['weights']}"
+    )
 
 
 @stage
@@ -266,8 +309,10 @@ def probe(run: str, config: str | None, **options: Any) -> None:
 
     summary = fit(run, **options)
     write_args(Path(run) / "probe_args.yaml", {"run": run, **options})
-    click.echo(f"probe on {summary['tap']} ({summary['embedding_dim']}-d, weight decay {summary['weight_decay']}): "
-               f"{summary['test_split']} top-1 {summary['test_top1']:.2f}% -> {summary['classifier']}")
+    click.echo(
+        f"probe on {summary['tap']} ({summary['embedding_dim']}-d, weight decay {summary['weight_decay']}): "
+        f"{summary['test_split']} top-1 {summary['test_top1']:.2f}% -> {summary['classifier']}"
+    )
 
 
 @stage
@@ -281,8 +326,12 @@ def summary(folder: str, config: str | None) -> None:
 
 @stage
 @click.argument("store", type=click.Path())
-@click.option("--repair", is_flag=True, help="Mark blocks with damaged or missing chunks unwritten, so that rerunning "
-              "the same kdpipe extract recomputes them.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Mark blocks with damaged or missing chunks unwritten, so that rerunning "
+    "the same kdpipe extract recomputes them.",
+)
 def verify(store: str, repair: bool, config: str | None) -> None:
     """Read every chunk of STORE (checksums), check chunk files against the completion flags."""
     from cache.verify import verify_store

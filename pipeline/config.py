@@ -65,6 +65,10 @@ def config_option(command: click.Command) -> click.Command:
         return value
 
     return click.option(
-        "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=True, callback=load,
+        "--config",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=True,
+        callback=load,
         help="YAML file of defaults (top-level shared keys, or a section per command); flags override it.",
     )(command)

@@ -41,13 +41,15 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     def transform(self) -> Callable:
-        return v2.Compose([
-            v2.ToImage(),
-            v2.Resize(self.input_size, interpolation=v2.InterpolationMode(self.interpolation), antialias=True),
-            v2.CenterCrop(self.input_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(self.mean), list(self.std)),
-        ])
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(self.input_size, interpolation=v2.InterpolationMode(self.interpolation), antialias=True),
+                v2.CenterCrop(self.input_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(self.mean), list(self.std)),
+            ]
+        )
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -101,8 +103,12 @@ class SplitData(Dataset):
 
     def describe(self) -> dict:
         return {
-            "name": self.name, "split": self.split, "num_samples": len(self), "num_classes": self.num_classes,
-            "fingerprint": self.fingerprint(), "preprocessing": self.preprocessing.to_dict(),
+            "name": self.name,
+            "split": self.split,
+            "num_samples": len(self),
+            "num_classes": self.num_classes,
+            "fingerprint": self.fingerprint(),
+            "preprocessing": self.preprocessing.to_dict(),
         }
 
 
@@ -126,7 +132,12 @@ class UInt8Images(Dataset):
 
 def _array_split(name: str, split: str, images: torch.Tensor, labels, classes, prep: Preprocessing) -> SplitData:
     return SplitData(
-        name, split, UInt8Images(images, prep.transform()), np.asarray(labels), classes, prep,
+        name,
+        split,
+        UInt8Images(images, prep.transform()),
+        np.asarray(labels),
+        classes,
+        prep,
         raw_sample=lambda i: images[i].numpy().tobytes(),
     )
 
@@ -210,7 +221,9 @@ def _cifar(name: str, tv_class: type, mean, std, split: str, root: str | None, i
     try:
         data = Local(root, train=split == "train", download=download)
     except RuntimeError as err:
-        raise UserError(f"{name} not found under {root} (expected {tv_class.base_folder}/); --download fetches it") from err
+        raise UserError(
+            f"{name} not found under {root} (expected {tv_class.base_folder}/); --download fetches it"
+        ) from err
     images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
     prep = Preprocessing(input_size or 32, mean, std)
     return _array_split(name, split, images, data.targets, data.classes, prep)
@@ -227,7 +240,9 @@ def cifar10(split: str = "train", root: str | None = None, input_size: int | Non
 @with_splits("train", "test")
 def cifar100(split: str = "train", root: str | None = None, input_size: int | None = None, download: bool = False):
     """CIFAR-100 (fine labels) from torchvision's python batches under `root`."""
-    return _cifar("cifar100", torchvision.datasets.CIFAR100, CIFAR100_MEAN, CIFAR100_STD, split, root, input_size, download)
+    return _cifar(
+        "cifar100", torchvision.datasets.CIFAR100, CIFAR100_MEAN, CIFAR100_STD, split, root, input_size, download
+    )
 
 
 @register_dataset
@@ -270,7 +285,12 @@ def imagefolder(split: str = "train", root: str | None = None, input_size: int |
     if len(data) == 0:
         raise UserError(f"{split_dir} holds no images")
     return SplitData(
-        "imagefolder", split, data, np.array(data.targets), classes, prep,
+        "imagefolder",
+        split,
+        data,
+        np.array(data.targets),
+        classes,
+        prep,
         raw_sample=lambda i: Path(data.samples[i][0]).read_bytes(),
     )
 

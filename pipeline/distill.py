@@ -65,8 +65,9 @@ class OnlineTeacher:
         self._recorder = TapRecorder(model, taps, stop_after_last=True).attach()
 
     @classmethod
-    def from_store(cls, store: FeatureStore, taps: list[str], checkpoint: str | None, num_classes: int,
-                   input_size: int) -> "OnlineTeacher":
+    def from_store(
+        cls, store: FeatureStore, taps: list[str], checkpoint: str | None, num_classes: int, input_size: int
+    ) -> "OnlineTeacher":
         """Rebuilds the store's teacher; its weights must be the ones the store was extracted with."""
         teacher = store.meta["identity"]["teacher"]
         checkpoint = checkpoint or store.meta.get("checkpoint_path")
@@ -74,8 +75,14 @@ class OnlineTeacher:
             raise UserError(f"--online-teacher: teacher weights not found at {checkpoint}; pass --teacher-checkpoint")
         if checkpoint and file_sha256(checkpoint) != teacher["checkpoint_sha256"]:
             raise UserError(f"--online-teacher: {checkpoint} is not the checkpoint {store.path} was extracted with")
-        model = load_teacher(teacher["name"], checkpoint, teacher.get("pretrained", False),
-                             teacher.get("model_kwargs") or None, num_classes, input_size)
+        model = load_teacher(
+            teacher["name"],
+            checkpoint,
+            teacher.get("pretrained", False),
+            teacher.get("model_kwargs") or None,
+            num_classes,
+            input_size,
+        )
         return cls(model, taps)
 
     def to(self, device: torch.device) -> "OnlineTeacher":
@@ -121,18 +128,34 @@ def distill(
     distiller = create_method(method, student=net, student_taps=student_taps, teacher_taps=teacher_taps).to(dev)
     teacher = None
     if online_teacher:
-        teacher = OnlineTeacher.from_store(feature_store, [t.name for t in teacher_taps], teacher_checkpoint,
-                                           data.num_classes, data.preprocessing.input_size).to(dev)
+        teacher = OnlineTeacher.from_store(
+            feature_store,
+            [t.name for t in teacher_taps],
+            teacher_checkpoint,
+            data.num_classes,
+            data.preprocessing.input_size,
+        ).to(dev)
     steps = part.num_samples // batch_size
     if steps == 0:
         raise UserError(f"--batch-size {batch_size} exceeds the {part.num_samples} cached samples")
     optimizer, schedule = adamw_onecycle(distiller.parameters(), lr, weight_decay, epochs, steps)
     spec = {
-        "kdpipe_version": __version__, "method": method, "model": student, "model_kwargs": model_kwargs or {},
-        "num_classes": data.num_classes, "input_size": data.preprocessing.input_size,
-        "dataset": data.name, "store": str(feature_store.path), "store_config_hash": feature_store.meta["config_hash"],
-        "student_taps": [t.name for t in student_taps], "teacher_taps": [t.name for t in teacher_taps],
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+        "kdpipe_version": __version__,
+        "method": method,
+        "model": student,
+        "model_kwargs": model_kwargs or {},
+        "num_classes": data.num_classes,
+        "input_size": data.preprocessing.input_size,
+        "dataset": data.name,
+        "store": str(feature_store.path),
+        "store_config_hash": feature_store.meta["config_hash"],
+        "student_taps": [t.name for t in student_taps],
+        "teacher_taps": [t.name for t in teacher_taps],
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "seed": seed,
         "online_teacher": online_teacher,
     }
     out_dir = Path(out)
@@ -142,20 +165,25 @@ def distill(
     images = RowImages(data, part.array("indices")[:])
     start = time.perf_counter()
     for epoch in range(first_epoch, epochs + 1):
-        row = _train_epoch(distiller, optimizer, schedule, targets, teacher, images, epoch, epochs, batch_size, seed,
-                           dev, workers)
+        row = _train_epoch(
+            distiller, optimizer, schedule, targets, teacher, images, epoch, epochs, batch_size, seed, dev, workers
+        )
         log_rows.append(row)
         _save_checkpoint(out_dir, epoch, spec, distiller, optimizer, schedule, log_rows)
         write_csv(out_dir / "distill_log.csv", log_rows)
     save_checkpoint(net, out_dir / STUDENT_FILE, spec)
     summary = {
-        "stage": "distill", **spec, "pairs": [
+        "stage": "distill",
+        **spec,
+        "pairs": [
             {"student": s.name, "student_shape": list(s.shape), "teacher": t.name, "teacher_shape": list(t.shape)}
             for s, t in zip(student_taps, teacher_taps)
         ],
-        "final": log_rows[-1], "targets": "online teacher" if teacher else "cache in RAM" if targets.in_memory
-        else "cache streamed", "device": str(dev),
-        "seconds_this_run": round(time.perf_counter() - start, 2), "weights": str(out_dir / STUDENT_FILE),
+        "final": log_rows[-1],
+        "targets": "online teacher" if teacher else "cache in RAM" if targets.in_memory else "cache streamed",
+        "device": str(dev),
+        "seconds_this_run": round(time.perf_counter() - start, 2),
+        "weights": str(out_dir / STUDENT_FILE),
     }
     write_json(out_dir / "distill.json", summary)
     return summary
@@ -201,9 +229,18 @@ def _student_taps(net: torch.nn.Module, input_size: int, requested: tuple[str, .
 
 
 def _train_epoch(
-    distiller, optimizer, schedule, targets: CachedTargets, teacher: OnlineTeacher | None, images: RowImages,
-    epoch: int, epochs: int,
-    batch_size: int, seed: int, dev: torch.device, workers: int,
+    distiller,
+    optimizer,
+    schedule,
+    targets: CachedTargets,
+    teacher: OnlineTeacher | None,
+    images: RowImages,
+    epoch: int,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    dev: torch.device,
+    workers: int,
 ) -> dict[str, Any]:
     distiller.train()
     windows = targets.epoch_order(np.random.default_rng([seed, epoch]))
@@ -212,8 +249,13 @@ def _train_epoch(
     loader = make_loader(images, workers=workers, batch_sampler=row_batches)
     sums: dict[str, float] = {}
     start, seen = time.perf_counter(), 0
-    bar = tqdm(zip(loader, targets.batches(windows, batch_size)), total=len(row_batches),
-               desc=f"distill {epoch}/{epochs}", unit="batch", leave=False)
+    bar = tqdm(
+        zip(loader, targets.batches(windows, batch_size)),
+        total=len(row_batches),
+        desc=f"distill {epoch}/{epochs}",
+        unit="batch",
+        leave=False,
+    )
     for (batch, rows), (target_rows, target_values) in bar:
         if not np.array_equal(rows.numpy(), target_rows):
             raise RuntimeError("images and cached targets went out of step")
@@ -232,8 +274,13 @@ def _train_epoch(
         seen += len(rows)
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     seconds = time.perf_counter() - start
-    row = {"epoch": epoch, **{k: v / seen for k, v in sums.items()}, "lr": schedule.get_last_lr()[0],
-           "seconds": round(seconds, 3), "images_per_second": round(seen / seconds, 1)}
+    row = {
+        "epoch": epoch,
+        **{k: v / seen for k, v in sums.items()},
+        "lr": schedule.get_last_lr()[0],
+        "seconds": round(seconds, 3),
+        "images_per_second": round(seen / seconds, 1),
+    }
     tqdm.write(f"epoch {epoch}: " + "  ".join(f"{k} {v:.5f}" for k, v in row.items() if k.endswith(("mse", "loss"))))
     return row
 
@@ -250,8 +297,17 @@ def _save_checkpoint(out_dir: Path, epoch: int, spec, distiller, optimizer, sche
     tmp = weights.with_suffix(".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in distiller.state_dict().items()}, str(tmp))
     tmp.replace(weights)
-    torch.save({"epoch": epoch, "spec": spec, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "torch_rng": torch.get_rng_state(), "log": log_rows}, state.with_suffix(".tmp"))
+    torch.save(
+        {
+            "epoch": epoch,
+            "spec": spec,
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "log": log_rows,
+        },
+        state.with_suffix(".tmp"),
+    )
     state.with_suffix(".tmp").replace(state)
     for old in _checkpoints(out_dir)[:-2]:
         for path in (out_dir / f"epoch-{old:03d}.safetensors", out_dir / f"epoch-{old:03d}.state.pt"):
@@ -272,8 +328,9 @@ def _start_or_resume(out_dir: Path, resume: bool, spec, distiller, optimizer, sc
     changed = [k for k in spec if k != "kdpipe_version" and state["spec"].get(k) != spec[k]]
     if changed:
         k = changed[0]
-        raise UserError(f"--resume: the checkpoint in {out_dir} was made with {k} = {state['spec'].get(k)!r}, "
-                        f"not {spec[k]!r}")
+        raise UserError(
+            f"--resume: the checkpoint in {out_dir} was made with {k} = {state['spec'].get(k)!r}, not {spec[k]!r}"
+        )
     weights = load_file(str(out_dir / f"epoch-{epoch:03d}.safetensors"))
     distiller.load_state_dict(weights, strict=True)
     optimizer.load_state_dict(state["optimizer"])

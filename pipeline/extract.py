@@ -19,7 +19,17 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from cache.store import DEFAULT_COMPRESSION, FEATURES, compressors, STORE_NAME, ArraySpec, FeatureStore, SplitStore, StoreError, stored_bytes
+from cache.store import (
+    DEFAULT_COMPRESSION,
+    FEATURES,
+    compressors,
+    STORE_NAME,
+    ArraySpec,
+    FeatureStore,
+    SplitStore,
+    StoreError,
+    stored_bytes,
+)
 from cache.writer import SplitWriter
 
 from . import __version__
@@ -63,22 +73,30 @@ def extract(
     seed_everything(seed)
     data = {split: load_split(dataset, split, data_root, input_size, download) for split in splits}
     first = data[splits[0]]
-    model = load_teacher(teacher, checkpoint, pretrained, model_kwargs, first.num_classes, first.preprocessing.input_size)
+    model = load_teacher(
+        teacher, checkpoint, pretrained, model_kwargs, first.num_classes, first.preprocessing.input_size
+    )
     model.to(dev).eval()
     taps = list_taps(model, first.preprocessing.input_size, names=list(layers) or None)
     rows = {split: _select_rows(d, max_samples, seed) for split, d in data.items()}
     identity = {
         "teacher": {
-            "name": teacher, "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-            "pretrained": pretrained, "model_kwargs": model_kwargs or {},
+            "name": teacher,
+            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+            "pretrained": pretrained,
+            "model_kwargs": model_kwargs or {},
         },
         "dataset": {
-            "name": dataset, "num_classes": first.num_classes, "classes": first.classes,
+            "name": dataset,
+            "num_classes": first.num_classes,
+            "classes": first.classes,
             "preprocessing": first.preprocessing.to_dict(),
             "splits": {s: {"fingerprint": d.fingerprint(), "size": len(d)} for s, d in data.items()},
         },
         "taps": [{"index": t.index, "name": t.name, "shape": list(t.shape), "kind": t.kind} for t in taps],
-        "feature_dtype": FEATURE_DTYPE, "logits": logits, "max_samples": max_samples,
+        "feature_dtype": FEATURE_DTYPE,
+        "logits": logits,
+        "max_samples": max_samples,
         "subset_seed": seed if max_samples else None,
     }
     store = _open_or_create(Path(out) / STORE_NAME, identity, checkpoint, overwrite)
@@ -94,7 +112,11 @@ def extract(
 
 
 def load_teacher(
-    name: str, checkpoint: str | None, pretrained: bool, model_kwargs: dict[str, Any] | None, num_classes: int,
+    name: str,
+    checkpoint: str | None,
+    pretrained: bool,
+    model_kwargs: dict[str, Any] | None,
+    num_classes: int,
     input_size: int,
 ) -> torch.nn.Module:
     """The teacher with its weights; a missing, unreadable or mismatched checkpoint is a UserError."""
@@ -123,9 +145,7 @@ def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndar
         raise UserError(f"--max-samples {max_samples} is below the number of classes ({data.num_classes})")
     from sklearn.model_selection import train_test_split
 
-    chosen, _ = train_test_split(
-        np.arange(len(data)), train_size=max_samples, stratify=data.labels, random_state=seed
-    )
+    chosen, _ = train_test_split(np.arange(len(data)), train_size=max_samples, stratify=data.labels, random_state=seed)
     return np.sort(chosen)
 
 
@@ -146,11 +166,11 @@ def _open_or_create(path: Path, identity: dict[str, Any], checkpoint: str | None
             return store  # the same store: resume it (or find it complete), even with --overwrite
         if store is not None and not overwrite:
             field = _first_difference(store.meta.get("identity", {}), identity)
-            raise UserError(
-                f"{path} holds a different store ({field} differs); use another --out or pass --overwrite"
-            )
+            raise UserError(f"{path} holds a different store ({field} differs); use another --out or pass --overwrite")
     meta = {
-        "kdpipe_version": __version__, "identity": identity, "config_hash": wanted,
+        "kdpipe_version": __version__,
+        "identity": identity,
+        "config_hash": wanted,
         "checkpoint_path": str(checkpoint) if checkpoint else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -172,8 +192,14 @@ def _short(value: Any) -> str:
 
 
 def _split_store(
-    store: FeatureStore, split: str, data: SplitData, rows: np.ndarray, taps: list[Tap], logits: bool,
-    num_classes: int, compression: str,
+    store: FeatureStore,
+    split: str,
+    data: SplitData,
+    rows: np.ndarray,
+    taps: list[Tap],
+    logits: bool,
+    num_classes: int,
+    compression: str,
 ) -> SplitStore:
     if split in store.split_names():
         if store.split_created(split):
@@ -188,8 +214,15 @@ def _split_store(
 
 
 def _extract_split(
-    model, data: SplitData, part: SplitStore, rows: np.ndarray, taps: list[Tap], logits: bool,
-    batch_size: int, workers: int, device: torch.device,
+    model,
+    data: SplitData,
+    part: SplitStore,
+    rows: np.ndarray,
+    taps: list[Tap],
+    logits: bool,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
 ) -> dict[str, float]:
     """Feeds the split's missing blocks through the teacher into a background writer; returns timing figures."""
     blocks = part.missing_blocks()
@@ -202,8 +235,11 @@ def _extract_split(
     slots = HalfSlots({f"{FEATURES}/{t.name}": t.shape for t in taps}, batch_size, count=QUEUE_BATCHES + 2)
     start, done = time.perf_counter(), 0
     bar = tqdm(total=len(positions), desc=f"extract {part.name}", unit="img", unit_scale=True, smoothing=0.1)
-    with torch.no_grad(), TapRecorder(model, names, stop_after_last=not logits) as recorder, \
-            SplitWriter(part, blocks, queue_size=QUEUE_BATCHES) as writer:
+    with (
+        torch.no_grad(),
+        TapRecorder(model, names, stop_after_last=not logits) as recorder,
+        SplitWriter(part, blocks, queue_size=QUEUE_BATCHES) as writer,
+    ):
         for images, labels in loader:
             features = recorder.run(images.to(device, non_blocking=True))
             batch, release = slots.fill({f"{FEATURES}/{n}": f for n, f in features.items()})
@@ -253,12 +289,19 @@ def _summary(store: FeatureStore, timings: dict[str, dict[str, float]], out: Pat
         raw = sum(a["raw_bytes"] for a in arrays.values())
         stored = sum(a["stored_bytes"] for a in arrays.values())
         splits[part.name] = {
-            "num_samples": part.num_samples, "raw_bytes": raw, "stored_bytes": stored,
-            "stored_over_raw": round(stored / raw, 4) if raw else None, "arrays": arrays, **timings.get(part.name, {}),
+            "num_samples": part.num_samples,
+            "raw_bytes": raw,
+            "stored_bytes": stored,
+            "stored_over_raw": round(stored / raw, 4) if raw else None,
+            "arrays": arrays,
+            **timings.get(part.name, {}),
         }
     summary = {
-        "stage": "extract", "store": str(store.path), "complete": store.complete,
-        "config_hash": store.meta["config_hash"], "splits": splits,
+        "stage": "extract",
+        "store": str(store.path),
+        "complete": store.complete,
+        "config_hash": store.meta["config_hash"],
+        "splits": splits,
     }
     write_json(out / "extract.json", summary)
     return summary

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cache.store import FeatureStore, stored_bytes
 
+
 def describe_store(path: str | Path) -> str:
     store = FeatureStore.open(path)
     meta = store.meta
@@ -22,16 +23,22 @@ def describe_store(path: str | Path) -> str:
     for part in store.splits():
         missing = len(part.missing_blocks())
         state = "complete" if part.complete else f"{missing}/{part.num_blocks} blocks missing"
-        lines.append(f"split {part.name}: {part.num_samples} of {part.group.attrs['dataset_size']} samples, "
-                     f"fingerprint {part.group.attrs['fingerprint'][:16]}, {state}")
+        lines.append(
+            f"split {part.name}: {part.num_samples} of {part.group.attrs['dataset_size']} samples, "
+            f"fingerprint {part.group.attrs['fingerprint'][:16]}, {state}"
+        )
         lines.append(f"  {'array':32s} {'shape':22s} {'dtype':8s} {'chunk':>6s} {'raw MiB':>9s} {'stored MiB':>10s}")
         raw_total = stored_total = 0
         for name, arr in part.arrays().items():
             raw, stored = arr.nbytes, stored_bytes(store.path, arr)
             raw_total, stored_total = raw_total + raw, stored_total + stored
-            lines.append(f"  {name:32s} {str(arr.shape):22s} {str(arr.dtype):8s} {arr.chunks[0]:>6d} "
-                         f"{raw / 2**20:>9.2f} {stored / 2**20:>10.2f}")
+            lines.append(
+                f"  {name:32s} {str(arr.shape):22s} {str(arr.dtype):8s} {arr.chunks[0]:>6d} "
+                f"{raw / 2**20:>9.2f} {stored / 2**20:>10.2f}"
+            )
         ratio = stored_total / raw_total if raw_total else float("nan")
-        lines.append(f"  {'total':32s} {'':22s} {'':8s} {'':>6s} {raw_total / 2**20:>9.2f} {stored_total / 2**20:>10.2f}"
-                     f"  (stored/raw {ratio:.2f})")
+        lines.append(
+            f"  {'total':32s} {'':22s} {'':8s} {'':>6s} {raw_total / 2**20:>9.2f} {stored_total / 2**20:>10.2f}"
+            f"  (stored/raw {ratio:.2f})"
+        )
     return "\n".join(lines)

@@ -48,7 +48,9 @@ class CifarResNet(nn.Module):
             in_width = width
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(in_width, num_classes)
-        self.default_taps = ["stem"] + [f"{s}.{j}" for s, d in zip(self.stage_names, depths) for j in range(d)] + ["pool"]
+        self.default_taps = (
+            ["stem"] + [f"{s}.{j}" for s, d in zip(self.stage_names, depths) for j in range(d)] + ["pool"]
+        )
         self.feature_info = [  # stage ends, as timm describes its models' feature maps
             {"module": f"{s}.{d - 1}", "num_chs": w, "reduction": 2**i}
             for i, (s, d, w) in enumerate(zip(self.stage_names, depths, widths))
@@ -136,8 +138,15 @@ def _small_vit(img_size: int, depth: int, dim: int, heads: int, mlp_ratio: float
     if img_size % 8:
         raise UserError(f"ViT input size must be a multiple of 8, got {img_size}")
     model = SmallViT(
-        img_size=img_size, patch_size=img_size // 8, in_chans=in_chans, num_classes=num_classes,
-        embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, global_pool="avg",
+        img_size=img_size,
+        patch_size=img_size // 8,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        global_pool="avg",
     )
     model.default_taps = ["embed"] + [f"blocks.{i}" for i in range(depth)]
     return model
@@ -177,7 +186,9 @@ def create_model(
         if name.startswith("timm:"):
             import timm
 
-            return timm.create_model(name[5:], pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+            return timm.create_model(
+                name[5:], pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+            )
         if name.startswith("tv:"):
             import torchvision
 
@@ -193,7 +204,6 @@ def create_model(
         raise
     except Exception as err:  # unknown timm/torchvision names, bad kwargs, pretrained weights not cached, ...
         raise UserError(f"cannot create model {name!r}: {first_line(err)}") from err
-
 
 
 def file_sha256(path: str | Path) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -62,12 +62,14 @@ def load_classifier(path: str | Path) -> LinearProbeClassifier:
     spec = read_model_spec(path)
     if not spec or "tap" not in spec:
         raise UserError(f"{path} is not a kdpipe classifier")
-    backbone = create_model(spec["model"], spec["num_classes"], input_size=spec["input_size"],
-                            model_kwargs=spec["model_kwargs"])
+    backbone = create_model(
+        spec["model"], spec["num_classes"], input_size=spec["input_size"], model_kwargs=spec["model_kwargs"]
+    )
     classifier = LinearProbeClassifier(backbone, spec["tap"], nn.Linear(spec["embedding_dim"], spec["num_classes"]))
     load_checkpoint(classifier, path)
-    classifier.transform = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
-                                            for k, v in spec["preprocessing"].items()}).transform()
+    classifier.transform = Preprocessing(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in spec["preprocessing"].items()}
+    ).transform()
     classifier.classes = spec["classes"]
     return classifier.eval()
 
@@ -89,8 +91,9 @@ def probe(
         raise UserError(f"{run_dir} holds no distilled student ({STUDENT_FILE}); run kdpipe distill first")
     dev = resolve_device(device)
     seed_everything(seed)
-    backbone = create_model(spec["model"], spec["num_classes"], input_size=spec["input_size"],
-                            model_kwargs=spec["model_kwargs"])
+    backbone = create_model(
+        spec["model"], spec["num_classes"], input_size=spec["input_size"], model_kwargs=spec["model_kwargs"]
+    )
     load_checkpoint(backbone, run_dir / STUDENT_FILE)
     tap = tap or spec["student_taps"][-1]
     list_taps(backbone, spec["input_size"], names=[tap])  # an unknown tap is reported before any work
@@ -108,16 +111,30 @@ def probe(
     train_top1 = _top1(head(z_train), y_train)
     folded = _fold_standardisation(head, mean, std)
     classifier = LinearProbeClassifier(backbone.cpu(), tap, folded)
-    export_spec = {**spec, "tap": tap, "embedding_dim": int(x_train.shape[1]), "classes": train.classes,
-                   "preprocessing": train.preprocessing.to_dict()}
+    export_spec = {
+        **spec,
+        "tap": tap,
+        "embedding_dim": int(x_train.shape[1]),
+        "classes": train.classes,
+        "preprocessing": train.preprocessing.to_dict(),
+    }
     state = {k: v.detach().contiguous() for k, v in classifier.state_dict().items()}
     save_file(state, str(run_dir / CLASSIFIER_FILE), metadata={"kdpipe_model_spec": json.dumps(export_spec)})
     summary = {
-        "stage": "probe", "run": str(run_dir), "model": spec["model"], "tap": tap,
-        "embedding_dim": int(x_train.shape[1]), "test_split": test.split, "test_top1": test_top1,
-        "train_top1": train_top1, "weight_decay": weight_decay,
+        "stage": "probe",
+        "run": str(run_dir),
+        "model": spec["model"],
+        "tap": tap,
+        "embedding_dim": int(x_train.shape[1]),
+        "test_split": test.split,
+        "test_top1": test_top1,
+        "train_top1": train_top1,
+        "weight_decay": weight_decay,
         "validation_top1_by_weight_decay": {str(k): v for k, v in val_scores.items()},
-        "num_train": len(train), "num_test": len(test), "seed": seed, "classifier": str(run_dir / CLASSIFIER_FILE),
+        "num_train": len(train),
+        "num_test": len(test),
+        "seed": seed,
+        "classifier": str(run_dir / CLASSIFIER_FILE),
     }
     write_json(run_dir / "probe.json", summary)
     return summary
@@ -151,8 +168,15 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
     head = nn.Linear(x.shape[1], num_classes)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                                  line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+    optimizer = torch.optim.LBFGS(
+        head.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -169,8 +193,9 @@ def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, max
     """Validation top-1 per weight decay, on a seeded stratified part of the train split."""
     from sklearn.model_selection import train_test_split
 
-    fit_idx, val_idx = train_test_split(np.arange(len(y)), test_size=VALIDATION_FRACTION, stratify=y.numpy(),
-                                        random_state=seed)
+    fit_idx, val_idx = train_test_split(
+        np.arange(len(y)), test_size=VALIDATION_FRACTION, stratify=y.numpy(), random_state=seed
+    )
     fit_idx, val_idx = torch.from_numpy(fit_idx), torch.from_numpy(val_idx)
     return {
         wd: _top1(fit_linear(x[fit_idx], y[fit_idx], num_classes, wd, max_iter)(x[val_idx]), y[val_idx])

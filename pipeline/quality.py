@@ -110,7 +110,9 @@ def subset_a_stats(x: np.ndarray, labels: np.ndarray, num_classes: int, n_train:
     separation = intra.mean() - block_means[off_diagonal].mean()
     members = [np.flatnonzero(labels == c) for c in range(num_classes)]
     min_cos = np.array([cos_abs[np.ix_(m, m)].min() for m in members])
-    nearest = np.array([math.sqrt(sq_dist[np.ix_(m, np.flatnonzero(labels != c))].min()) for c, m in enumerate(members)])
+    nearest = np.array(
+        [math.sqrt(sq_dist[np.ix_(m, np.flatnonzero(labels != c))].min()) for c, m in enumerate(members)]
+    )
     mean_norm = np.array([norm[m].mean() for m in members])
     d = min(x.shape[0], x.shape[1])  # quirk 4: the length of the singular-value spectrum of A
     k_factor = (n_train / math.pi) ** (1.0 / d)
@@ -118,9 +120,17 @@ def subset_a_stats(x: np.ndarray, labels: np.ndarray, num_classes: int, n_train:
     with np.errstate(divide="ignore", invalid="ignore"):
         efficiency = k_factor * 2.0 * delta / radius
     return SubsetAStats(
-        S=float(separation), E=float(efficiency), mu=float(min_cos.mean()), Delta=float(delta), R=float(radius),
-        K=float(k_factor), d=int(d), intra=intra.tolist(), min_cos=min_cos.tolist(),
-        nearest_other=nearest.tolist(), mean_norm=mean_norm.tolist(),
+        S=float(separation),
+        E=float(efficiency),
+        mu=float(min_cos.mean()),
+        Delta=float(delta),
+        R=float(radius),
+        K=float(k_factor),
+        d=int(d),
+        intra=intra.tolist(),
+        min_cos=min_cos.tolist(),
+        nearest_other=nearest.tolist(),
+        mean_norm=mean_norm.tolist(),
     )
 
 
@@ -168,8 +178,10 @@ def information(spectra: list[np.ndarray], class_sizes: list[int], mu: float) ->
     entropies = [_entropy(row[:keep]) for row in rows]
     mean_entropy = float(np.mean(entropies))
     return InformationStats(
-        I=float((1.0 - mu) * mean_entropy / math.log(5.0)), mean_entropy=mean_entropy,
-        embedding_dims=dims, entropies=entropies,
+        I=float((1.0 - mu) * mean_entropy / math.log(5.0)),
+        mean_entropy=mean_entropy,
+        embedding_dims=dims,
+        entropies=entropies,
     )
 
 

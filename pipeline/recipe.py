@@ -8,8 +8,13 @@ from torch.utils.data import DataLoader, Dataset
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int = 1, workers: int = 0, shuffle: bool = False,
-    generator: torch.Generator | None = None, drop_last: bool = False, batch_sampler: list | None = None,
+    dataset: Dataset,
+    batch_size: int = 1,
+    workers: int = 0,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    batch_sampler: list | None = None,
 ) -> DataLoader:
     """A DataLoader; worker processes are spawned, never forked (fork deadlocks with Blosc/zarr threads).
 
@@ -19,8 +24,13 @@ def make_loader(
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **common)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
-        persistent_workers=workers > 0, **common,
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        **common,
     )
 
 

@@ -22,8 +22,15 @@ from cache.store import FeatureStore, SplitStore
 from . import __version__
 from .errors import UserError
 from .quality import (
-    QualityError, class_spectrum, draw_subsets, flatten_features, information, knowledge_quality, pool_kernel,
-    select_top_k, subset_a_stats,
+    QualityError,
+    class_spectrum,
+    draw_subsets,
+    flatten_features,
+    information,
+    knowledge_quality,
+    pool_kernel,
+    select_top_k,
+    subset_a_stats,
 )
 from .runtime import write_json
 
@@ -59,19 +66,45 @@ def score(
     for tap in tqdm(taps, desc="score", unit="tap"):
         start = time.perf_counter()
         result = tap_quality(
-            part, tap["name"], tuple(tap["shape"]), a_rows, labels[a_rows], b_rows, labels[b_rows],
-            num_classes, n_train, budget_bytes, workers,
+            part,
+            tap["name"],
+            tuple(tap["shape"]),
+            a_rows,
+            labels[a_rows],
+            b_rows,
+            labels[b_rows],
+            num_classes,
+            n_train,
+            budget_bytes,
+            workers,
         )
-        results.append({"index": tap["index"], "name": tap["name"], "shape": tap["shape"], **result,
-                        "seconds": round(time.perf_counter() - start, 3)})
+        results.append(
+            {
+                "index": tap["index"],
+                "name": tap["name"],
+                "shape": tap["shape"],
+                **result,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
     selected, notes = _select(results, top_k)
     identity = feature_store.meta["identity"]
     summary = {
-        "stage": "score", "kdpipe_version": __version__, "store": str(feature_store.path), "split": split,
-        "teacher": identity["teacher"]["name"], "dataset": identity["dataset"]["name"],
-        "seed": seed, "top_k": top_k, "selected": [results[i]["name"] for i in selected],
-        "num_samples": len(rows), "n_train": n_train, "num_classes": num_classes,
-        "subset_sizes": {"A": len(a_rows), "B": len(b_rows)}, "notes": notes, "taps": results,
+        "stage": "score",
+        "kdpipe_version": __version__,
+        "store": str(feature_store.path),
+        "split": split,
+        "teacher": identity["teacher"]["name"],
+        "dataset": identity["dataset"]["name"],
+        "seed": seed,
+        "top_k": top_k,
+        "selected": [results[i]["name"] for i in selected],
+        "num_samples": len(rows),
+        "n_train": n_train,
+        "num_classes": num_classes,
+        "subset_sizes": {"A": len(a_rows), "B": len(b_rows)},
+        "notes": notes,
+        "taps": results,
     }
     _record(feature_store, part, summary, plot)
     return summary
@@ -115,16 +148,24 @@ def _sample_rows(labels: np.ndarray, num_classes: int, max_samples: int | None, 
     from sklearn.model_selection import train_test_split
 
     try:
-        kept, _ = train_test_split(np.arange(len(labels)), train_size=max_samples, stratify=labels,
-                                   random_state=seed)
+        kept, _ = train_test_split(np.arange(len(labels)), train_size=max_samples, stratify=labels, random_state=seed)
     except ValueError as err:  # a class too small to stratify
         raise UserError(f"--max-samples {max_samples}: cannot draw a class-stratified subset ({err})") from err
     return np.sort(kept)
 
 
 def tap_quality(
-    part: SplitStore, tap: str, shape: tuple[int, ...], a_rows: np.ndarray, a_labels: np.ndarray,
-    b_rows: np.ndarray, b_labels: np.ndarray, num_classes: int, n_train: int, budget_bytes: int, workers: int,
+    part: SplitStore,
+    tap: str,
+    shape: tuple[int, ...],
+    a_rows: np.ndarray,
+    a_labels: np.ndarray,
+    b_rows: np.ndarray,
+    b_labels: np.ndarray,
+    num_classes: int,
+    n_train: int,
+    budget_bytes: int,
+    workers: int,
 ) -> dict[str, Any]:
     """S, I, E, Q and their parts for one tap.
 
@@ -152,12 +193,25 @@ def tap_quality(
     info = information(spectra, sizes, a_stats.mu)
     q = knowledge_quality(a_stats, info)
     return {
-        "D": dim, "pool_kernel": kernel, "S": a_stats.S, "I": info.I, "E": a_stats.E, "Q": q,
-        "mu": a_stats.mu, "Delta": a_stats.Delta, "R": a_stats.R, "K": a_stats.K, "d": a_stats.d,
+        "D": dim,
+        "pool_kernel": kernel,
+        "S": a_stats.S,
+        "I": info.I,
+        "E": a_stats.E,
+        "Q": q,
+        "mu": a_stats.mu,
+        "Delta": a_stats.Delta,
+        "R": a_stats.R,
+        "K": a_stats.K,
+        "d": a_stats.d,
         "mean_entropy": info.mean_entropy,
         "per_class": {
-            "intra_cos": a_stats.intra, "min_cos": a_stats.min_cos, "nearest_other": a_stats.nearest_other,
-            "mean_norm": a_stats.mean_norm, "embedding_dim": info.embedding_dims, "entropy": info.entropies,
+            "intra_cos": a_stats.intra,
+            "min_cos": a_stats.min_cos,
+            "nearest_other": a_stats.nearest_other,
+            "mean_norm": a_stats.mean_norm,
+            "embedding_dim": info.embedding_dims,
+            "entropy": info.entropies,
         },
     }
 
@@ -193,7 +247,9 @@ def _select(results: list[dict[str, Any]], top_k: int) -> tuple[list[int], list[
 def _record(store: FeatureStore, part: SplitStore, summary: dict[str, Any], plot: bool) -> None:
     """Scores into the split's attributes and `scores.json` (and `scores.png`) next to the store."""
     part.group.attrs["scores"] = {
-        "selected": summary["selected"], "seed": summary["seed"], "top_k": summary["top_k"],
+        "selected": summary["selected"],
+        "seed": summary["seed"],
+        "top_k": summary["top_k"],
         "Q": {t["name"]: t["Q"] for t in summary["taps"]},
     }
     out = store.path.parent
@@ -215,8 +271,15 @@ def plot_scores(summary: dict[str, Any], path: Path) -> None:
     for key, style in (("S", "--"), ("I", "-."), ("E", ":"), ("Q", "-")):
         ax.plot(depth, [t[key] for t in taps], style, marker="o", markersize=3, label=key, lw=2 if key == "Q" else 1)
     picks = [t for t in taps if t["name"] in summary["selected"]]
-    ax.scatter([t["index"] for t in picks], [t["Q"] for t in picks], s=120, facecolors="none", edgecolors="red",
-               zorder=3, label=f"top-{summary['top_k']} by Q")
+    ax.scatter(
+        [t["index"] for t in picks],
+        [t["Q"] for t in picks],
+        s=120,
+        facecolors="none",
+        edgecolors="red",
+        zorder=3,
+        label=f"top-{summary['top_k']} by Q",
+    )
     ax.set_xticks(depth, [t["name"] for t in taps], rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("teacher tap (depth order)")
     ax.set_title(f"Knowledge quality per layer: {summary['teacher']} on {summary['dataset']} ({summary['split']})")
@@ -232,8 +295,10 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [f"{'':1s} {'idx':>3s}  {'tap':20s} {'D':>7s} {'S':>8s} {'I':>8s} {'E':>8s} {'Q':>8s}"]
     for t in summary["taps"]:
         mark = "*" if t["name"] in summary["selected"] else " "
-        lines.append(f"{mark} {t['index']:>3d}  {t['name']:20s} {t['D']:>7d} {t['S']:>8.4f} {t['I']:>8.4f} "
-                     f"{t['E']:>8.4f} {t['Q']:>8.4f}")
+        lines.append(
+            f"{mark} {t['index']:>3d}  {t['name']:20s} {t['D']:>7d} {t['S']:>8.4f} {t['I']:>8.4f} "
+            f"{t['E']:>8.4f} {t['Q']:>8.4f}"
+        )
     lines.append(f"selected (depth order): {', '.join(summary['selected'])}")
     lines += [f"note: {n}" for n in summary["notes"]]
     return "\n".join(lines)

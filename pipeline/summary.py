@@ -20,6 +20,8 @@ def summarize(folder: str | Path) -> str:
         picks = ", ".join(f"{name} (Q {q[name]:.3f})" for name in scores["selected"])
         lines.append(f"taps     top-{scores['top_k']} by Q: {picks}")
     for probe in _load(folder, "probe.json"):
-        lines.append(f"student  {probe['model']:16s} {probe['test_split']} top-1 {probe['test_top1']:6.2f}%"
-                     f"  (feature-only distillation + linear probe on {probe['tap']})")
+        lines.append(
+            f"student  {probe['model']:16s} {probe['test_split']} top-1 {probe['test_top1']:6.2f}%"
+            f"  (feature-only distillation + linear probe on {probe['tap']})"
+        )
     return "\n".join(lines) if lines else f"no stage summaries under {folder}"

@@ -15,8 +15,18 @@ from .errors import UserError, first_line
 
 # Leaf layers never count as blocks, even when they sit in a Sequential.
 _PRIMITIVES = (
-    nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Dropout,
-    nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Linear,
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.Dropout,
+    nn.Identity,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
 )
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)
 
@@ -78,9 +88,7 @@ class TapRecorder:
         modules = dict(model.named_modules())
         unknown = [n for n in names if n not in modules or n == ""]
         if unknown:
-            raise UserError(
-                f"unknown tap {unknown[0]!r} for this model; `kdpipe layers MODEL` lists the taps"
-            )
+            raise UserError(f"unknown tap {unknown[0]!r} for this model; `kdpipe layers MODEL` lists the taps")
         self.model = model
         self.names = list(names)
         self.stop_after_last = stop_after_last

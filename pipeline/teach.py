@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -50,10 +49,15 @@ def teach(
     if len(train) < batch_size:
         raise UserError(f"--batch-size {batch_size} exceeds the {len(train)} training samples")
     model_spec = {
-        "model": teacher, "num_classes": train.num_classes, "input_size": train.preprocessing.input_size,
-        "model_kwargs": model_kwargs or {}, "dataset": dataset,
+        "model": teacher,
+        "num_classes": train.num_classes,
+        "input_size": train.preprocessing.input_size,
+        "model_kwargs": model_kwargs or {},
+        "dataset": dataset,
     }
-    model = create_model(teacher, train.num_classes, input_size=train.preprocessing.input_size, model_kwargs=model_kwargs)
+    model = create_model(
+        teacher, train.num_classes, input_size=train.preprocessing.input_size, model_kwargs=model_kwargs
+    )
     model.to(dev)
     train_loader = make_loader(train, batch_size, workers, shuffle=True, generator=generator, drop_last=True)
     test_loader = make_loader(held_out, batch_size, workers)
@@ -79,16 +83,32 @@ def teach(
             seen += len(labels)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         test_top1 = evaluate_top1(model, test_loader, dev)
-        log_rows.append({"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
-                         "test_top1": test_top1, "lr": schedule.get_last_lr()[0]})
-        tqdm.write(f"epoch {epoch}: loss {loss_sum / seen:.4f}  train {100 * correct / seen:.2f}%  test {test_top1:.2f}%")
+        log_rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": loss_sum / seen,
+                "train_top1": 100 * correct / seen,
+                "test_top1": test_top1,
+                "lr": schedule.get_last_lr()[0],
+            }
+        )
+        tqdm.write(
+            f"epoch {epoch}: loss {loss_sum / seen:.4f}  train {100 * correct / seen:.2f}%  test {test_top1:.2f}%"
+        )
     seconds = time.perf_counter() - start
     save_checkpoint(model, out_dir / WEIGHTS_FILE, model_spec)
     write_csv(out_dir / "teach_log.csv", log_rows)
     summary = {
-        "stage": "teach", **model_spec, "checkpoint": str(out_dir / WEIGHTS_FILE),
-        "test_split": held_out.split, "test_top1": log_rows[-1]["test_top1"], "train_top1": log_rows[-1]["train_top1"],
-        "epochs": epochs, "seconds": round(seconds, 2), "seed": seed, "device": str(dev),
+        "stage": "teach",
+        **model_spec,
+        "checkpoint": str(out_dir / WEIGHTS_FILE),
+        "test_split": held_out.split,
+        "test_top1": log_rows[-1]["test_top1"],
+        "train_top1": log_rows[-1]["train_top1"],
+        "epochs": epochs,
+        "seconds": round(seconds, 2),
+        "seed": seed,
+        "device": str(dev),
         "dataset_fingerprint": train.fingerprint(),
     }
     write_json(out_dir / "teach.json", summary)

@@ -56,8 +56,18 @@ def zarr_bytes_equal(first: Path, second: Path) -> int:
 
 
 def soak_extract(tmp: Path, checkpoint: str, kills: int, rng: random.Random) -> tuple[int, int]:
-    args = ["--teacher", "resnet20", "--checkpoint", checkpoint, "--splits", "train,test", "--batch-size", "32",
-            "--device", "cpu"]
+    args = [
+        "--teacher",
+        "resnet20",
+        "--checkpoint",
+        checkpoint,
+        "--splits",
+        "train,test",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+    ]
     run(["extract", *args, "--out", str(tmp / "reference")])
     done = lambda: (tmp / "killed" / "extract.json").exists()  # noqa: E731 (written last, after completion)
     killed = killed_runs(lambda: ["extract", *args, "--out", str(tmp / "killed")], done, kills, rng, (2.0, 5.0))
@@ -68,8 +78,22 @@ def soak_distill(tmp: Path, kills: int, rng: random.Random) -> tuple[int, int]:
     from safetensors.torch import load_file
 
     store = str(tmp / "reference")
-    args = ["--student", "resnet8", "--teacher-layers", "layer1.2,layer2.2", "--student-layers", "layer1.0,layer2.0",
-            "--epochs", "8", "--batch-size", "64", "--lr", "0.01", "--device", "cpu"]
+    args = [
+        "--student",
+        "resnet8",
+        "--teacher-layers",
+        "layer1.2,layer2.2",
+        "--student-layers",
+        "layer1.0,layer2.0",
+        "--epochs",
+        "8",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.01",
+        "--device",
+        "cpu",
+    ]
     run(["distill", store, *args, "--out", str(tmp / "whole")])
     out = tmp / "cut"
 

@@ -30,7 +30,9 @@ def run_cli(*args: str, expect_ok: bool = True):
     """Runs `kdpipe ARGS` in-process; asserts success (or failure) and returns the result."""
     result = CliRunner().invoke(cli, [str(a) for a in args])
     if expect_ok:
-        assert result.exit_code == 0, f"kdpipe {' '.join(map(str, args))} failed:\n{result.output}\n{result.exception!r}"
+        assert result.exit_code == 0, (
+            f"kdpipe {' '.join(map(str, args))} failed:\n{result.output}\n{result.exception!r}"
+        )
     else:
         assert result.exit_code != 0, f"kdpipe {' '.join(map(str, args))} should have failed:\n{result.output}"
     return result
@@ -43,8 +45,9 @@ def digits_teacher(tmp_path_factory):
     return teach("resnet20", "digits", str(out), epochs=TEACH_EPOCHS, seed=0, device="cpu")
 
 
-def make_store(path, features: dict, labels, dataset_size: int | None = None, num_classes: int | None = None,
-               complete: bool = True):
+def make_store(
+    path, features: dict, labels, dataset_size: int | None = None, num_classes: int | None = None, complete: bool = True
+):
     """A feature store written directly from arrays (one 'train' split), for tests that need exact contents."""
     import numpy as np
 
@@ -52,15 +55,34 @@ def make_store(path, features: dict, labels, dataset_size: int | None = None, nu
 
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = num_classes or int(labels.max()) + 1
-    taps = [{"index": i, "name": name, "shape": list(x.shape[1:]), "kind": "map"} for i, (name, x) in enumerate(features.items())]
-    identity = {"teacher": {"name": "synthetic", "checkpoint_sha256": None}, "taps": taps,
-                "dataset": {"name": "synthetic", "num_classes": num_classes}}
-    store = FeatureStore.create(path, {"identity": identity, "config_hash": "test", "kdpipe_version": "test",
-                                       "created": "now", "checkpoint_path": None})
+    taps = [
+        {"index": i, "name": name, "shape": list(x.shape[1:]), "kind": "map"}
+        for i, (name, x) in enumerate(features.items())
+    ]
+    identity = {
+        "teacher": {"name": "synthetic", "checkpoint_sha256": None},
+        "taps": taps,
+        "dataset": {"name": "synthetic", "num_classes": num_classes},
+    }
+    store = FeatureStore.create(
+        path,
+        {
+            "identity": identity,
+            "config_hash": "test",
+            "kdpipe_version": "test",
+            "created": "now",
+            "checkpoint_path": None,
+        },
+    )
     specs = [ArraySpec(f"features/{name}", x.shape[1:], "float16") for name, x in features.items()]
     specs.append(ArraySpec("labels", (), "int64", sets_block=False))
-    part = store.create_split("train", len(labels), specs, list(features),
-                              {"split": "train", "dataset_size": dataset_size or len(labels), "fingerprint": "test"})
+    part = store.create_split(
+        "train",
+        len(labels),
+        specs,
+        list(features),
+        {"split": "train", "dataset_size": dataset_size or len(labels), "fingerprint": "test"},
+    )
     for name, x in features.items():
         part.array(f"features/{name}")[:] = x.astype(np.float16)
     part.array("labels")[:] = labels

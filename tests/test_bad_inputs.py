@@ -11,19 +11,41 @@ from cache.store import FeatureStore
 from conftest import make_store, run_cli
 from test_cli import assert_one_line_error
 
-SUMMARIES = ("teach.json", "extract.json", "scores.json", "distill.json", "probe.json", "model.safetensors",
-             "student.safetensors", "classifier.safetensors")
+SUMMARIES = (
+    "teach.json",
+    "extract.json",
+    "scores.json",
+    "distill.json",
+    "probe.json",
+    "model.safetensors",
+    "student.safetensors",
+    "classifier.safetensors",
+)
 
 
 @pytest.fixture(scope="module")
 def places(digits_teacher, tmp_path_factory):
     """A scored store, a newer-format store, a one-class store, an empty image folder and a distilled run."""
     root = tmp_path_factory.mktemp("bad")
-    run_cli("extract", "--teacher", "resnet20", "--checkpoint", digits_teacher["checkpoint"], "--layers",
-            "layer2.2,layer3.2", "--max-samples", 300, "--device", "cpu", "--out", root / "store")
+    run_cli(
+        "extract",
+        "--teacher",
+        "resnet20",
+        "--checkpoint",
+        digits_teacher["checkpoint"],
+        "--layers",
+        "layer2.2,layer3.2",
+        "--max-samples",
+        300,
+        "--device",
+        "cpu",
+        "--out",
+        root / "store",
+    )
     run_cli("score", root / "store", "--top-k", 2, "--no-plot")
-    newer = FeatureStore.open(make_store(root / "newer" / "features.zarr", {"x": torch.ones(4, 2).numpy()},
-                                         [0, 0, 1, 1]).path, mode="r+")
+    newer = FeatureStore.open(
+        make_store(root / "newer" / "features.zarr", {"x": torch.ones(4, 2).numpy()}, [0, 0, 1, 1]).path, mode="r+"
+    )
     newer.update_meta(format_version=99)
     make_store(root / "oneclass" / "features.zarr", {"x": torch.randn(6, 2).numpy()}, [0] * 6)
     (root / "images" / "train" / "cat").mkdir(parents=True)
@@ -41,29 +63,54 @@ CASES = {
     "wrong type": (["teach", "--epochs", "many", "--out", "{out}"], "'many'"),
     "out of range": (["teach", "--batch-size", "0", "--out", "{out}"], "--batch-size"),
     "top-k out of range": (["score", "{store}", "--top-k", "0"], "--top-k"),
-    "bad device": (["teach", "--device", "cuda", "--out", "{out}"] if not torch.cuda.is_available()
-                   else ["teach", "--device", "tpu", "--out", "{out}"], "--device"),
-    "missing checkpoint": (["extract", "--checkpoint", "{root}/none.safetensors", "--out", "{out}"],
-                           "checkpoint not found"),
+    "bad device": (
+        ["teach", "--device", "cuda", "--out", "{out}"]
+        if not torch.cuda.is_available()
+        else ["teach", "--device", "tpu", "--out", "{out}"],
+        "--device",
+    ),
+    "missing checkpoint": (
+        ["extract", "--checkpoint", "{root}/none.safetensors", "--out", "{out}"],
+        "checkpoint not found",
+    ),
     "no teacher weights": (["extract", "--out", "{out}"], "needs weights"),
-    "missing data root": (["teach", "--dataset", "cifar100", "--data-root", "{root}/nowhere", "--out", "{out}"],
-                          "data root not found"),
-    "empty dataset": (["teach", "--dataset", "imagefolder", "--data-root", "{root}/images", "--out", "{out}"],
-                      "holds no images"),
+    "missing data root": (
+        ["teach", "--dataset", "cifar100", "--data-root", "{root}/nowhere", "--out", "{out}"],
+        "data root not found",
+    ),
+    "empty dataset": (
+        ["teach", "--dataset", "imagefolder", "--data-root", "{root}/images", "--out", "{out}"],
+        "holds no images",
+    ),
     "one-class dataset": (["score", "{root}/oneclass"], "at least 2 classes"),
     "ViT image size": (["layers", "vit_et", "--input-size", "36"], "multiple of 8"),
-    "ViT size mismatch": (["layers", "vit_et", "--input-size", "64", "--model-kwargs", "{{img_size: 32}}"],
-                          "does not accept 64x64"),
+    "ViT size mismatch": (
+        ["layers", "vit_et", "--input-size", "64", "--model-kwargs", "{{img_size: 32}}"],
+        "does not accept 64x64",
+    ),
     "newer store format": (["info", "{root}/newer"], "newer than this kdpipe reads"),
     "not a store": (["verify", "{root}/images"], "no feature store"),
     "missing store": (["score", "{root}/nowhere"], "no feature store"),
-    "unscored store taps mismatch": (["distill", "{store}", "--teacher-layers", "layer3.2", "--student-layers",
-                                      "layer1.0,layer2.0", "--out", "{out}"], "2 student taps for 1 teacher taps"),
+    "unscored store taps mismatch": (
+        [
+            "distill",
+            "{store}",
+            "--teacher-layers",
+            "layer3.2",
+            "--student-layers",
+            "layer1.0,layer2.0",
+            "--out",
+            "{out}",
+        ],
+        "2 student taps for 1 teacher taps",
+    ),
     "resume without checkpoint": (["distill", "{store}", "--resume", "--out", "{out}"], "holds no checkpoint"),
     "probe without run": (["probe", "{root}/images"], "holds no distilled student"),
     "bad model kwargs": (["layers", "resnet8", "--model-kwargs", "{{depth_of_field: 3}}"], "cannot create model"),
-    "bad compression": (["extract", "--checkpoint", "{ckpt}", "--compression", "zip", "--out", "{out}"],
-                        "compression 'zip'"),
+    "bad compression": (
+        ["extract", "--checkpoint", "{ckpt}", "--compression", "zip", "--out", "{out}"],
+        "compression 'zip'",
+    ),
     "unknown config key": (["teach", "--config", "{root}/bad.yaml", "--out", "{out}"], "unknown key 'epoch'"),
 }
 
@@ -73,9 +120,11 @@ def test_bad_input(case, places, tmp_path):
     args, fragment = CASES[case]
     (places["root"] / "bad.yaml").write_text("epoch: 3\n")
     fill = {"root": places["root"], "store": places["root"] / "store", "ckpt": places["ckpt"], "out": tmp_path / "out"}
-    result = run_cli(*[a.format(**fill) for a in args], "--device", "cpu", expect_ok=False) \
-        if args[0] in ("teach", "extract", "distill") and "--device" not in args \
+    result = (
+        run_cli(*[a.format(**fill) for a in args], "--device", "cpu", expect_ok=False)
+        if args[0] in ("teach", "extract", "distill") and "--device" not in args
         else run_cli(*[a.format(**fill) for a in args], expect_ok=False)
+    )
     assert_one_line_error(result, fragment)
     left = [p.name for p in (tmp_path / "out").rglob("*") if p.name in SUMMARIES] if (tmp_path / "out").exists() else []
     assert not left, f"{case} left {left} behind"

@@ -26,15 +26,33 @@ def assert_one_line_error(result, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def foreign_checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(create_model("resnet8", 10), folder / "resnet8.safetensors", {"model": "resnet8", "num_classes": 10})
+    save_checkpoint(
+        create_model("resnet8", 10), folder / "resnet8.safetensors", {"model": "resnet8", "num_classes": 10}
+    )
     torch.save(create_model("resnet8", 10).state_dict(), folder / "resnet8.pt")
     (folder / "garbage.safetensors").write_bytes(b"not a checkpoint")
     return folder
 
 
 def extract_args(teacher_ckpt: str, out: Path, *extra: str) -> list[str]:
-    return ["extract", "--teacher", "resnet20", "--checkpoint", teacher_ckpt, "--layers", "layer3.2",
-            "--max-samples", "60", "--splits", "test", "--device", "cpu", "--out", str(out), *extra]
+    return [
+        "extract",
+        "--teacher",
+        "resnet20",
+        "--checkpoint",
+        teacher_ckpt,
+        "--layers",
+        "layer3.2",
+        "--max-samples",
+        "60",
+        "--splits",
+        "test",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_bad_model_name(tmp_path, digits_teacher):
@@ -59,11 +77,14 @@ def test_missing_checkpoint(tmp_path):
     assert_one_line_error(result, "needs weights", "--checkpoint")
 
 
-@pytest.mark.parametrize("name,fragments", [
-    ("resnet8.safetensors", ("holds a 'resnet8', not a 'resnet20'",)),
-    ("resnet8.pt", ("does not match the model", "missing keys")),
-    ("garbage.safetensors", ("cannot read checkpoint",)),
-])
+@pytest.mark.parametrize(
+    "name,fragments",
+    [
+        ("resnet8.safetensors", ("holds a 'resnet8', not a 'resnet20'",)),
+        ("resnet8.pt", ("does not match the model", "missing keys")),
+        ("garbage.safetensors", ("cannot read checkpoint",)),
+    ],
+)
 def test_mismatched_checkpoint(tmp_path, foreign_checkpoints, name, fragments):
     result = run_cli(*extract_args(str(foreign_checkpoints / name), tmp_path), expect_ok=False)
     assert_one_line_error(result, *fragments)
@@ -71,8 +92,9 @@ def test_mismatched_checkpoint(tmp_path, foreign_checkpoints, name, fragments):
 
 
 def test_missing_data_root(tmp_path, digits_teacher):
-    args = extract_args(digits_teacher["checkpoint"], tmp_path, "--dataset", "cifar10", "--data-root",
-                        str(tmp_path / "nowhere"))
+    args = extract_args(
+        digits_teacher["checkpoint"], tmp_path, "--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")
+    )
     assert_one_line_error(run_cli(*args, expect_ok=False), "data root not found")
 
 
@@ -84,7 +106,10 @@ def test_out_holding_a_different_store(tmp_path, digits_teacher, foreign_checkpo
     assert_one_line_error(run_cli(*other, expect_ok=False), "holds a different store", "taps", "--overwrite")
     assert sorted(p.name for p in (tmp_path / "features.zarr" / "test" / "features").iterdir()) == before
     run_cli(*other, "--overwrite")
-    assert sorted(p.name for p in (tmp_path / "features.zarr" / "test" / "features").iterdir()) == ["layer2.2", "zarr.json"]
+    assert sorted(p.name for p in (tmp_path / "features.zarr" / "test" / "features").iterdir()) == [
+        "layer2.2",
+        "zarr.json",
+    ]
 
 
 def test_out_holding_something_else(tmp_path, digits_teacher):
@@ -96,13 +121,16 @@ def test_out_holding_something_else(tmp_path, digits_teacher):
     assert (tmp_path / "features.zarr" / "precious.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("args,fragments", [
-    (["extract", "--dataset", "mnist"], ("unknown dataset 'mnist'",)),
-    (["teach", "--dataset", "digits", "--batch-size", "0"], ("--batch-size",)),
-    (["teach", "--model-kwargs", "[1, 2]"], ("not a mapping",)),
-    (["teach", "--device", "tpu"], ("--device",)),
-    (["info", "/nonexistent/store"], ("no feature store",)),
-])
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["extract", "--dataset", "mnist"], ("unknown dataset 'mnist'",)),
+        (["teach", "--dataset", "digits", "--batch-size", "0"], ("--batch-size",)),
+        (["teach", "--model-kwargs", "[1, 2]"], ("not a mapping",)),
+        (["teach", "--device", "tpu"], ("--device",)),
+        (["info", "/nonexistent/store"], ("no feature store",)),
+    ],
+)
 def test_other_bad_inputs(args, fragments):
     assert_one_line_error(run_cli(*args, expect_ok=False), *fragments)
 
@@ -115,23 +143,38 @@ def test_unknown_split(tmp_path, digits_teacher):
 
 def test_config_defaults_and_command_line_overrides(tmp_path, digits_teacher):
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump({
-        "dataset": "digits", "device": "cpu", "teacher": "resnet20", "seed": 3,
-        "extract": {"checkpoint": digits_teacher["checkpoint"], "layers": ["layer3.2"], "splits": ["test"],
-                    "max_samples": 50, "out": str(tmp_path / "from_config")},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": "digits",
+                "device": "cpu",
+                "teacher": "resnet20",
+                "seed": 3,
+                "extract": {
+                    "checkpoint": digits_teacher["checkpoint"],
+                    "layers": ["layer3.2"],
+                    "splits": ["test"],
+                    "max_samples": 50,
+                    "out": str(tmp_path / "from_config"),
+                },
+            }
+        )
+    )
     run_cli("extract", "--config", config, "--max-samples", 40, "--out", tmp_path / "cli")
     args = yaml.safe_load((tmp_path / "cli" / "extract_args.yaml").read_text())
     assert args["max_samples"] == 40 and args["seed"] == 3 and args["layers"] == ["layer3.2"]
     assert args["out"] == str(tmp_path / "cli") and not (tmp_path / "from_config").exists()
 
 
-@pytest.mark.parametrize("content,fragment", [
-    ({"extract": {"max_sample": 3}}, "has no option 'max_sample'"),
-    ({"batchsize": 3}, "unknown key 'batchsize'"),
-    ({"extract": {"max_samples": "many"}}, "many"),
-    ("- a list", "must hold a mapping"),
-])
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ({"extract": {"max_sample": 3}}, "has no option 'max_sample'"),
+        ({"batchsize": 3}, "unknown key 'batchsize'"),
+        ({"extract": {"max_samples": "many"}}, "many"),
+        ("- a list", "must hold a mapping"),
+    ],
+)
 def test_bad_config(tmp_path, content, fragment):
     config = tmp_path / "bad.yaml"
     config.write_text(content if isinstance(content, str) else yaml.safe_dump(content))

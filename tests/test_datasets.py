@@ -30,7 +30,9 @@ def test_digits_input_size_is_recorded():
     assert data.preprocessing.to_dict()["input_size"] == 48
 
 
-def _write_cifar(root, base: str, train_files: list[str], test_file: str, meta: tuple[str, str], label_key: str, n: int):
+def _write_cifar(
+    root, base: str, train_files: list[str], test_file: str, meta: tuple[str, str], label_key: str, n: int
+):
     folder = root / base
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -40,11 +42,20 @@ def _write_cifar(root, base: str, train_files: list[str], test_file: str, meta: 
     (folder / meta[0]).write_bytes(pickle.dumps({meta[1]: [f"class{i}" for i in range(10)]}))
 
 
-@pytest.mark.parametrize("name,base,train_files,test_file,meta,label_key", [
-    ("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-     ("batches.meta", "label_names"), "labels"),
-    ("cifar100", "cifar-100-python", ["train"], "test", ("meta", "fine_label_names"), "fine_labels"),
-])
+@pytest.mark.parametrize(
+    "name,base,train_files,test_file,meta,label_key",
+    [
+        (
+            "cifar10",
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "test_batch",
+            ("batches.meta", "label_names"),
+            "labels",
+        ),
+        ("cifar100", "cifar-100-python", ["train"], "test", ("meta", "fine_label_names"), "fine_labels"),
+    ],
+)
 def test_cifar_reads_local_batches(tmp_path, name, base, train_files, test_file, meta, label_key):
     _write_cifar(tmp_path, base, train_files, test_file, meta, label_key, n=4)
     train = load_split(name, "train", root=str(tmp_path))

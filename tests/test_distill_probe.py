@@ -31,8 +31,15 @@ def scored_store(digits_teacher, tmp_path_factory):
     """400 cached train samples of two teacher taps (several blocks), scored: top-2 are both taps."""
     out = tmp_path_factory.mktemp("distill_store")
     with small_chunks():
-        extract("resnet20", "digits", str(out), checkpoint=digits_teacher["checkpoint"],
-                layers=("layer2.2", "layer3.2"), max_samples=400, device="cpu")
+        extract(
+            "resnet20",
+            "digits",
+            str(out),
+            checkpoint=digits_teacher["checkpoint"],
+            layers=("layer2.2", "layer3.2"),
+            max_samples=400,
+            device="cpu",
+        )
     score(str(out), top_k=2, plot=False)
     return out
 
@@ -105,8 +112,24 @@ def test_resume_after_interruption_is_exact(scored_store, tmp_path, monkeypatch)
 
 def test_pipeline_learns_and_exports_a_classifier(scored_store, tmp_path):
     run = tmp_path / "run"
-    result = run_cli("distill", scored_store, "--student", "resnet8", "--model-kwargs", "{base_width: 8}",
-                     "--epochs", 4, "--batch-size", 64, "--lr", 0.01, "--device", "cpu", "--out", run)
+    result = run_cli(
+        "distill",
+        scored_store,
+        "--student",
+        "resnet8",
+        "--model-kwargs",
+        "{base_width: 8}",
+        "--epochs",
+        4,
+        "--batch-size",
+        64,
+        "--lr",
+        0.01,
+        "--device",
+        "cpu",
+        "--out",
+        run,
+    )
     assert "layer2.0->layer2.2" in result.output and "layer3.0->layer3.2" in result.output
     summary = probe(str(run), device="cpu")
     assert summary["test_top1"] > 60.0  # chance is 10 %
@@ -121,17 +144,31 @@ def test_pipeline_learns_and_exports_a_classifier(scored_store, tmp_path):
     assert "student" in run_cli("summary", tmp_path).output
 
 
-@pytest.mark.parametrize("extra,fragment", [
-    (["--student-layers", "layer9.9"], "unknown tap 'layer9.9'"),
-    (["--student-layers", "layer3.0"], "1 student taps for 2 teacher taps"),
-    (["--teacher-layers", "pool"], "teacher tap 'pool' is not in"),
-    (["--dataset", "cifar10"], "was extracted from dataset 'digits', not 'cifar10'"),
-    (["--batch-size", "1000"], "exceeds the 400 cached samples"),
-    (["--student", "resnet9", "--student-layers", "layer1.0,layer2.0"], None),  # fine: only checks it runs
-])
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--student-layers", "layer9.9"], "unknown tap 'layer9.9'"),
+        (["--student-layers", "layer3.0"], "1 student taps for 2 teacher taps"),
+        (["--teacher-layers", "pool"], "teacher tap 'pool' is not in"),
+        (["--dataset", "cifar10"], "was extracted from dataset 'digits', not 'cifar10'"),
+        (["--batch-size", "1000"], "exceeds the 400 cached samples"),
+        (["--student", "resnet9", "--student-layers", "layer1.0,layer2.0"], None),  # fine: only checks it runs
+    ],
+)
 def test_bad_input(scored_store, tmp_path, extra, fragment):
-    args = ["distill", scored_store, "--student", "resnet8", "--epochs", 1, "--device", "cpu",
-            "--out", tmp_path / "run", *extra]
+    args = [
+        "distill",
+        scored_store,
+        "--student",
+        "resnet8",
+        "--epochs",
+        1,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "run",
+        *extra,
+    ]
     if fragment is None:
         run_cli(*args, "--batch-size", 200)
         return
@@ -155,8 +192,15 @@ def test_mismatched_store_and_foreign_checkpoint(scored_store, tmp_path):
 
 
 def test_unscored_store_needs_teacher_layers(digits_teacher, tmp_path):
-    extract("resnet20", "digits", str(tmp_path / "s"), checkpoint=digits_teacher["checkpoint"],
-            layers=("layer3.2",), max_samples=100, device="cpu")
+    extract(
+        "resnet20",
+        "digits",
+        str(tmp_path / "s"),
+        checkpoint=digits_teacher["checkpoint"],
+        layers=("layer3.2",),
+        max_samples=100,
+        device="cpu",
+    )
     result = run_cli("distill", tmp_path / "s", "--device", "cpu", "--out", tmp_path / "r", expect_ok=False)
     assert_one_line_error(result, "no scores", "--teacher-layers")
 
@@ -182,6 +226,16 @@ def test_online_teacher_matches_the_cache(scored_store, digits_teacher, tmp_path
     shutil.copy(digits_teacher["checkpoint"], other)
     with open(other, "ab") as f:
         f.write(b" ")
-    result = run_cli("distill", scored_store, "--online-teacher", "--teacher-checkpoint", other, "--device", "cpu",
-                     "--out", tmp_path / "x", expect_ok=False)
+    result = run_cli(
+        "distill",
+        scored_store,
+        "--online-teacher",
+        "--teacher-checkpoint",
+        other,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "x",
+        expect_ok=False,
+    )
     assert_one_line_error(result, "is not the checkpoint")

@@ -17,13 +17,16 @@ def pair(s_shape, t_shape) -> FeaturePair:
     return FeaturePair(Tap(0, "s", tuple(s_shape)), Tap(0, "t", tuple(t_shape)))
 
 
-@pytest.mark.parametrize("s_shape,t_shape,conv,student_pool,teacher_pool", [
-    ((64, 8, 8), (256, 8, 8), torch.nn.Conv2d, None, None),            # CNN -> CNN, same size
-    ((64, 32, 32), (256, 8, 8), torch.nn.Conv2d, (8, 8), None),        # student larger: student pooled
-    ((512, 4, 4), (256, 8, 8), torch.nn.Conv2d, None, (4, 4)),         # teacher larger: teacher pooled
-    ((64, 8, 8), (65, 192), torch.nn.Conv1d, None, (64,)),             # CNN student, ViT teacher: 64 vs 65 tokens
-    ((128, 4, 4), (64,), torch.nn.Conv2d, (1, 1), None),               # teacher vector = 1x1 map
-])
+@pytest.mark.parametrize(
+    "s_shape,t_shape,conv,student_pool,teacher_pool",
+    [
+        ((64, 8, 8), (256, 8, 8), torch.nn.Conv2d, None, None),  # CNN -> CNN, same size
+        ((64, 32, 32), (256, 8, 8), torch.nn.Conv2d, (8, 8), None),  # student larger: student pooled
+        ((512, 4, 4), (256, 8, 8), torch.nn.Conv2d, None, (4, 4)),  # teacher larger: teacher pooled
+        ((64, 8, 8), (65, 192), torch.nn.Conv1d, None, (64,)),  # CNN student, ViT teacher: 64 vs 65 tokens
+        ((128, 4, 4), (64,), torch.nn.Conv2d, (1, 1), None),  # teacher vector = 1x1 map
+    ],
+)
 def test_alignment_rules(s_shape, t_shape, conv, student_pool, teacher_pool):
     p = pair(s_shape, t_shape)
     assert isinstance(p.projector, conv) and p.projector.bias is None
@@ -64,13 +67,16 @@ def test_teacher_targets_are_float16_friendly():
     assert p(torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4).half()).dtype == torch.float32
 
 
-@pytest.mark.parametrize("model,k,expected", [
-    ("resnet9", 4, ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]),
-    ("resnet20", 3, ["layer1.2", "layer2.2", "layer3.2"]),
-    ("resnet20", 2, ["layer2.2", "layer3.2"]),
-    ("resnet20", 4, ["layer1.1", "layer2.0", "layer3.0", "layer3.2"]),  # more picks than stages: blocks spread
-    ("vit_et", 4, ["blocks.1", "blocks.3", "blocks.5", "blocks.7"]),
-])
+@pytest.mark.parametrize(
+    "model,k,expected",
+    [
+        ("resnet9", 4, ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]),
+        ("resnet20", 3, ["layer1.2", "layer2.2", "layer3.2"]),
+        ("resnet20", 2, ["layer2.2", "layer3.2"]),
+        ("resnet20", 4, ["layer1.1", "layer2.0", "layer3.0", "layer3.2"]),  # more picks than stages: blocks spread
+        ("vit_et", 4, ["blocks.1", "blocks.3", "blocks.5", "blocks.7"]),
+    ],
+)
 def test_default_student_taps(model, k, expected):
     net = create_model(model, 10)
     stage_ends = [info["module"] for info in net.feature_info]

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from pipeline.quality import (
-    QualityError, class_spectrum, draw_subsets, flatten_features, information, knowledge_quality, pool_kernel,
-    select_top_k, subset_a_stats, subset_sizes,
+    QualityError,
+    class_spectrum,
+    draw_subsets,
+    flatten_features,
+    information,
+    knowledge_quality,
+    pool_kernel,
+    select_top_k,
+    subset_a_stats,
+    subset_sizes,
 )
 
 
@@ -26,8 +34,9 @@ def naive_quality(x: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarra
     m_c = {c: min(g[i][j] for i in members[c] for j in members[c]) for c in classes}
     b_pairs = [np.mean([g[i][j] for i in members[c] for j in members[k]]) for c in classes for k in classes if c != k]
     S = np.mean(list(a_c.values())) - np.mean(b_pairs)
-    delta = [min(float(np.linalg.norm(xa[i] - xa[j])) for i in members[c] for j in range(n) if ya[j] != c)
-             for c in classes]
+    delta = [
+        min(float(np.linalg.norm(xa[i] - xa[j])) for i in members[c] for j in range(n) if ya[j] != c) for c in classes
+    ]
     R = np.mean([np.mean([r[i] for i in members[c]]) for c in classes])
     d = min(n, xa.shape[1])
     E = (n_train / math.pi) ** (1 / d) * 2 * np.mean(delta) / R
@@ -152,9 +161,15 @@ def test_zero_norm_sample_gives_nan_and_constant_class_gives_no_crash():
     assert info.embedding_dims[0] == 1 and info.entropies[0] == 0.0 and info.entropies[1] > 0
 
 
-@pytest.mark.parametrize("num_samples,num_classes,expected", [
-    (50_000, 10, (500, 500)), (50_000, 100, (50, 500)), (100_000, 200, (25, 500)), (10_000, 200, (25, 50)),
-])
+@pytest.mark.parametrize(
+    "num_samples,num_classes,expected",
+    [
+        (50_000, 10, (500, 500)),
+        (50_000, 100, (50, 500)),
+        (100_000, 200, (25, 500)),
+        (10_000, 200, (25, 50)),
+    ],
+)
 def test_subset_sizes_follow_method(num_samples, num_classes, expected):
     assert subset_sizes(num_samples, num_classes) == expected
     labels = np.arange(num_samples) % num_classes

@@ -62,9 +62,14 @@ def test_early_stop_does_not_run_past_last_tap():
     assert rec.logits is None and calls == []
 
 
-@pytest.mark.parametrize("name,first,count", [
-    ("timm:resnet18", "act1", 9), ("tv:mobilenet_v2", "features.0", 19), ("tv:vgg11_bn", "features.2", 10),
-])
+@pytest.mark.parametrize(
+    "name,first,count",
+    [
+        ("timm:resnet18", "act1", 9),
+        ("tv:mobilenet_v2", "features.0", 19),
+        ("tv:vgg11_bn", "features.2", 10),
+    ],
+)
 def test_tap_discovery_for_external_models(name, first, count):
     taps = list_taps(create_model(name, 10), 64)
     assert taps[0].name == first and len(taps) == count

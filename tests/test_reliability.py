@@ -37,8 +37,15 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(digits_teacher, 
 
 @pytest.fixture
 def store(digits_teacher, tmp_path):
-    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"], layers=("layer3.2",),
-            splits=("test",), device="cpu")
+    extract(
+        "resnet20",
+        "digits",
+        str(tmp_path),
+        checkpoint=digits_teacher["checkpoint"],
+        layers=("layer3.2",),
+        splits=("test",),
+        device="cpu",
+    )
     return tmp_path
 
 
@@ -63,8 +70,21 @@ def test_verify_reports_damaged_and_missing_chunks(store):
     assert "missing, though its block is marked written" in run_cli("verify", store, expect_ok=False).output
     assert_one_line_error(run_cli("verify", store, "--repair", expect_ok=False), "rerun the same kdpipe extract")
     assert not FeatureStore.open(store).complete
-    run_cli("extract", "--teacher", "resnet20", "--checkpoint", digits_teacher_checkpoint(store), "--layers",
-            "layer3.2", "--splits", "test", "--device", "cpu", "--out", store)
+    run_cli(
+        "extract",
+        "--teacher",
+        "resnet20",
+        "--checkpoint",
+        digits_teacher_checkpoint(store),
+        "--layers",
+        "layer3.2",
+        "--splits",
+        "test",
+        "--device",
+        "cpu",
+        "--out",
+        store,
+    )
     assert "all checksums good; store complete" in run_cli("verify", store).output
 
 
@@ -79,8 +99,21 @@ def test_failing_write_leaves_the_store_incomplete_and_resumable(digits_teacher,
         return real_setitem(self, key, value)
 
     monkeypatch.setattr(zarr.Array, "__setitem__", disk_full)
-    args = ["extract", "--teacher", "resnet20", "--checkpoint", digits_teacher["checkpoint"], "--layers", "layer3.2",
-            "--splits", "test", "--device", "cpu", "--out", tmp_path / "full"]
+    args = [
+        "extract",
+        "--teacher",
+        "resnet20",
+        "--checkpoint",
+        digits_teacher["checkpoint"],
+        "--layers",
+        "layer3.2",
+        "--splits",
+        "test",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "full",
+    ]
     assert_one_line_error(run_cli(*args, expect_ok=False), "No space left on device", "resumes")
     assert not FeatureStore.open(tmp_path / "full").complete
     assert not (tmp_path / "full" / "extract.json").exists()

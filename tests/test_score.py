@@ -24,9 +24,11 @@ def synthetic(tmp_path_factory):
     labels = rng.integers(0, 4, 240)
     labels[:4] = np.arange(4)
     centres = rng.standard_normal((4, 64))
+
     def tap(spread, shape):
         x = centres[labels] + spread * rng.standard_normal((len(labels), 64))
         return x.reshape(len(labels), *shape).astype(np.float16)
+
     features = {"early": tap(3.0, (4, 4, 4)), "middle": tap(1.0, (8, 8)), "late": tap(0.3, (64,))}
     path = tmp_path_factory.mktemp("syn") / "features.zarr"
     make_store(path, features, labels, dataset_size=1000)
@@ -99,14 +101,17 @@ def _store_without_labels(tmp_path):
     attrs["arrays"] = [a for a in attrs["arrays"] if a != "labels"]
 
 
-@pytest.mark.parametrize("case,args,fragment", [
-    ("no labels", [], "has no labels"),
-    ("unknown tap", ["--layers", "nope"], "tap 'nope' is not in"),
-    ("incomplete", [], "is incomplete"),
-    ("one class", [], "at least 2 classes"),
-    ("no store", [], "no feature store"),
-    ("singleton class", [], "fewer than 2 samples"),
-])
+@pytest.mark.parametrize(
+    "case,args,fragment",
+    [
+        ("no labels", [], "has no labels"),
+        ("unknown tap", ["--layers", "nope"], "tap 'nope' is not in"),
+        ("incomplete", [], "is incomplete"),
+        ("one class", [], "at least 2 classes"),
+        ("no store", [], "no feature store"),
+        ("singleton class", [], "fewer than 2 samples"),
+    ],
+)
 def test_bad_input(tmp_path, case, args, fragment):
     x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float16)
     if case == "no labels":
@@ -127,8 +132,15 @@ def test_digits_teacher_peaks_late(digits_teacher, tmp_path):
     """On the real digits teacher, Q is highest in the last stage (as the paper's deep picks)."""
     from pipeline.extract import extract
 
-    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"],
-            layers=("stem", "layer1.2", "layer2.2", "layer3.2"), max_samples=400, device="cpu")
+    extract(
+        "resnet20",
+        "digits",
+        str(tmp_path),
+        checkpoint=digits_teacher["checkpoint"],
+        layers=("stem", "layer1.2", "layer2.2", "layer3.2"),
+        max_samples=400,
+        device="cpu",
+    )
     summary = score(str(tmp_path), top_k=1, plot=False)
     assert summary["selected"] == ["layer3.2"]
     assert FeatureStore.open(tmp_path).split("train").group.attrs["scores"]["selected"] == ["layer3.2"]
@@ -143,6 +155,7 @@ def test_missing_chunk_reads_as_nan_not_zeros(tmp_path):
     chunk = next((tmp_path / "features.zarr" / "train" / "features" / "x" / "c").iterdir())
     assert FeatureStore.open(tmp_path).split("train").feature("x").chunks[0] < 80
     import shutil
+
     shutil.rmtree(chunk) if chunk.is_dir() else chunk.unlink()
     assert_one_line_error(run_cli("score", tmp_path, expect_ok=False), "a chunk of train/features/x is missing")
 

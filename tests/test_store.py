@@ -13,7 +13,11 @@ import conftest
 
 def test_chunks_hold_four_mebibytes_and_divide_the_block():
     assert chunk_rows(MIN_CHUNK_BYTES) == 1 and chunk_rows(MIN_CHUNK_BYTES // 3) == 4 and chunk_rows(8) == 4096
-    specs = [ArraySpec("a", (16, 32, 32), "float16"), ArraySpec("b", (2048,), "float16"), ArraySpec("c", (), "int64", sets_block=False)]
+    specs = [
+        ArraySpec("a", (16, 32, 32), "float16"),
+        ArraySpec("b", (2048,), "float16"),
+        ArraySpec("c", (), "int64", sets_block=False),
+    ]
     rows, block = plan_chunks(specs, 100_000)
     assert rows["a"] * 32 * 1024 >= MIN_CHUNK_BYTES
     assert all(block % r == 0 for r in rows.values())

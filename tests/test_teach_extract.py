@@ -48,8 +48,7 @@ def _check_round_trip(store_dir: Path, model_name: str, checkpoint: str, split: 
 
 
 def test_extract_round_trip_cnn(digits_teacher, tmp_path):
-    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"], max_samples=200,
-            device="cpu")
+    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"], max_samples=200, device="cpu")
     _check_round_trip(tmp_path, "resnet20", digits_teacher["checkpoint"])
     summary = json.loads((tmp_path / "extract.json").read_text())
     train = summary["splits"]["train"]
@@ -61,8 +60,16 @@ def test_extract_round_trip_vit(tmp_path):
     torch.manual_seed(0)
     model = create_model("vit_tiny_cifar", 10, input_size=32)
     save_checkpoint(model, tmp_path / "vit.safetensors", {"model": "vit_tiny_cifar", "num_classes": 10})
-    extract("vit_tiny_cifar", "digits", str(tmp_path / "out"), checkpoint=str(tmp_path / "vit.safetensors"),
-            splits=("test",), layers=("blocks.5", "embed", "blocks.0"), max_samples=64, device="cpu")
+    extract(
+        "vit_tiny_cifar",
+        "digits",
+        str(tmp_path / "out"),
+        checkpoint=str(tmp_path / "vit.safetensors"),
+        splits=("test",),
+        layers=("blocks.5", "embed", "blocks.0"),
+        max_samples=64,
+        device="cpu",
+    )
     part = FeatureStore.open(tmp_path / "out" / STORE_NAME).split("test")
     assert part.tap_names == ["embed", "blocks.0", "blocks.5"]  # depth order, whatever the request order
     assert part.feature("blocks.5").shape == (64, 65, 96)
@@ -72,14 +79,31 @@ def test_extract_round_trip_vit(tmp_path):
 @pytest.fixture(scope="module")
 def small_store(digits_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("store")
-    extract("resnet20", "digits", str(out), checkpoint=digits_teacher["checkpoint"], splits=("train", "test"),
-            layers=("layer2.2", "layer3.2"), max_samples=300, device="cpu")
+    extract(
+        "resnet20",
+        "digits",
+        str(out),
+        checkpoint=digits_teacher["checkpoint"],
+        splits=("train", "test"),
+        layers=("layer2.2", "layer3.2"),
+        max_samples=300,
+        device="cpu",
+    )
     return out
 
 
 def test_extraction_is_deterministic(digits_teacher, small_store, tmp_path):
-    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"], splits=("train", "test"),
-            layers=("layer2.2", "layer3.2"), max_samples=300, device="cpu", batch_size=256)
+    extract(
+        "resnet20",
+        "digits",
+        str(tmp_path),
+        checkpoint=digits_teacher["checkpoint"],
+        splits=("train", "test"),
+        layers=("layer2.2", "layer3.2"),
+        max_samples=300,
+        device="cpu",
+        batch_size=256,
+    )
     first, second = zarr.open_group(str(small_store / STORE_NAME)), zarr.open_group(str(tmp_path / STORE_NAME))
     for split in ("train", "test"):
         for path in ("features/layer2.2", "features/layer3.2", "labels", "indices", "logits"):
@@ -102,9 +126,23 @@ assert not any(m.split(".")[0] in ("pipeline", "cache") for m in sys.modules), "
 
 def test_rerun_on_complete_store_does_nothing(digits_teacher, small_store):
     before = (small_store / STORE_NAME / "train" / "labels" / "zarr.json").stat().st_mtime_ns
-    result = run_cli("extract", "--teacher", "resnet20", "--checkpoint", digits_teacher["checkpoint"],
-                     "--splits", "train,test", "--layers", "layer2.2,layer3.2", "--max-samples", 300,
-                     "--device", "cpu", "--out", small_store)
+    result = run_cli(
+        "extract",
+        "--teacher",
+        "resnet20",
+        "--checkpoint",
+        digits_teacher["checkpoint"],
+        "--splits",
+        "train,test",
+        "--layers",
+        "layer2.2,layer3.2",
+        "--max-samples",
+        300,
+        "--device",
+        "cpu",
+        "--out",
+        small_store,
+    )
     assert "already complete" in result.output
     assert (small_store / STORE_NAME / "train" / "labels" / "zarr.json").stat().st_mtime_ns == before
 
@@ -113,8 +151,14 @@ def test_interrupted_extraction_resumes(digits_teacher, small_store, tmp_path, m
     """A run that dies mid-split leaves done blocks flagged and the store incomplete; a rerun finishes it."""
     import pipeline.extract as extract_module
 
-    args = dict(checkpoint=digits_teacher["checkpoint"], splits=("train", "test"), layers=("layer2.2", "layer3.2"),
-                max_samples=300, device="cpu", batch_size=64)
+    args = dict(
+        checkpoint=digits_teacher["checkpoint"],
+        splits=("train", "test"),
+        layers=("layer2.2", "layer3.2"),
+        max_samples=300,
+        device="cpu",
+        batch_size=64,
+    )
     real_fill, calls = extract_module.HalfSlots.fill, []
 
     def dying(self, features):
