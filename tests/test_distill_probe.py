@@ -102,6 +102,7 @@ def test_resume_after_interruption_is_exact(scored_store, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         distill(str(scored_store), out=str(tmp_path / "cut"), **args)
     assert not (tmp_path / "cut" / STUDENT_FILE).exists()
+    assert len((tmp_path / "cut" / "distill_log.csv").read_text().splitlines()) == 1 + 2  # written every epoch
     monkeypatch.setattr(distill_module, "_train_epoch", real_epoch)
     summary = distill(str(scored_store), out=str(tmp_path / "cut"), resume=True, **args)
     assert summary["final"]["epoch"] == 3 and summary["targets"] == "cache streamed"

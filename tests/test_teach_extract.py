@@ -185,3 +185,10 @@ def test_info_describes_the_store(small_store):
     text = run_cli("info", small_store).output
     assert "complete    yes" in text and "features/layer3.2" in text and "(300, 64, 8, 8)" in text
     assert "resnet20" in text and "split test" in text
+
+
+def test_scoring_another_split_keeps_n_train_of_the_training_split(small_store):
+    from pipeline.score import score
+
+    summary = score(str(small_store), split="test", top_k=1, plot=False)
+    assert summary["num_samples"] == 300 and summary["n_train"] == 1437  # METHOD.md quirk 8: the whole train split
