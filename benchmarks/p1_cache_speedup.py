@@ -11,21 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from workload import DATASET, STUDENT, TEACHER, TEACHER_TAPS, Timer, setup_threads, teacher_checkpoint
+from workload import DATASET, kdpipe, STUDENT, TEACHER, TEACHER_TAPS, Timer, setup_threads, teacher_checkpoint
 
 BATCH = 128
 IDEAL_BATCHES = 12
-
-
-def kdpipe(*args: str) -> None:
-    subprocess.run([str(Path(sys.executable).parent / "kdpipe"), *args], check=True, capture_output=True)
 
 
 def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:

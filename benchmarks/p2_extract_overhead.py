@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from workload import DATASET, TEACHER, Timer, setup_threads, teacher_checkpoint
+from workload import DATASET, kdpipe, TEACHER, Timer, setup_threads, teacher_checkpoint
 
 
 def bare_forward_rate(checkpoint: str, num_images: int, batch_size: int) -> float:
@@ -69,7 +69,6 @@ def main() -> None:
             ).stdout.split()[-1]
         )
         command = [
-            str(Path(sys.executable).parent / "kdpipe"),
             "extract",
             "--teacher",
             TEACHER,
@@ -88,7 +87,7 @@ def main() -> None:
             command += ["--max-samples", str(args.num_images)]
         if args.compression:
             command += ["--compression", args.compression]
-        subprocess.run(command, check=True, capture_output=True)
+        kdpipe(*command)
         summary = json.loads((Path(tmp) / "store" / "extract.json").read_text())
     split = summary["splits"]["train"]
     rate = split["images_per_second"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 import zarr
 from numcodecs import Blosc
 
-from workload import setup_threads
+from workload import kdpipe, setup_threads
 
 CODECS = [
     "zstd:1:shuffle",
@@ -35,10 +33,6 @@ CODECS = [
     "none",
 ]
 SHUFFLE = {"shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE, "noshuffle": Blosc.NOSHUFFLE}
-
-
-def kdpipe(*args: str) -> None:
-    subprocess.run([str(Path(sys.executable).parent / "kdpipe"), *args], check=True, capture_output=True)
 
 
 def measure(chunks: list[np.ndarray], codec: str) -> tuple[float, float, float]:

@@ -3,6 +3,8 @@ CIFAR-style ResNet-18 teacher (random weights: speed does not depend on them) an
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +15,11 @@ STUDENT = "resnet8"
 DATASET = "synthetic"
 TEACHER_TAPS = ("layer2.1", "layer3.1", "layer4.1")  # paired with resnet8's three stage ends
 THREADS = 2
+
+
+def kdpipe(*args: str) -> None:
+    """Runs the installed `kdpipe` command (the real CLI, in its own process); fails loudly."""
+    subprocess.run([str(Path(sys.executable).parent / "kdpipe"), *args], check=True, capture_output=True)
 
 
 def setup_threads() -> None:

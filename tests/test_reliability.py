@@ -49,15 +49,30 @@ def store(digits_teacher, tmp_path):
     return tmp_path
 
 
-def digits_teacher_checkpoint(store: Path) -> str:
-    return FeatureStore.open(store).meta["checkpoint_path"]
+def _extract_test_split(checkpoint: str, out: Path) -> list:
+    """The command line the `store` fixture's contents come from."""
+    return [
+        "extract",
+        "--teacher",
+        "resnet20",
+        "--checkpoint",
+        checkpoint,
+        "--layers",
+        "layer3.2",
+        "--splits",
+        "test",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    ]
 
 
 def _a_chunk(store: Path) -> Path:
     return store / STORE_NAME / "test" / "features" / "layer3.2" / "c" / "0" / "0" / "0" / "0"
 
 
-def test_verify_reports_damaged_and_missing_chunks(store):
+def test_verify_reports_damaged_and_missing_chunks(digits_teacher, store):
     assert "all checksums good; store complete" in run_cli("verify", store).output
     chunk = _a_chunk(store)
     data = bytearray(chunk.read_bytes())
@@ -70,21 +85,7 @@ def test_verify_reports_damaged_and_missing_chunks(store):
     assert "missing, though its block is marked written" in run_cli("verify", store, expect_ok=False).output
     assert_one_line_error(run_cli("verify", store, "--repair", expect_ok=False), "rerun the same kdpipe extract")
     assert not FeatureStore.open(store).complete
-    run_cli(
-        "extract",
-        "--teacher",
-        "resnet20",
-        "--checkpoint",
-        digits_teacher_checkpoint(store),
-        "--layers",
-        "layer3.2",
-        "--splits",
-        "test",
-        "--device",
-        "cpu",
-        "--out",
-        store,
-    )
+    run_cli(*_extract_test_split(digits_teacher["checkpoint"], store))
     assert "all checksums good; store complete" in run_cli("verify", store).output
 
 
@@ -99,21 +100,7 @@ def test_failing_write_leaves_the_store_incomplete_and_resumable(digits_teacher,
         return real_setitem(self, key, value)
 
     monkeypatch.setattr(zarr.Array, "__setitem__", disk_full)
-    args = [
-        "extract",
-        "--teacher",
-        "resnet20",
-        "--checkpoint",
-        digits_teacher["checkpoint"],
-        "--layers",
-        "layer3.2",
-        "--splits",
-        "test",
-        "--device",
-        "cpu",
-        "--out",
-        tmp_path / "full",
-    ]
+    args = _extract_test_split(digits_teacher["checkpoint"], tmp_path / "full")
     assert_one_line_error(run_cli(*args, expect_ok=False), "No space left on device", "resumes")
     assert not FeatureStore.open(tmp_path / "full").complete
     assert not (tmp_path / "full" / "extract.json").exists()

@@ -76,34 +76,18 @@ def test_extract_round_trip_vit(tmp_path):
     _check_round_trip(tmp_path / "out", "vit_tiny_cifar", str(tmp_path / "vit.safetensors"), split="test")
 
 
+SMALL_STORE = dict(splits=("train", "test"), layers=("layer2.2", "layer3.2"), max_samples=300, device="cpu")
+
+
 @pytest.fixture(scope="module")
 def small_store(digits_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("store")
-    extract(
-        "resnet20",
-        "digits",
-        str(out),
-        checkpoint=digits_teacher["checkpoint"],
-        splits=("train", "test"),
-        layers=("layer2.2", "layer3.2"),
-        max_samples=300,
-        device="cpu",
-    )
+    extract("resnet20", "digits", str(out), checkpoint=digits_teacher["checkpoint"], **SMALL_STORE)
     return out
 
 
 def test_extraction_is_deterministic(digits_teacher, small_store, tmp_path):
-    extract(
-        "resnet20",
-        "digits",
-        str(tmp_path),
-        checkpoint=digits_teacher["checkpoint"],
-        splits=("train", "test"),
-        layers=("layer2.2", "layer3.2"),
-        max_samples=300,
-        device="cpu",
-        batch_size=256,
-    )
+    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"], batch_size=256, **SMALL_STORE)
     first, second = zarr.open_group(str(small_store / STORE_NAME)), zarr.open_group(str(tmp_path / STORE_NAME))
     for split in ("train", "test"):
         for path in ("features/layer2.2", "features/layer3.2", "labels", "indices", "logits"):
@@ -151,14 +135,7 @@ def test_interrupted_extraction_resumes(digits_teacher, small_store, tmp_path, m
     """A run that dies mid-split leaves done blocks flagged and the store incomplete; a rerun finishes it."""
     import pipeline.extract as extract_module
 
-    args = dict(
-        checkpoint=digits_teacher["checkpoint"],
-        splits=("train", "test"),
-        layers=("layer2.2", "layer3.2"),
-        max_samples=300,
-        device="cpu",
-        batch_size=64,
-    )
+    args = dict(checkpoint=digits_teacher["checkpoint"], batch_size=64, **SMALL_STORE)
     real_fill, calls = extract_module.HalfSlots.fill, []
 
     def dying(self, features):
