@@ -27,7 +27,7 @@ def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:
     from cache.store import FeatureStore
     from pipeline.distill import OnlineTeacher, _student_taps
     from pipeline.extract import load_teacher
-    from pipeline.methods import create_method
+    from pipeline.methods import Distiller, get_method
     from pipeline.models import create_model
     from pipeline.recipe import adamw_onecycle
     from pipeline.taps import Tap
@@ -37,19 +37,19 @@ def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:
     taps = {t["name"]: Tap(t["index"], t["name"], tuple(t["shape"])) for t in feature_store.meta["identity"]["taps"]}
     teacher = OnlineTeacher(load_teacher(TEACHER, checkpoint, False, None, 10, 32), list(TEACHER_TAPS))
     student = create_model(STUDENT, 10)
-    method = create_method(
-        "feature",
-        student=student,
-        student_taps=_student_taps(student, 32, (), len(TEACHER_TAPS)),
-        teacher_taps=[taps[t] for t in TEACHER_TAPS],
+    method = Distiller(
+        student,
+        get_method("feature"),
+        _student_taps(student, 32, (), len(TEACHER_TAPS)),
+        [taps[t] for t in TEACHER_TAPS],
     )
-    optimizer, schedule = adamw_onecycle(method.parameters(), 0.05, 0.01, 1, 10 * IDEAL_BATCHES)
+    optimizer, schedule = adamw_onecycle(method.parameters(), 0.05, 0.01, 10 * IDEAL_BATCHES)
     images = [torch.randn(BATCH, 3, 32, 32) for _ in range(IDEAL_BATCHES + 1)]
     method.train()
     forward_seconds = step_seconds = 0.0
     for i, x in enumerate(images):  # interleaved as in an online epoch; the first pass is an untimed warm-up
         with Timer() as forward:
-            targets = teacher(x)
+            targets = dict(zip(method.teacher_targets, teacher(x)))
         with Timer() as step:
             loss = sum(method(x, targets)[1].values())
             optimizer.zero_grad()

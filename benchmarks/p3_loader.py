@@ -48,7 +48,7 @@ def loader_rate(part, data, memory_bytes: int) -> tuple[float, bool]:
     from pipeline.distill import RowImages
     from pipeline.recipe import make_loader
 
-    targets = CachedTargets(part, list(TAP_SHAPES), memory_bytes)
+    targets = CachedTargets(part, [f"features/{t}" for t in TAP_SHAPES], memory_bytes)
     windows = targets.epoch_order(np.random.default_rng(0))
     order = np.concatenate(windows)
     batches = order[: len(order) - len(order) % BATCH].reshape(-1, BATCH).tolist()
@@ -63,21 +63,18 @@ def loader_rate(part, data, memory_bytes: int) -> tuple[float, bool]:
 def student_step_rate(num_batches: int = 8) -> float:
     """Images/s of the feature-distillation training step of the workload's student."""
     from pipeline.distill import _student_taps
-    from pipeline.methods import create_method
+    from pipeline.methods import Distiller, get_method
     from pipeline.models import create_model
     from pipeline.taps import Tap
 
     student = create_model(STUDENT, 10)
     teacher_taps = [Tap(i, t, TAP_SHAPES[t]) for i, t in enumerate(TEACHER_TAPS)]
-    method = create_method(
-        "feature",
-        student=student,
-        teacher_taps=teacher_taps,
-        student_taps=_student_taps(student, 32, (), len(teacher_taps)),
+    method = Distiller(
+        student, get_method("feature"), _student_taps(student, 32, (), len(teacher_taps)), teacher_taps
     ).train()
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
     x = torch.randn(BATCH, 3, 32, 32)
-    targets = [torch.randn(BATCH, *s) for s in TAP_SHAPES.values()]
+    targets = {path: torch.randn(BATCH, *s) for path, s in zip(method.teacher_targets, TAP_SHAPES.values())}
     with Timer() as timer:
         for _ in range(num_batches):
             loss = sum(method(x, targets)[1].values())

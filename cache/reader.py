@@ -55,24 +55,31 @@ def gather_rows(
 
 
 class CachedTargets:
-    """Teacher targets of some taps, served in batches for training, by chunk.
+    """Per-sample arrays of a split (teacher features, labels, logits: store paths), served in batches by chunk.
 
-    If they fit `memory_bytes` they are read once (whole chunks) and kept in RAM, and an epoch is a random
-    permutation of all rows. Otherwise they are streamed: an epoch shuffles the order of blocks (each block is
-    a chunk-aligned region of every array), reads `window` blocks at a time on a background thread, and shuffles
-    rows within each window. Either way `epoch_order` says which rows come in which order, so the caller loads
-    the matching images: targets and images stay paired by row.
+    `rows` restricts the epochs to a subset of the split (a labelled subset); by default every row is served.
+    If the arrays fit `memory_bytes` they are read once (whole chunks) and kept in RAM, and an epoch is a
+    random permutation of the rows. Otherwise they are streamed: an epoch shuffles the order of blocks (each
+    block is a chunk-aligned region of every array), reads `window` blocks at a time on a background thread,
+    and shuffles rows within each window. Either way `epoch_order` says which rows come in which order, so the
+    caller loads the matching images: targets and images stay paired by row.
     """
 
-    def __init__(self, split, taps: list[str], memory_bytes: int, window: int | None = None) -> None:
-        self.split, self.taps = split, list(taps)
-        self.arrays = [split.feature(t) for t in self.taps]
-        self.num_rows = split.num_samples
+    def __init__(
+        self, split, paths: list[str], memory_bytes: int, window: int | None = None, rows: np.ndarray | None = None
+    ) -> None:
+        self.split, self.paths = split, list(paths)
+        self.arrays = [split.array(p) for p in self.paths]
+        self.rows = np.arange(split.num_samples) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+        self.num_rows = len(self.rows)
         self.nbytes = sum(int(a.nbytes) for a in self.arrays)
         self.in_memory = self.nbytes <= memory_bytes
         # Streamed, about three windows live at once (the one served, the one prefetched, their concatenation).
         block_bytes = self.nbytes / max(split.num_blocks, 1)
         self.window = window or max(1, int(memory_bytes / (3 * block_bytes)) if block_bytes else 1)
+        blocks = self.rows // split.block_rows
+        self._blocks, starts = np.unique(blocks, return_index=True)
+        self._rows_by_block = dict(zip(self._blocks.tolist(), np.split(self.rows, starts[1:])))
         self._ram = None
         if self.in_memory:
             self._ram = []
@@ -83,16 +90,16 @@ class CachedTargets:
     def epoch_order(self, rng: np.random.Generator) -> list[np.ndarray]:
         """The epoch's rows as windows (one window when in RAM); concatenated they are the sample order."""
         if self.in_memory:
-            return [rng.permutation(self.num_rows)]
-        blocks = rng.permutation(self.split.num_blocks)
+            return [rng.permutation(self.rows)]
+        blocks = rng.permutation(self._blocks)
         windows = []
         for start in range(0, len(blocks), self.window):
-            rows = np.concatenate([np.arange(*self.split.block_range(b)) for b in blocks[start : start + self.window]])
+            rows = np.concatenate([self._rows_by_block[int(b)] for b in blocks[start : start + self.window]])
             windows.append(rng.permutation(rows))
         return windows
 
     def batches(self, windows: list[np.ndarray], batch_size: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
-        """(rows, [target per tap]) for consecutive `batch_size` rows of the order; the last partial batch is
+        """(rows, [values per array]) for consecutive `batch_size` rows of the order; the last partial batch is
         dropped. In RAM, each batch is gathered on its own; streamed windows are read one ahead on a background
         thread."""
         if self._ram is not None:
@@ -112,7 +119,7 @@ class CachedTargets:
                 pending_rows.append(rows)
                 pending_values.append(values)
                 stacked_rows = np.concatenate(pending_rows)
-                stacked = [np.concatenate([v[k] for v in pending_values]) for k in range(len(self.taps))]
+                stacked = [np.concatenate([v[k] for v in pending_values]) for k in range(len(self.arrays))]
                 usable = len(stacked_rows) - len(stacked_rows) % batch_size
                 for start in range(0, usable, batch_size):
                     yield stacked_rows[start : start + batch_size], [v[start : start + batch_size] for v in stacked]

@@ -126,6 +126,18 @@ def datasets(pattern: str, config: str | None) -> None:
 
 
 @stage
+def methods(config: str | None) -> None:
+    """List distillation methods: the losses each sums and the teacher taps its feature loss uses."""
+    from .methods import METHODS, get_method
+
+    for name in METHODS.names():
+        method = get_method(name)
+        taps = f"  teacher taps: {method.teacher_taps}" if method.teacher_taps else ""
+        summary = METHODS.get(name).__doc__.splitlines()[0]
+        click.echo(f"{name:17s} {' + '.join(method.losses):24s}{taps}".rstrip() + f"\n{'':17s} {summary}")
+
+
+@stage
 @click.argument("model")
 @click.option("--input-size", type=click.IntRange(8), default=32, show_default=True)
 @click.option("--num-classes", type=click.IntRange(1), default=10, show_default=True)
@@ -242,8 +254,18 @@ def score(store: str, config: str | None, **options: Any) -> None:
 @stage
 @click.argument("store", type=click.Path())
 @click.option("--student", default="resnet9", show_default=True, help="Student model (`kdpipe models`).")
-@click.option("--method", default="feature", show_default=True, help="Distillation method.")
-@click.option("--teacher-layers", type=CommaList(), default="", help="Teacher taps (default: the store's top-k by Q).")
+@click.option(
+    "--method",
+    default="feature",
+    show_default=True,
+    help="feature, feature-standard (feature loss only); ce, kd, fitnet, fitnet-kd (with labels); `kdpipe methods`.",
+)
+@click.option(
+    "--teacher-layers",
+    type=CommaList(),
+    default="",
+    help="Teacher taps (default: the store's top-k by Q, or the stage ends for feature-standard and fitnet).",
+)
 @click.option(
     "--student-layers",
     type=CommaList(),
@@ -255,9 +277,31 @@ def score(store: str, config: str | None, **options: Any) -> None:
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset's files.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/distill", show_default=True)
 @click.option("--epochs", type=click.IntRange(1), default=20, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(1),
+    help="Optimizer steps in all, overriding --epochs: one budget for methods that train on different row counts.",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True, help="OneCycle peak.")
 @click.option("--weight-decay", type=click.FloatRange(0), default=0.01, show_default=True)
+@click.option(
+    "--temperature", type=click.FloatRange(0, min_open=True), default=4.0, show_default=True, help="KD temperature T."
+)
+@click.option(
+    "--label-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seeded class-stratified fraction of the train split that is labelled: label methods and the probe use "
+    "only it.",
+)
+@click.option(
+    "--unlabelled-distill/--no-unlabelled-distill",
+    default=True,
+    show_default=True,
+    help="Feature methods distill on every train sample (labels unused), or only on the labelled subset.",
+)
 @click.option(
     "--cache-memory-gb",
     type=click.FloatRange(0),
@@ -279,7 +323,7 @@ def score(store: str, config: str | None, **options: Any) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @run_options
 def distill(store: str, config: str | None, **options: Any) -> None:
-    """Train a student backbone on STORE's cached teacher features with feature losses only."""
+    """Train a student from STORE: its backbone on cached teacher features only (default), or a baseline."""
     from .distill import distill as run
     from .runtime import write_args
 
@@ -313,6 +357,51 @@ def probe(run: str, config: str | None, **options: Any) -> None:
         f"probe on {summary['tap']} ({summary['embedding_dim']}-d, weight decay {summary['weight_decay']}): "
         f"{summary['test_split']} top-1 {summary['test_top1']:.2f}% -> {summary['classifier']}"
     )
+
+
+@stage
+@click.option("--store", type=click.Path(), required=True, help="Feature store (extract folder) every run uses.")
+@click.option(
+    "--methods",
+    type=CommaList(),
+    default="ce,kd,fitnet,feature-standard,feature",
+    show_default=True,
+    help="Methods to compare (`kdpipe methods`); ce is the baseline of the gains.",
+)
+@click.option("--seeds", type=CommaList(), default="0,1,2", show_default=True, help="Seeds, one run each per method.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/report", show_default=True)
+@click.option("--device", type=DEVICES, default="auto", show_default=True)
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Write report.png.")
+def report(
+    store: str, methods: tuple[str, ...], seeds: tuple[str, ...], out: str, device: str, plot: bool, config: str | None
+) -> None:
+    """Run (or reuse) every method over the seeds against STORE with the config's distill and probe settings;
+    write report.md, report.json and report.png, and print the table."""
+    from .report import format_table, run_all, write_report
+
+    if not all(s.lstrip("-").isdigit() for s in seeds) or not seeds:
+        raise click.BadParameter(f"{','.join(seeds)!r} is not a comma-separated list of integers", param_hint="--seeds")
+    shared = ["--config", config] if config else []
+
+    def run_stage(*args: str) -> None:  # through the group, so each stage reads the config as it would alone
+        cli.main([*args, *shared, "--device", device], prog_name="kdpipe", standalone_mode=False)
+
+    def run_distill(method: str, seed: int, run_dir: Path, resume: bool) -> None:
+        run_stage(
+            "distill", store, "--method", method, "--seed", str(seed), "--out", str(run_dir), *["--resume"] * resume
+        )
+
+    def run_probe(run_dir: Path, seed: int) -> None:
+        run_stage("probe", str(run_dir), "--seed", str(seed))
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    results = run_all(Path(out), list(methods), [int(s) for s in seeds], run_distill, run_probe)
+    summary = write_report(Path(out), results, list(methods), plot)
+    click.echo(summary["setting"])
+    click.echo(format_table(summary["methods"]))
+    if summary["note"]:
+        click.echo(summary["note"])
+    click.echo(f"report: {Path(out) / 'report.md'}")
 
 
 @stage

@@ -299,6 +299,21 @@ def list_datasets(pattern: str = "*") -> list[str]:
     return DATASETS.names(pattern)
 
 
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded, class-stratified `fraction` of `labels` (every class keeps its share)."""
+    from sklearn.model_selection import train_test_split
+
+    positions = np.arange(len(labels))
+    try:
+        picked, _ = train_test_split(positions, train_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as err:
+        raise UserError(
+            f"a {fraction:g} fraction of {len(labels)} samples cannot hold every one of "
+            f"{len(np.unique(labels))} classes ({str(err).splitlines()[0]})"
+        ) from err
+    return np.sort(picked)
+
+
 def held_out_split(name: str) -> str:
     """The split that measures accuracy (never used for selection): test, or val for image folders."""
     return DATASETS.get(name).splits[1]

@@ -8,6 +8,8 @@ run and reproduces the uninterrupted one exactly: the order of epoch e depends o
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import time
 from pathlib import Path
@@ -23,17 +25,20 @@ from cache.reader import CachedTargets
 from cache.store import FeatureStore, SplitStore
 
 from . import __version__
-from .datasets import SplitData
+from .datasets import SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError
-from .methods import create_method
 from .extract import load_teacher
+from .methods import Distiller, Method, get_method
 from .models import create_model, file_sha256, save_checkpoint
 from .provenance import load_matching_split, open_complete_store
-from .recipe import adamw_onecycle, make_loader
+from .quality import select_top_k
+from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import resolve_device, seed_everything, write_csv, write_json
 from .taps import Tap, TapRecorder, list_taps
 
 STUDENT_FILE = "student.safetensors"
+SUMMARY_FILE = "distill.json"
+LABELLED_FILE = "labelled_indices.npy"  # dataset indices of the labelled subset, for the probe
 CHECKPOINT = re.compile(r"epoch-(\d+)\.state\.pt$")
 
 
@@ -106,9 +111,13 @@ def distill(
     dataset: str | None = None,
     data_root: str | None = None,
     epochs: int = 20,
+    steps: int | None = None,
     batch_size: int = 128,
     lr: float = 0.05,
     weight_decay: float = 0.01,
+    temperature: float = 4.0,
+    label_fraction: float = 1.0,
+    unlabelled_distill: bool = True,
     cache_memory_gb: float = 4.0,
     online_teacher: bool = False,
     teacher_checkpoint: str | None = None,
@@ -117,17 +126,24 @@ def distill(
     workers: int = 0,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Distills `student` from the store's train split into `out`; returns the summary written to distill.json."""
+    """Trains `student` with `method` on the store's train split into `out`; returns the summary (distill.json).
+
+    `steps` fixes the number of optimizer steps (the last epoch is cut short) so that methods training on
+    different numbers of rows share one budget; without it the run lasts `epochs` epochs.
+    """
     dev = resolve_device(device)
+    recipe = get_method(method)
     feature_store, part = open_complete_store(store)
     data = load_matching_split(feature_store, "train", dataset, data_root)
-    teacher_taps = _teacher_taps(feature_store, part, teacher_layers)
     seed_everything(seed)
     net = create_model(student, data.num_classes, input_size=data.preprocessing.input_size, model_kwargs=model_kwargs)
-    student_taps = _student_taps(net, data.preprocessing.input_size, student_layers, len(teacher_taps))
-    distiller = create_method(method, student=net, student_taps=student_taps, teacher_taps=teacher_taps).to(dev)
+    student_taps, teacher_taps = _pair_taps(
+        recipe, feature_store, part, net, data.preprocessing.input_size, teacher_layers, student_layers
+    )
+    distiller = Distiller(net, recipe, student_taps, teacher_taps, temperature).to(dev)
+    rows, labelled = _training_rows(part, recipe, label_fraction, unlabelled_distill, seed)
     teacher = None
-    if online_teacher:
+    if online_teacher and teacher_taps:
         teacher = OnlineTeacher.from_store(
             feature_store,
             [t.name for t in teacher_taps],
@@ -135,13 +151,17 @@ def distill(
             data.num_classes,
             data.preprocessing.input_size,
         ).to(dev)
-    steps = part.num_samples // batch_size
-    if steps == 0:
-        raise UserError(f"--batch-size {batch_size} exceeds the {part.num_samples} cached samples")
-    optimizer, schedule = adamw_onecycle(distiller.parameters(), lr, weight_decay, epochs, steps)
+    num_rows = part.num_samples if rows is None else len(rows)
+    steps_per_epoch = num_rows // batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {batch_size} exceeds the {num_rows} training samples")
+    total_steps = steps or epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    optimizer, schedule = adamw_onecycle(distiller.parameters(), lr, weight_decay, total_steps)
     spec = {
         "kdpipe_version": __version__,
         "method": method,
+        "losses": list(recipe.losses),
         "model": student,
         "model_kwargs": model_kwargs or {},
         "num_classes": data.num_classes,
@@ -152,26 +172,50 @@ def distill(
         "student_taps": [t.name for t in student_taps],
         "teacher_taps": [t.name for t in teacher_taps],
         "epochs": epochs,
+        "steps": total_steps,
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
+        "temperature": temperature,
+        "label_fraction": label_fraction,
+        "unlabelled_distill": unlabelled_distill,
+        "num_labelled": len(labelled) if labelled is not None else part.num_samples,
+        "num_training_rows": num_rows,
         "seed": seed,
-        "online_teacher": online_teacher,
+        "online_teacher": bool(teacher),
     }
     out_dir = Path(out)
     log_rows, first_epoch = _start_or_resume(out_dir, resume, spec, distiller, optimizer, schedule)
-    # Online, the cache supplies only the sample order; the teacher supplies the targets.
-    targets = CachedTargets(part, [] if teacher else spec["teacher_taps"], int(cache_memory_gb * 2**30))
+    if first_epoch > epochs and (out_dir / SUMMARY_FILE).is_file():
+        return json.loads((out_dir / SUMMARY_FILE).read_text())  # a finished run: reused, not recomputed
+    # Online, the teacher supplies the features; labels and logits still come from the cache.
+    paths = [p for p in distiller.inputs if not (teacher and p in distiller.teacher_targets)]
+    targets = CachedTargets(part, paths, int(cache_memory_gb * 2**30), rows=rows)
     images = RowImages(data, part.array("indices")[:])
     start = time.perf_counter()
     for epoch in range(first_epoch, epochs + 1):
+        batches = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
         row = _train_epoch(
-            distiller, optimizer, schedule, targets, teacher, images, epoch, epochs, batch_size, seed, dev, workers
+            distiller,
+            optimizer,
+            schedule,
+            targets,
+            teacher,
+            images,
+            epoch,
+            epochs,
+            batches,
+            batch_size,
+            seed,
+            dev,
+            workers,
         )
         log_rows.append(row)
         _save_checkpoint(out_dir, epoch, spec, distiller, optimizer, schedule, log_rows)
         write_csv(out_dir / "distill_log.csv", log_rows)
     save_checkpoint(net, out_dir / STUDENT_FILE, spec)
+    if labelled is not None:
+        np.save(out_dir / LABELLED_FILE, images.indices[labelled])
     summary = {
         "stage": "distill",
         **spec,
@@ -180,41 +224,125 @@ def distill(
             for s, t in zip(student_taps, teacher_taps)
         ],
         "final": log_rows[-1],
+        **(_evaluate_classifier(net, data, data_root, batch_size, workers, dev) if recipe.uses_labels else {}),
         "targets": "online teacher" if teacher else "cache in RAM" if targets.in_memory else "cache streamed",
         "device": str(dev),
         "seconds_this_run": round(time.perf_counter() - start, 2),
         "weights": str(out_dir / STUDENT_FILE),
     }
-    write_json(out_dir / "distill.json", summary)
+    write_json(out_dir / SUMMARY_FILE, summary)
     return summary
 
 
-def _teacher_taps(store: FeatureStore, part: SplitStore, requested: tuple[str, ...]) -> list[Tap]:
-    """The requested teacher taps, or the store's top-k picks from `kdpipe score`, in depth order."""
+def _pair_taps(
+    method: Method,
+    store: FeatureStore,
+    part: SplitStore,
+    net: torch.nn.Module,
+    input_size: int,
+    teacher_layers: tuple[str, ...],
+    student_layers: tuple[str, ...],
+) -> tuple[list[Tap], list[Tap]]:
+    """(student taps, teacher taps) paired in depth order, as the method asks.
+
+    The number of pairs k comes from `--teacher-layers`, else `--student-layers`, else the method: the store's
+    picks (`feature`) or the teacher's stage ends (`feature-standard`, `fitnet`). A method without a feature
+    loss pairs nothing and ignores both options (one config can then serve every method of a comparison).
+    """
+    if method.teacher_taps is None:
+        return [], []
+    k = len(teacher_layers) or len(student_layers) or None
+    if teacher_layers:
+        teacher = _recorded_taps(store, teacher_layers)
+    elif method.teacher_taps == "picked":
+        teacher = _picked_taps(store, part, k)
+    else:
+        teacher = _standard_taps(store, k)
+    return _student_taps(net, input_size, student_layers, len(teacher)), teacher
+
+
+def _recorded_taps(store: FeatureStore, names: list[str] | tuple[str, ...], why: str = "") -> list[Tap]:
+    """The cached teacher taps `names`, in depth order."""
     recorded = {t["name"]: Tap(t["index"], t["name"], tuple(t["shape"])) for t in store.meta["identity"]["taps"]}
-    names = list(requested)
-    if not names:
-        scores = part.group.attrs.get("scores")
-        if not scores:
-            raise UserError(f"{store.path} has no scores; run `kdpipe score` first or pass --teacher-layers")
-        names = scores["selected"]
     unknown = [n for n in names if n not in recorded]
     if unknown:
-        raise UserError(f"teacher tap {unknown[0]!r} is not in {store.path}; it holds {', '.join(recorded)}")
+        raise UserError(f"teacher tap {unknown[0]!r}{why} is not in {store.path}; it holds {', '.join(recorded)}")
     return sorted((recorded[n] for n in names), key=lambda t: t.index)
 
 
-def default_student_taps(taps: list[Tap], stage_ends: list[str], k: int) -> list[Tap]:
-    """k taps spread evenly over the student's depth, ending at its last stage end.
+def _picked_taps(store: FeatureStore, part: SplitStore, k: int | None) -> list[Tap]:
+    """The store's picks from `kdpipe score`, or the top k by its recorded Q when k differs from its top-k."""
+    scores = part.group.attrs.get("scores")
+    if not scores:
+        raise UserError(f"{store.path} has no scores; run `kdpipe score` first or pass --teacher-layers")
+    if k is None or k == len(scores["selected"]):
+        return _recorded_taps(store, scores["selected"])
+    scored = [t for t in _recorded_taps(store, list(scores["Q"]))]
+    qualities = [math.nan if scores["Q"][t.name] is None else float(scores["Q"][t.name]) for t in scored]
+    return [scored[i] for i in select_top_k(qualities, k)]
 
-    Candidates are the stage ends (`feature_info` modules) when there are at least k of them, else every block
-    tap; the first tap (stem or patch embedding) and vectors are never candidates.
+
+def _standard_taps(store: FeatureStore, k: int | None) -> list[Tap]:
+    """The teacher's stage ends (its `feature_info`), spread to k when k is given; they must be cached."""
+    teacher = store.meta["identity"]["teacher"]
+    input_size = store.meta["identity"]["dataset"]["preprocessing"]["input_size"]
+    with torch.random.fork_rng():  # building the architecture must not move the student's random stream
+        model = create_model(
+            teacher["name"],
+            store.meta["identity"]["dataset"]["num_classes"],
+            input_size=input_size,
+            model_kwargs=teacher.get("model_kwargs") or None,
+        )
+    taps = list_taps(model, input_size)
+    ends = stage_end_taps(taps, model)
+    names = [t.name for t in spread_taps(taps, ends, k or len(ends))]
+    return _recorded_taps(store, names, " (a stage end of the teacher)")
+
+
+def _training_rows(
+    part: SplitStore, method: Method, label_fraction: float, unlabelled_distill: bool, seed: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(rows trained on, labelled rows): None means all. Label methods, and every method with
+    `unlabelled_distill` off, see only the labelled subset; feature methods otherwise distill on every row."""
+    if label_fraction >= 1.0:
+        return None, None
+    labelled = stratified_subset(part.array("labels")[:], label_fraction, seed)
+    return (labelled if method.uses_labels or not unlabelled_distill else None), labelled
+
+
+def _evaluate_classifier(net, data: SplitData, data_root, batch_size: int, workers: int, dev) -> dict[str, Any]:
+    """Last-epoch top-1 of the student's own classifier on the held-out split, evaluated once."""
+    held_out = load_split(data.name, held_out_split(data.name), data_root, data.preprocessing.input_size)
+    return {
+        "test_split": held_out.split,
+        "test_top1": evaluate_top1(net, make_loader(held_out, batch_size, workers), dev),
+    }
+
+
+def stage_end_taps(taps: list[Tap], model: torch.nn.Module) -> list[str]:
+    """The taps ending each `feature_info` stage: the stage module itself, or the deepest tap inside it."""
+    ends = []
+    for info in getattr(model, "feature_info", []):
+        module = info.get("module") if isinstance(info, dict) else None
+        inside = [t.name for t in taps if module and (t.name == module or t.name.startswith(module + "."))]
+        if inside:
+            ends.append(inside[-1])
+    return ends
+
+
+def spread_taps(taps: list[Tap], stage_ends: list[str], k: int) -> list[Tap]:
+    """k taps spread evenly over a model's depth, ending at its last stage end.
+
+    Candidates are the stage ends when there are at least k of them, else every block tap; the first tap
+    (stem or patch embedding) and vectors are never candidates.
     """
     blocks = [t for t in taps[1:] if t.kind != "vector"]
     ends = [t for t in blocks if t.name in stage_ends]
     candidates = ends if len(ends) >= k else blocks
     if len(candidates) < k:
-        raise UserError(f"the student has only {len(candidates)} taps for {k} teacher taps; pass --student-layers")
+        raise UserError(
+            f"only {len(candidates)} candidate taps for {k} pairs; name them with --student-layers / --teacher-layers"
+        )
     return [candidates[round((i + 1) * len(candidates) / k) - 1] for i in range(k)]
 
 
@@ -224,8 +352,8 @@ def _student_taps(net: torch.nn.Module, input_size: int, requested: tuple[str, .
         if len(taps) != k:
             raise UserError(f"{len(taps)} student taps for {k} teacher taps; they pair one-to-one in depth order")
         return taps
-    stage_ends = [info["module"] for info in getattr(net, "feature_info", []) if isinstance(info, dict)]
-    return default_student_taps(list_taps(net, input_size), stage_ends, k)
+    taps = list_taps(net, input_size)
+    return spread_taps(taps, stage_end_taps(taps, net), k)
 
 
 def _train_epoch(
@@ -237,6 +365,7 @@ def _train_epoch(
     images: RowImages,
     epoch: int,
     epochs: int,
+    num_batches: int,
     batch_size: int,
     seed: int,
     dev: torch.device,
@@ -245,7 +374,7 @@ def _train_epoch(
     distiller.train()
     windows = targets.epoch_order(np.random.default_rng([seed, epoch]))
     order = np.concatenate(windows)
-    row_batches = order[: len(order) - len(order) % batch_size].reshape(-1, batch_size).tolist()
+    row_batches = order[: num_batches * batch_size].reshape(-1, batch_size).tolist()
     loader = make_loader(images, workers=workers, batch_sampler=row_batches)
     sums: dict[str, float] = {}
     start, seen = time.perf_counter(), 0
@@ -256,12 +385,14 @@ def _train_epoch(
         unit="batch",
         leave=False,
     )
-    for (batch, rows), (target_rows, target_values) in bar:
+    for (images_batch, rows), (target_rows, target_values) in bar:
         if not np.array_equal(rows.numpy(), target_rows):
             raise RuntimeError("images and cached targets went out of step")
-        batch = batch.to(dev)
-        values = teacher(batch) if teacher else [torch.from_numpy(v).to(dev) for v in target_values]
-        _, losses = distiller(batch, values)
+        images_batch = images_batch.to(dev)
+        batch = {path: torch.from_numpy(v).to(dev) for path, v in zip(targets.paths, target_values)}
+        if teacher:
+            batch.update(zip(distiller.teacher_targets, teacher(images_batch)))
+        _, losses = distiller(images_batch, batch)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise UserError(f"the loss is not finite at epoch {epoch}; the last good checkpoint is kept")
@@ -281,7 +412,8 @@ def _train_epoch(
         "seconds": round(seconds, 3),
         "images_per_second": round(seen / seconds, 1),
     }
-    tqdm.write(f"epoch {epoch}: " + "  ".join(f"{k} {v:.5f}" for k, v in row.items() if k.endswith(("mse", "loss"))))
+    if epoch % max(1, epochs // 10) == 0 or epoch == epochs:  # about ten lines per run, however short its epochs
+        tqdm.write(f"epoch {epoch}: " + "  ".join(f"{k} {row[k]:.5f}" for k in sums))
     return row
 
 

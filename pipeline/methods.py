@@ -1,13 +1,14 @@
-"""Distillation methods: one registered factory each, returning a module whose forward gives named losses.
+"""Distillation methods (METHOD.md §3, §6): each is one registered declaration of which losses it sums.
 
-The contract (after mdistiller): `method(images, targets) -> (student_features, {"loss_name": tensor})`; the
-training loop sums the dict and logs each entry, and trains `method.parameters()` (student plus projectors).
-The feature method (METHOD.md §3) is the only one whose backbone never sees a label or a logit.
+The contract (after mdistiller): `distiller(images, batch) -> (student_output, {"loss_name": tensor})`; the
+training loop sums the dict, logs each entry and trains `distiller.parameters()` (student plus projectors).
+`batch` holds only the cached arrays the method's losses declare (`Distiller.inputs`), so a method without
+a label loss is never even handed a label, and `ce` never reads anything the teacher produced.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,50 @@ from .errors import UserError
 from .registry import Registry
 from .taps import Tap, TapRecorder
 
+LOSSES: Registry = Registry("loss")
 METHODS: Registry = Registry("method")
 register_method = METHODS.register
+TEACHER_FEATURES = "teacher features"  # a loss input meaning "the cached features of the paired teacher taps"
+
+
+def register_loss(*inputs: str):
+    """Registers `loss(distiller, output, batch) -> tensor`, reading the cached arrays `inputs` from `batch`."""
+
+    def mark(fn):
+        fn.inputs = inputs
+        return LOSSES.register(fn)
+
+    return mark
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method optimises: the sum of `losses` (weight 1 each; KD's T² lives inside its loss).
+
+    `teacher_taps` says which teacher taps feature losses use: "picked" (top-k by Q from `kdpipe score`) or
+    "standard" (the teacher's stage ends). A method with a label loss trains the student's own classifier and
+    is evaluated with it; the others train the backbone only and are evaluated with the linear probe.
+    """
+
+    losses: tuple[str, ...]
+    teacher_taps: str | None = None
+
+    @property
+    def inputs(self) -> set[str]:
+        return {i for loss in self.losses for i in LOSSES.get(loss).inputs}
+
+    @property
+    def uses_labels(self) -> bool:
+        return "labels" in self.inputs
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the student runs to its logits; feature-only students stop after their last tap."""
+        return any(loss != "feature_mse" for loss in self.losses)
+
+
+def get_method(name: str) -> Method:
+    return METHODS.get(name)()
 
 
 def _as_map_or_tokens(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -82,36 +125,111 @@ class FeaturePair(nn.Module):
         return F.mse_loss(projected, target)
 
 
-class FeatureDistiller(nn.Module):
-    """Student backbone up to its last tap plus one `FeaturePair` per (student, teacher) tap pair.
+class Distiller(nn.Module):
+    """A student, the `FeaturePair`s of its feature loss (if any) and the losses of one method.
 
-    The forward pass stops after the last student tap: later layers get no gradient and are left untouched
-    (the probe replaces them). The loss is the mean over pairs of the pairs' MSEs, weight 1, nothing else.
+    Feature-only methods stop the forward pass after the last student tap: later layers get no gradient and
+    are left untouched (the probe replaces them). Methods with a label or logit loss run the whole student.
     """
 
-    def __init__(self, student: nn.Module, student_taps: list[Tap], teacher_taps: list[Tap]) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        method: Method,
+        student_taps: list[Tap],
+        teacher_taps: list[Tap],
+        temperature: float = 4.0,
+    ) -> None:
         super().__init__()
         if len(student_taps) != len(teacher_taps):
             raise UserError(
                 f"{len(student_taps)} student taps for {len(teacher_taps)} teacher taps; they pair one-to-one"
             )
-        self.student = student
+        if (method.teacher_taps is not None) != bool(teacher_taps):
+            raise ValueError("teacher taps are given exactly to the methods with a feature loss")
+        self.student, self.method, self.temperature = student, method, temperature
         self.pairs = nn.ModuleList(FeaturePair(s, t) for s, t in zip(student_taps, teacher_taps))
         self.student_taps = [t.name for t in student_taps]
-        self._recorder = TapRecorder(student, self.student_taps, stop_after_last=True).attach()
+        self.teacher_targets = [f"features/{t.name}" for t in teacher_taps]
+        self._recorder = TapRecorder(student, self.student_taps, stop_after_last=not method.needs_logits).attach()
 
-    def forward(self, images: torch.Tensor, targets: list[torch.Tensor]):
-        features = self._recorder.run(images)
-        losses = [pair(features[name], target) for pair, name, target in zip(self.pairs, self.student_taps, targets)]
-        return features, {"feature_mse": torch.stack(losses).mean()}
+    @property
+    def inputs(self) -> list[str]:
+        """The cached arrays (store paths) this method reads, in a fixed order."""
+        names = []
+        for loss in self.method.losses:
+            for name in LOSSES.get(loss).inputs:
+                names.extend(self.teacher_targets if name == TEACHER_FEATURES else [name])
+        return list(dict.fromkeys(names))
+
+    def forward(self, images: torch.Tensor, batch: dict[str, torch.Tensor]):
+        if self.student_taps:
+            features = self._recorder.run(images)
+            output = StudentOutput(features, self._recorder.logits)
+        else:
+            output = StudentOutput({}, self.student(images))
+        return output, {name: LOSSES.get(name)(self, output, batch) for name in self.method.losses}
+
+
+@dataclass
+class StudentOutput:
+    features: dict[str, torch.Tensor]  # the student's distilled taps
+    logits: torch.Tensor | None  # None when the forward pass stopped after the last tap
+
+
+@register_loss(TEACHER_FEATURES)
+def feature_mse(distiller: Distiller, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L_feat = mean over tap pairs of MSE(P(s), t), raw features (METHOD.md §3)."""
+    pairs = zip(distiller.pairs, distiller.student_taps, distiller.teacher_targets)
+    return torch.stack([pair(output.features[s], batch[t]) for pair, s, t in pairs]).mean()
+
+
+@register_loss("labels")
+def ce(distiller: Distiller, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross entropy of the student's logits to the labels."""
+    return F.cross_entropy(output.logits, batch["labels"])
+
+
+@register_loss("logits")
+def kd(distiller: Distiller, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """T²·KL(p_t ‖ p_s) with p = softmax(z / T): summed over classes, averaged over the batch (METHOD.md §6)."""
+    t = distiller.temperature
+    log_student = F.log_softmax(output.logits / t, dim=1)
+    teacher = F.softmax(batch["logits"].float() / t, dim=1)
+    return t * t * F.kl_div(log_student, teacher, reduction="batchmean")
 
 
 @register_method
-def feature(student: nn.Module, student_taps: list[Tap], teacher_taps: list[Tap]) -> nn.Module:
-    """Feature-only distillation (the paper's method): MSE to cached teacher features, no label, no logit."""
-    return FeatureDistiller(student, student_taps, teacher_taps)
+def feature() -> Method:
+    """Feature-only distillation on the teacher taps picked by Q; no label, no logit (the paper's method)."""
+    return Method(("feature_mse",), teacher_taps="picked")
 
 
-def create_method(name: str, **kwargs) -> nn.Module:
-    factory: Callable = METHODS.get(name)
-    return factory(**kwargs)
+@register_method(name="feature-standard")
+def feature_standard() -> Method:
+    """Feature-only distillation on the teacher's stage-end taps (isolates the effect of the layer choice)."""
+    return Method(("feature_mse",), teacher_taps="standard")
+
+
+@register_method(name="ce")
+def ce_only() -> Method:
+    """The student alone, end to end with cross entropy (no teacher)."""
+    return Method(("ce",))
+
+
+@register_method(name="kd")
+def vanilla_kd() -> Method:
+    """Vanilla KD: cross entropy plus T²·KL to the teacher's cached logits."""
+    return Method(("ce", "kd"))
+
+
+@register_method
+def fitnet() -> Method:
+    """FitNet-style "Base FKD-KL": cross entropy plus feature MSE on the stage-end taps, all reaching the backbone."""
+    return Method(("ce", "feature_mse"), teacher_taps="standard")
+
+
+@register_method(name="fitnet-kd")
+def fitnet_kd() -> Method:
+    """ "Base FKD": cross entropy, T²·KL to the cached logits and feature MSE on the stage-end taps."""
+    return Method(("ce", "kd", "feature_mse"), teacher_taps="standard")

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from cache.store import FeatureStore, StoreError
 
-from .datasets import Preprocessing, SplitData, held_out_split, load_split
-from .distill import STUDENT_FILE
+from .datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
+from .distill import LABELLED_FILE, STUDENT_FILE, stage_end_taps
 from .errors import UserError
 from .models import create_model, load_checkpoint, read_model_spec
 from .provenance import load_matching_split
@@ -95,13 +96,16 @@ def probe(
         spec["model"], spec["num_classes"], input_size=spec["input_size"], model_kwargs=spec["model_kwargs"]
     )
     load_checkpoint(backbone, run_dir / STUDENT_FILE)
-    tap = tap or spec["student_taps"][-1]
+    tap = tap or _default_tap(backbone, spec)
     list_taps(backbone, spec["input_size"], names=[tap])  # an unknown tap is reported before any work
     train, test = _probe_data(spec, data_root)
+    # Only the labelled subset of a --label-fraction run trains the head (the whole train split otherwise).
+    labelled_file = run_dir / LABELLED_FILE
+    labelled = np.load(labelled_file) if labelled_file.is_file() else np.arange(len(train))
     backbone.to(dev).eval()
-    x_train = _embed(backbone, tap, train, batch_size, workers, dev)
-    x_test = _embed(backbone, tap, test, batch_size, workers, dev)
-    y_train, y_test = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
+    x_train = _embed(backbone, tap, Subset(train, labelled.tolist()), "train", batch_size, workers, dev)
+    x_test = _embed(backbone, tap, test, test.split, batch_size, workers, dev)
+    y_train, y_test = torch.from_numpy(train.labels[labelled]), torch.from_numpy(test.labels)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     z_train, z_test = (x_train - mean) / std, (x_test - mean) / std
     val_scores = _choose_weight_decay(z_train, y_train, train.num_classes, max_iter, seed)
@@ -131,7 +135,7 @@ def probe(
         "train_top1": train_top1,
         "weight_decay": weight_decay,
         "validation_top1_by_weight_decay": {str(k): v for k, v in val_scores.items()},
-        "num_train": len(train),
+        "num_train": len(labelled),
         "num_test": len(test),
         "seed": seed,
         "classifier": str(run_dir / CLASSIFIER_FILE),
@@ -154,11 +158,19 @@ def _probe_data(spec: dict[str, Any], data_root: str | None) -> tuple[SplitData,
     return train, test
 
 
+def _default_tap(backbone: nn.Module, spec: dict[str, Any]) -> str:
+    """The last distilled tap; a student trained without feature loss is probed at its last stage end."""
+    if spec["student_taps"]:
+        return spec["student_taps"][-1]
+    taps = list_taps(backbone, spec["input_size"])
+    return (stage_end_taps(taps, backbone) or [taps[-1].name])[-1]
+
+
 @torch.no_grad()
-def _embed(backbone: nn.Module, tap: str, data: SplitData, batch_size: int, workers: int, dev) -> torch.Tensor:
+def _embed(backbone: nn.Module, tap: str, data: Dataset, name: str, batch_size: int, workers: int, dev) -> torch.Tensor:
     chunks = []
     with TapRecorder(backbone, [tap], stop_after_last=True) as recorder:
-        for images, _ in tqdm(make_loader(data, batch_size, workers), desc=f"embed {data.split}", leave=False):
+        for images, _ in tqdm(make_loader(data, batch_size, workers), desc=f"embed {name}", leave=False):
             chunks.append(pool_embedding(recorder.run(images.to(dev))[tap]).float().cpu())
     return torch.cat(chunks)
 
@@ -191,11 +203,8 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
 
 def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_iter: int, seed: int):
     """Validation top-1 per weight decay, on a seeded stratified part of the train split."""
-    from sklearn.model_selection import train_test_split
-
-    fit_idx, val_idx = train_test_split(
-        np.arange(len(y)), test_size=VALIDATION_FRACTION, stratify=y.numpy(), random_state=seed
-    )
+    val_idx = stratified_subset(y.numpy(), VALIDATION_FRACTION, seed)
+    fit_idx = np.setdiff1d(np.arange(len(y)), val_idx)
     fit_idx, val_idx = torch.from_numpy(fit_idx), torch.from_numpy(val_idx)
     return {
         wd: _top1(fit_linear(x[fit_idx], y[fit_idx], num_classes, wd, max_iter)(x[val_idx]), y[val_idx])

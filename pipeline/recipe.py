@@ -35,13 +35,12 @@ def make_loader(
 
 
 def adamw_onecycle(
-    params, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int
+    params, lr: float, weight_decay: float, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
-    """AdamW and a OneCycle schedule (pct_start 0.3, PyTorch defaults otherwise) stepped once per batch."""
+    """AdamW and a OneCycle schedule over `total_steps` (pct_start 0.3, PyTorch defaults otherwise), stepped per
+    batch."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.3
-    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.3)
     return optimizer, schedule
 
 

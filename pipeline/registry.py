@@ -24,10 +24,14 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
-    def register(self, fn: T) -> T:
-        if fn.__name__ in self._entries:
-            raise ValueError(f"{self.kind} {fn.__name__!r} is registered twice")
-        self._entries[fn.__name__] = fn
+    def register(self, fn: T | None = None, *, name: str | None = None):
+        """`@register` files `fn` under its own name; `@register(name="x-y")` under a name Python cannot spell."""
+        if fn is None:
+            return lambda f: self.register(f, name=name)
+        key = name or fn.__name__
+        if key in self._entries:
+            raise ValueError(f"{self.kind} {key!r} is registered twice")
+        self._entries[key] = fn
         return fn
 
     def get(self, name: str) -> T:

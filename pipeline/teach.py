@@ -61,7 +61,7 @@ def teach(
     model.to(dev)
     train_loader = make_loader(train, batch_size, workers, shuffle=True, generator=generator, drop_last=True)
     test_loader = make_loader(held_out, batch_size, workers)
-    optimizer, schedule = adamw_onecycle(model.parameters(), lr, weight_decay, epochs, len(train_loader))
+    optimizer, schedule = adamw_onecycle(model.parameters(), lr, weight_decay, epochs * len(train_loader))
     out_dir.mkdir(parents=True, exist_ok=True)
     criterion = nn.CrossEntropyLoss()
     log_rows = []

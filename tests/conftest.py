@@ -45,6 +45,27 @@ def digits_teacher(tmp_path_factory):
     return teach("resnet20", "digits", str(out), epochs=TEACH_EPOCHS, seed=0, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def scored_store(digits_teacher, tmp_path_factory):
+    """400 cached train samples of two teacher taps (several blocks), scored: top-2 are both taps."""
+    from pipeline.extract import extract
+    from pipeline.score import score
+
+    out = tmp_path_factory.mktemp("distill_store")
+    with small_chunks():
+        extract(
+            "resnet20",
+            "digits",
+            str(out),
+            checkpoint=digits_teacher["checkpoint"],
+            layers=("layer2.2", "layer3.2"),
+            max_samples=400,
+            device="cpu",
+        )
+    score(str(out), top_k=2, plot=False)
+    return out
+
+
 def make_store(
     path, features: dict, labels, dataset_size: int | None = None, num_classes: int | None = None, complete: bool = True
 ):

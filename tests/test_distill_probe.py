@@ -18,30 +18,12 @@ from pipeline.extract import extract
 from pipeline.models import create_model
 from pipeline.probe import load_classifier, probe
 from pipeline.datasets import load_split
-from pipeline.score import score
 
-from conftest import run_cli, small_chunks
+from conftest import run_cli
 from test_cli import assert_one_line_error
 
 STUDENT = dict(student="resnet8", model_kwargs={"base_width": 8}, epochs=2, batch_size=64, lr=0.01, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def scored_store(digits_teacher, tmp_path_factory):
-    """400 cached train samples of two teacher taps (several blocks), scored: top-2 are both taps."""
-    out = tmp_path_factory.mktemp("distill_store")
-    with small_chunks():
-        extract(
-            "resnet20",
-            "digits",
-            str(out),
-            checkpoint=digits_teacher["checkpoint"],
-            layers=("layer2.2", "layer3.2"),
-            max_samples=400,
-            device="cpu",
-        )
-    score(str(out), top_k=2, plot=False)
-    return out
+LABEL_BUDGET = {"label_fraction": 0.25, "steps": 10}
 
 
 def test_cached_targets_in_ram_and_streamed_agree(scored_store):
@@ -49,7 +31,7 @@ def test_cached_targets_in_ram_and_streamed_agree(scored_store):
     assert part.num_blocks > 2
     full = [part.feature(t)[:] for t in ("layer2.2", "layer3.2")]
     for memory in (1 << 40, 0):
-        targets = CachedTargets(part, ["layer2.2", "layer3.2"], memory, window=2)
+        targets = CachedTargets(part, ["features/layer2.2", "features/layer3.2"], memory, window=2)
         assert targets.in_memory == bool(memory)
         windows = targets.epoch_order(np.random.default_rng(0))
         seen = []
@@ -68,15 +50,23 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / STUDENT_FILE))
 
 
-def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path):
-    distill(str(scored_store), out=str(tmp_path / "a"), **STUDENT)
+@pytest.mark.parametrize(
+    "method,extra",
+    [("feature", {}), ("feature-standard", {"student_layers": ("layer2.0", "layer3.0")}), ("feature", LABEL_BUDGET)],
+)
+def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path, method, extra):
+    """Permuting every label and logit of the store changes no weight of a feature-only student (even with a
+    label budget, where labels only pick the probe's subset)."""
+    args = {**STUDENT, "method": method, **extra}
+    summary = distill(str(scored_store), out=str(tmp_path / "a"), **args)
+    assert summary["teacher_taps"] == ["layer2.2", "layer3.2"] and "test_top1" not in summary
     permuted = tmp_path / "permuted"
     shutil.copytree(scored_store, permuted)
     group = zarr.open_group(str(permuted / STORE_NAME), mode="r+")
     rng = np.random.default_rng(0)
     group["train/labels"][:] = rng.permutation(group["train/labels"][:])
     group["train/logits"][:] = rng.permutation(group["train/logits"][:])
-    distill(str(permuted), out=str(tmp_path / "b"), **STUDENT)
+    distill(str(permuted), out=str(tmp_path / "b"), **args)
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -149,10 +139,10 @@ def test_pipeline_learns_and_exports_a_classifier(scored_store, tmp_path):
     "extra,fragment",
     [
         (["--student-layers", "layer9.9"], "unknown tap 'layer9.9'"),
-        (["--student-layers", "layer3.0"], "1 student taps for 2 teacher taps"),
+        (["--student-layers", "layer3.0", "--teacher-layers", "layer2.2,layer3.2"], "1 student taps for 2 teacher"),
         (["--teacher-layers", "pool"], "teacher tap 'pool' is not in"),
         (["--dataset", "cifar10"], "was extracted from dataset 'digits', not 'cifar10'"),
-        (["--batch-size", "1000"], "exceeds the 400 cached samples"),
+        (["--batch-size", "1000"], "exceeds the 400 training samples"),
         (["--student", "resnet9", "--student-layers", "layer1.0,layer2.0"], None),  # fine: only checks it runs
     ],
 )

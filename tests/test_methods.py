@@ -1,14 +1,16 @@
-"""Projector and alignment logic of the feature method, and the default student taps."""
+"""The methods' losses against hand computations, the feature method's projector and alignment, default taps."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.distill import default_student_taps
+from pipeline.distill import spread_taps, stage_end_taps
 from pipeline.errors import UserError
-from pipeline.methods import FeatureDistiller, FeaturePair
+from pipeline.methods import METHODS, Distiller, FeaturePair, get_method
 from pipeline.models import create_model
 from pipeline.taps import Tap, list_taps
 
@@ -59,7 +61,7 @@ def test_mixed_sizes_are_an_error():
     with pytest.raises(UserError, match="larger in one axis and smaller in the other"):
         pair((64, 16, 4), (64, 8, 8))
     with pytest.raises(UserError, match="pair one-to-one"):
-        FeatureDistiller(create_model("resnet8", 10), [Tap(1, "layer1.0", (16, 32, 32))], [])
+        Distiller(create_model("resnet8", 10), get_method("feature"), [Tap(1, "layer1.0", (16, 32, 32))], [])
 
 
 def test_teacher_targets_are_float16_friendly():
@@ -79,21 +81,131 @@ def test_teacher_targets_are_float16_friendly():
 )
 def test_default_student_taps(model, k, expected):
     net = create_model(model, 10)
-    stage_ends = [info["module"] for info in net.feature_info]
-    assert [t.name for t in default_student_taps(list_taps(net, 32), stage_ends, k)] == expected
+    taps = list_taps(net, 32)
+    assert [t.name for t in spread_taps(taps, stage_end_taps(taps, net), k)] == expected
 
 
 def test_too_few_student_taps():
     net = create_model("resnet8", 10)
-    with pytest.raises(UserError, match="only 3 taps for 4 teacher taps"):
-        default_student_taps(list_taps(net, 32), [i["module"] for i in net.feature_info], 4)
+    taps = list_taps(net, 32)
+    with pytest.raises(UserError, match="only 3 candidate taps for 4 pairs"):
+        spread_taps(taps, stage_end_taps(taps, net), 4)
+
+
+def test_stage_ends_of_a_timm_model_are_its_last_blocks():
+    """timm's feature_info names whole stages (`layer1`); the stage end is the deepest tap inside each. The stem
+    (`act1`) is a stage end too, but never a candidate for pairing."""
+    net = create_model("timm:resnet18", 10)
+    taps = list_taps(net, 32)
+    ends = stage_end_taps(taps, net)
+    assert ends == ["act1", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert [t.name for t in spread_taps(taps, ends, 4)] == ends[1:]
 
 
 def test_distiller_stops_after_last_tap_and_trains_nothing_after():
     net = create_model("resnet8", 10)
     taps = list_taps(net, 32, names=["layer1.0", "layer2.0"])
-    distiller = FeatureDistiller(net, taps, [Tap(0, "a", (32, 16, 16)), Tap(1, "b", (64, 8, 8))])
-    _, losses = distiller(torch.randn(2, 3, 32, 32), [torch.randn(2, 32, 16, 16), torch.randn(2, 64, 8, 8)])
+    distiller = Distiller(net, get_method("feature"), taps, [Tap(0, "a", (32, 16, 16)), Tap(1, "b", (64, 8, 8))])
+    batch = {"features/a": torch.randn(2, 32, 16, 16), "features/b": torch.randn(2, 64, 8, 8)}
+    _, losses = distiller(torch.randn(2, 3, 32, 32), batch)
     losses["feature_mse"].backward()
     assert net.stem[0].weight.grad is not None and net.layer2[0].conv1.weight.grad is not None
     assert net.layer3[0].conv1.weight.grad is None and net.fc.weight.grad is None
+
+
+def _identity_pair_distiller(method: str) -> Distiller:
+    """resnet8 (width 8) with one tap at layer3.0 (32×8×8) paired to a same-shaped teacher tap, identity projector."""
+    net = create_model("resnet8", 4, model_kwargs={"base_width": 8})
+    method_ = get_method(method)
+    taps = list_taps(net, 32, names=["layer3.0"]) if method_.teacher_taps else []
+    teacher = [Tap(0, "t", (32, 8, 8))] if taps else []
+    distiller = Distiller(net, method_, taps, teacher, temperature=4.0)
+    for pair in distiller.pairs:
+        with torch.no_grad():
+            pair.projector.weight.copy_(torch.eye(32)[:, :, None, None])
+    return distiller
+
+
+def _batch(distiller: Distiller, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    full = {
+        "labels": torch.tensor([0, 3]),
+        "logits": torch.randn(2, 4, generator=g) * 3,
+        "features/t": torch.randn(2, 32, 8, 8, generator=g).half(),
+    }
+    return torch.randn(2, 3, 32, 32, generator=g), {k: full[k] for k in distiller.inputs}
+
+
+def _hand_kd(student: torch.Tensor, teacher: torch.Tensor, t: float) -> float:
+    """16·(1/B) Σ_b Σ_k p_t log(p_t / p_s), p = softmax(z / T), in float64 from the definition."""
+    total = 0.0
+    for s_row, t_row in zip(student.double().tolist(), teacher.double().tolist()):
+        p_s = [math.exp(v / t) for v in s_row]
+        p_t = [math.exp(v / t) for v in t_row]
+        p_s = [v / sum(p_s) for v in p_s]
+        p_t = [v / sum(p_t) for v in p_t]
+        total += sum(a * math.log(a / b) for a, b in zip(p_t, p_s))
+    return t * t * total / len(student)
+
+
+def _hand_ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    rows = logits.double().tolist()
+    return sum(math.log(sum(math.exp(v) for v in r)) - r[y] for r, y in zip(rows, labels.tolist())) / len(rows)
+
+
+def test_what_each_method_reads():
+    """Feature-only methods are never handed a label or logit; ce is never handed anything from the teacher."""
+    reads = {name: _identity_pair_distiller(name).inputs for name in METHODS.names()}
+    assert reads == {
+        "feature": ["features/t"],
+        "feature-standard": ["features/t"],
+        "ce": ["labels"],
+        "kd": ["labels", "logits"],
+        "fitnet": ["labels", "features/t"],
+        "fitnet-kd": ["labels", "logits", "features/t"],
+    }
+
+
+def test_ce_by_hand_and_never_touches_the_teacher():
+    distiller = _identity_pair_distiller("ce")
+    images, batch = _batch(distiller)
+    assert set(batch) == {"labels"}
+    output, losses = distiller(images, batch)
+    assert set(losses) == {"ce"}
+    assert losses["ce"].item() == pytest.approx(_hand_ce(output.logits, batch["labels"]), rel=1e-5)
+
+
+def test_kd_by_hand_temperature_and_batch_mean():
+    distiller = _identity_pair_distiller("kd")
+    images, batch = _batch(distiller)
+    output, losses = distiller(images, batch)
+    assert set(losses) == {"ce", "kd"}
+    assert losses["kd"].item() == pytest.approx(_hand_kd(output.logits, batch["logits"], 4.0), rel=1e-5)
+    assert losses["ce"].item() == pytest.approx(_hand_ce(output.logits, batch["labels"]), rel=1e-5)
+    # KL of identical distributions is zero, whatever T; and T enters both as the softening and the T² weight.
+    distiller.temperature = 2.0
+    same = {**batch, "logits": output.logits.detach()}
+    assert distiller(images, same)[1]["kd"].item() == pytest.approx(0.0, abs=1e-6)
+    assert distiller(images, batch)[1]["kd"].item() == pytest.approx(
+        _hand_kd(output.logits, batch["logits"], 2.0), rel=1e-5
+    )
+
+
+def test_fitnet_sums_ce_and_feature_mse_and_trains_everything():
+    distiller = _identity_pair_distiller("fitnet")
+    images, batch = _batch(distiller)
+    output, losses = distiller(images, batch)
+    assert set(losses) == {"ce", "feature_mse"} and output.logits is not None
+    mse = ((output.features["layer3.0"] - batch["features/t"].float()) ** 2).mean().item()
+    assert losses["feature_mse"].item() == pytest.approx(mse, rel=1e-5)
+    assert losses["ce"].item() == pytest.approx(_hand_ce(output.logits, batch["labels"]), rel=1e-5)
+    sum(losses.values()).backward()
+    assert distiller.student.fc.weight.grad is not None and distiller.student.stem[0].weight.grad is not None
+
+
+def test_fitnet_kd_adds_the_kd_term():
+    distiller = _identity_pair_distiller("fitnet-kd")
+    images, batch = _batch(distiller)
+    output, losses = distiller(images, batch)
+    assert set(losses) == {"ce", "kd", "feature_mse"}
+    assert losses["kd"].item() == pytest.approx(_hand_kd(output.logits, batch["logits"], 4.0), rel=1e-5)

@@ -1,0 +1,182 @@
+"""`kdpipe report`: every method over several seeds against one feature store, as in the paper's comparison.
+
+Runs live in OUT/<method>/seed-<s>. A run with checkpoints is resumed, which reuses a finished run as it is
+(and refuses one made with other settings); a probe is refitted only when its student is newer. Accuracy is
+each run's last-epoch top-1 on the held-out split (METHOD.md §7): the student's own classifier for methods
+trained with labels, the linear probe for feature-only methods.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from .distill import CHECKPOINT, STUDENT_FILE, SUMMARY_FILE
+from .methods import get_method
+from .runtime import write_json
+
+PROBE_FILE = "probe.json"
+BASELINE = "ce"
+
+DistillRun = Callable[[str, int, Path, bool], None]  # (method, seed, run folder, resume)
+ProbeRun = Callable[[Path, int], None]  # (run folder, seed)
+
+
+def run_all(out: Path, methods: list[str], seeds: list[int], distill: DistillRun, probe: ProbeRun) -> list[dict]:
+    """Runs (or reuses) every (method, seed) and returns one result per run."""
+    for method in methods:
+        get_method(method)  # an unknown method is reported before any run starts
+    results = []
+    bar = tqdm([(m, s) for m in methods for s in seeds], desc="report", unit="run")
+    for method, seed in bar:
+        bar.set_postfix(method=method, seed=seed)
+        run_dir = out / method / f"seed-{seed}"
+        resume = run_dir.is_dir() and any(CHECKPOINT.search(p.name) for p in run_dir.iterdir())
+        distill(method, seed, run_dir, resume)
+        if not get_method(method).uses_labels and not _probe_is_current(run_dir):
+            probe(run_dir, seed)
+        results.append(run_result(run_dir))
+        tqdm.write(f"{method} seed {seed}: top-1 {results[-1]['top1']:.2f}% ({results[-1]['evaluated_with']})")
+    return results
+
+
+def _probe_is_current(run_dir: Path) -> bool:
+    probe_file = run_dir / PROBE_FILE
+    return probe_file.is_file() and probe_file.stat().st_mtime >= (run_dir / STUDENT_FILE).stat().st_mtime
+
+
+def run_result(run_dir: Path) -> dict[str, Any]:
+    """One run's method, seed, held-out top-1 and how it was evaluated, from its JSON summaries."""
+    run = json.loads((run_dir / SUMMARY_FILE).read_text())
+    if get_method(run["method"]).uses_labels:
+        top1, evaluated_with, split = run["test_top1"], "own classifier", run["test_split"]
+    else:
+        probe = json.loads((run_dir / PROBE_FILE).read_text())
+        top1, evaluated_with, split = probe["test_top1"], f"linear probe on {probe['tap']}", probe["test_split"]
+    keys = ("method", "seed", "model", "dataset", "store", "teacher_taps", "losses", "steps", "batch_size", "lr")
+    return {
+        **{k: run[k] for k in keys},
+        "label_fraction": run["label_fraction"],
+        "num_labelled": run["num_labelled"],
+        "num_training_rows": run["num_training_rows"],
+        "top1": top1,
+        "test_split": split,
+        "evaluated_with": evaluated_with,
+    }
+
+
+def aggregate(results: list[dict], methods: list[str]) -> list[dict[str, Any]]:
+    """Per method: top-1 mean ± std over seeds and the mean paired gain over the CE-only student (same seeds)."""
+    by_method = {m: {r["seed"]: r for r in results if r["method"] == m} for m in methods}
+    baseline = by_method.get(BASELINE, {})
+    rows = []
+    for method in methods:
+        runs = by_method[method]
+        top1 = [r["top1"] for r in runs.values()]
+        gains = [r["top1"] - baseline[s]["top1"] for s, r in runs.items() if s in baseline]
+        first = next(iter(runs.values()))
+        rows.append(
+            {
+                "method": method,
+                "losses": first["losses"],
+                "teacher_taps": first["teacher_taps"],
+                "evaluated_with": first["evaluated_with"].split(" on ")[0],
+                "num_training_rows": first["num_training_rows"],
+                "runs": len(top1),
+                "top1": top1,
+                "mean": statistics.fmean(top1),
+                "std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                "gain": statistics.fmean(gains) if gains else None,
+                "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The report's Markdown table: method, losses, teacher taps, training rows, top-1 mean ± std, gain over ce."""
+    lines = [
+        "| method | losses | teacher taps | trained on | evaluated with | top-1 % (mean ± std) | gain over ce |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gain = "—" if r["gain"] is None else f"{r['gain']:+.2f} ± {r['gain_std']:.2f}"
+        taps = ", ".join(r["teacher_taps"]) or "—"
+        lines.append(
+            f"| {r['method']} | {' + '.join(r['losses'])} | {taps} | {r['num_training_rows']} images | "
+            f"{r['evaluated_with']} | {r['mean']:.2f} ± {r['std']:.2f} (n={r['runs']}) | {gain} |"
+        )
+    return "\n".join(lines)
+
+
+def tap_overlap_note(rows: list[dict[str, Any]]) -> str | None:
+    """Says how far the Q-picked and the stage-end teacher taps coincide (they can, e.g. when Q peaks late)."""
+    taps = {r["method"]: r["teacher_taps"] for r in rows}
+    picked, standard = taps.get("feature"), taps.get("feature-standard") or taps.get("fitnet")
+    if not picked or not standard:
+        return None
+    shared = [t for t in picked if t in standard]
+    return (
+        f"Q-picked taps ({', '.join(picked)}) and stage-end taps ({', '.join(standard)}) share "
+        f"{len(shared)} of {len(picked)}" + (f" ({', '.join(shared)})" if shared else "") + "; the difference "
+        "between `feature` and `feature-standard` measures the layer choice only where they differ."
+    )
+
+
+def write_report(out: Path, results: list[dict], methods: list[str], plot: bool = True) -> dict[str, Any]:
+    """report.md, report.json (and report.png) in `out`; returns the JSON summary."""
+    rows = aggregate(results, methods)
+    first = results[0]
+    seeds = sorted({r["seed"] for r in results})
+    setting = (
+        f"{first['model']} students on `{first['dataset']}` from the store `{first['store']}`: "
+        f"{first['steps']} optimizer steps of batch {first['batch_size']} (peak LR {first['lr']}) for every "
+        f"method; {first['num_labelled']} labelled train images (label fraction {first['label_fraction']:g}); "
+        f"seeds {', '.join(map(str, seeds))}. Top-1 is each run's last-epoch accuracy on the `{first['test_split']}` "
+        "split, evaluated once; the gain is the mean over seeds of (method − ce) on the same seed."
+    )
+    note = tap_overlap_note(rows)
+    per_seed = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for r in rows:
+        by_seed = {x["seed"]: x["top1"] for x in results if x["method"] == r["method"]}
+        per_seed.append(f"| {r['method']} | " + " | ".join(f"{by_seed[s]:.2f}" for s in seeds) + " |")
+    parts = ["# kdpipe report", "", setting, "", format_table(rows), ""]
+    parts += [note, ""] if note else []
+    parts += ["## Per seed (top-1 %)", "", *per_seed, ""]
+    if plot:
+        plot_report(rows, out / "report.png")
+        parts += ["![top-1 relative to the CE-only student](report.png)", ""]
+    (out / "report.md").write_text("\n".join(parts))
+    summary = {"stage": "report", "setting": setting, "seeds": seeds, "methods": rows, "runs": results, "note": note}
+    write_json(out / "report.json", summary)
+    return summary
+
+
+def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
+    """Bars of top-1 gain over the CE-only student (±std over seeds), or of top-1 itself without a ce run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    relative = all(r["gain"] is not None for r in rows) and any(r["method"] == BASELINE for r in rows)
+    shown = [r for r in rows if r["method"] != BASELINE] if relative else rows
+    values = [r["gain"] if relative else r["mean"] for r in shown]
+    errors = [r["gain_std"] if relative else r["std"] for r in shown]
+    fig, ax = plt.subplots(figsize=(1.4 * len(shown) + 2, 3.5))
+    colors = ["tab:green" if r["method"].startswith("feature") else "tab:gray" for r in shown]
+    ax.bar([r["method"] for r in shown], values, yerr=errors, capsize=4, color=colors)
+    if relative:
+        baseline = next(r for r in rows if r["method"] == BASELINE)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"top-1 gain over ce (points)\nce = {baseline['mean']:.2f}%")
+    else:
+        ax.set_ylabel("top-1 (%)")
+    ax.set_title("feature-only (green) vs logit-based students, mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

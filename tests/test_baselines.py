@@ -1,0 +1,151 @@
+"""Baselines under the feature method's recipe: label budget, step budget, ce/kd runs, and `kdpipe report`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+
+from cache.reader import CachedTargets
+from cache.store import STORE_NAME, FeatureStore
+from pipeline.datasets import stratified_subset
+from pipeline.distill import LABELLED_FILE, STUDENT_FILE, distill
+from pipeline.probe import probe
+
+from conftest import run_cli
+from test_cli import assert_one_line_error
+from test_distill_probe import STUDENT, _weights
+
+BUDGET = {**STUDENT, "label_fraction": 0.25, "steps": 10, "batch_size": 20}
+
+
+def test_stratified_subset_is_seeded_and_keeps_class_shares():
+    labels = np.repeat(np.arange(4), [40, 20, 20, 20])
+    picked = stratified_subset(labels, 0.25, seed=0)
+    assert np.array_equal(picked, stratified_subset(labels, 0.25, seed=0))
+    assert not np.array_equal(picked, stratified_subset(labels, 0.25, seed=1))
+    assert np.bincount(labels[picked]).tolist() == [10, 5, 5, 5]
+
+
+def test_cached_targets_serve_only_the_given_rows(scored_store):
+    part = FeatureStore.open(scored_store).split("train")
+    rows = stratified_subset(part.array("labels")[:], 0.25, seed=0)
+    labels = part.array("labels")[:]
+    for memory in (1 << 40, 0):
+        targets = CachedTargets(part, ["labels", "logits"], memory, window=2, rows=rows)
+        windows = targets.epoch_order(np.random.default_rng(0))
+        served = []
+        for batch_rows, (batch_labels, _) in targets.batches(windows, 10):
+            np.testing.assert_array_equal(batch_labels, labels[batch_rows])
+            served.append(batch_rows)
+        assert sorted(np.concatenate(served).tolist()) == rows.tolist()
+
+
+def test_label_and_step_budget(scored_store, tmp_path):
+    """ce trains on the labelled quarter for exactly 10 steps; feature distills on every row, and its probe is
+    fitted on the same labelled quarter; --no-unlabelled-distill restricts the feature method to it."""
+    ce = distill(str(scored_store), out=str(tmp_path / "ce"), method="ce", **BUDGET)
+    assert ce["num_training_rows"] == ce["num_labelled"] == 100 and ce["teacher_taps"] == []
+    assert ce["epochs"] == 2 and ce["steps"] == 10  # 5 steps per epoch
+    assert 0.0 <= ce["test_top1"] <= 100.0 and ce["test_split"] == "test"
+    log = (tmp_path / "ce" / "distill_log.csv").read_text().splitlines()
+    assert len(log) == 1 + 2
+    feature = distill(str(scored_store), out=str(tmp_path / "feature"), **BUDGET)
+    assert feature["num_training_rows"] == 400 and feature["num_labelled"] == 100
+    assert feature["epochs"] == 1  # 20 steps per epoch: the one epoch is cut at 10
+    labelled = np.load(tmp_path / "feature" / LABELLED_FILE)
+    assert np.array_equal(labelled, np.load(tmp_path / "ce" / LABELLED_FILE))  # the same subset for one seed
+    assert probe(str(tmp_path / "feature"), device="cpu")["num_train"] == 100
+    strict = distill(str(scored_store), out=str(tmp_path / "strict"), unlabelled_distill=False, **BUDGET)
+    assert strict["num_training_rows"] == 100
+
+
+def test_ce_never_touches_the_teacher(scored_store, tmp_path):
+    """Permuting every cached feature and logit changes no weight of the ce student; kd does read the logits."""
+    permuted = tmp_path / "permuted"
+    shutil.copytree(scored_store, permuted)
+    group = zarr.open_group(str(permuted / STORE_NAME), mode="r+")
+    rng = np.random.default_rng(0)
+    for path in ("train/logits", "train/features/layer2.2", "train/features/layer3.2"):
+        group[path][:] = rng.permutation(group[path][:])
+    for store, out in ((scored_store, "a"), (permuted, "b")):
+        distill(str(store), out=str(tmp_path / out), method="ce", **BUDGET)
+        distill(str(store), out=str(tmp_path / f"kd-{out}"), method="kd", **BUDGET)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    kd_a, kd_b = _weights(tmp_path / "kd-a"), _weights(tmp_path / "kd-b")
+    assert not all(torch.equal(kd_a[k], kd_b[k]) for k in kd_a)
+
+
+def _report_config(tmp_path, scored_store, steps: int = 6) -> str:
+    config = {
+        "report": {"store": str(scored_store), "out": str(tmp_path / "report"), "methods": ["ce", "kd", "feature"]},
+        "distill": {
+            "student": "resnet8",
+            "model_kwargs": {"base_width": 8},
+            "student_layers": ["layer2.0", "layer3.0"],
+            "steps": steps,
+            "batch_size": 25,
+            "label_fraction": 0.25,
+        },
+        "probe": {"max_iter": 50},
+        "device": "cpu",
+    }
+    path = tmp_path / "report.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_report_runs_then_reuses_and_refuses_changed_settings(scored_store, tmp_path, monkeypatch):
+    config = _report_config(tmp_path, scored_store)
+    result = run_cli("report", "--config", config, "--seeds", "0,1")
+    out = tmp_path / "report"
+    summary = json.loads((out / "report.json").read_text())
+    assert [m["method"] for m in summary["methods"]] == ["ce", "kd", "feature"]
+    for row in summary["methods"]:
+        runs = [r for r in summary["runs"] if r["method"] == row["method"]]
+        assert row["runs"] == 2 and row["mean"] == pytest.approx(np.mean([r["top1"] for r in runs]))
+        assert row["std"] == pytest.approx(np.std([r["top1"] for r in runs], ddof=1))
+    ce, kd, feature = summary["methods"]
+    assert ce["gain"] == 0.0 and kd["gain"] == pytest.approx(kd["mean"] - ce["mean"])
+    assert feature["evaluated_with"] == "linear probe" and feature["num_training_rows"] == 400
+    seed1 = json.loads((out / "feature" / "seed-1" / "probe.json").read_text())
+    assert seed1["test_top1"] == feature["top1"][1]
+    assert "| feature | feature_mse | layer2.2, layer3.2 |" in (out / "report.md").read_text()
+    assert "| kd | ce + kd |" in result.output and (out / "report.png").stat().st_size > 0
+
+    # A second report reuses every run: nothing trains, no probe is refitted.
+    import pipeline.distill
+    import pipeline.probe
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr(pipeline.distill, "_train_epoch", must_not_run)
+    monkeypatch.setattr(pipeline.probe, "fit_linear", must_not_run)
+    run_cli("report", "--config", config, "--seeds", "0,1")
+    assert json.loads((out / "report.json").read_text())["methods"] == summary["methods"]
+
+    # Other settings for the same folder are refused with the setting named, before anything is overwritten.
+    before = (out / "ce" / "seed-0" / STUDENT_FILE).read_bytes()
+    changed = run_cli("report", "--config", _report_config(tmp_path, scored_store, steps=8), expect_ok=False)
+    assert_one_line_error(changed, "made with steps = 6, not 8")
+    assert (out / "ce" / "seed-0" / STUDENT_FILE).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--seeds", "0,x"], "not a comma-separated list of integers"),
+        (["--methods", "ce,dkd"], "unknown method 'dkd'"),
+    ],
+)
+def test_report_bad_input(scored_store, tmp_path, args, fragment):
+    result = run_cli("report", "--config", _report_config(tmp_path, scored_store), *args, expect_ok=False)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "report" / "ce").exists()
