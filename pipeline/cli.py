@@ -366,7 +366,8 @@ def probe(run: str, config: str | None, **options: Any) -> None:
     type=CommaList(),
     default="ce,kd,fitnet,feature-standard,feature",
     show_default=True,
-    help="Methods to compare (`kdpipe methods`); ce is the baseline of the gains.",
+    help="Methods to compare (`kdpipe methods`), each optionally with distill flags joined by + "
+    "(feature+no-unlabelled-distill); ce is the baseline of the gains.",
 )
 @click.option("--seeds", type=CommaList(), default="0,1,2", show_default=True, help="Seeds, one run each per method.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/report", show_default=True)
@@ -377,19 +378,22 @@ def report(
 ) -> None:
     """Run (or reuse) every method over the seeds against STORE with the config's distill and probe settings;
     write report.md, report.json and report.png, and print the table."""
-    from .report import format_table, run_all, write_report
+    from .report import format_table, run_all, split_entry, write_report
 
     if not all(s.lstrip("-").isdigit() for s in seeds) or not seeds:
         raise click.BadParameter(f"{','.join(seeds)!r} is not a comma-separated list of integers", param_hint="--seeds")
+    flags = {o for p in distill.params if getattr(p, "is_flag", False) for o in (*p.opts, *p.secondary_opts)}
+    unknown = [f for entry in methods for f in split_entry(entry)[1] if f not in flags]
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]} is not a flag of kdpipe distill", param_hint="--methods")
     shared = ["--config", config] if config else []
 
     def run_stage(*args: str) -> None:  # through the group, so each stage reads the config as it would alone
         cli.main([*args, *shared, "--device", device], prog_name="kdpipe", standalone_mode=False)
 
-    def run_distill(method: str, seed: int, run_dir: Path, resume: bool) -> None:
-        run_stage(
-            "distill", store, "--method", method, "--seed", str(seed), "--out", str(run_dir), *["--resume"] * resume
-        )
+    def run_distill(method: str, flags: list[str], seed: int, run_dir: Path, resume: bool) -> None:
+        args = ["--method", method, *flags, "--seed", str(seed), "--out", str(run_dir), *["--resume"] * resume]
+        run_stage("distill", store, *args)
 
     def run_probe(run_dir: Path, seed: int) -> None:
         run_stage("probe", str(run_dir), "--seed", str(seed))

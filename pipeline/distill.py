@@ -151,12 +151,13 @@ def distill(
             data.num_classes,
             data.preprocessing.input_size,
         ).to(dev)
+    # Online, the teacher supplies the features; labels and logits still come from the cache.
+    paths = [p for p in distiller.inputs if not (teacher and p in distiller.teacher_targets)]
+    missing = [p for p in paths if p not in part.group.attrs["arrays"]]
+    if missing:
+        raise UserError(f"--method {method} reads {missing[0]}, which {feature_store.path} does not hold")
     num_rows = part.num_samples if rows is None else len(rows)
-    steps_per_epoch = num_rows // batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {batch_size} exceeds the {num_rows} training samples")
-    total_steps = steps or epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
+    steps_per_epoch, total_steps, epochs = _step_budget(num_rows, batch_size, epochs, steps)
     optimizer, schedule = adamw_onecycle(distiller.parameters(), lr, weight_decay, total_steps)
     spec = {
         "kdpipe_version": __version__,
@@ -188,8 +189,6 @@ def distill(
     log_rows, first_epoch = _start_or_resume(out_dir, resume, spec, distiller, optimizer, schedule)
     if first_epoch > epochs and (out_dir / SUMMARY_FILE).is_file():
         return json.loads((out_dir / SUMMARY_FILE).read_text())  # a finished run: reused, not recomputed
-    # Online, the teacher supplies the features; labels and logits still come from the cache.
-    paths = [p for p in distiller.inputs if not (teacher and p in distiller.teacher_targets)]
     targets = CachedTargets(part, paths, int(cache_memory_gb * 2**30), rows=rows)
     images = RowImages(data, part.array("indices")[:])
     start = time.perf_counter()
@@ -297,6 +296,15 @@ def _standard_taps(store: FeatureStore, k: int | None) -> list[Tap]:
     ends = stage_end_taps(taps, model)
     names = [t.name for t in spread_taps(taps, ends, k or len(ends))]
     return _recorded_taps(store, names, " (a stage end of the teacher)")
+
+
+def _step_budget(num_rows: int, batch_size: int, epochs: int, steps: int | None) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, epochs): `steps` when given, the last epoch then cut short; else whole epochs."""
+    steps_per_epoch = num_rows // batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {batch_size} exceeds the {num_rows} training samples")
+    total_steps = steps or epochs * steps_per_epoch
+    return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
 
 
 def _training_rows(

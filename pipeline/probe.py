@@ -1,6 +1,7 @@
 """`kdpipe probe`: freeze the distilled backbone, fit a linear classifier on its pooled features, report top-1.
 
-The backbone never saw a label; this is the only place labels are used for the student. Features are taken at the
+A feature-only backbone never saw a label; this is the only place labels are used for it, and with
+`--label-fraction` only the run's labelled subset is. Features are taken at the
 last distilled tap (or `--tap`), globally average-pooled (tokens: mean over all tokens, class token included) and
 standardised with train statistics. The head is fitted full-batch with L-BFGS on cross entropy plus L2; its weight
 decay is chosen on a stratified held-out part of the train split, never on the test split, which is evaluated once.

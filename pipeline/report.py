@@ -1,9 +1,10 @@
 """`kdpipe report`: every method over several seeds against one feature store, as in the paper's comparison.
 
-Runs live in OUT/<method>/seed-<s>. A run with checkpoints is resumed, which reuses a finished run as it is
-(and refuses one made with other settings); a probe is refitted only when its student is newer. Accuracy is
-each run's last-epoch top-1 on the held-out split (METHOD.md §7): the student's own classifier for methods
-trained with labels, the linear probe for feature-only methods.
+A compared entry is a method, optionally with distill flags joined by `+`: `feature+no-unlabelled-distill` is the
+feature method distilled on the labelled subset only. Runs live in OUT/<entry>/seed-<s>. A run with checkpoints
+is resumed, which reuses a finished run as it is (and refuses one made with other settings); a probe is refitted
+only when its student is newer. Accuracy is each run's last-epoch top-1 on the held-out split (METHOD.md §7): the
+student's own classifier for methods trained with labels, the linear probe for feature-only methods.
 """
 
 from __future__ import annotations
@@ -22,25 +23,32 @@ from .runtime import write_json
 PROBE_FILE = "probe.json"
 BASELINE = "ce"
 
-DistillRun = Callable[[str, int, Path, bool], None]  # (method, seed, run folder, resume)
+DistillRun = Callable[[str, list[str], int, Path, bool], None]  # (method, flags, seed, run folder, resume)
 ProbeRun = Callable[[Path, int], None]  # (run folder, seed)
 
 
-def run_all(out: Path, methods: list[str], seeds: list[int], distill: DistillRun, probe: ProbeRun) -> list[dict]:
-    """Runs (or reuses) every (method, seed) and returns one result per run."""
-    for method in methods:
-        get_method(method)  # an unknown method is reported before any run starts
+def split_entry(entry: str) -> tuple[str, list[str]]:
+    """`feature+no-unlabelled-distill` -> ("feature", ["--no-unlabelled-distill"])."""
+    method, *flags = entry.split("+")
+    return method, [f"--{flag}" for flag in flags]
+
+
+def run_all(out: Path, entries: list[str], seeds: list[int], distill: DistillRun, probe: ProbeRun) -> list[dict]:
+    """Runs (or reuses) every (entry, seed) and returns one result per run."""
+    for entry in entries:
+        get_method(split_entry(entry)[0])  # an unknown method is reported before any run starts
     results = []
-    bar = tqdm([(m, s) for m in methods for s in seeds], desc="report", unit="run")
-    for method, seed in bar:
-        bar.set_postfix(method=method, seed=seed)
-        run_dir = out / method / f"seed-{seed}"
+    bar = tqdm([(e, s) for e in entries for s in seeds], desc="report", unit="run")
+    for entry, seed in bar:
+        bar.set_postfix(method=entry, seed=seed)
+        method, flags = split_entry(entry)
+        run_dir = out / entry / f"seed-{seed}"
         resume = run_dir.is_dir() and any(CHECKPOINT.search(p.name) for p in run_dir.iterdir())
-        distill(method, seed, run_dir, resume)
+        distill(method, flags, seed, run_dir, resume)
         if not get_method(method).uses_labels and not _probe_is_current(run_dir):
             probe(run_dir, seed)
-        results.append(run_result(run_dir))
-        tqdm.write(f"{method} seed {seed}: top-1 {results[-1]['top1']:.2f}% ({results[-1]['evaluated_with']})")
+        results.append(run_result(run_dir, entry))
+        tqdm.write(f"{entry} seed {seed}: top-1 {results[-1]['top1']:.2f}% ({results[-1]['evaluated_with']})")
     return results
 
 
@@ -49,16 +57,17 @@ def _probe_is_current(run_dir: Path) -> bool:
     return probe_file.is_file() and probe_file.stat().st_mtime >= (run_dir / STUDENT_FILE).stat().st_mtime
 
 
-def run_result(run_dir: Path) -> dict[str, Any]:
-    """One run's method, seed, held-out top-1 and how it was evaluated, from its JSON summaries."""
+def run_result(run_dir: Path, entry: str) -> dict[str, Any]:
+    """One run's entry, seed, held-out top-1 and how it was evaluated, from its JSON summaries."""
     run = json.loads((run_dir / SUMMARY_FILE).read_text())
     if get_method(run["method"]).uses_labels:
         top1, evaluated_with, split = run["test_top1"], "own classifier", run["test_split"]
     else:
         probe = json.loads((run_dir / PROBE_FILE).read_text())
         top1, evaluated_with, split = probe["test_top1"], f"linear probe on {probe['tap']}", probe["test_split"]
-    keys = ("method", "seed", "model", "dataset", "store", "teacher_taps", "losses", "steps", "batch_size", "lr")
+    keys = ("seed", "model", "dataset", "store", "teacher_taps", "losses", "steps", "batch_size", "lr")
     return {
+        "method": entry,
         **{k: run[k] for k in keys},
         "label_fraction": run["label_fraction"],
         "num_labelled": run["num_labelled"],

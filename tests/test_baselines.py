@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,7 +85,11 @@ def test_ce_never_touches_the_teacher(scored_store, tmp_path):
 
 def _report_config(tmp_path, scored_store, steps: int = 6) -> str:
     config = {
-        "report": {"store": str(scored_store), "out": str(tmp_path / "report"), "methods": ["ce", "kd", "feature"]},
+        "report": {
+            "store": str(scored_store),
+            "out": str(tmp_path / "report"),
+            "methods": ["ce", "kd", "feature", "feature+no-unlabelled-distill"],
+        },
         "distill": {
             "student": "resnet8",
             "model_kwargs": {"base_width": 8},
@@ -106,14 +111,15 @@ def test_report_runs_then_reuses_and_refuses_changed_settings(scored_store, tmp_
     result = run_cli("report", "--config", config, "--seeds", "0,1")
     out = tmp_path / "report"
     summary = json.loads((out / "report.json").read_text())
-    assert [m["method"] for m in summary["methods"]] == ["ce", "kd", "feature"]
+    assert [m["method"] for m in summary["methods"]] == ["ce", "kd", "feature", "feature+no-unlabelled-distill"]
     for row in summary["methods"]:
         runs = [r for r in summary["runs"] if r["method"] == row["method"]]
         assert row["runs"] == 2 and row["mean"] == pytest.approx(np.mean([r["top1"] for r in runs]))
         assert row["std"] == pytest.approx(np.std([r["top1"] for r in runs], ddof=1))
-    ce, kd, feature = summary["methods"]
+    ce, kd, feature, strict = summary["methods"]
     assert ce["gain"] == 0.0 and kd["gain"] == pytest.approx(kd["mean"] - ce["mean"])
     assert feature["evaluated_with"] == "linear probe" and feature["num_training_rows"] == 400
+    assert strict["num_training_rows"] == 100 and (out / "feature+no-unlabelled-distill" / "seed-1").is_dir()
     seed1 = json.loads((out / "feature" / "seed-1" / "probe.json").read_text())
     assert seed1["test_top1"] == feature["top1"][1]
     assert "| feature | feature_mse | layer2.2, layer3.2 |" in (out / "report.md").read_text()
@@ -143,9 +149,27 @@ def test_report_runs_then_reuses_and_refuses_changed_settings(scored_store, tmp_
     [
         (["--seeds", "0,x"], "not a comma-separated list of integers"),
         (["--methods", "ce,dkd"], "unknown method 'dkd'"),
+        (["--methods", "ce,feature+lr"], "--lr is not a flag of kdpipe distill"),
     ],
 )
 def test_report_bad_input(scored_store, tmp_path, args, fragment):
     result = run_cli("report", "--config", _report_config(tmp_path, scored_store), *args, expect_ok=False)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "report" / "ce").exists()
+
+
+def test_kd_on_a_store_without_logits(digits_teacher, tmp_path):
+    from pipeline.extract import extract
+
+    args = dict(checkpoint=digits_teacher["checkpoint"], layers=("layer3.2",), max_samples=100, device="cpu")
+    extract("resnet20", "digits", str(tmp_path / "s"), logits=False, **args)
+    result = run_cli("distill", tmp_path / "s", "--method", "kd", "--out", tmp_path / "r", expect_ok=False)
+    assert_one_line_error(result, "--method kd reads logits", "does not hold")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("config", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_are_accepted_by_every_stage(config):
+    for command in ("teach", "extract", "score", "distill", "probe", "report"):
+        result = run_cli(command, "--config", config, "--help")
+        assert "Usage:" in result.output
