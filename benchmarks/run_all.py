@@ -1,6 +1,6 @@
-"""Runs every benchmark (P1-P5) in turn and prints each one's last line, the figure it exists for.
+"""Runs every benchmark (P1-P6) in turn and prints each one's last line, the figure it exists for.
 
-python benchmarks/run_all.py        # `make bench`; about 12 minutes on 2 cores
+python benchmarks/run_all.py        # `make bench`; about 20 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -10,7 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = ["p1_cache_speedup.py", "p2_extract_overhead.py", "p3_loader.py", "p4_score.py", "p5_storage.py"]
+SCRIPTS = [
+    "p1_cache_speedup.py",
+    "p2_extract_overhead.py",
+    "p3_loader.py",
+    "p4_score.py",
+    "p5_storage.py",
+    "p6_report_time.py",
+]
 
 
 def main() -> None:

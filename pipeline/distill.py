@@ -324,6 +324,7 @@ def _evaluate_classifier(net, data: SplitData, data_root, batch_size: int, worke
     return {
         "test_split": held_out.split,
         "test_top1": evaluate_top1(net, make_loader(held_out, batch_size, workers), dev),
+        "num_test": len(held_out),
     }
 
 

@@ -61,10 +61,10 @@ def run_result(run_dir: Path, entry: str) -> dict[str, Any]:
     """One run's entry, seed, held-out top-1 and how it was evaluated, from its JSON summaries."""
     run = json.loads((run_dir / SUMMARY_FILE).read_text())
     if get_method(run["method"]).uses_labels:
-        top1, evaluated_with, split = run["test_top1"], "own classifier", run["test_split"]
+        evaluation, evaluated_with = run, "own classifier"
     else:
-        probe = json.loads((run_dir / PROBE_FILE).read_text())
-        top1, evaluated_with, split = probe["test_top1"], f"linear probe on {probe['tap']}", probe["test_split"]
+        evaluation = json.loads((run_dir / PROBE_FILE).read_text())
+        evaluated_with = f"linear probe on {evaluation['tap']}"
     keys = ("seed", "model", "dataset", "store", "teacher_taps", "losses", "steps", "batch_size", "lr")
     return {
         "method": entry,
@@ -72,8 +72,9 @@ def run_result(run_dir: Path, entry: str) -> dict[str, Any]:
         "label_fraction": run["label_fraction"],
         "num_labelled": run["num_labelled"],
         "num_training_rows": run["num_training_rows"],
-        "top1": top1,
-        "test_split": split,
+        "top1": evaluation["test_top1"],
+        "test_split": evaluation["test_split"],
+        "num_test": evaluation["num_test"],
         "evaluated_with": evaluated_with,
     }
 
@@ -146,7 +147,8 @@ def write_report(out: Path, results: list[dict], methods: list[str], plot: bool 
         f"{first['steps']} optimizer steps of batch {first['batch_size']} (peak LR {first['lr']}) for every "
         f"method; {first['num_labelled']} labelled train images (label fraction {first['label_fraction']:g}); "
         f"seeds {', '.join(map(str, seeds))}. Top-1 is each run's last-epoch accuracy on the `{first['test_split']}` "
-        "split, evaluated once; the gain is the mean over seeds of (method − ce) on the same seed."
+        f"split ({first['num_test']} images: one image is {100 / first['num_test']:.2f} points), evaluated once; "
+        "the gain is the mean over seeds of (method − ce) on the same seed, ± the std of those differences."
     )
     note = tap_overlap_note(rows)
     per_seed = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
