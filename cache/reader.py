@@ -58,7 +58,7 @@ class CachedTargets:
     """Per-sample arrays of a split (teacher features, labels, logits: store paths), served in batches by chunk.
 
     `rows` restricts the epochs to a subset of the split (a labelled subset); by default every row is served.
-    If the arrays fit `memory_bytes` they are read once (whole chunks) and kept in RAM, and an epoch is a
+    If the served rows fit `memory_bytes` they are read once (chunk by chunk) and kept in RAM, and an epoch is a
     random permutation of the rows. Otherwise they are streamed: an epoch shuffles the order of blocks (each
     block is a chunk-aligned region of every array), reads `window` blocks at a time on a background thread,
     and shuffles rows within each window. Either way `epoch_order` says which rows come in which order, so the
@@ -72,20 +72,22 @@ class CachedTargets:
         self.arrays = [split.array(p) for p in self.paths]
         self.rows = np.arange(split.num_samples) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
         self.num_rows = len(self.rows)
-        self.nbytes = sum(int(a.nbytes) for a in self.arrays)
+        row_bytes = sum(int(a.nbytes) // max(a.shape[0], 1) for a in self.arrays)
+        self.nbytes = row_bytes * self.num_rows  # what RAM would hold: the served rows only
         self.in_memory = self.nbytes <= memory_bytes
         # Streamed, about three windows live at once (the one served, the one prefetched, their concatenation).
-        block_bytes = self.nbytes / max(split.num_blocks, 1)
+        block_bytes = row_bytes * split.block_rows
         self.window = window or max(1, int(memory_bytes / (3 * block_bytes)) if block_bytes else 1)
         blocks = self.rows // split.block_rows
         self._blocks, starts = np.unique(blocks, return_index=True)
         self._rows_by_block = dict(zip(self._blocks.tolist(), np.split(self.rows, starts[1:])))
         self._ram = None
-        if self.in_memory:
+        if self.in_memory:  # row r of the split is at position searchsorted(self.rows, r)
             self._ram = []
             for array in self.arrays:
                 with named_read_errors(array):
-                    self._ram.append(array[:])
+                    whole = self.num_rows == split.num_samples
+                    self._ram.append(array[:] if whole else gather_rows(array, self.rows))
 
     def epoch_order(self, rng: np.random.Generator) -> list[np.ndarray]:
         """The epoch's rows as windows (one window when in RAM); concatenated they are the sample order."""
@@ -106,7 +108,8 @@ class CachedTargets:
             order = np.concatenate(windows)
             for start in range(0, len(order) - batch_size + 1, batch_size):
                 rows = order[start : start + batch_size]
-                yield rows, [values[rows] for values in self._ram]
+                positions = np.searchsorted(self.rows, rows)
+                yield rows, [values[positions] for values in self._ram]
             return
         pending_rows: list[np.ndarray] = []
         pending_values: list[list[np.ndarray]] = []

@@ -94,7 +94,7 @@ def run_options(fn: Callable) -> Callable:
     for option in reversed(
         [
             click.option("--device", type=DEVICES, default="auto", show_default=True),
-            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--seed", type=click.IntRange(0), default=0, show_default=True),
         ]
     ):
         fn = option(fn)
@@ -240,7 +240,7 @@ def extract(config: str | None, **options: Any) -> None:
 )
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Threads reading chunks.")
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Write scores.png.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 def score(store: str, config: str | None, **options: Any) -> None:
     """Knowledge quality Q = S + sqrt(I*E) of each cached tap of STORE; picks the top-k taps."""
     from .runtime import write_args
@@ -321,6 +321,7 @@ def score(store: str, config: str | None, **options: Any) -> None:
 )
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@click.option("--check", is_flag=True, help="Check the settings against STORE and OUT, then exit without training.")
 @run_options
 def distill(store: str, config: str | None, **options: Any) -> None:
     """Train a student from STORE: its backbone on cached teacher features only (default), or a baseline."""
@@ -328,13 +329,18 @@ def distill(store: str, config: str | None, **options: Any) -> None:
     from .runtime import write_args
 
     summary = run(store, **options)
+    pairs = ", ".join(f"{s}->{t}" for s, t in zip(summary["student_taps"], summary["teacher_taps"]))
+    pairs = f" ({pairs})" if pairs else ""
+    if summary.get("checked"):
+        click.echo(f"{summary['method']}: {summary['model']}{pairs}, {summary['steps']} steps: settings ok")
+        return
     write_args(Path(options["out"]) / "distill_args.yaml", {"store": store, **options})
-    pairs = ", ".join(f"{p['student']}->{p['teacher']}" for p in summary["pairs"])
-    losses = "  ".join(
-        f"{k} {v:.5f}" for k, v in summary["final"].items() if k not in ("epoch", "lr", "seconds", "images_per_second")
-    )
+    final = summary["final"]
+    losses = "  ".join(f"{k} {final[k]:.5f}" for k in summary["losses"])
+    accuracy = f"  {summary['test_split']} top-1 {summary['test_top1']:.2f}%" if "test_top1" in summary else ""
     click.echo(
-        f"distilled {summary['model']} ({pairs}): epoch {summary['final']['epoch']}  {losses} -> {summary['weights']}"
+        f"{summary['method']}: {summary['model']}{pairs}, epoch {final['epoch']}  {losses}{accuracy} -> "
+        f"{summary['weights']}"
     )
 
 
@@ -378,28 +384,40 @@ def report(
 ) -> None:
     """Run (or reuse) every method over the seeds against STORE with the config's distill and probe settings;
     write report.md, report.json and report.png, and print the table."""
-    from .report import format_table, run_all, split_entry, write_report
+    from .report import Stages, format_table, run_all, split_entry, write_report
 
-    if not all(s.lstrip("-").isdigit() for s in seeds) or not seeds:
-        raise click.BadParameter(f"{','.join(seeds)!r} is not a comma-separated list of integers", param_hint="--seeds")
+    if not all(s.isdigit() for s in seeds) or not seeds:
+        raise click.BadParameter(
+            f"{','.join(seeds)!r} is not a comma-separated list of seeds >= 0", param_hint="--seeds"
+        )
     flags = {o for p in distill.params if getattr(p, "is_flag", False) for o in (*p.opts, *p.secondary_opts)}
     unknown = [f for entry in methods for f in split_entry(entry)[1] if f not in flags]
     if unknown:
         raise click.BadParameter(f"{unknown[0]} is not a flag of kdpipe distill", param_hint="--methods")
     shared = ["--config", config] if config else []
+    group = click.get_current_context().parent
+
+    def stage_args(*args: str) -> list[str]:
+        return [*args, *shared, "--device", device]
 
     def run_stage(*args: str) -> None:  # through the group, so each stage reads the config as it would alone
-        cli.main([*args, *shared, "--device", device], prog_name="kdpipe", standalone_mode=False)
+        cli.main(stage_args(*args), prog_name="kdpipe", standalone_mode=False)
 
-    def run_distill(method: str, flags: list[str], seed: int, run_dir: Path, resume: bool) -> None:
-        args = ["--method", method, *flags, "--seed", str(seed), "--out", str(run_dir), *["--resume"] * resume]
-        run_stage("distill", store, *args)
+    def run_distill(method: str, flags: list[str], seed: int, run_dir: Path, resume: bool, check: bool = False):
+        args = ["--method", method, *flags, "--seed", str(seed), "--out", str(run_dir)]
+        run_stage("distill", store, *args, *["--resume"] * resume, *["--check"] * check)
 
-    def run_probe(run_dir: Path, seed: int) -> None:
-        run_stage("probe", str(run_dir), "--seed", str(seed))
+    def probe_settings(run_dir: Path, seed: int) -> dict[str, Any]:
+        args = stage_args(str(run_dir), "--seed", str(seed))
+        return probe.make_context("probe", args, parent=group).params
 
+    stages = Stages(
+        distill=run_distill,
+        probe=lambda run_dir, seed: run_stage("probe", str(run_dir), "--seed", str(seed)),
+        probe_settings=probe_settings,
+    )
     Path(out).mkdir(parents=True, exist_ok=True)
-    results = run_all(Path(out), list(methods), [int(s) for s in seeds], run_distill, run_probe)
+    results = run_all(Path(out), list(methods), [int(s) for s in seeds], stages)
     summary = write_report(Path(out), results, list(methods), plot)
     click.echo(summary["setting"])
     click.echo(format_table(summary["methods"]))

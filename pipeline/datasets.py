@@ -308,8 +308,8 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
         picked, _ = train_test_split(positions, train_size=fraction, stratify=labels, random_state=seed)
     except ValueError as err:
         raise UserError(
-            f"a {fraction:g} fraction of {len(labels)} samples cannot hold every one of "
-            f"{len(np.unique(labels))} classes ({str(err).splitlines()[0]})"
+            f"cannot draw a class-stratified {fraction:g} of {len(labels)} samples of {len(np.unique(labels))} "
+            f"classes ({str(err).splitlines()[0]})"
         ) from err
     return np.sort(picked)
 

@@ -38,7 +38,8 @@ from .taps import Tap, TapRecorder, list_taps
 
 STUDENT_FILE = "student.safetensors"
 SUMMARY_FILE = "distill.json"
-LABELLED_FILE = "labelled_indices.npy"  # dataset indices of the labelled subset, for the probe
+LABELLED_FILE = "labelled_indices.npy"  # dataset indices of the labelled train images, for the probe
+CHECKPOINT_SECONDS = 60.0  # at most one checkpoint a minute, and one after the last epoch
 CHECKPOINT = re.compile(r"epoch-(\d+)\.state\.pt$")
 
 
@@ -125,11 +126,14 @@ def distill(
     device: str = "auto",
     workers: int = 0,
     resume: bool = False,
+    check: bool = False,
 ) -> dict[str, Any]:
     """Trains `student` with `method` on the store's train split into `out`; returns the summary (distill.json).
 
     `steps` fixes the number of optimizer steps (the last epoch is cut short) so that methods training on
-    different numbers of rows share one budget; without it the run lasts `epochs` epochs.
+    different numbers of rows share one budget; without it the run lasts `epochs` epochs. `check` validates
+    everything a run would (store, data, taps, cached arrays, budget, an existing run in `out`) and returns the
+    run's spec without training or writing.
     """
     dev = resolve_device(device)
     recipe = get_method(method)
@@ -168,7 +172,7 @@ def distill(
         "num_classes": data.num_classes,
         "input_size": data.preprocessing.input_size,
         "dataset": data.name,
-        "store": str(feature_store.path),
+        "store": str(feature_store.path.resolve()),
         "store_config_hash": feature_store.meta["config_hash"],
         "student_taps": [t.name for t in student_taps],
         "teacher_taps": [t.name for t in teacher_taps],
@@ -177,9 +181,9 @@ def distill(
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
-        "temperature": temperature,
+        "temperature": temperature if "kd" in recipe.losses else None,  # unused settings do not block a resume
         "label_fraction": label_fraction,
-        "unlabelled_distill": unlabelled_distill,
+        "unlabelled_distill": unlabelled_distill if labelled is not None and not recipe.uses_labels else None,
         "num_labelled": len(labelled) if labelled is not None else part.num_samples,
         "num_training_rows": num_rows,
         "seed": seed,
@@ -187,11 +191,13 @@ def distill(
     }
     out_dir = Path(out)
     log_rows, first_epoch = _start_or_resume(out_dir, resume, spec, distiller, optimizer, schedule)
+    if check:
+        return {"stage": "distill", "checked": True, **spec}
     if first_epoch > epochs and (out_dir / SUMMARY_FILE).is_file():
         return json.loads((out_dir / SUMMARY_FILE).read_text())  # a finished run: reused, not recomputed
     targets = CachedTargets(part, paths, int(cache_memory_gb * 2**30), rows=rows)
     images = RowImages(data, part.array("indices")[:])
-    start = time.perf_counter()
+    start = last_save = time.perf_counter()
     for epoch in range(first_epoch, epochs + 1):
         batches = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
         row = _train_epoch(
@@ -210,11 +216,13 @@ def distill(
             workers,
         )
         log_rows.append(row)
-        _save_checkpoint(out_dir, epoch, spec, distiller, optimizer, schedule, log_rows)
-        write_csv(out_dir / "distill_log.csv", log_rows)
+        # Short epochs (a small labelled subset) are checkpointed every CHECKPOINT_SECONDS, not every epoch.
+        if epoch == epochs or time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
+            _save_checkpoint(out_dir, epoch, spec, distiller, optimizer, schedule, log_rows)
+            write_csv(out_dir / "distill_log.csv", log_rows)
+            last_save = time.perf_counter()
     save_checkpoint(net, out_dir / STUDENT_FILE, spec)
-    if labelled is not None:
-        np.save(out_dir / LABELLED_FILE, images.indices[labelled])
+    np.save(out_dir / LABELLED_FILE, images.indices[labelled if labelled is not None else slice(None)])
     summary = {
         "stage": "distill",
         **spec,
@@ -293,9 +301,16 @@ def _standard_taps(store: FeatureStore, k: int | None) -> list[Tap]:
             model_kwargs=teacher.get("model_kwargs") or None,
         )
     taps = list_taps(model, input_size)
-    ends = stage_end_taps(taps, model)
-    names = [t.name for t in spread_taps(taps, ends, k or len(ends))]
-    return _recorded_taps(store, names, " (a stage end of the teacher)")
+    ends = _pairable(taps, stage_end_taps(taps, model))
+    if not ends:
+        raise UserError(f"teacher {teacher['name']} declares no stages (feature_info); pass --teacher-layers")
+    k = k or len(ends)
+    if k > len(ends):
+        raise UserError(
+            f"teacher {teacher['name']} has {len(ends)} stage ends for {k} pairs; "
+            "pass --teacher-layers or fewer --student-layers"
+        )
+    return _recorded_taps(store, [t.name for t in _spread(ends, k)], " (a stage end of the teacher)")
 
 
 def _step_budget(num_rows: int, batch_size: int, epochs: int, steps: int | None) -> tuple[int, int, int]:
@@ -314,7 +329,10 @@ def _training_rows(
     `unlabelled_distill` off, see only the labelled subset; feature methods otherwise distill on every row."""
     if label_fraction >= 1.0:
         return None, None
-    labelled = stratified_subset(part.array("labels")[:], label_fraction, seed)
+    try:
+        labelled = stratified_subset(part.array("labels")[:], label_fraction, seed)
+    except UserError as err:
+        raise UserError(f"--label-fraction {label_fraction:g}: {err}") from None
     return (labelled if method.uses_labels or not unlabelled_distill else None), labelled
 
 
@@ -339,20 +357,23 @@ def stage_end_taps(taps: list[Tap], model: torch.nn.Module) -> list[str]:
     return ends
 
 
-def spread_taps(taps: list[Tap], stage_ends: list[str], k: int) -> list[Tap]:
-    """k taps spread evenly over a model's depth, ending at its last stage end.
+def _pairable(taps: list[Tap], names: list[str] | None = None) -> list[Tap]:
+    """Taps that may be paired (of `names`, if given): never the first (stem or patch embedding), never a vector."""
+    return [t for t in taps[1:] if t.kind != "vector" and (names is None or t.name in names)]
 
-    Candidates are the stage ends when there are at least k of them, else every block tap; the first tap
-    (stem or patch embedding) and vectors are never candidates.
-    """
-    blocks = [t for t in taps[1:] if t.kind != "vector"]
-    ends = [t for t in blocks if t.name in stage_ends]
+
+def _spread(candidates: list[Tap], k: int) -> list[Tap]:
+    """k of the candidates spread evenly over depth, ending at the last."""
+    return [candidates[round((i + 1) * len(candidates) / k) - 1] for i in range(k)]
+
+
+def spread_taps(taps: list[Tap], stage_ends: list[str], k: int) -> list[Tap]:
+    """The default student taps: k stage ends spread over depth, or k blocks when there are fewer stages."""
+    ends, blocks = _pairable(taps, stage_ends), _pairable(taps)
     candidates = ends if len(ends) >= k else blocks
     if len(candidates) < k:
-        raise UserError(
-            f"only {len(candidates)} candidate taps for {k} pairs; name them with --student-layers / --teacher-layers"
-        )
-    return [candidates[round((i + 1) * len(candidates) / k) - 1] for i in range(k)]
+        raise UserError(f"the student has only {len(candidates)} taps for {k} pairs; pass --student-layers")
+    return _spread(candidates, k)
 
 
 def _student_taps(net: torch.nn.Module, input_size: int, requested: tuple[str, ...], k: int) -> list[Tap]:

@@ -34,6 +34,7 @@ from .taps import TapRecorder, list_taps
 
 CLASSIFIER_FILE = "classifier.safetensors"
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+FALLBACK_WEIGHT_DECAY = 1e-3
 VALIDATION_FRACTION = 0.2
 
 
@@ -101,8 +102,7 @@ def probe(
     list_taps(backbone, spec["input_size"], names=[tap])  # an unknown tap is reported before any work
     train, test = _probe_data(spec, data_root)
     # Only the labelled subset of a --label-fraction run trains the head (the whole train split otherwise).
-    labelled_file = run_dir / LABELLED_FILE
-    labelled = np.load(labelled_file) if labelled_file.is_file() else np.arange(len(train))
+    labelled = _labelled_indices(run_dir, spec, len(train))
     backbone.to(dev).eval()
     x_train = _embed(backbone, tap, Subset(train, labelled.tolist()), "train", batch_size, workers, dev)
     x_test = _embed(backbone, tap, test, test.split, batch_size, workers, dev)
@@ -110,7 +110,8 @@ def probe(
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     z_train, z_test = (x_train - mean) / std, (x_test - mean) / std
     val_scores = _choose_weight_decay(z_train, y_train, train.num_classes, max_iter, seed)
-    weight_decay = max(val_scores, key=lambda wd: (val_scores[wd], wd))  # ties: the stronger regularisation
+    # Ties go to the stronger regularisation; with too few labels to hold any out, the middle of the grid.
+    weight_decay = max(val_scores, key=lambda wd: (val_scores[wd], wd)) if val_scores else FALLBACK_WEIGHT_DECAY
     head = fit_linear(z_train, y_train, train.num_classes, weight_decay, max_iter)
     test_top1 = _top1(head(z_test), y_test)
     train_top1 = _top1(head(z_train), y_train)
@@ -135,6 +136,7 @@ def probe(
         "test_top1": test_top1,
         "train_top1": train_top1,
         "weight_decay": weight_decay,
+        "max_iter": max_iter,
         "validation_top1_by_weight_decay": {str(k): v for k, v in val_scores.items()},
         "num_train": len(labelled),
         "num_test": len(test),
@@ -143,6 +145,16 @@ def probe(
     }
     write_json(run_dir / "probe.json", summary)
     return summary
+
+
+def _labelled_indices(run_dir: Path, spec: dict[str, Any], num_train: int) -> np.ndarray:
+    """Dataset indices of the train images the run may use labels of: those its distill run recorded."""
+    path = run_dir / LABELLED_FILE
+    if path.is_file():
+        return np.load(path)
+    if spec.get("label_fraction", 1.0) < 1.0:
+        raise UserError(f"{path} is missing, so the labelled subset of this --label-fraction run is unknown")
+    return np.arange(num_train)  # runs from before the file existed: the whole train split
 
 
 def _probe_data(spec: dict[str, Any], data_root: str | None) -> tuple[SplitData, SplitData]:
@@ -203,9 +215,15 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
 
 
 def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_iter: int, seed: int):
-    """Validation top-1 per weight decay, on a seeded stratified part of the train split."""
-    val_idx = stratified_subset(y.numpy(), VALIDATION_FRACTION, seed)
-    fit_idx = np.setdiff1d(np.arange(len(y)), val_idx)
+    """Validation top-1 per weight decay, on a seeded stratified 20 % of the (labelled) train images; empty when
+    there are too few of them to hold out every class."""
+    try:
+        fit_idx = stratified_subset(y.numpy(), 1.0 - VALIDATION_FRACTION, seed)
+    except UserError:
+        return {}
+    val_idx = np.setdiff1d(np.arange(len(y)), fit_idx)
+    if len(np.unique(y.numpy()[val_idx])) < len(np.unique(y.numpy())):
+        return {}
     fit_idx, val_idx = torch.from_numpy(fit_idx), torch.from_numpy(val_idx)
     return {
         wd: _top1(fit_linear(x[fit_idx], y[fit_idx], num_classes, wd, max_iter)(x[val_idx]), y[val_idx])

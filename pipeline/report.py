@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from tqdm import tqdm
@@ -23,8 +24,17 @@ from .runtime import write_json
 PROBE_FILE = "probe.json"
 BASELINE = "ce"
 
-DistillRun = Callable[[str, list[str], int, Path, bool], None]  # (method, flags, seed, run folder, resume)
-ProbeRun = Callable[[Path, int], None]  # (run folder, seed)
+RECIPE = ("model", "steps", "batch_size", "lr", "label_fraction", "num_labelled")  # shared by every run
+
+
+@dataclass(frozen=True)
+class Stages:
+    """How the report runs `kdpipe distill` and `kdpipe probe`: bound by the CLI to its own commands, so every run
+    takes the config file's settings exactly as the stage would alone."""
+
+    distill: Callable[..., None]  # (method, flags, seed, run folder, resume, check=False)
+    probe: Callable[[Path, int], None]  # (run folder, seed)
+    probe_settings: Callable[[Path, int], dict[str, Any]]  # the probe's resolved options for that run
 
 
 def split_entry(entry: str) -> tuple[str, list[str]]:
@@ -33,28 +43,39 @@ def split_entry(entry: str) -> tuple[str, list[str]]:
     return method, [f"--{flag}" for flag in flags]
 
 
-def run_all(out: Path, entries: list[str], seeds: list[int], distill: DistillRun, probe: ProbeRun) -> list[dict]:
-    """Runs (or reuses) every (entry, seed) and returns one result per run."""
-    for entry in entries:
-        get_method(split_entry(entry)[0])  # an unknown method is reported before any run starts
+def run_all(out: Path, entries: list[str], seeds: list[int], stages: Stages) -> list[dict]:
+    """Checks every (entry, seed) against the store first (a setting that fails fails before hours of runs), then
+    runs or reuses each and returns one result per run."""
+    plan = [(entry, seed, *split_entry(entry), out / entry / f"seed-{seed}") for entry in entries for seed in seeds]
+    for _, seed, method, flags, run_dir in tqdm(plan, desc="check", unit="run", leave=False):
+        stages.distill(method, flags, seed, run_dir, _has_checkpoints(run_dir), check=True)
     results = []
-    bar = tqdm([(e, s) for e in entries for s in seeds], desc="report", unit="run")
-    for entry, seed in bar:
+    bar = tqdm(plan, desc="report", unit="run")
+    for entry, seed, method, flags, run_dir in bar:
         bar.set_postfix(method=entry, seed=seed)
-        method, flags = split_entry(entry)
-        run_dir = out / entry / f"seed-{seed}"
-        resume = run_dir.is_dir() and any(CHECKPOINT.search(p.name) for p in run_dir.iterdir())
-        distill(method, flags, seed, run_dir, resume)
-        if not get_method(method).uses_labels and not _probe_is_current(run_dir):
-            probe(run_dir, seed)
+        stages.distill(method, flags, seed, run_dir, _has_checkpoints(run_dir))
+        if not get_method(method).uses_labels and not _probe_is_current(run_dir, stages.probe_settings(run_dir, seed)):
+            stages.probe(run_dir, seed)
         results.append(run_result(run_dir, entry))
         tqdm.write(f"{entry} seed {seed}: top-1 {results[-1]['top1']:.2f}% ({results[-1]['evaluated_with']})")
     return results
 
 
-def _probe_is_current(run_dir: Path) -> bool:
+def _has_checkpoints(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(CHECKPOINT.search(p.name) for p in run_dir.iterdir())
+
+
+def _probe_is_current(run_dir: Path, settings: dict[str, Any]) -> bool:
+    """A probe fitted after its student was last written, with the settings the report would use now."""
     probe_file = run_dir / PROBE_FILE
-    return probe_file.is_file() and probe_file.stat().st_mtime >= (run_dir / STUDENT_FILE).stat().st_mtime
+    if not probe_file.is_file() or probe_file.stat().st_mtime < (run_dir / STUDENT_FILE).stat().st_mtime:
+        return False
+    fitted = json.loads(probe_file.read_text())
+    return (
+        fitted.get("max_iter") == settings["max_iter"]
+        and fitted["seed"] == settings["seed"]
+        and settings["tap"] in (None, fitted["tap"])
+    )
 
 
 def run_result(run_dir: Path, entry: str) -> dict[str, Any]:
@@ -142,6 +163,7 @@ def write_report(out: Path, results: list[dict], methods: list[str], plot: bool 
     rows = aggregate(results, methods)
     first = results[0]
     seeds = sorted({r["seed"] for r in results})
+    differing = recipe_differences(results)
     setting = (
         f"{first['model']} students on `{first['dataset']}` from the store `{first['store']}`: "
         f"{first['steps']} optimizer steps of batch {first['batch_size']} (peak LR {first['lr']}) for every "
@@ -150,6 +172,8 @@ def write_report(out: Path, results: list[dict], methods: list[str], plot: bool 
         f"split ({first['num_test']} images: one image is {100 / first['num_test']:.2f} points), evaluated once; "
         "the gain is the mean over seeds of (method − ce) on the same seed, ± the std of those differences."
     )
+    if differing:
+        setting = f"**Not one recipe: {differing}.** Set them in the config's `distill` section. " + setting
     note = tap_overlap_note(rows)
     per_seed = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for r in rows:
@@ -165,6 +189,16 @@ def write_report(out: Path, results: list[dict], methods: list[str], plot: bool 
     summary = {"stage": "report", "setting": setting, "seeds": seeds, "methods": rows, "runs": results, "note": note}
     write_json(out / "report.json", summary)
     return summary
+
+
+def recipe_differences(results: list[dict]) -> str:
+    """The recipe settings that differ between runs, with each entry's values ("" when all runs share them)."""
+    parts = []
+    for key in RECIPE:
+        by_entry = {r["method"]: r[key] for r in results}
+        if len({json.dumps(v) for v in by_entry.values()}) > 1:
+            parts.append(f"{key} differs ({', '.join(f'{m} {v}' for m, v in by_entry.items())})")
+    return "; ".join(parts)
 
 
 def plot_report(rows: list[dict[str, Any]], path: Path) -> None:

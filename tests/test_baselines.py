@@ -137,6 +137,14 @@ def test_report_runs_then_reuses_and_refuses_changed_settings(scored_store, tmp_
     run_cli("report", "--config", config, "--seeds", "0,1")
     assert json.loads((out / "report.json").read_text())["methods"] == summary["methods"]
 
+    # Other probe settings refit the probes only.
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline.distill, "_train_epoch", must_not_run)
+    config_path = Path(config)
+    config_path.write_text(config_path.read_text().replace("max_iter: 50", "max_iter: 40"))
+    run_cli("report", "--config", config, "--seeds", "0,1")
+    assert json.loads((out / "feature" / "seed-0" / "probe.json").read_text())["max_iter"] == 40
+
     # Other settings for the same folder are refused with the setting named, before anything is overwritten.
     before = (out / "ce" / "seed-0" / STUDENT_FILE).read_bytes()
     changed = run_cli("report", "--config", _report_config(tmp_path, scored_store, steps=8), expect_ok=False)
@@ -147,7 +155,8 @@ def test_report_runs_then_reuses_and_refuses_changed_settings(scored_store, tmp_
 @pytest.mark.parametrize(
     "args,fragment",
     [
-        (["--seeds", "0,x"], "not a comma-separated list of integers"),
+        (["--seeds", "0,x"], "not a comma-separated list of seeds >= 0"),
+        (["--seeds", "-1"], "not a comma-separated list of seeds >= 0"),
         (["--methods", "ce,dkd"], "unknown method 'dkd'"),
         (["--methods", "ce,feature+lr"], "--lr is not a flag of kdpipe distill"),
     ],
@@ -159,6 +168,7 @@ def test_report_bad_input(scored_store, tmp_path, args, fragment):
 
 
 def test_kd_on_a_store_without_logits(digits_teacher, tmp_path):
+    """Refused in one line; in a report, before any run starts."""
     from pipeline.extract import extract
 
     args = dict(checkpoint=digits_teacher["checkpoint"], layers=("layer3.2",), max_samples=100, device="cpu")
@@ -166,6 +176,37 @@ def test_kd_on_a_store_without_logits(digits_teacher, tmp_path):
     result = run_cli("distill", tmp_path / "s", "--method", "kd", "--out", tmp_path / "r", expect_ok=False)
     assert_one_line_error(result, "--method kd reads logits", "does not hold")
     assert not (tmp_path / "r").exists()
+    config = tmp_path / "c.yaml"
+    config.write_text("distill: {batch_size: 20, steps: 2}\n")
+    report = ["report", "--config", config, "--store", tmp_path / "s", "--methods", "ce,kd", "--out", tmp_path / "rep"]
+    assert_one_line_error(run_cli(*report, "--device", "cpu", expect_ok=False), "--method kd reads logits")
+    assert not (tmp_path / "rep" / "ce").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--method", "feature-standard", "--student-layers", "layer1.0,layer2.0,layer3.0,layer3.1"], "has 3 stage"),
+        (["--method", "feature-standard"], "teacher tap 'layer1.2' (a stage end of the teacher) is not in"),
+        (["--method", "ce", "--label-fraction", "0.999"], "--label-fraction 0.999: cannot draw a class-stratified"),
+        (["--method", "ce", "--label-fraction", "0.01"], "--label-fraction 0.01: cannot draw a class-stratified"),
+    ],
+)
+def test_baseline_bad_input(scored_store, tmp_path, extra, fragment):
+    args = ["distill", scored_store, "--student", "resnet20", "--steps", 1, "--out", tmp_path / "r", *extra]
+    assert_one_line_error(run_cli(*args, "--device", "cpu", expect_ok=False), fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_tiny_label_budget_probe_falls_back_to_a_fixed_weight_decay(scored_store, tmp_path):
+    """12 labelled images of 10 classes cannot spare a stratified validation part: the probe still fits."""
+    run = tmp_path / "feature"
+    distill(str(scored_store), out=str(run), **{**BUDGET, "label_fraction": 0.03, "steps": 2})
+    summary = probe(str(run), device="cpu")
+    assert summary["num_train"] == 12 and summary["validation_top1_by_weight_decay"] == {}
+    assert summary["weight_decay"] == 1e-3
+    (run / LABELLED_FILE).unlink()
+    assert_one_line_error(run_cli("probe", run, "--device", "cpu", expect_ok=False), "labelled subset", "unknown")
 
 
 @pytest.mark.parametrize("config", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))

@@ -88,7 +88,7 @@ def test_default_student_taps(model, k, expected):
 def test_too_few_student_taps():
     net = create_model("resnet8", 10)
     taps = list_taps(net, 32)
-    with pytest.raises(UserError, match="only 3 candidate taps for 4 pairs"):
+    with pytest.raises(UserError, match="the student has only 3 taps for 4 pairs"):
         spread_taps(taps, stage_end_taps(taps, net), 4)
 
 
