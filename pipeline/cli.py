@@ -321,6 +321,13 @@ def score(store: str, config: str | None, **options: Any) -> None:
 )
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@click.option(
+    "--checkpoint-seconds",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    help="Checkpoint after an epoch once this long has passed since the last (0: every epoch), and at the end.",
+)
 @click.option("--check", is_flag=True, help="Check the settings against STORE and OUT, then exit without training.")
 @run_options
 def distill(store: str, config: str | None, **options: Any) -> None:

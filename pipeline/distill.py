@@ -39,7 +39,6 @@ from .taps import Tap, TapRecorder, list_taps
 STUDENT_FILE = "student.safetensors"
 SUMMARY_FILE = "distill.json"
 LABELLED_FILE = "labelled_indices.npy"  # dataset indices of the labelled train images, for the probe
-CHECKPOINT_SECONDS = 60.0  # at most one checkpoint a minute, and one after the last epoch
 CHECKPOINT = re.compile(r"epoch-(\d+)\.state\.pt$")
 
 
@@ -126,6 +125,7 @@ def distill(
     device: str = "auto",
     workers: int = 0,
     resume: bool = False,
+    checkpoint_seconds: float = 60.0,
     check: bool = False,
 ) -> dict[str, Any]:
     """Trains `student` with `method` on the store's train split into `out`; returns the summary (distill.json).
@@ -133,7 +133,8 @@ def distill(
     `steps` fixes the number of optimizer steps (the last epoch is cut short) so that methods training on
     different numbers of rows share one budget; without it the run lasts `epochs` epochs. `check` validates
     everything a run would (store, data, taps, cached arrays, budget, an existing run in `out`) and returns the
-    run's spec without training or writing.
+    run's spec without training or writing. A checkpoint is written after an epoch once `checkpoint_seconds` have
+    passed since the last one (0: after every epoch), and after the last epoch.
     """
     dev = resolve_device(device)
     recipe = get_method(method)
@@ -216,8 +217,8 @@ def distill(
             workers,
         )
         log_rows.append(row)
-        # Short epochs (a small labelled subset) are checkpointed every CHECKPOINT_SECONDS, not every epoch.
-        if epoch == epochs or time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
+        # Short epochs (a small labelled subset) are not each worth a checkpoint.
+        if epoch == epochs or time.perf_counter() - last_save >= checkpoint_seconds:
             _save_checkpoint(out_dir, epoch, spec, distiller, optimizer, schedule, log_rows)
             write_csv(out_dir / "distill_log.csv", log_rows)
             last_save = time.perf_counter()

@@ -93,6 +93,8 @@ def soak_distill(tmp: Path, kills: int, rng: random.Random) -> tuple[int, int]:
         "0.01",
         "--device",
         "cpu",
+        "--checkpoint-seconds",
+        "0",  # a checkpoint after every epoch, so kills land between checkpoints
     ]
     run(["distill", store, *args, "--out", str(tmp / "whole")])
     out = tmp / "cut"

@@ -79,8 +79,7 @@ def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path, meth
 def test_resume_after_interruption_is_exact(scored_store, tmp_path, monkeypatch):
     import pipeline.distill as distill_module
 
-    monkeypatch.setattr(distill_module, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every epoch
-    args = {**STUDENT, "epochs": 3, "cache_memory_gb": 0.0}  # streamed targets, chunk-shuffled
+    args = {**STUDENT, "epochs": 3, "cache_memory_gb": 0.0, "checkpoint_seconds": 0.0}  # streamed, every epoch
     distill(str(scored_store), out=str(tmp_path / "whole"), **args)
     real_epoch = distill_module._train_epoch
 
