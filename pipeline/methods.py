@@ -24,11 +24,12 @@ register_method = METHODS.register
 TEACHER_FEATURES = "teacher features"  # a loss input meaning "the cached features of the paired teacher taps"
 
 
-def register_loss(*inputs: str):
-    """Registers `loss(distiller, output, batch) -> tensor`, reading the cached arrays `inputs` from `batch`."""
+def register_loss(*inputs: str, student_logits: bool = True):
+    """Registers `loss(distiller, output, batch) -> tensor`, reading the cached arrays `inputs` from `batch`;
+    a loss without `student_logits` lets the student's forward pass stop after its last tap."""
 
     def mark(fn):
-        fn.inputs = inputs
+        fn.inputs, fn.student_logits = inputs, student_logits
         return LOSSES.register(fn)
 
     return mark
@@ -57,7 +58,7 @@ class Method:
     @property
     def needs_logits(self) -> bool:
         """Whether the student runs to its logits; feature-only students stop after their last tap."""
-        return any(loss != "feature_mse" for loss in self.losses)
+        return any(LOSSES.get(loss).student_logits for loss in self.losses)
 
 
 def get_method(name: str) -> Method:
@@ -177,7 +178,7 @@ class StudentOutput:
     logits: torch.Tensor | None  # None when the forward pass stopped after the last tap
 
 
-@register_loss(TEACHER_FEATURES)
+@register_loss(TEACHER_FEATURES, student_logits=False)
 def feature_mse(distiller: Distiller, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """L_feat = mean over tap pairs of MSE(P(s), t), raw features (METHOD.md §3)."""
     pairs = zip(distiller.pairs, distiller.student_taps, distiller.teacher_targets)

@@ -175,13 +175,9 @@ def write_report(out: Path, results: list[dict], methods: list[str], plot: bool 
     if differing:
         setting = f"**Not one recipe: {differing}.** Set them in the config's `distill` section. " + setting
     note = tap_overlap_note(rows)
-    per_seed = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
-    for r in rows:
-        by_seed = {x["seed"]: x["top1"] for x in results if x["method"] == r["method"]}
-        per_seed.append(f"| {r['method']} | " + " | ".join(f"{by_seed[s]:.2f}" for s in seeds) + " |")
     parts = ["# kdpipe report", "", setting, "", format_table(rows), ""]
     parts += [note, ""] if note else []
-    parts += ["## Per seed (top-1 %)", "", *per_seed, ""]
+    parts += ["## Per seed (top-1 %)", "", per_seed_table(results, methods, seeds), ""]
     if plot:
         plot_report(rows, out / "report.png")
         parts += ["![top-1 relative to the CE-only student](report.png)", ""]
@@ -189,6 +185,14 @@ def write_report(out: Path, results: list[dict], methods: list[str], plot: bool 
     summary = {"stage": "report", "setting": setting, "seeds": seeds, "methods": rows, "runs": results, "note": note}
     write_json(out / "report.json", summary)
     return summary
+
+
+def per_seed_table(results: list[dict], methods: list[str], seeds: list[int]) -> str:
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for method in methods:
+        by_seed = {r["seed"]: r["top1"] for r in results if r["method"] == method}
+        lines.append(f"| {method} | " + " | ".join(f"{by_seed[s]:.2f}" for s in seeds) + " |")
+    return "\n".join(lines)
 
 
 def recipe_differences(results: list[dict]) -> str:

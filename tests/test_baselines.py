@@ -17,6 +17,7 @@ from cache.store import STORE_NAME, FeatureStore
 from pipeline.datasets import stratified_subset
 from pipeline.distill import LABELLED_FILE, STUDENT_FILE, distill
 from pipeline.probe import probe
+from pipeline.report import recipe_differences
 
 from conftest import run_cli
 from test_cli import assert_one_line_error
@@ -214,3 +215,10 @@ def test_shipped_configs_are_accepted_by_every_stage(config):
     for command in ("teach", "extract", "score", "distill", "probe", "report"):
         result = run_cli(command, "--config", config, "--help")
         assert "Usage:" in result.output
+
+
+def test_report_flags_runs_that_do_not_share_one_recipe():
+    base = {"model": "resnet8", "steps": 360, "batch_size": 32, "lr": 0.05, "label_fraction": 0.1, "num_labelled": 143}
+    results = [{**base, "method": "ce"}, {**base, "method": "feature", "steps": 3600}]
+    assert recipe_differences(results) == "steps differs (ce 360, feature 3600)"
+    assert recipe_differences(results[:1]) == ""
