@@ -34,7 +34,7 @@ from .provenance import load_matching_split, open_complete_store
 from .quality import select_top_k
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import resolve_device, seed_everything, write_csv, write_json
-from .taps import Tap, TapRecorder, list_taps
+from .taps import Tap, TapRecorder, list_taps, stage_end_taps
 
 STUDENT_FILE = "student.safetensors"
 SUMMARY_FILE = "distill.json"
@@ -345,17 +345,6 @@ def _evaluate_classifier(net, data: SplitData, data_root, batch_size: int, worke
         "test_top1": evaluate_top1(net, make_loader(held_out, batch_size, workers), dev),
         "num_test": len(held_out),
     }
-
-
-def stage_end_taps(taps: list[Tap], model: torch.nn.Module) -> list[str]:
-    """The taps ending each `feature_info` stage: the stage module itself, or the deepest tap inside it."""
-    ends = []
-    for info in getattr(model, "feature_info", []):
-        module = info.get("module") if isinstance(info, dict) else None
-        inside = [t.name for t in taps if module and (t.name == module or t.name.startswith(module + "."))]
-        if inside:
-            ends.append(inside[-1])
-    return ends
 
 
 def _pairable(taps: list[Tap], names: list[str] | None = None) -> list[Tap]:

@@ -24,13 +24,13 @@ from tqdm import tqdm
 from cache.store import FeatureStore, StoreError
 
 from .datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
-from .distill import LABELLED_FILE, STUDENT_FILE, stage_end_taps
+from .distill import LABELLED_FILE, STUDENT_FILE
 from .errors import UserError
 from .models import create_model, load_checkpoint, read_model_spec
 from .provenance import load_matching_split
 from .recipe import make_loader
 from .runtime import resolve_device, seed_everything, write_json
-from .taps import TapRecorder, list_taps
+from .taps import TapRecorder, list_taps, stage_end_taps
 
 CLASSIFIER_FILE = "classifier.safetensors"
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)

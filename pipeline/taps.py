@@ -61,8 +61,7 @@ def candidate_taps(model: nn.Module) -> list[str]:
         for child_name, child in parent.named_children():
             if not isinstance(child, _PRIMITIVES + _ACTIVATIONS) and any(True for _ in child.parameters()):
                 blocks.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    feature_modules = [info["module"] for info in getattr(model, "feature_info", []) if isinstance(info, dict)]
-    extra = [m for m in feature_modules if m and not any(_inside(m, b) or _inside(b, m) for b in blocks)]
+    extra = [m for m in _feature_modules(model) if not any(_inside(m, b) or _inside(b, m) for b in blocks)]
     taps = blocks + extra
     if not taps:
         taps = [n for n, m in model.named_modules() if isinstance(m, _ACTIVATIONS)]
@@ -71,6 +70,23 @@ def candidate_taps(model: nn.Module) -> list[str]:
 
 def _inside(name: str, ancestor: str) -> bool:
     return name == ancestor or name.startswith(ancestor + ".")
+
+
+def _feature_modules(model: nn.Module) -> list[str]:
+    """The module paths of a timm-style `feature_info` (stage ends, stem first), if the model declares one."""
+    return [
+        info["module"] for info in getattr(model, "feature_info", []) if isinstance(info, dict) and info.get("module")
+    ]
+
+
+def stage_end_taps(taps: list[Tap], model: nn.Module) -> list[str]:
+    """The taps ending each `feature_info` stage: the stage module itself, or the deepest tap inside it."""
+    ends = []
+    for module in _feature_modules(model):
+        inside = [t.name for t in taps if _inside(t.name, module)]
+        if inside:
+            ends.append(inside[-1])
+    return ends
 
 
 class StopForward(Exception):

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.distill import spread_taps, stage_end_taps
+from pipeline.distill import spread_taps
 from pipeline.errors import UserError
 from pipeline.methods import METHODS, Distiller, FeaturePair, get_method
 from pipeline.models import create_model
-from pipeline.taps import Tap, list_taps
+from pipeline.taps import Tap, list_taps, stage_end_taps
 
 
 def pair(s_shape, t_shape) -> FeaturePair:
