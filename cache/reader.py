@@ -83,10 +83,10 @@ class CachedTargets:
         self._rows_by_block = dict(zip(self._blocks.tolist(), np.split(self.rows, starts[1:])))
         self._ram = None
         if self.in_memory:  # row r of the split is at position searchsorted(self.rows, r)
+            whole = self.num_rows == split.num_samples
             self._ram = []
             for array in self.arrays:
                 with named_read_errors(array):
-                    whole = self.num_rows == split.num_samples
                     self._ram.append(array[:] if whole else gather_rows(array, self.rows))
 
     def epoch_order(self, rng: np.random.Generator) -> list[np.ndarray]:

@@ -285,7 +285,7 @@ def _picked_taps(store: FeatureStore, part: SplitStore, k: int | None) -> list[T
         raise UserError(f"{store.path} has no scores; run `kdpipe score` first or pass --teacher-layers")
     if k is None or k == len(scores["selected"]):
         return _recorded_taps(store, scores["selected"])
-    scored = [t for t in _recorded_taps(store, list(scores["Q"]))]
+    scored = _recorded_taps(store, list(scores["Q"]))
     qualities = [math.nan if scores["Q"][t.name] is None else float(scores["Q"][t.name]) for t in scored]
     return [scored[i] for i in select_top_k(qualities, k)]
 
@@ -437,7 +437,8 @@ def _train_epoch(
     return row
 
 
-def _checkpoints(out_dir: Path) -> list[int]:
+def checkpoint_epochs(out_dir: Path) -> list[int]:
+    """The epochs with a committed checkpoint in `out_dir` (none when it does not exist), in order."""
     return sorted(int(m.group(1)) for p in out_dir.glob("epoch-*.state.pt") if (m := CHECKPOINT.search(p.name)))
 
 
@@ -461,14 +462,14 @@ def _save_checkpoint(out_dir: Path, epoch: int, spec, distiller, optimizer, sche
         state.with_suffix(".tmp"),
     )
     state.with_suffix(".tmp").replace(state)
-    for old in _checkpoints(out_dir)[:-2]:
+    for old in checkpoint_epochs(out_dir)[:-2]:
         for path in (out_dir / f"epoch-{old:03d}.safetensors", out_dir / f"epoch-{old:03d}.state.pt"):
             path.unlink(missing_ok=True)
 
 
 def _start_or_resume(out_dir: Path, resume: bool, spec, distiller, optimizer, schedule) -> tuple[list, int]:
     """Fresh start (refusing to clobber a run), or the state after the latest committed epoch."""
-    done = _checkpoints(out_dir) if out_dir.is_dir() else []
+    done = checkpoint_epochs(out_dir)
     if not resume:
         if done:
             raise UserError(f"{out_dir} already holds a distill run (epoch {done[-1]}); pass --resume or another --out")

@@ -164,11 +164,7 @@ class Distiller(nn.Module):
         return list(dict.fromkeys(names))
 
     def forward(self, images: torch.Tensor, batch: dict[str, torch.Tensor]):
-        if self.student_taps:
-            features = self._recorder.run(images)
-            output = StudentOutput(features, self._recorder.logits)
-        else:
-            output = StudentOutput({}, self.student(images))
+        output = StudentOutput(self._recorder.run(images), self._recorder.logits)  # no taps: just the logits
         return output, {name: LOSSES.get(name)(self, output, batch) for name in self.method.losses}
 
 

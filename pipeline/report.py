@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from .distill import CHECKPOINT, STUDENT_FILE, SUMMARY_FILE
+from .distill import STUDENT_FILE, SUMMARY_FILE, checkpoint_epochs
 from .methods import get_method
 from .runtime import write_json
 
@@ -48,21 +48,19 @@ def run_all(out: Path, entries: list[str], seeds: list[int], stages: Stages) -> 
     runs or reuses each and returns one result per run."""
     plan = [(entry, seed, *split_entry(entry), out / entry / f"seed-{seed}") for entry in entries for seed in seeds]
     for _, seed, method, flags, run_dir in tqdm(plan, desc="check", unit="run", leave=False):
-        stages.distill(method, flags, seed, run_dir, _has_checkpoints(run_dir), check=True)
+        stages.distill(method, flags, seed, run_dir, bool(checkpoint_epochs(run_dir)), check=True)
     results = []
     bar = tqdm(plan, desc="report", unit="run")
     for entry, seed, method, flags, run_dir in bar:
         bar.set_postfix(method=entry, seed=seed)
-        stages.distill(method, flags, seed, run_dir, _has_checkpoints(run_dir))
+        stages.distill(method, flags, seed, run_dir, bool(checkpoint_epochs(run_dir)))
         if not get_method(method).uses_labels and not _probe_is_current(run_dir, stages.probe_settings(run_dir, seed)):
             stages.probe(run_dir, seed)
         results.append(run_result(run_dir, entry))
-        tqdm.write(f"{entry} seed {seed}: top-1 {results[-1]['top1']:.2f}% ({results[-1]['evaluated_with']})")
+        result = results[-1]
+        on_tap = f" on {result['probe_tap']}" if result["probe_tap"] else ""
+        tqdm.write(f"{entry} seed {seed}: top-1 {result['top1']:.2f}% ({result['evaluated_with']}{on_tap})")
     return results
-
-
-def _has_checkpoints(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(CHECKPOINT.search(p.name) for p in run_dir.iterdir())
 
 
 def _probe_is_current(run_dir: Path, settings: dict[str, Any]) -> bool:
@@ -81,22 +79,18 @@ def _probe_is_current(run_dir: Path, settings: dict[str, Any]) -> bool:
 def run_result(run_dir: Path, entry: str) -> dict[str, Any]:
     """One run's entry, seed, held-out top-1 and how it was evaluated, from its JSON summaries."""
     run = json.loads((run_dir / SUMMARY_FILE).read_text())
-    if get_method(run["method"]).uses_labels:
-        evaluation, evaluated_with = run, "own classifier"
-    else:
-        evaluation = json.loads((run_dir / PROBE_FILE).read_text())
-        evaluated_with = f"linear probe on {evaluation['tap']}"
+    own_head = get_method(run["method"]).uses_labels
+    evaluation = run if own_head else json.loads((run_dir / PROBE_FILE).read_text())
     keys = ("seed", "model", "dataset", "store", "teacher_taps", "losses", "steps", "batch_size", "lr")
+    keys += ("label_fraction", "num_labelled", "num_training_rows")
     return {
         "method": entry,
         **{k: run[k] for k in keys},
-        "label_fraction": run["label_fraction"],
-        "num_labelled": run["num_labelled"],
-        "num_training_rows": run["num_training_rows"],
         "top1": evaluation["test_top1"],
         "test_split": evaluation["test_split"],
         "num_test": evaluation["num_test"],
-        "evaluated_with": evaluated_with,
+        "evaluated_with": "own classifier" if own_head else "linear probe",
+        "probe_tap": None if own_head else evaluation["tap"],
     }
 
 
@@ -115,7 +109,7 @@ def aggregate(results: list[dict], methods: list[str]) -> list[dict[str, Any]]:
                 "method": method,
                 "losses": first["losses"],
                 "teacher_taps": first["teacher_taps"],
-                "evaluated_with": first["evaluated_with"].split(" on ")[0],
+                "evaluated_with": first["evaluated_with"],
                 "num_training_rows": first["num_training_rows"],
                 "runs": len(top1),
                 "top1": top1,
