@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.layout import DISTILL_SUMMARY
 from workload import DATASET, kdpipe, STUDENT, TEACHER, TEACHER_TAPS, Timer, setup_threads, teacher_checkpoint
 
 BATCH = 128
@@ -25,12 +26,12 @@ IDEAL_BATCHES = 12
 def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:
     """(teacher forward s/batch, student step s/batch, ideal ratio) on in-memory batches."""
     from cache.store import FeatureStore
-    from pipeline.distill import OnlineTeacher, _student_taps
-    from pipeline.extract import load_teacher
     from pipeline.methods import Distiller, get_method
-    from pipeline.models import create_model
+    from pipeline.models import create_model, load_teacher
+    from pipeline.pairing import student_taps
     from pipeline.recipe import adamw_onecycle
     from pipeline.taps import Tap
+    from pipeline.training import OnlineTeacher
 
     setup_threads()
     feature_store = FeatureStore.open(store)
@@ -40,7 +41,7 @@ def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:
     method = Distiller(
         student,
         get_method("feature"),
-        _student_taps(student, 32, (), len(TEACHER_TAPS)),
+        student_taps(student, 32, (), len(TEACHER_TAPS)),
         [taps[t] for t in TEACHER_TAPS],
     )
     optimizer, schedule = adamw_onecycle(method.parameters(), 0.05, 0.01, 10 * IDEAL_BATCHES)
@@ -63,7 +64,7 @@ def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:
 
 
 def epoch_seconds(run: Path) -> float:
-    return json.loads((run / "distill.json").read_text())["final"]["seconds"]
+    return json.loads((run / DISTILL_SUMMARY).read_text())["final"]["seconds"]
 
 
 def main() -> None:

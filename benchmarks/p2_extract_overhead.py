@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.layout import EXTRACT_SUMMARY
 from workload import DATASET, kdpipe, TEACHER, Timer, setup_threads, teacher_checkpoint
 
 
@@ -25,7 +26,7 @@ def bare_forward_rate(checkpoint: str, num_images: int, batch_size: int) -> floa
     from torch.utils.data import Subset
 
     from pipeline.datasets import load_split
-    from pipeline.extract import load_teacher
+    from pipeline.models import load_teacher
     from pipeline.recipe import make_loader
     from pipeline.taps import TapRecorder, list_taps
 
@@ -88,7 +89,7 @@ def main() -> None:
         if args.compression:
             command += ["--compression", args.compression]
         kdpipe(*command)
-        summary = json.loads((Path(tmp) / "store" / "extract.json").read_text())
+        summary = json.loads((Path(tmp) / "store" / EXTRACT_SUMMARY).read_text())
     split = summary["splits"]["train"]
     rate = split["images_per_second"]
     print(

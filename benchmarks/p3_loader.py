@@ -45,8 +45,8 @@ def build_store(path: Path, num_images: int):
 def loader_rate(part, data, memory_bytes: int) -> tuple[float, bool]:
     """Samples/s of one epoch of paired image + target batches, exactly as distill iterates them."""
     from cache.reader import CachedTargets
-    from pipeline.distill import RowImages
     from pipeline.recipe import make_loader
+    from pipeline.training import RowImages
 
     targets = CachedTargets(part, [f"features/{t}" for t in TAP_SHAPES], memory_bytes)
     windows = targets.epoch_order(np.random.default_rng(0))
@@ -62,15 +62,15 @@ def loader_rate(part, data, memory_bytes: int) -> tuple[float, bool]:
 
 def student_step_rate(num_batches: int = 8) -> float:
     """Images/s of the feature-distillation training step of the workload's student."""
-    from pipeline.distill import _student_taps
     from pipeline.methods import Distiller, get_method
     from pipeline.models import create_model
+    from pipeline.pairing import student_taps
     from pipeline.taps import Tap
 
     student = create_model(STUDENT, 10)
     teacher_taps = [Tap(i, t, TAP_SHAPES[t]) for i, t in enumerate(TEACHER_TAPS)]
     method = Distiller(
-        student, get_method("feature"), _student_taps(student, 32, (), len(teacher_taps)), teacher_taps
+        student, get_method("feature"), student_taps(student, 32, (), len(teacher_taps)), teacher_taps
     ).train()
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
     x = torch.randn(BATCH, 3, 32, 32)

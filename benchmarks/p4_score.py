@@ -68,10 +68,10 @@ def build_store(path: Path, num_samples: int, seed: int = 0) -> None:
 
 def measure(path: str) -> None:
     """Child process: score the store, print seconds and this process's peak RSS as JSON."""
-    from pipeline.score import score
+    from pipeline import ScoreConfig, score
 
     start = time.perf_counter()
-    summary = score(path, plot=False)
+    summary = score(ScoreConfig(store=path, plot=False))
     seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

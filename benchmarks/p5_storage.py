@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 from numcodecs import Blosc
 
+from pipeline.layout import EXTRACT_SUMMARY, TEACHER_WEIGHTS
 from workload import kdpipe, setup_threads
 
 CODECS = [
@@ -84,11 +85,11 @@ def main() -> None:
             "--device",
             "cpu",
             "--checkpoint",
-            str(tmp / "teacher" / "model.safetensors"),
+            str(tmp / "teacher" / TEACHER_WEIGHTS),
             "--out",
             str(tmp / "store"),
         )
-        summary = json.loads((tmp / "store" / "extract.json").read_text())["splits"]["train"]
+        summary = json.loads((tmp / "store" / EXTRACT_SUMMARY).read_text())["splits"]["train"]
         group = zarr.open_group(str(tmp / "store" / "features.zarr"), mode="r")["train/features"]
         chunks = []
         for _, array in group.arrays():

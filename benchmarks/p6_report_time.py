@@ -12,6 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from pipeline.layout import REPORT_SUMMARY, TEACHER_WEIGHTS
 from workload import Timer, kdpipe
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "digits-report.yaml")
@@ -24,12 +25,12 @@ def main() -> None:
         tmp = Path(tmp)
         with Timer() as setup:
             kdpipe("teach", "--config", DEMO_CONFIG, "--out", str(tmp / "teacher"))
-            checkpoint = str(tmp / "teacher" / "model.safetensors")
+            checkpoint = str(tmp / "teacher" / TEACHER_WEIGHTS)
             kdpipe("extract", "--config", DEMO_CONFIG, "--checkpoint", checkpoint, "--out", str(tmp / "extract"))
             kdpipe("score", "--config", DEMO_CONFIG, str(tmp / "extract"))
         with Timer() as report:
             kdpipe("report", "--config", CONFIG, "--store", str(tmp / "extract"), "--out", str(tmp / "report"))
-        summary = json.loads((tmp / "report" / "report.json").read_text())
+        summary = json.loads((tmp / "report" / REPORT_SUMMARY).read_text())
     runs = len(summary["runs"])
     print(f"teacher, store and scores: {setup.seconds:.0f} s; report: {runs} runs in {report.seconds:.0f} s")
     print(f"report time / 20-minute budget: {report.seconds / BUDGET_SECONDS:.2f}")

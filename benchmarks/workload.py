@@ -27,7 +27,8 @@ def setup_threads() -> None:
 
 
 def teacher_checkpoint(folder: Path) -> str:
-    from pipeline.models import create_model, save_checkpoint
+    from pipeline.checkpoints import save_checkpoint
+    from pipeline.models import create_model
 
     path = folder / "teacher.safetensors"
     if not path.exists():

@@ -4,9 +4,8 @@ completion flags agree with each other."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-
-from tqdm import tqdm
 
 from .store import PROGRESS, FeatureStore, SplitStore
 
@@ -16,7 +15,16 @@ def chunk_file(store_path: Path, array, index: int) -> Path:
     return store_path / array.path / "c" / str(index) / Path(*(["0"] * (array.ndim - 1)))
 
 
-def verify_split(store: FeatureStore, part: SplitStore) -> tuple[list[str], set[int], int]:
+Progress = Callable[..., Iterable]  # tqdm-like: progress(iterable, desc=...) yields the items
+
+
+def _no_progress(items: Iterable, **_) -> Iterable:
+    return items
+
+
+def verify_split(
+    store: FeatureStore, part: SplitStore, progress: Progress = _no_progress
+) -> tuple[list[str], set[int], int]:
     """Problems found in one split, the blocks they touch, and the number of chunks read."""
     problems, bad_blocks, checked = [], set(), 0
     done = set(range(part.num_blocks)) - set(part.missing_blocks())
@@ -24,7 +32,7 @@ def verify_split(store: FeatureStore, part: SplitStore) -> tuple[list[str], set[
         problems.append(f"{part.name}: marked complete with {part.num_blocks - len(done)} blocks unwritten")
     for path, array in part.arrays().items():
         rows = array.chunks[0]
-        for index in tqdm(range(math.ceil(array.shape[0] / rows)), desc=f"verify {part.name}/{path}", leave=False):
+        for index in progress(range(math.ceil(array.shape[0] / rows)), desc=f"verify {part.name}/{path}", leave=False):
             start, stop = index * rows, min((index + 1) * rows, array.shape[0])
             block_done = all(b in done for b in range(start // part.block_rows, (stop - 1) // part.block_rows + 1))
             where = f"{part.name}/{path} chunk {index} (rows {start}-{stop - 1})"
@@ -43,13 +51,16 @@ def verify_split(store: FeatureStore, part: SplitStore) -> tuple[list[str], set[
     return problems, bad_blocks, checked
 
 
-def verify_store(path: str | Path, repair: bool = False) -> tuple[FeatureStore, list[str], int]:
+def verify_store(
+    path: str | Path, repair: bool = False, progress: Progress = _no_progress
+) -> tuple[FeatureStore, list[str], int]:
     """Problems found and chunks read. With `repair`, blocks holding a damaged or missing chunk are flagged
-    unwritten and the store incomplete, so rerunning the same `kdpipe extract` recomputes exactly those blocks."""
+    unwritten and the store incomplete, so rerunning the same `kdpipe extract` recomputes exactly those blocks.
+    `progress` wraps the per-chunk loops (the command line passes a progress bar)."""
     store = FeatureStore.open(path, mode="r+" if repair else "r")
     problems, checked = [], 0
     for part in store.splits():
-        found, bad_blocks, count = verify_split(store, part)
+        found, bad_blocks, count = verify_split(store, part, progress)
         problems += found
         checked += count
         if repair and bad_blocks:

@@ -1,74 +1,633 @@
-"""YAML experiment configs feeding click: `--config x.yaml` sets defaults, the command line overrides them.
+"""One frozen dataclass per command: the single source of every option's name, type, default and help.
 
-A config holds options shared by every stage at the top level and per-stage sections keyed by command name:
+The click options are generated from these classes (`pipeline.cli`), a YAML config plus command-line overrides
+resolve into them, and the Python API takes them: `distill(DistillConfig(store="runs/x/extract"))`. Every value is
+converted and checked on construction by the field's click type, the same type that parses the command line, so
+a config file, a flag and a Python argument are held to one standard.
 
-    dataset: digits          # any stage with a --dataset option takes it
+A YAML file holds options shared by every command at the top level and a section per command:
+
+    dataset: digits          # every command with a `dataset` option takes it
     teach:
       epochs: 15             # only `kdpipe teach` takes this
+
+Positional arguments (STORE, RUN, MODEL) come from the command line only.
 """
 
 from __future__ import annotations
 
+import functools
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 import yaml
 
+from cache.store import DEFAULT_COMPRESSION
+
+from .errors import UserError
+from .losses import LOSSES, loss_parameters
+from .methods import METHODS
+
+DEVICE_NAMES = ["auto", "cpu", "cuda"] + [f"cuda:{i}" for i in range(8)]
+
+
+class ConfigError(UserError):
+    """A value that its option's type refuses (or a name no option has), named by the option."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(f"{option}: {message}" if option else message)
+        self.option, self.reason = option, message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Types: click parameter types that also take the values YAML produces (numbers, booleans, lists, mappings), and
+# refuse what the command line could never give (a list where a number is expected, `true` for an integer).
+
+
+class Integer(click.IntRange):
+    """An integer, optionally bounded; refuses booleans and non-integral numbers instead of truncating them."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param, ctx) -> int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            self.fail(f"{value!r} is not a valid integer", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Number(click.FloatRange):
+    """A float, optionally bounded; refuses booleans."""
+
+    name = "float"
+
+    def convert(self, value: Any, param, ctx) -> float:
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a valid float", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Boolean(click.types.BoolParamType):
+    """true/false; strings as click reads them (yes, no, 1, 0)."""
+
+    def convert(self, value: Any, param, ctx) -> bool:
+        if isinstance(value, bool):
+            return value
+        if not isinstance(value, str):
+            self.fail(f"{value!r} is not a valid boolean", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class CommaList(click.ParamType):
+    """`a,b,c` on the command line, or a YAML list in a config file."""
+
+    name = "LIST"
+    collection = True
+
+    def __init__(self, item: click.ParamType | None = None) -> None:
+        self.item = item
+
+    def convert(self, value: Any, param, ctx) -> tuple:
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+        elif isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        else:
+            self.fail(f"{value!r} is not a comma-separated list", param, ctx)
+        if self.item is None:
+            return tuple(str(v) for v in items)
+        return tuple(self.item.convert(v, param, ctx) for v in items)
+
+
+class SeedList(CommaList):
+    """Seeds >= 0, at least one."""
+
+    def __init__(self) -> None:
+        super().__init__(Integer(min=0))
+
+    def convert(self, value: Any, param, ctx) -> tuple[int, ...]:
+        try:
+            seeds = super().convert(value, param, ctx)
+        except click.BadParameter:
+            seeds = ()
+        if not seeds:
+            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            self.fail(f"{shown!r} is not a comma-separated list of seeds >= 0", param, ctx)
+        return seeds
+
+
+class MappingType(click.ParamType):
+    """A YAML/JSON mapping on the command line (`'{base_width: 8}'`), or a mapping in a config file."""
+
+    name = "MAPPING"
+    collection = True
+
+    def convert(self, value: Any, param, ctx) -> dict[str, Any]:
+        parsed = value
+        if isinstance(value, str):
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None
+        if not isinstance(parsed, dict):
+            self.fail(f"{value!r} is not a mapping such as '{{base_width: 8}}'", param, ctx)
+        return dict(parsed)
+
+
+class LossTerms(MappingType):
+    """`{loss: weight}` or `{loss: {weight: w, <hyperparameter>: value}}` per registered loss, checked against the
+    loss's constructor; normalised to `{loss: {weight?, **hyperparameters}}`."""
+
+    def convert(self, value: Any, param, ctx) -> dict[str, dict[str, Any]]:
+        terms = {}
+        for loss, settings in super().convert(value, param, ctx).items():
+            if loss not in LOSSES:
+                self.fail(f"unknown loss {loss!r}; known: {', '.join(LOSSES.names())}", param, ctx)
+            settings = {"weight": settings} if not isinstance(settings, dict) else dict(settings)
+            accepted = loss_parameters(LOSSES.get(loss))
+            checked = {}
+            for name, setting in settings.items():
+                if name != "weight" and name not in accepted:
+                    known = ", ".join(["weight", *accepted])
+                    self.fail(f"loss {loss!r} has no setting {name!r}; it takes {known}", param, ctx)
+                kind = Number(min=0) if name == "weight" else type_of(accepted[name].annotation, accepted[name].default)
+                checked[name] = kind.convert(setting, param, ctx)
+            try:
+                LOSSES.get(loss)(**{k: v for k, v in checked.items() if k != "weight"})
+            except UserError as err:
+                self.fail(str(err), param, ctx)
+            terms[loss] = checked
+        return terms
+
+
+class Settings(MappingType):
+    """Another command's settings by option name (report's `distill` and `probe`), converted by that command's
+    types; its positional arguments are the composing command's to give."""
+
+    def __init__(self, config: type[Config]) -> None:
+        self.config = config
+
+    def convert(self, value: Any, param, ctx) -> dict[str, Any]:
+        try:
+            return convert_values(self.config, super().convert(value, param, ctx), arguments=False)
+        except ConfigError as err:
+            self.fail(str(err), param, ctx)
+
+
+def type_of(annotation: Any, default: Any = None) -> click.ParamType:
+    """The click type for a field's annotation (`int`, `float | None`, `tuple[str, ...]`, `dict`, ...)."""
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation, annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    origin = typing.get_origin(annotation) or annotation
+    if annotation is None and default is not None:
+        origin = type(default)
+    kinds = {bool: Boolean(), int: Integer(), float: Number(), str: click.STRING, tuple: CommaList(), dict: MappingType()}
+    if origin not in kinds:
+        raise TypeError(f"no option type for {annotation!r}")
+    return kinds[origin]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fields
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    type: click.ParamType | None = None,
+    *,
+    argument: bool = False,
+    negatable: bool = True,
+    cli: bool = True,
+    spec: bool = False,
+) -> Any:
+    """A config field: its default, help and click type; `argument` makes it positional (command line only),
+    `negatable` gives a boolean both `--x` and `--no-x`, `cli=False` keeps it out of the command line, and `spec`
+    records it in a run's spec (compared on `--resume`)."""
+    metadata = {"help": help, "type": type, "argument": argument, "negatable": negatable, "cli": cli, "spec": spec}
+    return field(default=default, metadata=metadata)
+
+
+@functools.cache
+def field_types(config: type[Config]) -> dict[str, click.ParamType]:
+    hints = typing.get_type_hints(config)
+    return {f.name: f.metadata.get("type") or type_of(hints[f.name], f.default) for f in fields(config)}
+
+
+def convert_value(config: type[Config], f: Field, value: Any) -> Any:
+    kind = field_types(config)[f.name]
+    if isinstance(value, (list, tuple, dict)) and not getattr(kind, "collection", False):
+        raise ConfigError(f"expected a single value, not {value!r}", f.name)
+    try:
+        return kind.convert(value, None, None)
+    except click.BadParameter as err:
+        raise ConfigError(err.message, f.name) from None
+    except (TypeError, ValueError) as err:  # a type click did not expect (a mapping given as a path)
+        raise ConfigError(f"{value!r} is not a valid {kind.name} ({err})", f.name) from None
+
+
+def convert_values(config: type[Config], values: Mapping[str, Any], arguments: bool = True) -> dict[str, Any]:
+    """`values` by option name (dashes or underscores), each converted by its type; unknown names are errors."""
+    accepted = {f.name: f for f in fields(config) if arguments or not f.metadata["argument"]}
+    converted = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in accepted:
+            raise ConfigError(f"`{config.command}` has no option {name!r}")
+        converted[name] = None if value is None else convert_value(config, accepted[name], value)
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The configs
+
+COMMANDS: dict[str, type[Config]] = {}
+
+
+def command(name: str):
+    """Registers a config class as the options of `kdpipe NAME`."""
+
+    def mark(config: type[Config]) -> type[Config]:
+        config.command = name
+        COMMANDS[name] = config
+        return config
+
+    return mark
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Base of the command configs: every field converted and checked by its type on construction."""
+
+    command: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                if f.default is MISSING:
+                    raise ConfigError("is required", f.name)
+                continue
+            object.__setattr__(self, f.name, convert_value(type(self), f, value))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists for tuples), as written to `<command>_args.yaml`."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# Options several commands share, each default written once here.
+
+
+def _device() -> Any:
+    return option("auto", "Device: auto picks CUDA when present.", click.Choice(DEVICE_NAMES))
+
+
+def _seed() -> Any:
+    return option(0, "Seed; the same inputs and seed give the same outputs.", Integer(min=0), spec=True)
+
+
+def _workers() -> Any:
+    return option(0, "DataLoader workers.", Integer(min=0))
+
+
+def _data_root() -> Any:
+    return option(None, "Folder holding the dataset's files.", click.Path(file_okay=False))
+
+
+def _model_kwargs(spec: bool = False) -> Any:
+    return option(None, "Extra keyword arguments for the model factory, e.g. '{base_width: 8}'.", spec=spec)
+
+
+def _teacher() -> Any:
+    return option("resnet20", "Teacher model (`kdpipe models`).")
+
+
+def _input_size(default: int | None = None) -> Any:
+    return option(default, "Served image size (default: the dataset's).", Integer(min=8))
+
+
+def _layers(help: str) -> Any:
+    return option((), help)
+
+
+def _plot(name: str) -> Any:
+    return option(True, f"Write {name}.")
+
+
+def _positive() -> click.ParamType:
+    return Number(min=0, min_open=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataOptions(Config):
+    dataset: str = option("digits", "Registered dataset (`kdpipe datasets`).")
+    data_root: str | None = _data_root()
+    input_size: int | None = _input_size()
+    download: bool = option(False, "Let torchvision download (needs internet).")
+    workers: int = _workers()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions(Config):
+    device: str = _device()
+    seed: int = _seed()
+
+
+@command("teach")
+@dataclass(frozen=True, kw_only=True)
+class TeachConfig(DataOptions, RunOptions):
+    """Train a teacher with cross entropy; writes OUT/model.safetensors and OUT/teach.json."""
+
+    teacher: str = _teacher()
+    model_kwargs: dict | None = _model_kwargs()
+    out: str = option("runs/teacher", "Output folder.", click.Path(file_okay=False))
+    epochs: int = option(15, "Epochs.", Integer(min=1))
+    batch_size: int = option(128, "Batch size.", Integer(min=1))
+    lr: float = option(0.01, "OneCycle peak learning rate.", _positive())
+    weight_decay: float = option(0.01, "AdamW weight decay.", Number(min=0))
+    overwrite: bool = option(False, "Replace the weights already in OUT.", negatable=False)
+
+
+@command("extract")
+@dataclass(frozen=True, kw_only=True)
+class ExtractConfig(DataOptions, RunOptions):
+    """Run the teacher once over the split(s) and cache tap features, labels and logits in a Zarr store."""
+
+    teacher: str = _teacher()
+    checkpoint: str | None = option(
+        None, "Teacher weights (.safetensors, or .pt/.pth).", click.Path(dir_okay=False)
+    )
+    pretrained: bool = option(False, "timm/torchvision weights from the local cache.")
+    model_kwargs: dict | None = _model_kwargs()
+    splits: tuple[str, ...] = option(("train",), "Splits to cache, e.g. train,test.")
+    layers: tuple[str, ...] = _layers("Taps to cache by module path (default: all).")
+    logits: bool = option(True, "Also cache the teacher's logits.")
+    max_samples: int | None = option(None, "Cache a seeded class-stratified subset per split.", Integer(min=1))
+    out: str = option("runs/extract", "Folder for features.zarr and extract.json.", click.Path(file_okay=False))
+    batch_size: int = option(64, "Batch size.", Integer(min=1))
+    compression: str = option(
+        DEFAULT_COMPRESSION,
+        "Blosc CNAME[:LEVEL[:SHUFFLE]] for feature chunks, or none (see benchmarks/p5_storage.py).",
+    )
+    overwrite: bool = option(False, "Replace a store in OUT made with a different configuration.", negatable=False)
+
+
+@command("score")
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig(Config):
+    """Knowledge quality Q = S + sqrt(I*E) of each cached tap of STORE; picks the top-k taps."""
+
+    store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
+    split: str = option("train", "Split whose features are scored.")
+    layers: tuple[str, ...] = _layers("Taps to score (default: every cached tap).")
+    top_k: int = option(4, "Number of taps to select.", Integer(min=1))
+    max_samples: int | None = option(None, "Score a seeded class-stratified subset of the cache.", Integer(min=2))
+    memory_gb: float = option(
+        4.0, "Memory for subset B at a time; larger subsets are read in class groups.", _positive()
+    )
+    workers: int = option(2, "Threads reading chunks.", Integer(min=1))
+    plot: bool = _plot("scores.png")
+    seed: int = _seed()
+
+
+def _method_help() -> str:
+    return f"Distillation method: {', '.join(METHODS.names())} (`kdpipe methods`)."
+
+
+@command("distill")
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(RunOptions):
+    """Train a student from STORE: its backbone on cached teacher features only (default), or a baseline."""
+
+    store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
+    student: str = option("resnet9", "Student model (`kdpipe models`).", spec=True)
+    method: str = option("feature", _method_help(), spec=True)
+    losses: dict | None = option(
+        None,
+        "Loss terms' weights and settings, e.g. '{kd: {temperature: 2}}' or '{feature_cosine: 0.5}' (a weight adds "
+        "a term, 0 drops it; settings alone apply where the method has the term).",
+        LossTerms(),
+    )
+    teacher_layers: tuple[str, ...] = _layers(
+        "Teacher taps (default: the store's top-k by Q, or the stage ends for feature-standard and fitnet)."
+    )
+    student_layers: tuple[str, ...] = _layers(
+        "Student taps, paired in depth order (default: k stage ends spread over depth)."
+    )
+    model_kwargs: dict | None = _model_kwargs(spec=True)
+    dataset: str | None = option(None, "Dataset to pair with the store (default: the one it was extracted from).")
+    data_root: str | None = _data_root()
+    out: str = option("runs/distill", "Output folder.", click.Path(file_okay=False))
+    epochs: int = option(20, "Epochs (without --steps).", Integer(min=1))
+    steps: int | None = option(
+        None,
+        "Optimizer steps in all, overriding --epochs: one budget for methods that train on different row counts.",
+        Integer(min=1),
+    )
+    batch_size: int = option(128, "Batch size.", Integer(min=1), spec=True)
+    lr: float = option(0.05, "OneCycle peak learning rate.", _positive(), spec=True)
+    weight_decay: float = option(0.01, "AdamW weight decay.", Number(min=0), spec=True)
+    label_fraction: float = option(
+        1.0,
+        "Seeded class-stratified fraction of the train split that is labelled: label methods and the probe use "
+        "only it.",
+        Number(min=0, max=1, min_open=True),
+        spec=True,
+    )
+    unlabelled_distill: bool = option(
+        True,
+        "Feature methods distill on every train sample (labels unused), or only on the labelled subset.",
+        spec=True,
+    )
+    cache_memory_gb: float = option(
+        4.0, "Hold cached targets in RAM up to this size; stream them by chunk beyond it.", Number(min=0)
+    )
+    online_teacher: bool = option(
+        False,
+        "Run the teacher on every batch instead of reading cached targets (same taps and loss).",
+        negatable=False,
+        spec=True,
+    )
+    teacher_checkpoint: str | None = option(
+        None,
+        "Teacher weights for --online-teacher (default: the path recorded in the store).",
+        click.Path(dir_okay=False),
+    )
+    workers: int = _workers()
+    resume: bool = option(False, "Continue the run in OUT from its last checkpoint.", negatable=False)
+    checkpoint_seconds: float = option(
+        60.0,
+        "Checkpoint after an epoch once this long has passed since the last (0: every epoch), and at the end.",
+        Number(min=0),
+    )
+    check: bool = option(
+        False, "Check the settings against STORE and OUT, then exit without training.", negatable=False
+    )
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings recorded in a run's spec, by option name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["spec"]}
+
+
+@command("probe")
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig(RunOptions):
+    """Freeze RUN's distilled backbone, fit a linear head on its pooled features, report top-1."""
+
+    run: str = option(help="A distill output folder.", type=click.Path(file_okay=False), argument=True)
+    tap: str | None = option(None, "Student tap to probe (default: the last distilled one).")
+    data_root: str | None = _data_root()
+    batch_size: int = option(256, "Batch size.", Integer(min=1))
+    max_iter: int = option(300, "L-BFGS iterations.", Integer(min=1))
+    workers: int = _workers()
+
+
+@command("report")
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(Config):
+    """Run (or reuse) every method over the seeds against STORE with the config's distill and probe settings;
+    write report.md, report.json and report.png, and print the table."""
+
+    composes: ClassVar[tuple[str, ...]] = ("distill", "probe")
+
+    store: str = option(MISSING, "Feature store (extract folder) every run uses.", click.Path())
+    methods: tuple[str, ...] = option(
+        ("ce", "kd", "fitnet", "feature-standard", "feature"),
+        "Methods to compare (`kdpipe methods`), each optionally with distill flags joined by + "
+        "(feature+no-unlabelled-distill); ce is the baseline of the gains.",
+    )
+    seeds: tuple[int, ...] = option((0, 1, 2), "Seeds, one run each per method.", SeedList())
+    out: str = option("runs/report", "Output folder.", click.Path(file_okay=False))
+    device: str = _device()
+    plot: bool = _plot("report.png")
+    distill: dict | None = option(None, "kdpipe distill settings for every run.", Settings(DistillConfig), cli=False)
+    probe: dict | None = option(None, "kdpipe probe settings for every run.", Settings(ProbeConfig), cli=False)
+
+
+@command("layers")
+@dataclass(frozen=True, kw_only=True)
+class LayersConfig(Config):
+    """List MODEL's taps (generalized layers) in depth order: index, module path, per-sample shape."""
+
+    model: str = option(help="Model name (`kdpipe models`).", argument=True)
+    input_size: int = _input_size(32)
+    num_classes: int = option(10, "Classes of the model's head.", Integer(min=1))
+    model_kwargs: dict | None = _model_kwargs()
+
+
+@command("verify")
+@dataclass(frozen=True, kw_only=True)
+class VerifyConfig(Config):
+    """Read every chunk of STORE (checksums), check chunk files against the completion flags."""
+
+    store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
+    repair: bool = option(
+        False,
+        "Mark blocks with damaged or missing chunks unwritten, so that rerunning the same kdpipe extract recomputes "
+        "them.",
+        negatable=False,
+    )
+
+
+@command("models")
+@dataclass(frozen=True, kw_only=True)
+class ModelsConfig(Config):
+    """List built-in models matching PATTERN (timm:<name> and tv:<name> also work)."""
+
+    pattern: str = option("*", "Shell-style name pattern.", argument=True)
+
+
+@command("datasets")
+@dataclass(frozen=True, kw_only=True)
+class DatasetsConfig(Config):
+    """List registered datasets and their splits."""
+
+    pattern: str = option("*", "Shell-style name pattern.", argument=True)
+
+
+@command("methods")
+@dataclass(frozen=True, kw_only=True)
+class MethodsConfig(Config):
+    """List distillation methods (their weighted loss terms and teacher taps) and the registered losses."""
+
+
+@command("summary")
+@dataclass(frozen=True, kw_only=True)
+class SummaryConfig(Config):
+    """Summarise the stage results found under FOLDER (teach, score, probe) in one table."""
+
+    folder: str = option(help="An experiment folder.", type=click.Path(exists=True, file_okay=False), argument=True)
+
+
+@command("info")
+@dataclass(frozen=True, kw_only=True)
+class InfoConfig(Config):
+    """Print a store's taps, shapes, raw and stored sizes, completion and provenance."""
+
+    store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# YAML files
+
 
 def load_config(path: str | Path) -> dict[str, Any]:
+    """The mapping a config file holds; every top-level key must be a command or an option of some command."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as err:
-        raise click.BadParameter(f"cannot read {path}: {err.strerror}", param_hint="--config") from err
+        raise UserError(f"--config: cannot read {path}: {err.strerror}") from err
     except yaml.YAMLError as err:
-        raise click.BadParameter(f"{path} is not valid YAML: {str(err).splitlines()[0]}", param_hint="--config")
-    if data is None:
-        return {}
+        raise UserError(f"--config: {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise click.BadParameter(f"{path} must hold a mapping of options", param_hint="--config")
+        raise UserError(f"--config: {path} must hold a mapping of options")
+    options = {f.name for c in COMMANDS.values() for f in fields(c)}
+    typos = sorted(str(k) for k in data if k not in COMMANDS and str(k).replace("-", "_") not in options)
+    if typos:
+        raise UserError(f"{path}: unknown key {typos[0]!r}")
     return data
 
 
-def defaults_for(command: click.Command, config: dict[str, Any], sections: set[str], path: str) -> dict[str, Any]:
-    """The config's defaults for one command: shared keys it accepts, then its own section.
-
-    Unknown keys in the command's section are errors; a top-level key that is neither a section nor an option
-    of some command is a typo and also an error.
-    """
-    names = {p.name for p in command.params if p.name and p.name != "config"}
-    section = config.get(command.name) or {}
+def file_values(config: type[Config], path: str | Path, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The values a config file gives `config`'s command, converted: shared top-level keys it has an option for,
+    then its own section (whose every key must be one of its options), then any sections it composes."""
+    data = load_config(path) if data is None else data
+    composes = getattr(config, "composes", ())
+    accepted = {f.name for f in fields(config) if not f.metadata["argument"] and f.name not in composes}
+    section = data.get(config.command) or {}
     if not isinstance(section, dict):
-        raise click.BadParameter(f"{path}: section {command.name!r} must be a mapping", param_hint="--config")
-    unknown = sorted(k.replace("-", "_") for k in section if k.replace("-", "_") not in names)
+        raise UserError(f"{path}: section {config.command!r} must be a mapping")
+    unknown = sorted(str(k) for k in section if str(k).replace("-", "_") not in accepted)
     if unknown:
-        raise click.BadParameter(f"{path}: `{command.name}` has no option {unknown[0]!r}", param_hint="--config")
-    defaults = {k.replace("-", "_"): v for k, v in config.items() if k not in sections and k.replace("-", "_") in names}
-    defaults.update({k.replace("-", "_"): v for k, v in section.items()})
-    return defaults
+        raise UserError(f"{path}: `{config.command}` has no option {unknown[0]!r}")
+    shared = {k: v for k, v in data.items() if k not in COMMANDS and str(k).replace("-", "_") in accepted}
+    composed = {name: file_values(COMMANDS[name], path, data) for name in composes}
+    try:
+        return convert_values(config, {**shared, **section, **composed})
+    except ConfigError as err:
+        raise UserError(f"{path}: {config.command}.{err}") from None
 
 
-def config_option(command: click.Command) -> click.Command:
-    """Adds `--config FILE` to a command; eager, so its values become defaults before other options parse."""
-
-    def load(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        if value is None:
-            return None
-        config = load_config(value)
-        group = ctx.parent.command if ctx.parent else None
-        commands = getattr(group, "commands", {}) if group else {}
-        all_options = {p.name for c in commands.values() for p in c.params}
-        typos = sorted(k for k in config if k not in commands and k.replace("-", "_") not in all_options)
-        if typos:
-            raise click.BadParameter(f"{value}: unknown key {typos[0]!r}", param_hint="--config")
-        ctx.default_map = {**(ctx.default_map or {}), **defaults_for(command, config, set(commands), value)}
-        return value
-
-    return click.option(
-        "--config",
-        type=click.Path(dir_okay=False),
-        is_eager=True,
-        expose_value=True,
-        callback=load,
-        help="YAML file of defaults (top-level shared keys, or a section per command); flags override it.",
-    )(command)
+def resolve(config: type[Config], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None):
+    """`config` from a config file (if any) with `overrides` (the command line's values) on top."""
+    values = {**(file_values(config, path) if path else {}), **(overrides or {})}
+    missing = [f.name for f in fields(config) if f.default is MISSING and values.get(f.name) is None]
+    if missing:
+        where = f" or `{missing[0]}:` in the `{config.command}` section of {path}" if path else ""
+        raise UserError(f"{config.command} needs --{missing[0].replace('_', '-')}{where}")
+    return config(**values)

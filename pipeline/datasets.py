@@ -299,16 +299,18 @@ def list_datasets(pattern: str = "*") -> list[str]:
     return DATASETS.names(pattern)
 
 
-def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Sorted positions of a seeded, class-stratified `fraction` of `labels` (every class keeps its share)."""
+def stratified_subset(labels: np.ndarray, size: float | int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded, class-stratified subset of `labels`: a fraction (float) or a count (int) of
+    them, every class keeping its share. The one sampler behind --max-samples, --label-fraction and the probe's
+    validation split."""
     from sklearn.model_selection import train_test_split
 
     positions = np.arange(len(labels))
     try:
-        picked, _ = train_test_split(positions, train_size=fraction, stratify=labels, random_state=seed)
+        picked, _ = train_test_split(positions, train_size=size, stratify=labels, random_state=seed)
     except ValueError as err:
         raise UserError(
-            f"cannot draw a class-stratified {fraction:g} of {len(labels)} samples of {len(np.unique(labels))} "
+            f"cannot draw a class-stratified {size:g} of {len(labels)} samples of {len(np.unique(labels))} "
             f"classes ({str(err).splitlines()[0]})"
         ) from err
     return np.sort(picked)

@@ -9,132 +9,90 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import queue
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Subset
-from tqdm import tqdm
 
-from cache.store import (
-    DEFAULT_COMPRESSION,
-    FEATURES,
-    compressors,
-    STORE_NAME,
-    ArraySpec,
-    FeatureStore,
-    SplitStore,
-    StoreError,
-    stored_bytes,
-)
+from cache.store import FEATURES, ArraySpec, FeatureStore, SplitStore, StoreError, compressors, stored_bytes
 from cache.writer import SplitWriter
 
 from . import __version__
-from .datasets import SplitData, load_split
+from .checkpoints import file_sha256
+from .config import ExtractConfig
+from .datasets import SplitData, load_split, stratified_subset
 from .errors import UserError
-from .models import MODELS, PREFIXES, create_model, file_sha256, load_checkpoint, read_model_spec
+from .layout import EXTRACT_SUMMARY, STORE_NAME
+from .models import load_teacher
 from .recipe import make_loader
-from .runtime import resolve_device, seed_everything, write_json
+from .runtime import first_difference, progress, resolve_device, seed_everything, short, write_args, write_json
 from .taps import Tap, TapRecorder, list_taps
+
+log = logging.getLogger(__name__)
 
 FEATURE_DTYPE = "float16"
 QUEUE_BATCHES = 8  # batches the writer may lag behind the teacher
 
 
-def extract(
-    teacher: str,
-    dataset: str,
-    out: str,
-    checkpoint: str | None = None,
-    pretrained: bool = False,
-    model_kwargs: dict[str, Any] | None = None,
-    data_root: str | None = None,
-    input_size: int | None = None,
-    splits: tuple[str, ...] = ("train",),
-    layers: tuple[str, ...] = (),
-    logits: bool = True,
-    max_samples: int | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    workers: int = 0,
-    seed: int = 0,
-    overwrite: bool = False,
-    download: bool = False,
-    compression: str = DEFAULT_COMPRESSION,
-) -> dict[str, Any]:
+def extract(config: ExtractConfig) -> dict[str, Any]:
     """Extracts every requested split into `out/features.zarr` and writes `out/extract.json`; returns that summary."""
-    dev = resolve_device(device)
-    compressors(compression)  # a bad codec string fails before anything is written
-    if not splits:
+    dev = resolve_device(config.device)
+    compressors(config.compression)  # a bad codec string fails before anything is written
+    if not config.splits:
         raise UserError("--splits names no split")
-    seed_everything(seed)
-    data = {split: load_split(dataset, split, data_root, input_size, download) for split in splits}
-    first = data[splits[0]]
+    seed_everything(config.seed)
+    data = {
+        split: load_split(config.dataset, split, config.data_root, config.input_size, config.download)
+        for split in config.splits
+    }
+    first = data[config.splits[0]]
+    input_size, num_classes = first.preprocessing.input_size, first.num_classes
     model = load_teacher(
-        teacher, checkpoint, pretrained, model_kwargs, first.num_classes, first.preprocessing.input_size
+        config.teacher, config.checkpoint, config.pretrained, config.model_kwargs, num_classes, input_size
     )
     model.to(dev).eval()
-    taps = list_taps(model, first.preprocessing.input_size, names=list(layers) or None)
-    rows = {split: _select_rows(d, max_samples, seed) for split, d in data.items()}
+    taps = list_taps(model, input_size, names=list(config.layers) or None)
+    rows = {split: _select_rows(d, config.max_samples, config.seed) for split, d in data.items()}
     identity = {
         "teacher": {
-            "name": teacher,
-            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-            "pretrained": pretrained,
-            "model_kwargs": model_kwargs or {},
+            "name": config.teacher,
+            "checkpoint_sha256": file_sha256(config.checkpoint) if config.checkpoint else None,
+            "pretrained": config.pretrained,
+            "model_kwargs": config.model_kwargs or {},
         },
         "dataset": {
-            "name": dataset,
-            "num_classes": first.num_classes,
+            "name": config.dataset,
+            "num_classes": num_classes,
             "classes": first.classes,
             "preprocessing": first.preprocessing.to_dict(),
             "splits": {s: {"fingerprint": d.fingerprint(), "size": len(d)} for s, d in data.items()},
         },
         "taps": [{"index": t.index, "name": t.name, "shape": list(t.shape), "kind": t.kind} for t in taps],
         "feature_dtype": FEATURE_DTYPE,
-        "logits": logits,
-        "max_samples": max_samples,
-        "subset_seed": seed if max_samples else None,
+        "logits": config.logits,
+        "max_samples": config.max_samples,
+        "subset_seed": config.seed if config.max_samples else None,
     }
-    store = _open_or_create(Path(out) / STORE_NAME, identity, checkpoint, overwrite)
+    out = Path(config.out)
+    store = _open_or_create(out / STORE_NAME, identity, config.checkpoint, config.overwrite)
+    write_args(out, config)
     if store.complete:
-        tqdm.write(f"{store.path} is already complete; nothing to do")
-        return _summary(store, {}, Path(out))
+        log.info("%s is already complete; nothing to do", store.path)
+        return _summary(store, {}, out)
     timings = {}
     for split, d in data.items():
-        part = _split_store(store, split, d, rows[split], taps, logits, first.num_classes, compression)
-        timings[split] = _extract_split(model, d, part, rows[split], taps, logits, batch_size, workers, dev)
+        part = _split_store(store, split, d, rows[split], taps, config.logits, num_classes, config.compression)
+        timings[split] = _extract_split(
+            model, d, part, rows[split], taps, config.logits, config.batch_size, config.workers, dev
+        )
     store.mark_complete()
-    return _summary(store, timings, Path(out))
-
-
-def load_teacher(
-    name: str,
-    checkpoint: str | None,
-    pretrained: bool,
-    model_kwargs: dict[str, Any] | None,
-    num_classes: int,
-    input_size: int,
-) -> torch.nn.Module:
-    """The teacher with its weights; a missing, unreadable or mismatched checkpoint is a UserError."""
-    if not name.startswith(PREFIXES):
-        MODELS.get(name)  # an unknown name is reported before anything is read
-    if checkpoint is None and not pretrained:
-        raise UserError("the teacher needs weights: pass --checkpoint FILE (or --pretrained for timm/torchvision)")
-    spec = read_model_spec(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
-    if spec and spec.get("model") != name:
-        raise UserError(f"checkpoint {checkpoint} holds a {spec.get('model')!r}, not a {name!r}")
-    if spec and spec.get("num_classes") != num_classes:
-        raise UserError(f"checkpoint {checkpoint} has {spec.get('num_classes')} classes; the dataset has {num_classes}")
-    if spec and not model_kwargs:
-        model_kwargs = spec.get("model_kwargs") or None
-    model = create_model(name, num_classes, input_size=input_size, pretrained=pretrained, model_kwargs=model_kwargs)
-    if checkpoint:
-        load_checkpoint(model, checkpoint)
-    return model
+    return _summary(store, timings, out)
 
 
 def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndarray:
@@ -143,10 +101,7 @@ def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndar
         return np.arange(len(data))
     if max_samples < data.num_classes:
         raise UserError(f"--max-samples {max_samples} is below the number of classes ({data.num_classes})")
-    from sklearn.model_selection import train_test_split
-
-    chosen, _ = train_test_split(np.arange(len(data)), train_size=max_samples, stratify=data.labels, random_state=seed)
-    return np.sort(chosen)
+    return stratified_subset(data.labels, max_samples, seed)
 
 
 def config_hash(identity: dict[str, Any]) -> str:
@@ -165,7 +120,8 @@ def _open_or_create(path: Path, identity: dict[str, Any], checkpoint: str | None
         if store is not None and store.meta.get("config_hash") == wanted:
             return store  # the same store: resume it (or find it complete), even with --overwrite
         if store is not None and not overwrite:
-            field = _first_difference(store.meta.get("identity", {}), identity)
+            where, was, now = first_difference(store.meta.get("identity", {}), identity)
+            field = f"{where} ({short(was)} vs {short(now)})" if where else "format"
             raise UserError(f"{path} holds a different store ({field} differs); use another --out or pass --overwrite")
     meta = {
         "kdpipe_version": __version__,
@@ -175,20 +131,6 @@ def _open_or_create(path: Path, identity: dict[str, Any], checkpoint: str | None
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return FeatureStore.create(path, meta, overwrite=overwrite)
-
-
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
-    """The dotted path of the first field where two identity records differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')} ({_short(old)} vs {_short(new)})" if prefix else "format"
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _split_store(
@@ -234,7 +176,7 @@ def _extract_split(
     names = [t.name for t in taps]
     slots = HalfSlots({f"{FEATURES}/{t.name}": t.shape for t in taps}, batch_size, count=QUEUE_BATCHES + 2)
     start, done = time.perf_counter(), 0
-    bar = tqdm(total=len(positions), desc=f"extract {part.name}", unit="img", unit_scale=True, smoothing=0.1)
+    bar = progress(total=len(positions), desc=f"extract {part.name}", unit="img", unit_scale=True, smoothing=0.1)
     with (
         torch.no_grad(),
         TapRecorder(model, names, stop_after_last=not logits) as recorder,
@@ -303,5 +245,5 @@ def _summary(store: FeatureStore, timings: dict[str, dict[str, float]], out: Pat
         "config_hash": store.meta["config_hash"],
         "splits": splits,
     }
-    write_json(out / "extract.json", summary)
+    write_json(out / EXTRACT_SUMMARY, summary)
     return summary

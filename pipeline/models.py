@@ -1,4 +1,4 @@
-"""Model registry: built-in CIFAR-style networks, `timm:<name>` and `tv:<name>`; checkpoints in and out.
+"""Model registry: built-in CIFAR-style networks, `timm:<name>` and `tv:<name>`; `create_model` and `load_teacher`.
 
 Built-in models carry `default_taps`, their generalized layers (stem activation, every block, the flatten) by
 module path; other models get theirs discovered by `pipeline.taps`.
@@ -6,19 +6,16 @@ module path; other models get theirs discovered by `pipeline.taps`.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 from timm.models.resnet import BasicBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .checkpoints import load_checkpoint, read_model_spec
 from .errors import UserError, first_line
 from .registry import Registry
 
@@ -206,71 +203,27 @@ def create_model(
         raise UserError(f"cannot create model {name!r}: {first_line(err)}") from err
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def save_checkpoint(model: nn.Module, path: str | Path, model_spec: dict[str, Any]) -> None:
-    """Weights as safetensors; `model_spec` (name, num_classes, ...) goes in the header so a loader can check it."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"kdpipe_model_spec": json.dumps(model_spec, sort_keys=True)})
-
-
-def read_model_spec(path: str | Path) -> dict[str, Any] | None:
-    """The model spec that `save_checkpoint` wrote, or None for checkpoints made elsewhere."""
-    if Path(path).suffix != ".safetensors":
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            spec = (f.metadata() or {}).get("kdpipe_model_spec")
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from err
-    return json.loads(spec) if spec else None
-
-
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Loads weights strictly: a missing file, unreadable file or any key/shape mismatch is a UserError.
-
-    Accepts safetensors, or a torch file read with `weights_only=True` (a plain state dict, or one under
-    `state_dict` / `model`). Nothing pickled is ever executed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for key in ("state_dict", "model"):
-                if isinstance(state, dict) and isinstance(state.get(key), dict):
-                    state = state[key]
-    except Exception as err:  # a pickled model, a renamed file, junk: whatever torch.load meets, one line
-        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from err
-    if not isinstance(state, dict):
-        raise UserError(f"checkpoint {path} holds no state dict")
-    _check_state_matches(model, state, path)
-    model.load_state_dict(state, strict=True)
-
-
-def _check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-    if wrong_shape:
-        k = wrong_shape[0]
-        problems.append(
-            f"{len(wrong_shape)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})"
-        )
-    if problems:
-        raise UserError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+def load_teacher(
+    name: str,
+    checkpoint: str | None,
+    pretrained: bool,
+    model_kwargs: dict[str, Any] | None,
+    num_classes: int,
+    input_size: int,
+) -> nn.Module:
+    """The teacher with its weights; a missing, unreadable or mismatched checkpoint is a UserError."""
+    if not name.startswith(PREFIXES):
+        MODELS.get(name)  # an unknown name is reported before anything is read
+    if checkpoint is None and not pretrained:
+        raise UserError("the teacher needs weights: pass --checkpoint FILE (or --pretrained for timm/torchvision)")
+    spec = read_model_spec(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+    if spec and spec.get("model") != name:
+        raise UserError(f"checkpoint {checkpoint} holds a {spec.get('model')!r}, not a {name!r}")
+    if spec and spec.get("num_classes") != num_classes:
+        raise UserError(f"checkpoint {checkpoint} has {spec.get('num_classes')} classes; the dataset has {num_classes}")
+    if spec and not model_kwargs:
+        model_kwargs = spec.get("model_kwargs") or None
+    model = create_model(name, num_classes, input_size=input_size, pretrained=pretrained, model_kwargs=model_kwargs)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model

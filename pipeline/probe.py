@@ -19,20 +19,19 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
 from cache.store import FeatureStore, StoreError
 
+from .checkpoints import SPEC_KEY, load_checkpoint, read_model_spec
+from .config import ProbeConfig
 from .datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
-from .distill import LABELLED_FILE, STUDENT_FILE
 from .errors import UserError
-from .models import create_model, load_checkpoint, read_model_spec
+from .layout import CLASSIFIER, LABELLED_INDICES, PROBE_SUMMARY, STUDENT_WEIGHTS
+from .models import create_model
 from .provenance import load_matching_split
 from .recipe import make_loader
-from .runtime import resolve_device, seed_everything, write_json
+from .runtime import progress, resolve_device, seed_everything, write_args, write_json
 from .taps import TapRecorder, list_taps, stage_end_taps
-
-CLASSIFIER_FILE = "classifier.safetensors"
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 FALLBACK_WEIGHT_DECAY = 1e-3
 VALIDATION_FRACTION = 0.2
@@ -61,7 +60,7 @@ class LinearProbeClassifier(nn.Module):
 def load_classifier(path: str | Path) -> LinearProbeClassifier:
     """The exported classifier in eval mode; `.transform` preprocesses a PIL image or uint8 tensor for it."""
     path = Path(path)
-    path = path / CLASSIFIER_FILE if path.is_dir() else path
+    path = path / CLASSIFIER if path.is_dir() else path
     spec = read_model_spec(path)
     if not spec or "tap" not in spec:
         raise UserError(f"{path} is not a kdpipe classifier")
@@ -77,35 +76,28 @@ def load_classifier(path: str | Path) -> LinearProbeClassifier:
     return classifier.eval()
 
 
-def probe(
-    run: str,
-    tap: str | None = None,
-    data_root: str | None = None,
-    batch_size: int = 256,
-    max_iter: int = 300,
-    seed: int = 0,
-    device: str = "auto",
-    workers: int = 0,
-) -> dict[str, Any]:
-    """Fits and evaluates the linear probe of the student in `run`; writes probe.json and the classifier."""
-    run_dir = Path(run)
-    spec = read_model_spec(run_dir / STUDENT_FILE) if (run_dir / STUDENT_FILE).is_file() else None
+def probe(config: ProbeConfig) -> dict[str, Any]:
+    """Fits and evaluates the linear probe of the student in `config.run`; writes probe.json and the classifier."""
+    run_dir = Path(config.run)
+    spec = read_model_spec(run_dir / STUDENT_WEIGHTS) if (run_dir / STUDENT_WEIGHTS).is_file() else None
     if not spec:
-        raise UserError(f"{run_dir} holds no distilled student ({STUDENT_FILE}); run kdpipe distill first")
-    dev = resolve_device(device)
+        raise UserError(f"{run_dir} holds no distilled student ({STUDENT_WEIGHTS}); run kdpipe distill first")
+    dev = resolve_device(config.device)
+    seed, max_iter = config.seed, config.max_iter
     seed_everything(seed)
     backbone = create_model(
         spec["model"], spec["num_classes"], input_size=spec["input_size"], model_kwargs=spec["model_kwargs"]
     )
-    load_checkpoint(backbone, run_dir / STUDENT_FILE)
-    tap = tap or _default_tap(backbone, spec)
+    load_checkpoint(backbone, run_dir / STUDENT_WEIGHTS)
+    tap = config.tap or _default_tap(backbone, spec)
     list_taps(backbone, spec["input_size"], names=[tap])  # an unknown tap is reported before any work
-    train, test = _probe_data(spec, data_root)
+    train, test = _probe_data(spec, config.data_root)
     # Only the labelled subset of a --label-fraction run trains the head (the whole train split otherwise).
     labelled = _labelled_indices(run_dir, spec, len(train))
+    write_args(run_dir, config)
     backbone.to(dev).eval()
-    x_train = _embed(backbone, tap, Subset(train, labelled.tolist()), "train", batch_size, workers, dev)
-    x_test = _embed(backbone, tap, test, test.split, batch_size, workers, dev)
+    x_train = _embed(backbone, tap, Subset(train, labelled.tolist()), "train", config, dev)
+    x_test = _embed(backbone, tap, test, test.split, config, dev)
     y_train, y_test = torch.from_numpy(train.labels[labelled]), torch.from_numpy(test.labels)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     z_train, z_test = (x_train - mean) / std, (x_test - mean) / std
@@ -125,7 +117,7 @@ def probe(
         "preprocessing": train.preprocessing.to_dict(),
     }
     state = {k: v.detach().contiguous() for k, v in classifier.state_dict().items()}
-    save_file(state, str(run_dir / CLASSIFIER_FILE), metadata={"kdpipe_model_spec": json.dumps(export_spec)})
+    save_file(state, str(run_dir / CLASSIFIER), metadata={SPEC_KEY: json.dumps(export_spec)})
     summary = {
         "stage": "probe",
         "run": str(run_dir),
@@ -141,15 +133,15 @@ def probe(
         "num_train": len(labelled),
         "num_test": len(test),
         "seed": seed,
-        "classifier": str(run_dir / CLASSIFIER_FILE),
+        "classifier": str(run_dir / CLASSIFIER),
     }
-    write_json(run_dir / "probe.json", summary)
+    write_json(run_dir / PROBE_SUMMARY, summary)
     return summary
 
 
 def _labelled_indices(run_dir: Path, spec: dict[str, Any], num_train: int) -> np.ndarray:
     """Dataset indices of the train images the run may use labels of: those its distill run recorded."""
-    path = run_dir / LABELLED_FILE
+    path = run_dir / LABELLED_INDICES
     if path.is_file():
         return np.load(path)
     if spec.get("label_fraction", 1.0) < 1.0:
@@ -180,10 +172,11 @@ def _default_tap(backbone: nn.Module, spec: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def _embed(backbone: nn.Module, tap: str, data: Dataset, name: str, batch_size: int, workers: int, dev) -> torch.Tensor:
+def _embed(backbone: nn.Module, tap: str, data: Dataset, name: str, config: ProbeConfig, dev) -> torch.Tensor:
     chunks = []
+    loader = make_loader(data, config.batch_size, config.workers)
     with TapRecorder(backbone, [tap], stop_after_last=True) as recorder:
-        for images, _ in tqdm(make_loader(data, batch_size, workers), desc=f"embed {name}", leave=False):
+        for images, _ in progress(loader, desc=f"embed {name}", leave=False):
             chunks.append(pool_embedding(recorder.run(images.to(dev))[tap]).float().cpu())
     return torch.cat(chunks)
 

@@ -10,78 +10,121 @@ student's own classifier for methods trained with labels, the linear probe for f
 from __future__ import annotations
 
 import json
+import logging
 import statistics
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from tqdm import tqdm
-
-from .distill import STUDENT_FILE, SUMMARY_FILE, checkpoint_epochs
+from .config import Boolean, DistillConfig, ProbeConfig, ReportConfig, field_types
+from .distill import distill
+from .errors import UserError
+from .layout import (
+    DISTILL_SUMMARY,
+    PROBE_SUMMARY,
+    REPORT_PLOT,
+    REPORT_SUMMARY,
+    REPORT_TEXT,
+    STUDENT_WEIGHTS,
+    checkpoint_epochs,
+    report_run,
+)
 from .methods import get_method
-from .runtime import write_json
+from .probe import probe
+from .runtime import progress, write_args, write_json
 
-PROBE_FILE = "probe.json"
+log = logging.getLogger(__name__)
+
 BASELINE = "ce"
-
-RECIPE = ("model", "steps", "batch_size", "lr", "label_fraction", "num_labelled")  # shared by every run
+RECIPE = ("student", "steps", "batch_size", "lr", "label_fraction", "num_labelled")  # shared by every run
 
 
 @dataclass(frozen=True)
-class Stages:
-    """How the report runs `kdpipe distill` and `kdpipe probe`: bound by the CLI to its own commands, so every run
-    takes the config file's settings exactly as the stage would alone."""
+class Run:
+    """One (entry, seed) of a report: its folder and the distill and probe configs it runs with."""
 
-    distill: Callable[..., None]  # (method, flags, seed, run folder, resume, check=False)
-    probe: Callable[[Path, int], None]  # (run folder, seed)
-    probe_settings: Callable[[Path, int], dict[str, Any]]  # the probe's resolved options for that run
-
-
-def split_entry(entry: str) -> tuple[str, list[str]]:
-    """`feature+no-unlabelled-distill` -> ("feature", ["--no-unlabelled-distill"])."""
-    method, *flags = entry.split("+")
-    return method, [f"--{flag}" for flag in flags]
+    entry: str
+    seed: int
+    folder: Path
+    distill: DistillConfig
+    probe: ProbeConfig
 
 
-def run_all(out: Path, entries: list[str], seeds: list[int], stages: Stages) -> list[dict]:
+def report(config: ReportConfig) -> dict[str, Any]:
     """Checks every (entry, seed) against the store first (a setting that fails fails before hours of runs), then
-    runs or reuses each and returns one result per run."""
-    plan = [(entry, seed, *split_entry(entry), out / entry / f"seed-{seed}") for entry in entries for seed in seeds]
-    for _, seed, method, flags, run_dir in tqdm(plan, desc="check", unit="run", leave=False):
-        stages.distill(method, flags, seed, run_dir, bool(checkpoint_epochs(run_dir)), check=True)
+    runs or reuses each, writes report.md, report.json (and report.png) in `config.out` and returns the summary."""
+    runs = plan(config)
+    for run in progress(runs, desc="check", unit="run", leave=False):
+        distill(replace(run.distill, check=True))
+    out = Path(config.out)
+    write_args(out, config)
     results = []
-    bar = tqdm(plan, desc="report", unit="run")
-    for entry, seed, method, flags, run_dir in bar:
-        bar.set_postfix(method=entry, seed=seed)
-        stages.distill(method, flags, seed, run_dir, bool(checkpoint_epochs(run_dir)))
-        if not get_method(method).uses_labels and not _probe_is_current(run_dir, stages.probe_settings(run_dir, seed)):
-            stages.probe(run_dir, seed)
-        results.append(run_result(run_dir, entry))
+    bar = progress(runs, desc="report", unit="run")
+    for run in bar:
+        bar.set_postfix(method=run.entry, seed=run.seed)
+        distill(run.distill)
+        if not get_method(run.distill.method).uses_labels and not _probe_is_current(run.folder, run.probe):
+            probe(run.probe)
+        results.append(run_result(run.folder, run.entry))
         result = results[-1]
         on_tap = f" on {result['probe_tap']}" if result["probe_tap"] else ""
-        tqdm.write(f"{entry} seed {seed}: top-1 {result['top1']:.2f}% ({result['evaluated_with']}{on_tap})")
-    return results
+        log.info("%s seed %d: top-1 %.2f%% (%s%s)", run.entry, run.seed, result["top1"], result["evaluated_with"], on_tap)
+    return write_report(out, results, list(config.methods), config.plot)
 
 
-def _probe_is_current(run_dir: Path, settings: dict[str, Any]) -> bool:
+def plan(config: ReportConfig) -> list[Run]:
+    """Every run of the report, each entry's method and flags checked: the config's distill and probe settings,
+    with the report's store, device, the entry's method and flags, the seed and the run's folder on top. A run with
+    checkpoints is resumed (a finished one is returned as it is; one made with other settings is refused)."""
+    runs = []
+    for entry in config.methods:
+        method, flags = split_entry(entry)
+        for seed in config.seeds:
+            folder = report_run(config.out, entry, seed)
+            shared = {"seed": seed, "device": config.device}
+            own = {"store": config.store, "method": method, "out": str(folder), "check": False}
+            resume = bool(checkpoint_epochs(folder))
+            distill_config = DistillConfig(**{**(config.distill or {}), **flags, **shared, **own, "resume": resume})
+            probe_config = ProbeConfig(**{**(config.probe or {}), **shared, "run": str(folder)})
+            runs.append(Run(entry, seed, folder, distill_config, probe_config))
+    return runs
+
+
+def entry_flags() -> list[str]:
+    """The distill switches an entry may add (`+no-unlabelled-distill`): its on/off run settings."""
+    kinds = field_types(DistillConfig)
+    return [f.name for f in fields(DistillConfig) if f.metadata["spec"] and isinstance(kinds[f.name], Boolean)]
+
+
+def split_entry(entry: str) -> tuple[str, dict[str, bool]]:
+    """`feature+no-unlabelled-distill` -> ("feature", {"unlabelled_distill": False}); the method must exist."""
+    method, *flags = entry.split("+")
+    get_method(method)
+    settings = {}
+    for flag in flags:
+        name = flag.removeprefix("no-").replace("-", "_")
+        if name not in entry_flags():
+            allowed = ", ".join(f"[no-]{n.replace('_', '-')}" for n in entry_flags())
+            raise UserError(f"--methods: --{flag} is not a flag of kdpipe distill that an entry may add ({allowed})")
+        settings[name] = not flag.startswith("no-")
+    return method, settings
+
+
+def _probe_is_current(run_dir: Path, config: ProbeConfig) -> bool:
     """A probe fitted after its student was last written, with the settings the report would use now."""
-    probe_file = run_dir / PROBE_FILE
-    if not probe_file.is_file() or probe_file.stat().st_mtime < (run_dir / STUDENT_FILE).stat().st_mtime:
+    probe_file = run_dir / PROBE_SUMMARY
+    if not probe_file.is_file() or probe_file.stat().st_mtime < (run_dir / STUDENT_WEIGHTS).stat().st_mtime:
         return False
     fitted = json.loads(probe_file.read_text())
-    return (
-        fitted.get("max_iter") == settings["max_iter"]
-        and fitted["seed"] == settings["seed"]
-        and settings["tap"] in (None, fitted["tap"])
-    )
+    return fitted.get("max_iter") == config.max_iter and fitted["seed"] == config.seed and config.tap in (None, fitted["tap"])
 
 
 def run_result(run_dir: Path, entry: str) -> dict[str, Any]:
     """One run's entry, seed, held-out top-1 and how it was evaluated, from its JSON summaries."""
-    run = json.loads((run_dir / SUMMARY_FILE).read_text())
+    run = json.loads((run_dir / DISTILL_SUMMARY).read_text())
     own_head = get_method(run["method"]).uses_labels
-    evaluation = run if own_head else json.loads((run_dir / PROBE_FILE).read_text())
-    keys = ("seed", "model", "dataset", "store", "teacher_taps", "losses", "steps", "batch_size", "lr")
+    evaluation = run if own_head else json.loads((run_dir / PROBE_SUMMARY).read_text())
+    keys = ("seed", "student", "dataset", "store", "teacher_taps", "losses", "steps", "batch_size", "lr")
     keys += ("label_fraction", "num_labelled", "num_training_rows")
     return {
         "method": entry,
@@ -131,8 +174,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         gain = "—" if r["gain"] is None else f"{r['gain']:+.2f} ± {r['gain_std']:.2f}"
         taps = ", ".join(r["teacher_taps"]) or "—"
+        losses = " + ".join(name if t["weight"] == 1 else f"{t['weight']:g}·{name}" for name, t in r["losses"].items())
         lines.append(
-            f"| {r['method']} | {' + '.join(r['losses'])} | {taps} | {r['num_training_rows']} images | "
+            f"| {r['method']} | {losses} | {taps} | {r['num_training_rows']} images | "
             f"{r['evaluated_with']} | {r['mean']:.2f} ± {r['std']:.2f} (n={r['runs']}) | {gain} |"
         )
     return "\n".join(lines)
@@ -159,7 +203,7 @@ def write_report(out: Path, results: list[dict], methods: list[str], plot: bool 
     seeds = sorted({r["seed"] for r in results})
     differing = recipe_differences(results)
     setting = (
-        f"{first['model']} students on `{first['dataset']}` from the store `{first['store']}`: "
+        f"{first['student']} students on `{first['dataset']}` from the store `{first['store']}`: "
         f"{first['steps']} optimizer steps of batch {first['batch_size']} (peak LR {first['lr']}) for every "
         f"method; {first['num_labelled']} labelled train images (label fraction {first['label_fraction']:g}); "
         f"seeds {', '.join(map(str, seeds))}. Top-1 is each run's last-epoch accuracy on the `{first['test_split']}` "
@@ -173,11 +217,11 @@ def write_report(out: Path, results: list[dict], methods: list[str], plot: bool 
     parts += [note, ""] if note else []
     parts += ["## Per seed (top-1 %)", "", per_seed_table(results, methods, seeds), ""]
     if plot:
-        plot_report(rows, out / "report.png")
-        parts += ["![top-1 relative to the CE-only student](report.png)", ""]
-    (out / "report.md").write_text("\n".join(parts))
+        plot_report(rows, out / REPORT_PLOT)
+        parts += [f"![top-1 relative to the CE-only student]({REPORT_PLOT})", ""]
+    (out / REPORT_TEXT).write_text("\n".join(parts))
     summary = {"stage": "report", "setting": setting, "seeds": seeds, "methods": rows, "runs": results, "note": note}
-    write_json(out / "report.json", summary)
+    write_json(out / REPORT_SUMMARY, summary)
     return summary
 
 

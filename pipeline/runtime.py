@@ -1,18 +1,24 @@
-"""Device choice, seeding and the small file outputs every stage shares (JSON summary, resolved args)."""
+"""Device choice, seeding, progress bars and the small file outputs every stage shares (JSON, CSV, resolved args)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
+from tqdm import tqdm
 
 from .errors import UserError
+from .layout import args_file
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,10 +45,32 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def write_args(path: Path, params: dict[str, Any]) -> None:
-    """The resolved options of a run (config file merged with the command line), as timm's args.yaml."""
-    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
-    path.write_text(yaml.safe_dump(plain, sort_keys=False))
+def write_args(folder: str | Path, config: Config) -> None:
+    """The resolved config of a run (`<command>_args.yaml`, as timm's args.yaml), written before the work starts."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    args_file(folder, config.command).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any]:
+    """(dotted path, old value, new value) of the first field where two records differ ("" for the whole)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return prefix.rstrip("."), old, new
+
+
+def short(value: Any) -> str:
+    """A value as JSON, cut to 40 characters for a one-line message."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar on stderr, off when stderr is not a terminal (log files, CI) or the `pipeline` logger is set above
+    INFO (`kdpipe --quiet`)."""
+    quiet = logging.getLogger("pipeline").level > logging.INFO
+    return tqdm(iterable, disable=True if quiet else None, **kwargs)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

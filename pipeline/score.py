@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
-
 from cache.reader import gather_rows
 from cache.store import FeatureStore, SplitStore
 
 from . import __version__
+from .config import ScoreConfig
+from .datasets import stratified_subset
 from .errors import UserError
+from .layout import SCORES, SCORES_PLOT
 from .quality import (
     QualityError,
     class_spectrum,
@@ -32,38 +33,27 @@ from .quality import (
     select_top_k,
     subset_a_stats,
 )
-from .runtime import write_json
-
-SCORES_FILE = "scores.json"
+from .runtime import progress, write_args, write_json
 
 
-def score(
-    store: str,
-    split: str = "train",
-    layers: tuple[str, ...] = (),
-    top_k: int = 4,
-    seed: int = 0,
-    max_samples: int | None = None,
-    memory_gb: float = 4.0,
-    workers: int = 2,
-    plot: bool = True,
-) -> dict[str, Any]:
-    """Scores the taps of `store`'s split, records them in the store and beside it; returns the summary."""
-    feature_store = FeatureStore.open(store, mode="r+")
-    part = _checked_split(feature_store, split)
-    taps = _taps_to_score(feature_store, part, layers)
+def score(config: ScoreConfig) -> dict[str, Any]:
+    """Scores the taps of the store's split, records them in the store and beside it; returns the summary."""
+    feature_store = FeatureStore.open(config.store, mode="r+")
+    part = _checked_split(feature_store, config.split)
+    taps = _taps_to_score(feature_store, part, config.layers)
     num_classes = feature_store.meta["identity"]["dataset"]["num_classes"]
     labels = part.array("labels")[:]
-    rows = _sample_rows(labels, num_classes, max_samples, seed)
+    rows = _sample_rows(labels, num_classes, config.max_samples, config.seed)
     try:
-        subset_a, subset_b = draw_subsets(labels[rows], num_classes, seed)
+        subset_a, subset_b = draw_subsets(labels[rows], num_classes, config.seed)
     except QualityError as err:
-        raise UserError(f"{feature_store.path} [{split}]: {err}") from err
+        raise UserError(f"{feature_store.path} [{config.split}]: {err}") from err
     a_rows, b_rows = rows[subset_a], rows[subset_b]
     n_train = _train_split_size(feature_store, part)
-    budget_bytes = max(1, int(memory_gb * 2**30))
+    budget_bytes = max(1, int(config.memory_gb * 2**30))
+    write_args(feature_store.path.parent, config)
     results = []
-    for tap in tqdm(taps, desc="score", unit="tap"):
+    for tap in progress(taps, desc="score", unit="tap"):
         start = time.perf_counter()
         result = tap_quality(
             part,
@@ -76,7 +66,7 @@ def score(
             num_classes,
             n_train,
             budget_bytes,
-            workers,
+            config.workers,
         )
         results.append(
             {
@@ -87,17 +77,17 @@ def score(
                 "seconds": round(time.perf_counter() - start, 3),
             }
         )
-    selected, notes = _select(results, top_k)
+    selected, notes = _select(results, config.top_k)
     identity = feature_store.meta["identity"]
     summary = {
         "stage": "score",
         "kdpipe_version": __version__,
         "store": str(feature_store.path),
-        "split": split,
+        "split": config.split,
         "teacher": identity["teacher"]["name"],
         "dataset": identity["dataset"]["name"],
-        "seed": seed,
-        "top_k": top_k,
+        "seed": config.seed,
+        "top_k": config.top_k,
         "selected": [results[i]["name"] for i in selected],
         "num_samples": len(rows),
         "n_train": n_train,
@@ -106,7 +96,7 @@ def score(
         "notes": notes,
         "taps": results,
     }
-    _record(feature_store, part, summary, plot)
+    _record(feature_store, part, summary, config.plot)
     return summary
 
 
@@ -145,13 +135,10 @@ def _sample_rows(labels: np.ndarray, num_classes: int, max_samples: int | None, 
         return np.arange(len(labels))
     if max_samples < 2 * num_classes:
         raise UserError(f"--max-samples {max_samples}: Q needs at least 2 samples of each of {num_classes} classes")
-    from sklearn.model_selection import train_test_split
-
     try:
-        kept, _ = train_test_split(np.arange(len(labels)), train_size=max_samples, stratify=labels, random_state=seed)
-    except ValueError as err:  # a class too small to stratify
-        raise UserError(f"--max-samples {max_samples}: cannot draw a class-stratified subset ({err})") from err
-    return np.sort(kept)
+        return stratified_subset(labels, max_samples, seed)
+    except UserError as err:  # a class too small to stratify
+        raise UserError(f"--max-samples {max_samples}: {err}") from None
 
 
 def tap_quality(
@@ -253,9 +240,9 @@ def _record(store: FeatureStore, part: SplitStore, summary: dict[str, Any], plot
         "Q": {t["name"]: t["Q"] for t in summary["taps"]},
     }
     out = store.path.parent
-    write_json(out / SCORES_FILE, summary)
+    write_json(out / SCORES, summary)
     if plot:
-        plot_scores(summary, out / "scores.png")
+        plot_scores(summary, out / SCORES_PLOT)
 
 
 def plot_scores(summary: dict[str, Any], path: Path) -> None:

@@ -5,71 +5,60 @@ Writes `model.safetensors` (the model spec in its header), `teach_log.csv` (per 
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from torch import nn
-from tqdm import tqdm
 
+from .checkpoints import save_checkpoint
+from .config import TeachConfig
 from .datasets import held_out_split, load_split
 from .errors import UserError
-from .models import create_model, save_checkpoint
+from .layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS
+from .models import create_model
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
-from .runtime import resolve_device, seed_everything, write_csv, write_json
+from .runtime import progress, resolve_device, seed_everything, write_args, write_csv, write_json
 
-WEIGHTS_FILE = "model.safetensors"
+log = logging.getLogger(__name__)
 
 
-def teach(
-    teacher: str,
-    dataset: str,
-    out: str,
-    data_root: str | None = None,
-    input_size: int | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    epochs: int = 15,
-    batch_size: int = 128,
-    lr: float = 0.01,
-    weight_decay: float = 0.01,
-    seed: int = 0,
-    device: str = "auto",
-    workers: int = 0,
-    download: bool = False,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Trains `teacher` on the train split, evaluates the last epoch on the held-out split; returns the summary."""
-    out_dir = Path(out)
-    if (out_dir / WEIGHTS_FILE).exists() and not overwrite:
-        raise UserError(f"{out_dir / WEIGHTS_FILE} exists (stores may record it); pass --overwrite or another --out")
-    dev = resolve_device(device)
-    generator = seed_everything(seed)
-    train = load_split(dataset, "train", data_root, input_size, download)
-    held_out = load_split(dataset, held_out_split(dataset), data_root, input_size, download)
-    if len(train) < batch_size:
-        raise UserError(f"--batch-size {batch_size} exceeds the {len(train)} training samples")
+def teach(config: TeachConfig) -> dict[str, Any]:
+    """Trains the teacher on the train split, evaluates the last epoch on the held-out split; returns the summary."""
+    out_dir = Path(config.out)
+    if (out_dir / TEACHER_WEIGHTS).exists() and not config.overwrite:
+        raise UserError(f"{out_dir / TEACHER_WEIGHTS} exists (stores may record it); pass --overwrite or another --out")
+    dev = resolve_device(config.device)
+    generator = seed_everything(config.seed)
+    where = (config.data_root, config.input_size, config.download)
+    train = load_split(config.dataset, "train", *where)
+    held_out = load_split(config.dataset, held_out_split(config.dataset), *where)
+    if len(train) < config.batch_size:
+        raise UserError(f"--batch-size {config.batch_size} exceeds the {len(train)} training samples")
     model_spec = {
-        "model": teacher,
+        "model": config.teacher,
         "num_classes": train.num_classes,
         "input_size": train.preprocessing.input_size,
-        "model_kwargs": model_kwargs or {},
-        "dataset": dataset,
+        "model_kwargs": config.model_kwargs or {},
+        "dataset": config.dataset,
     }
     model = create_model(
-        teacher, train.num_classes, input_size=train.preprocessing.input_size, model_kwargs=model_kwargs
+        config.teacher, train.num_classes, input_size=train.preprocessing.input_size, model_kwargs=config.model_kwargs
     )
     model.to(dev)
-    train_loader = make_loader(train, batch_size, workers, shuffle=True, generator=generator, drop_last=True)
-    test_loader = make_loader(held_out, batch_size, workers)
-    optimizer, schedule = adamw_onecycle(model.parameters(), lr, weight_decay, epochs * len(train_loader))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    train_loader = make_loader(train, config.batch_size, config.workers, shuffle=True, generator=generator, drop_last=True)
+    test_loader = make_loader(held_out, config.batch_size, config.workers)
+    epochs = config.epochs
+    optimizer, schedule = adamw_onecycle(model.parameters(), config.lr, config.weight_decay, epochs * len(train_loader))
+    write_args(out_dir, config)
     criterion = nn.CrossEntropyLoss()
     log_rows = []
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
         loss_sum = correct = seen = 0.0
-        bar = tqdm(train_loader, desc=f"teach {epoch}/{epochs}", unit="batch", leave=False)
+        bar = progress(train_loader, desc=f"teach {epoch}/{epochs}", unit="batch", leave=False)
         for images, labels in bar:
             images, labels = images.to(dev), labels.to(dev)
             logits = model(images)
@@ -92,24 +81,22 @@ def teach(
                 "lr": schedule.get_last_lr()[0],
             }
         )
-        tqdm.write(
-            f"epoch {epoch}: loss {loss_sum / seen:.4f}  train {100 * correct / seen:.2f}%  test {test_top1:.2f}%"
-        )
+        log.info("epoch %d: loss %.4f  train %.2f%%  test %.2f%%", epoch, loss_sum / seen, 100 * correct / seen, test_top1)
     seconds = time.perf_counter() - start
-    save_checkpoint(model, out_dir / WEIGHTS_FILE, model_spec)
-    write_csv(out_dir / "teach_log.csv", log_rows)
+    save_checkpoint(model, out_dir / TEACHER_WEIGHTS, model_spec)
+    write_csv(out_dir / TEACH_LOG, log_rows)
     summary = {
         "stage": "teach",
         **model_spec,
-        "checkpoint": str(out_dir / WEIGHTS_FILE),
+        "checkpoint": str(out_dir / TEACHER_WEIGHTS),
         "test_split": held_out.split,
         "test_top1": log_rows[-1]["test_top1"],
         "train_top1": log_rows[-1]["train_top1"],
         "epochs": epochs,
         "seconds": round(seconds, 2),
-        "seed": seed,
+        "seed": config.seed,
         "device": str(dev),
         "dataset_fingerprint": train.fingerprint(),
     }
-    write_json(out_dir / "teach.json", summary)
+    write_json(out_dir / TEACH_SUMMARY, summary)
     return summary

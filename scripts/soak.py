@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.layout import DISTILL_SUMMARY, EXTRACT_SUMMARY, STUDENT_WEIGHTS, TEACHER_WEIGHTS, checkpoint_epochs
+
 KDPIPE = str(Path(sys.executable).parent / "kdpipe")
 
 
@@ -69,7 +71,7 @@ def soak_extract(tmp: Path, checkpoint: str, kills: int, rng: random.Random) -> 
         "cpu",
     ]
     run(["extract", *args, "--out", str(tmp / "reference")])
-    done = lambda: (tmp / "killed" / "extract.json").exists()  # noqa: E731 (written last, after completion)
+    done = lambda: (tmp / "killed" / EXTRACT_SUMMARY).exists()  # noqa: E731 (written last, after completion)
     killed = killed_runs(lambda: ["extract", *args, "--out", str(tmp / "killed")], done, kills, rng, (2.0, 5.0))
     return killed, zarr_bytes_equal(tmp / "reference" / "features.zarr", tmp / "killed" / "features.zarr")
 
@@ -100,11 +102,11 @@ def soak_distill(tmp: Path, kills: int, rng: random.Random) -> tuple[int, int]:
     out = tmp / "cut"
 
     def command() -> list[str]:
-        resume = ["--resume"] if list(out.glob("epoch-*.state.pt")) else []
+        resume = ["--resume"] if checkpoint_epochs(out) else []
         return ["distill", store, *args, "--out", str(out), *resume]
 
-    killed = killed_runs(command, lambda: (out / "distill.json").exists(), kills, rng, (2.5, 6.0))
-    whole, cut = load_file(str(tmp / "whole" / "student.safetensors")), load_file(str(out / "student.safetensors"))
+    killed = killed_runs(command, lambda: (out / DISTILL_SUMMARY).exists(), kills, rng, (2.5, 6.0))
+    whole, cut = load_file(str(tmp / "whole" / STUDENT_WEIGHTS)), load_file(str(out / STUDENT_WEIGHTS))
     assert whole.keys() == cut.keys() and all(np.array_equal(whole[k].numpy(), cut[k].numpy()) for k in whole)
     return killed, sum(v.numel() * v.element_size() for v in whole.values())
 
@@ -118,7 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         run(["teach", "--teacher", "resnet20", "--epochs", "2", "--device", "cpu", "--out", str(tmp / "teacher")])
-        killed, compared = soak_extract(tmp, str(tmp / "teacher" / "model.safetensors"), args.kills, rng)
+        killed, compared = soak_extract(tmp, str(tmp / "teacher" / TEACHER_WEIGHTS), args.kills, rng)
         print(f"extract: {killed} SIGKILLs survived, {compared / 2**20:.1f} MiB byte-identical to an uninterrupted run")
         killed_d, compared_d = soak_distill(tmp, args.kills, rng)
         print(f"distill: {killed_d} SIGKILLs survived, {compared_d / 2**10:.0f} KiB of weights identical")

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_one_line_error, make_store, run_cli
 
 from cache.store import FeatureStore
+from pipeline import layout
 
-from conftest import make_store, run_cli
-from test_cli import assert_one_line_error
 
 SUMMARIES = (
-    "teach.json",
-    "extract.json",
-    "scores.json",
-    "distill.json",
-    "probe.json",
-    "model.safetensors",
-    "student.safetensors",
-    "classifier.safetensors",
+    layout.TEACH_SUMMARY,
+    layout.EXTRACT_SUMMARY,
+    layout.SCORES,
+    layout.DISTILL_SUMMARY,
+    layout.PROBE_SUMMARY,
+    layout.TEACHER_WEIGHTS,
+    layout.STUDENT_WEIGHTS,
+    layout.CLASSIFIER,
 )
 
 

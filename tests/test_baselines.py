@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -11,17 +12,16 @@ import pytest
 import torch
 import yaml
 import zarr
+from helpers import STUDENT, assert_one_line_error, run_cli, weights
 
 from cache.reader import CachedTargets
 from cache.store import STORE_NAME, FeatureStore
+from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, probe
 from pipeline.datasets import stratified_subset
-from pipeline.distill import LABELLED_FILE, STUDENT_FILE, distill
-from pipeline.probe import probe
+from pipeline.layout import DISTILL_LOG, LABELLED_INDICES, PROBE_SUMMARY, REPORT_SUMMARY, REPORT_TEXT, STUDENT_WEIGHTS
 from pipeline.report import recipe_differences
+from pipeline.training import Trainer
 
-from conftest import run_cli
-from test_cli import assert_one_line_error
-from test_distill_probe import STUDENT, _weights
 
 BUDGET = {**STUDENT, "label_fraction": 0.25, "steps": 10, "batch_size": 20}
 
@@ -51,19 +51,21 @@ def test_cached_targets_serve_only_the_given_rows(scored_store):
 def test_label_and_step_budget(scored_store, tmp_path):
     """ce trains on the labelled quarter for exactly 10 steps; feature distills on every row, and its probe is
     fitted on the same labelled quarter; --no-unlabelled-distill restricts the feature method to it."""
-    ce = distill(str(scored_store), out=str(tmp_path / "ce"), method="ce", **BUDGET)
+    ce = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "ce"), method="ce", **BUDGET))
     assert ce["num_training_rows"] == ce["num_labelled"] == 100 and ce["teacher_taps"] == []
     assert ce["epochs"] == 2 and ce["steps"] == 10  # 5 steps per epoch
     assert 0.0 <= ce["test_top1"] <= 100.0 and ce["test_split"] == "test"
-    log = (tmp_path / "ce" / "distill_log.csv").read_text().splitlines()
+    log = (tmp_path / "ce" / DISTILL_LOG).read_text().splitlines()
     assert len(log) == 1 + 2
-    feature = distill(str(scored_store), out=str(tmp_path / "feature"), **BUDGET)
+    feature = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "feature"), **BUDGET))
     assert feature["num_training_rows"] == 400 and feature["num_labelled"] == 100
     assert feature["epochs"] == 1  # 20 steps per epoch: the one epoch is cut at 10
-    labelled = np.load(tmp_path / "feature" / LABELLED_FILE)
-    assert np.array_equal(labelled, np.load(tmp_path / "ce" / LABELLED_FILE))  # the same subset for one seed
-    assert probe(str(tmp_path / "feature"), device="cpu")["num_train"] == 100
-    strict = distill(str(scored_store), out=str(tmp_path / "strict"), unlabelled_distill=False, **BUDGET)
+    labelled = np.load(tmp_path / "feature" / LABELLED_INDICES)
+    assert np.array_equal(labelled, np.load(tmp_path / "ce" / LABELLED_INDICES))  # the same subset for one seed
+    assert probe(ProbeConfig(run=str(tmp_path / "feature"), device="cpu"))["num_train"] == 100
+    strict = distill(
+        DistillConfig(store=str(scored_store), out=str(tmp_path / "strict"), unlabelled_distill=False, **BUDGET)
+    )
     assert strict["num_training_rows"] == 100
 
 
@@ -76,11 +78,11 @@ def test_ce_never_touches_the_teacher(scored_store, tmp_path):
     for path in ("train/logits", "train/features/layer2.2", "train/features/layer3.2"):
         group[path][:] = rng.permutation(group[path][:])
     for store, out in ((scored_store, "a"), (permuted, "b")):
-        distill(str(store), out=str(tmp_path / out), method="ce", **BUDGET)
-        distill(str(store), out=str(tmp_path / f"kd-{out}"), method="kd", **BUDGET)
-    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+        distill(DistillConfig(store=str(store), out=str(tmp_path / out), method="ce", **BUDGET))
+        distill(DistillConfig(store=str(store), out=str(tmp_path / f"kd-{out}"), method="kd", **BUDGET))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    kd_a, kd_b = _weights(tmp_path / "kd-a"), _weights(tmp_path / "kd-b")
+    kd_a, kd_b = weights(tmp_path / "kd-a"), weights(tmp_path / "kd-b")
     assert not all(torch.equal(kd_a[k], kd_b[k]) for k in kd_a)
 
 
@@ -111,7 +113,7 @@ def test_report_runs_then_reuses_and_refuses_changed_settings(scored_store, tmp_
     config = _report_config(tmp_path, scored_store)
     result = run_cli("report", "--config", config, "--seeds", "0,1")
     out = tmp_path / "report"
-    summary = json.loads((out / "report.json").read_text())
+    summary = json.loads((out / REPORT_SUMMARY).read_text())
     assert [m["method"] for m in summary["methods"]] == ["ce", "kd", "feature", "feature+no-unlabelled-distill"]
     for row in summary["methods"]:
         runs = [r for r in summary["runs"] if r["method"] == row["method"]]
@@ -121,36 +123,35 @@ def test_report_runs_then_reuses_and_refuses_changed_settings(scored_store, tmp_
     assert ce["gain"] == 0.0 and kd["gain"] == pytest.approx(kd["mean"] - ce["mean"])
     assert feature["evaluated_with"] == "linear probe" and feature["num_training_rows"] == 400
     assert strict["num_training_rows"] == 100 and (out / "feature+no-unlabelled-distill" / "seed-1").is_dir()
-    seed1 = json.loads((out / "feature" / "seed-1" / "probe.json").read_text())
+    seed1 = json.loads((out / "feature" / "seed-1" / PROBE_SUMMARY).read_text())
     assert seed1["test_top1"] == feature["top1"][1]
-    assert "| feature | feature_mse | layer2.2, layer3.2 |" in (out / "report.md").read_text()
+    assert "| feature | feature_mse | layer2.2, layer3.2 |" in (out / REPORT_TEXT).read_text()
     assert "| kd | ce + kd |" in result.output and (out / "report.png").stat().st_size > 0
 
     # A second report reuses every run: nothing trains, no probe is refitted.
-    import pipeline.distill
-    import pipeline.probe
+    probe_module = importlib.import_module("pipeline.probe")
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")
 
-    monkeypatch.setattr(pipeline.distill, "_train_epoch", must_not_run)
-    monkeypatch.setattr(pipeline.probe, "fit_linear", must_not_run)
+    monkeypatch.setattr(Trainer, "run_epoch", must_not_run)
+    monkeypatch.setattr(probe_module, "fit_linear", must_not_run)
     run_cli("report", "--config", config, "--seeds", "0,1")
-    assert json.loads((out / "report.json").read_text())["methods"] == summary["methods"]
+    assert json.loads((out / REPORT_SUMMARY).read_text())["methods"] == summary["methods"]
 
     # Other probe settings refit the probes only.
     monkeypatch.undo()
-    monkeypatch.setattr(pipeline.distill, "_train_epoch", must_not_run)
+    monkeypatch.setattr(Trainer, "run_epoch", must_not_run)
     config_path = Path(config)
     config_path.write_text(config_path.read_text().replace("max_iter: 50", "max_iter: 40"))
     run_cli("report", "--config", config, "--seeds", "0,1")
-    assert json.loads((out / "feature" / "seed-0" / "probe.json").read_text())["max_iter"] == 40
+    assert json.loads((out / "feature" / "seed-0" / PROBE_SUMMARY).read_text())["max_iter"] == 40
 
     # Other settings for the same folder are refused with the setting named, before anything is overwritten.
-    before = (out / "ce" / "seed-0" / STUDENT_FILE).read_bytes()
+    before = (out / "ce" / "seed-0" / STUDENT_WEIGHTS).read_bytes()
     changed = run_cli("report", "--config", _report_config(tmp_path, scored_store, steps=8), expect_ok=False)
     assert_one_line_error(changed, "made with steps = 6, not 8")
-    assert (out / "ce" / "seed-0" / STUDENT_FILE).read_bytes() == before
+    assert (out / "ce" / "seed-0" / STUDENT_WEIGHTS).read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -170,10 +171,8 @@ def test_report_bad_input(scored_store, tmp_path, args, fragment):
 
 def test_kd_on_a_store_without_logits(digits_teacher, tmp_path):
     """Refused in one line; in a report, before any run starts."""
-    from pipeline.extract import extract
-
     args = dict(checkpoint=digits_teacher["checkpoint"], layers=("layer3.2",), max_samples=100, device="cpu")
-    extract("resnet20", "digits", str(tmp_path / "s"), logits=False, **args)
+    extract(ExtractConfig(out=str(tmp_path / "s"), logits=False, **args))
     result = run_cli("distill", tmp_path / "s", "--method", "kd", "--out", tmp_path / "r", expect_ok=False)
     assert_one_line_error(result, "--method kd reads logits", "does not hold")
     assert not (tmp_path / "r").exists()
@@ -202,23 +201,16 @@ def test_baseline_bad_input(scored_store, tmp_path, extra, fragment):
 def test_tiny_label_budget_probe_falls_back_to_a_fixed_weight_decay(scored_store, tmp_path):
     """12 labelled images of 10 classes cannot spare a stratified validation part: the probe still fits."""
     run = tmp_path / "feature"
-    distill(str(scored_store), out=str(run), **{**BUDGET, "label_fraction": 0.03, "steps": 2})
-    summary = probe(str(run), device="cpu")
+    distill(DistillConfig(store=str(scored_store), out=str(run), **{**BUDGET, "label_fraction": 0.03, "steps": 2}))
+    summary = probe(ProbeConfig(run=str(run), device="cpu"))
     assert summary["num_train"] == 12 and summary["validation_top1_by_weight_decay"] == {}
     assert summary["weight_decay"] == 1e-3
-    (run / LABELLED_FILE).unlink()
+    (run / LABELLED_INDICES).unlink()
     assert_one_line_error(run_cli("probe", run, "--device", "cpu", expect_ok=False), "labelled subset", "unknown")
 
 
-@pytest.mark.parametrize("config", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
-def test_shipped_configs_are_accepted_by_every_stage(config):
-    for command in ("teach", "extract", "score", "distill", "probe", "report"):
-        result = run_cli(command, "--config", config, "--help")
-        assert "Usage:" in result.output
-
-
 def test_report_flags_runs_that_do_not_share_one_recipe():
-    base = {"model": "resnet8", "steps": 360, "batch_size": 32, "lr": 0.05, "label_fraction": 0.1, "num_labelled": 143}
+    base = {"student": "resnet8", "steps": 360, "batch_size": 32, "lr": 0.05, "label_fraction": 0.1, "num_labelled": 143}
     results = [{**base, "method": "ce"}, {**base, "method": "feature", "steps": 3600}]
     assert recipe_differences(results) == "steps differs (ce 360, feature 3600)"
     assert recipe_differences(results[:1]) == ""

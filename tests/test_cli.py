@@ -7,20 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import assert_one_line_error, run_cli
 
-from pipeline.models import create_model, save_checkpoint
-
-from conftest import run_cli
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    """Failed with click's `Error: ...` line naming the problem; no traceback reached the user."""
-    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), repr(result.exception)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+from pipeline.checkpoints import save_checkpoint
+from pipeline.models import create_model
 
 
 @pytest.fixture(scope="module")

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import inspect
 import shutil
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from safetensors.torch import load_file
+from helpers import STUDENT, assert_one_line_error, run_cli, weights
 
 from cache.reader import CachedTargets
 from cache.store import STORE_NAME, FeatureStore
-from pipeline.distill import STUDENT_FILE, distill
-from pipeline.extract import extract
-from pipeline.models import create_model
-from pipeline.probe import load_classifier, probe
+from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, load_classifier, probe
 from pipeline.datasets import load_split
+from pipeline.layout import DISTILL_LOG, STUDENT_WEIGHTS
+from pipeline.models import create_model
+from pipeline.training import Trainer
 
-from conftest import run_cli
-from test_cli import assert_one_line_error
-
-STUDENT = dict(student="resnet8", model_kwargs={"base_width": 8}, epochs=2, batch_size=64, lr=0.01, device="cpu")
 LABEL_BUDGET = {"label_fraction": 0.25, "steps": 10}
 
 
@@ -46,10 +41,6 @@ def test_cached_targets_in_ram_and_streamed_agree(scored_store):
             assert len(first_blocks) == 2
 
 
-def _weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / STUDENT_FILE))
-
-
 @pytest.mark.parametrize(
     "method,extra",
     [("feature", {}), ("feature-standard", {"student_layers": ("layer2.0", "layer3.0")}), ("feature", LABEL_BUDGET)],
@@ -58,7 +49,7 @@ def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path, meth
     """Permuting every label and logit of the store changes no weight of a feature-only student (even with a
     label budget, where labels only pick the probe's subset)."""
     args = {**STUDENT, "method": method, **extra}
-    summary = distill(str(scored_store), out=str(tmp_path / "a"), **args)
+    summary = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "a"), **args))
     assert summary["teacher_taps"] == ["layer2.2", "layer3.2"] and "test_top1" not in summary
     permuted = tmp_path / "permuted"
     shutil.copytree(scored_store, permuted)
@@ -66,8 +57,8 @@ def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path, meth
     rng = np.random.default_rng(0)
     group["train/labels"][:] = rng.permutation(group["train/labels"][:])
     group["train/logits"][:] = rng.permutation(group["train/logits"][:])
-    distill(str(permuted), out=str(tmp_path / "b"), **args)
-    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    distill(DistillConfig(store=str(permuted), out=str(tmp_path / "b"), **args))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     torch.manual_seed(0)
@@ -77,26 +68,24 @@ def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path, meth
 
 
 def test_resume_after_interruption_is_exact(scored_store, tmp_path, monkeypatch):
-    import pipeline.distill as distill_module
-
     args = {**STUDENT, "epochs": 3, "cache_memory_gb": 0.0, "checkpoint_seconds": 0.0}  # streamed, every epoch
-    distill(str(scored_store), out=str(tmp_path / "whole"), **args)
-    real_epoch = distill_module._train_epoch
+    distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "whole"), **args))
+    real_epoch = Trainer.run_epoch
 
-    def dies_in_epoch_3(*a, **kw):
-        if inspect.signature(real_epoch).bind(*a, **kw).arguments["epoch"] == 3:
+    def dies_in_epoch_3(self, epoch, *rest):
+        if epoch == 3:
             raise KeyboardInterrupt
-        return real_epoch(*a, **kw)
+        return real_epoch(self, epoch, *rest)
 
-    monkeypatch.setattr(distill_module, "_train_epoch", dies_in_epoch_3)
+    monkeypatch.setattr(Trainer, "run_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        distill(str(scored_store), out=str(tmp_path / "cut"), **args)
-    assert not (tmp_path / "cut" / STUDENT_FILE).exists()
-    assert len((tmp_path / "cut" / "distill_log.csv").read_text().splitlines()) == 1 + 2  # written every epoch
-    monkeypatch.setattr(distill_module, "_train_epoch", real_epoch)
-    summary = distill(str(scored_store), out=str(tmp_path / "cut"), resume=True, **args)
+        distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "cut"), **args))
+    assert not (tmp_path / "cut" / STUDENT_WEIGHTS).exists()
+    assert len((tmp_path / "cut" / DISTILL_LOG).read_text().splitlines()) == 1 + 2  # written every epoch
+    monkeypatch.setattr(Trainer, "run_epoch", real_epoch)
+    summary = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "cut"), resume=True, **args))
     assert summary["final"]["epoch"] == 3 and summary["targets"] == "cache streamed"
-    whole, cut = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
     assert len(list((tmp_path / "cut").glob("epoch-*.state.pt"))) == 2  # the two latest are kept
 
@@ -122,7 +111,7 @@ def test_pipeline_learns_and_exports_a_classifier(scored_store, tmp_path):
         run,
     )
     assert "layer2.0->layer2.2" in result.output and "layer3.0->layer3.2" in result.output
-    summary = probe(str(run), device="cpu")
+    summary = probe(ProbeConfig(run=str(run), device="cpu"))
     assert summary["test_top1"] > 60.0  # chance is 10 %
     classifier = load_classifier(run)
     test = load_split("digits", "test")
@@ -164,7 +153,7 @@ def test_bad_input(scored_store, tmp_path, extra, fragment):
         run_cli(*args, "--batch-size", 200)
         return
     assert_one_line_error(run_cli(*args, expect_ok=False), fragment)
-    assert not (tmp_path / "run" / STUDENT_FILE).exists()
+    assert not (tmp_path / "run" / STUDENT_WEIGHTS).exists()
 
 
 def test_mismatched_store_and_foreign_checkpoint(scored_store, tmp_path):
@@ -178,28 +167,23 @@ def test_mismatched_store_and_foreign_checkpoint(scored_store, tmp_path):
     run_cli(*base, "--student", "resnet8")
     assert_one_line_error(run_cli(*base, "--student", "resnet8", expect_ok=False), "already holds a distill run")
     result = run_cli(*base, "--student", "resnet20", "--resume", expect_ok=False)
-    assert_one_line_error(result, "made with model = 'resnet8', not 'resnet20'")
+    assert_one_line_error(result, "made with student = 'resnet8', not 'resnet20'")
     assert_one_line_error(run_cli("probe", tmp_path / "x", expect_ok=False), "holds no distilled student")
 
 
 def test_unscored_store_needs_teacher_layers(digits_teacher, tmp_path):
-    extract(
-        "resnet20",
-        "digits",
-        str(tmp_path / "s"),
-        checkpoint=digits_teacher["checkpoint"],
-        layers=("layer3.2",),
-        max_samples=100,
-        device="cpu",
+    config = ExtractConfig(
+        out=str(tmp_path / "s"), checkpoint=digits_teacher["checkpoint"], layers=("layer3.2",), max_samples=100, device="cpu"
     )
+    extract(config)
     result = run_cli("distill", tmp_path / "s", "--device", "cpu", "--out", tmp_path / "r", expect_ok=False)
     assert_one_line_error(result, "no scores", "--teacher-layers")
 
 
 def test_online_teacher_matches_the_cache(scored_store, digits_teacher, tmp_path):
     """Online targets equal the cached ones to float16 precision, so both modes train alike."""
-    from pipeline.distill import OnlineTeacher
     from pipeline.provenance import load_matching_split
+    from pipeline.training import OnlineTeacher
 
     store = FeatureStore.open(scored_store)
     part = store.split("train")
@@ -209,8 +193,10 @@ def test_online_teacher_matches_the_cache(scored_store, digits_teacher, tmp_path
     images = torch.stack([data[int(i)][0] for i in part.array("indices")[rows]])
     for online, tap in zip(teacher(images), ["layer2.2", "layer3.2"]):
         np.testing.assert_allclose(online.numpy(), part.feature(tap)[rows].astype(np.float32), rtol=1e-3, atol=1e-3)
-    cached = distill(str(scored_store), out=str(tmp_path / "cached"), **STUDENT)
-    online = distill(str(scored_store), out=str(tmp_path / "online"), online_teacher=True, **STUDENT)
+    cached = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "cached"), **STUDENT))
+    online = distill(
+        DistillConfig(store=str(scored_store), out=str(tmp_path / "online"), online_teacher=True, **STUDENT)
+    )
     assert online["targets"] == "online teacher"
     assert online["final"]["feature_mse"] == pytest.approx(cached["final"]["feature_mse"], rel=1e-2)
     other = tmp_path / "other.safetensors"

@@ -8,15 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.distill import spread_taps
+from pipeline.alignment import FeatureAlignment
 from pipeline.errors import UserError
-from pipeline.methods import METHODS, Distiller, FeaturePair, get_method
+from pipeline.methods import METHODS, Distiller, get_method
 from pipeline.models import create_model
+from pipeline.pairing import spread_taps
 from pipeline.taps import Tap, list_taps, stage_end_taps
 
 
-def pair(s_shape, t_shape) -> FeaturePair:
-    return FeaturePair(Tap(0, "s", tuple(s_shape)), Tap(0, "t", tuple(t_shape)))
+def pair(s_shape, t_shape) -> FeatureAlignment:
+    return FeatureAlignment(Tap(0, "s", tuple(s_shape)), Tap(0, "t", tuple(t_shape)))
 
 
 @pytest.mark.parametrize(
@@ -33,9 +34,8 @@ def test_alignment_rules(s_shape, t_shape, conv, student_pool, teacher_pool):
     p = pair(s_shape, t_shape)
     assert isinstance(p.projector, conv) and p.projector.bias is None
     assert p.student_size == student_pool and p.teacher_size == teacher_pool
-    s = torch.randn(2, *s_shape)
-    t = torch.randn(2, *t_shape)
-    assert p(s, t).dim() == 0
+    projected, target = p(torch.randn(2, *s_shape), torch.randn(2, *t_shape))
+    assert projected.shape == target.shape and projected.shape[1] == p.projector.out_channels
 
 
 def test_vit_to_vit_projects_per_token():
@@ -43,7 +43,7 @@ def test_vit_to_vit_projects_per_token():
     assert isinstance(p.projector, torch.nn.Conv1d) and p.projector.weight.shape == (192, 96, 1)
     s, t = torch.randn(3, 65, 96), torch.randn(3, 65, 192)
     expected = F.mse_loss(torch.einsum("od,btd->bot", p.projector.weight[:, :, 0], s), t.transpose(1, 2))
-    assert p(s, t).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert F.mse_loss(*p(s, t)).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_loss_by_hand_with_identity_projector():
@@ -54,7 +54,8 @@ def test_loss_by_hand_with_identity_projector():
     s = torch.arange(32.0).reshape(1, 2, 4, 4)
     t = torch.zeros(1, 2, 2, 2)
     pooled = s.reshape(1, 2, 2, 2, 2, 2).mean(dim=(3, 5))  # 2x2 average pooling by hand
-    assert p(s, t).item() == pytest.approx((pooled**2).mean().item())
+    projected, target = p(s, t)
+    assert torch.equal(projected, pooled) and torch.equal(target, t)
 
 
 def test_mixed_sizes_are_an_error():
@@ -66,7 +67,7 @@ def test_mixed_sizes_are_an_error():
 
 def test_teacher_targets_are_float16_friendly():
     p = pair((8, 4, 4), (8, 4, 4))
-    assert p(torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4).half()).dtype == torch.float32
+    assert p(torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4).half())[1].dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -113,13 +114,13 @@ def test_distiller_stops_after_last_tap_and_trains_nothing_after():
     assert net.layer3[0].conv1.weight.grad is None and net.fc.weight.grad is None
 
 
-def _identity_pair_distiller(method: str) -> Distiller:
+def _identity_pair_distiller(method: str, losses: dict | None = None) -> Distiller:
     """resnet8 (width 8) with one tap at layer3.0 (32×8×8) paired to a same-shaped teacher tap, identity projector."""
     net = create_model("resnet8", 4, model_kwargs={"base_width": 8})
-    method_ = get_method(method)
+    method_ = get_method(method).configured(losses or {})
     taps = list_taps(net, 32, names=["layer3.0"]) if method_.teacher_taps else []
     teacher = [Tap(0, "t", (32, 8, 8))] if taps else []
-    distiller = Distiller(net, method_, taps, teacher, temperature=4.0)
+    distiller = Distiller(net, method_, taps, teacher)
     for pair in distiller.pairs:
         with torch.no_grad():
             pair.projector.weight.copy_(torch.eye(32)[:, :, None, None])
@@ -183,7 +184,9 @@ def test_kd_by_hand_temperature_and_batch_mean():
     assert losses["kd"].item() == pytest.approx(_hand_kd(output.logits, batch["logits"], 4.0), rel=1e-5)
     assert losses["ce"].item() == pytest.approx(_hand_ce(output.logits, batch["labels"]), rel=1e-5)
     # KL of identical distributions is zero, whatever T; and T enters both as the softening and the T² weight.
-    distiller.temperature = 2.0
+    distiller = _identity_pair_distiller("kd", {"kd": {"temperature": 2.0}})
+    images, batch = _batch(distiller)
+    output, _ = distiller(images, batch)
     same = {**batch, "logits": output.logits.detach()}
     assert distiller(images, same)[1]["kd"].item() == pytest.approx(0.0, abs=1e-6)
     assert distiller(images, batch)[1]["kd"].item() == pytest.approx(

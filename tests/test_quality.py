@@ -1,4 +1,4 @@
-"""The Q metric: a naive loop reference on random data, known answers on hand-built features, subsets, selection."""
+"""The Q metric: a naive loop reference (helpers.naive_quality) on random data, known answers on hand-built features, subsets, selection."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import naive_quality
 
 from pipeline.quality import (
     QualityError,
@@ -19,55 +20,6 @@ from pipeline.quality import (
     subset_a_stats,
     subset_sizes,
 )
-
-
-def naive_quality(x: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarray, n_train: int) -> dict:
-    """METHOD.md §1 steps 3-5 written as plainly as possible: loops over samples and classes."""
-    classes = sorted(set(labels.tolist()))
-    C = len(classes)
-    xa, ya = x[a].astype(np.float64), labels[a]
-    n = len(xa)
-    r = [math.sqrt(sum(v * v for v in xa[i])) for i in range(n)]
-    g = [[abs(float(np.dot(xa[i], xa[j]))) / (r[i] * r[j]) for j in range(n)] for i in range(n)]
-    members = {c: [i for i in range(n) if ya[i] == c] for c in classes}
-    a_c = {c: np.mean([g[i][j] for i in members[c] for j in members[c]]) for c in classes}
-    m_c = {c: min(g[i][j] for i in members[c] for j in members[c]) for c in classes}
-    b_pairs = [np.mean([g[i][j] for i in members[c] for j in members[k]]) for c in classes for k in classes if c != k]
-    S = np.mean(list(a_c.values())) - np.mean(b_pairs)
-    delta = [
-        min(float(np.linalg.norm(xa[i] - xa[j])) for i in members[c] for j in range(n) if ya[j] != c) for c in classes
-    ]
-    R = np.mean([np.mean([r[i] for i in members[c]]) for c in classes])
-    d = min(n, xa.shape[1])
-    E = (n_train / math.pi) ** (1 / d) * 2 * np.mean(delta) / R
-    spectra = []
-    for c in classes:
-        z = x[b][labels[b] == c].astype(np.float32)
-        z = z - z.mean(0)
-        lam = np.linalg.svd(z, compute_uv=False) ** 2
-        spectra.append(lam / lam.sum())
-    M = max(int((labels[b] == c).sum()) for c in classes)
-    rows = np.zeros((C, M), dtype=np.float32)
-    for c, p in enumerate(spectra):
-        rows[c, : len(p)] = p
-    dims = []
-    for row in rows:
-        k, total = 0, np.float32(0)
-        while total < np.float32(0.95):
-            total += row[k]
-            k += 1
-        dims.append(min(k, M - 1))
-    T = min(sum(dims), M)
-    H = []
-    for row in rows:
-        q = row[:T]
-        if (q == 0).any() or np.isnan(q).any():
-            H.append(0.0)
-        else:
-            q = q / q.sum()
-            H.append(-sum(v * math.log(v) for v in q))
-    I = (1 - np.mean(list(m_c.values()))) * np.mean(H) / math.log(5)
-    return {"S": S, "I": I, "E": E, "Q": S + math.sqrt(I * E)}
 
 
 def fast_quality(x, labels, a, b, n_train, num_classes):

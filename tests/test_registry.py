@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import run_cli
 
 from pipeline.datasets import list_datasets
 from pipeline.models import create_model, list_models
 from pipeline.registry import Registry, UnknownName
 from pipeline.taps import TapRecorder, candidate_taps, list_taps
 
-from conftest import run_cli
 
 
 def test_model_and_dataset_listing():
@@ -85,7 +85,7 @@ def test_layers_command_prints_taps_in_depth_order():
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt", "pt-wrapped"])
 def test_checkpoint_formats_load_exactly(tmp_path, fmt):
-    from pipeline.models import load_checkpoint, read_model_spec, save_checkpoint
+    from pipeline.checkpoints import load_checkpoint, read_model_spec, save_checkpoint
 
     torch.manual_seed(1)
     source = create_model("resnet8", 10)

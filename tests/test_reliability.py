@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from helpers import assert_one_line_error, load_script, run_cli
 
 from cache.store import STORE_NAME, FeatureStore
-from pipeline.extract import extract
-
-from conftest import run_cli
-from test_cli import assert_one_line_error
-
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline import ExtractConfig, extract
 
 
-def _soak():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_byte_identical(digits_teacher, tmp_path):
-    soak = _soak()
+    soak = load_script("soak")
     rng = random.Random(1)
     killed, compared = soak.soak_extract(tmp_path, digits_teacher["checkpoint"], kills=2, rng=rng)
     assert killed >= 1 and compared > 10 * 2**20
@@ -37,15 +26,10 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(digits_teacher, 
 
 @pytest.fixture
 def store(digits_teacher, tmp_path):
-    extract(
-        "resnet20",
-        "digits",
-        str(tmp_path),
-        checkpoint=digits_teacher["checkpoint"],
-        layers=("layer3.2",),
-        splits=("test",),
-        device="cpu",
+    config = ExtractConfig(
+        out=str(tmp_path), checkpoint=digits_teacher["checkpoint"], layers=("layer3.2",), splits=("test",), device="cpu"
     )
+    extract(config)
     return tmp_path
 
 

@@ -7,14 +7,12 @@ import json
 import numpy as np
 import pytest
 import zarr
+from helpers import assert_one_line_error, make_store, naive_quality, run_cli, small_chunks
 
 from cache.store import FeatureStore
+from pipeline import ExtractConfig, ScoreConfig, extract, score
 from pipeline.quality import draw_subsets
-from pipeline.score import score
 
-from conftest import make_store, run_cli, small_chunks
-from test_cli import assert_one_line_error
-from test_quality import naive_quality
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +35,7 @@ def synthetic(tmp_path_factory):
 
 def test_matches_reference_on_cached_values(synthetic):
     path, features, labels = synthetic
-    summary = score(str(path), seed=3, top_k=2, plot=False)
+    summary = score(ScoreConfig(store=str(path), seed=3, top_k=2, plot=False))
     a, b = draw_subsets(labels, 4, 3)
     for tap in summary["taps"]:
         x = features[tap["name"]].astype(np.float32).reshape(len(labels), -1)
@@ -66,9 +64,9 @@ def test_records_scores_everywhere(synthetic):
 
 def test_deterministic_and_seeded(synthetic):
     path, _, _ = synthetic
-    first = score(str(path), seed=7, plot=False, max_samples=120)
-    second = score(str(path), seed=7, plot=False, max_samples=120)
-    other = score(str(path), seed=8, plot=False, max_samples=120)
+    first = score(ScoreConfig(store=str(path), seed=7, plot=False, max_samples=120))
+    second = score(ScoreConfig(store=str(path), seed=7, plot=False, max_samples=120))
+    other = score(ScoreConfig(store=str(path), seed=8, plot=False, max_samples=120))
     assert [t["Q"] for t in first["taps"]] == [t["Q"] for t in second["taps"]]
     assert [t["Q"] for t in first["taps"]] != [t["Q"] for t in other["taps"]]
     assert first["num_samples"] == 120
@@ -76,8 +74,9 @@ def test_deterministic_and_seeded(synthetic):
 
 def test_memory_budget_splits_subset_b_without_changing_scores(synthetic):
     path, _, _ = synthetic
-    whole = score(str(path), seed=0, plot=False)
-    grouped = score(str(path), seed=0, plot=False, memory_gb=60 * 64 * 4 / 2**30)  # about one class per read
+    whole = score(ScoreConfig(store=str(path), seed=0, plot=False))
+    one_class = 60 * 64 * 4 / 2**30  # about one class per read
+    grouped = score(ScoreConfig(store=str(path), seed=0, plot=False, memory_gb=one_class))
     assert [t["Q"] for t in whole["taps"]] == pytest.approx([t["Q"] for t in grouped["taps"]], rel=1e-6)
 
 
@@ -88,10 +87,10 @@ def test_zero_norm_sample_ranks_last(tmp_path):
     broken = good.copy()
     broken[5] = 0
     make_store(tmp_path / "features.zarr", {"broken": broken, "good": good}, labels)
-    summary = score(str(tmp_path), top_k=1, plot=False)
+    summary = score(ScoreConfig(store=str(tmp_path), top_k=1, plot=False))
     assert summary["selected"] == ["good"] and np.isnan(summary["taps"][0]["Q"])
     assert any("NaN" in note for note in summary["notes"])
-    summary = score(str(tmp_path), top_k=5, plot=False)
+    summary = score(ScoreConfig(store=str(tmp_path), top_k=5, plot=False))
     assert summary["selected"] == ["broken", "good"] and any("exceeds" in note for note in summary["notes"])
 
 
@@ -128,20 +127,18 @@ def test_bad_input(tmp_path, case, args, fragment):
     assert not (tmp_path / "scores.json").exists()
 
 
-def test_digits_teacher_peaks_late(digits_teacher, tmp_path):
-    """On the real digits teacher, Q is highest in the last stage (as the paper's deep picks)."""
-    from pipeline.extract import extract
-
-    extract(
-        "resnet20",
-        "digits",
-        str(tmp_path),
-        checkpoint=digits_teacher["checkpoint"],
+@pytest.mark.slow
+def test_digits_teacher_peaks_late(trained_teacher, tmp_path):
+    """On the trained digits teacher, Q is highest in the last stage (as the paper's deep picks)."""
+    config = ExtractConfig(
+        out=str(tmp_path),
+        checkpoint=trained_teacher["checkpoint"],
         layers=("stem", "layer1.2", "layer2.2", "layer3.2"),
         max_samples=400,
         device="cpu",
     )
-    summary = score(str(tmp_path), top_k=1, plot=False)
+    extract(config)
+    summary = score(ScoreConfig(store=str(tmp_path), top_k=1, plot=False))
     assert summary["selected"] == ["layer3.2"]
     assert FeatureStore.open(tmp_path).split("train").group.attrs["scores"]["selected"] == ["layer3.2"]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import small_chunks as smaller_chunks
 
 from cache.store import MIN_CHUNK_BYTES, ArraySpec, FeatureStore, StoreError, chunk_rows, plan_chunks
 from cache.writer import SplitWriter
 
-import conftest
 
 
 def test_chunks_hold_four_mebibytes_and_divide_the_block():
@@ -28,7 +28,7 @@ def test_chunks_hold_four_mebibytes_and_divide_the_block():
 
 @pytest.fixture
 def small_chunks():
-    with conftest.small_chunks():
+    with smaller_chunks():
         yield
 
 

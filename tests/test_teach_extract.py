@@ -10,22 +10,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 import zarr
+from helpers import run_cli, small_chunks
 
 from cache.store import STORE_NAME, FeatureStore
+from pipeline import ExtractConfig, ScoreConfig, extract, score
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.datasets import load_split
-from pipeline.extract import extract
-from pipeline.models import create_model, load_checkpoint, save_checkpoint
+from pipeline.extract import HalfSlots
+from pipeline.layout import TEACH_LOG, TEACH_SUMMARY
+from pipeline.models import create_model
 from pipeline.taps import TapRecorder
 
-from conftest import run_cli, small_chunks
 
 
-def test_teach_reaches_ninety_percent(digits_teacher):
-    assert digits_teacher["test_top1"] >= 90.0
+@pytest.mark.slow
+def test_teach_reaches_ninety_percent(trained_teacher):
+    assert trained_teacher["test_top1"] >= 90.0
+    out = Path(trained_teacher["checkpoint"]).parent
+    assert json.loads((out / TEACH_SUMMARY).read_text())["test_top1"] == trained_teacher["test_top1"]
+    assert len((out / TEACH_LOG).read_text().splitlines()) == 1 + trained_teacher["epochs"]
+
+
+def test_teach_writes_its_outputs(digits_teacher):
     out = Path(digits_teacher["checkpoint"]).parent
-    assert json.loads((out / "teach.json").read_text())["test_top1"] == digits_teacher["test_top1"]
-    assert len((out / "teach_log.csv").read_text().splitlines()) == 1 + digits_teacher["epochs"]
+    assert json.loads((out / TEACH_SUMMARY).read_text())["test_top1"] == digits_teacher["test_top1"]
+    assert len((out / TEACH_LOG).read_text().splitlines()) == 1 + digits_teacher["epochs"]
+    assert yaml.safe_load((out / "teach_args.yaml").read_text())["epochs"] == digits_teacher["epochs"]
 
 
 def _check_round_trip(store_dir: Path, model_name: str, checkpoint: str, split: str = "train"):
@@ -48,7 +60,7 @@ def _check_round_trip(store_dir: Path, model_name: str, checkpoint: str, split: 
 
 
 def test_extract_round_trip_cnn(digits_teacher, tmp_path):
-    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"], max_samples=200, device="cpu")
+    extract(ExtractConfig(out=str(tmp_path), checkpoint=digits_teacher["checkpoint"], max_samples=200, device="cpu"))
     _check_round_trip(tmp_path, "resnet20", digits_teacher["checkpoint"])
     summary = json.loads((tmp_path / "extract.json").read_text())
     train = summary["splits"]["train"]
@@ -60,16 +72,16 @@ def test_extract_round_trip_vit(tmp_path):
     torch.manual_seed(0)
     model = create_model("vit_tiny_cifar", 10, input_size=32)
     save_checkpoint(model, tmp_path / "vit.safetensors", {"model": "vit_tiny_cifar", "num_classes": 10})
-    extract(
-        "vit_tiny_cifar",
-        "digits",
-        str(tmp_path / "out"),
+    config = ExtractConfig(
+        teacher="vit_tiny_cifar",
+        out=str(tmp_path / "out"),
         checkpoint=str(tmp_path / "vit.safetensors"),
         splits=("test",),
         layers=("blocks.5", "embed", "blocks.0"),
         max_samples=64,
         device="cpu",
     )
+    extract(config)
     part = FeatureStore.open(tmp_path / "out" / STORE_NAME).split("test")
     assert part.tap_names == ["embed", "blocks.0", "blocks.5"]  # depth order, whatever the request order
     assert part.feature("blocks.5").shape == (64, 65, 96)
@@ -82,12 +94,13 @@ SMALL_STORE = dict(splits=("train", "test"), layers=("layer2.2", "layer3.2"), ma
 @pytest.fixture(scope="module")
 def small_store(digits_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("store")
-    extract("resnet20", "digits", str(out), checkpoint=digits_teacher["checkpoint"], **SMALL_STORE)
+    extract(ExtractConfig(out=str(out), checkpoint=digits_teacher["checkpoint"], **SMALL_STORE))
     return out
 
 
 def test_extraction_is_deterministic(digits_teacher, small_store, tmp_path):
-    extract("resnet20", "digits", str(tmp_path), checkpoint=digits_teacher["checkpoint"], batch_size=256, **SMALL_STORE)
+    config = ExtractConfig(out=str(tmp_path), checkpoint=digits_teacher["checkpoint"], batch_size=256, **SMALL_STORE)
+    extract(config)
     first, second = zarr.open_group(str(small_store / STORE_NAME)), zarr.open_group(str(tmp_path / STORE_NAME))
     for split in ("train", "test"):
         for path in ("features/layer2.2", "features/layer3.2", "labels", "indices", "logits"):
@@ -133,10 +146,8 @@ def test_rerun_on_complete_store_does_nothing(digits_teacher, small_store):
 
 def test_interrupted_extraction_resumes(digits_teacher, small_store, tmp_path, monkeypatch):
     """A run that dies mid-split leaves done blocks flagged and the store incomplete; a rerun finishes it."""
-    import pipeline.extract as extract_module
-
     args = dict(checkpoint=digits_teacher["checkpoint"], batch_size=64, **SMALL_STORE)
-    real_fill, calls = extract_module.HalfSlots.fill, []
+    real_fill, calls = HalfSlots.fill, []
 
     def dying(self, features):
         calls.append(1)
@@ -144,14 +155,14 @@ def test_interrupted_extraction_resumes(digits_teacher, small_store, tmp_path, m
             raise KeyboardInterrupt
         return real_fill(self, features)
 
-    monkeypatch.setattr(extract_module.HalfSlots, "fill", dying)
+    monkeypatch.setattr(HalfSlots, "fill", dying)
     with small_chunks(), pytest.raises(KeyboardInterrupt):
-        extract("resnet20", "digits", str(tmp_path), **args)
+        extract(ExtractConfig(out=str(tmp_path), **args))
     store = FeatureStore.open(tmp_path / STORE_NAME)
     assert not store.complete and not store.split("train").complete
     assert 0 < len(store.split("train").missing_blocks()) < store.split("train").num_blocks
-    monkeypatch.setattr(extract_module.HalfSlots, "fill", real_fill)
-    extract("resnet20", "digits", str(tmp_path), **args)
+    monkeypatch.setattr(HalfSlots, "fill", real_fill)
+    extract(ExtractConfig(out=str(tmp_path), **args))
     resumed, reference = zarr.open_group(str(tmp_path / STORE_NAME)), zarr.open_group(str(small_store / STORE_NAME))
     assert resumed.attrs["kdpipe"]["complete"]
     for path in ("train/features/layer2.2", "train/features/layer3.2", "train/labels", "test/logits"):
@@ -165,7 +176,5 @@ def test_info_describes_the_store(small_store):
 
 
 def test_scoring_another_split_keeps_n_train_of_the_training_split(small_store):
-    from pipeline.score import score
-
-    summary = score(str(small_store), split="test", top_k=1, plot=False)
+    summary = score(ScoreConfig(store=str(small_store), split="test", top_k=1, plot=False))
     assert summary["num_samples"] == 300 and summary["n_train"] == 1437  # METHOD.md quirk 8: the whole train split

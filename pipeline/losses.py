@@ -1,0 +1,129 @@
+"""Loss terms (METHOD.md §3, §6): registered classes that own their hyperparameters and declare what they read.
+
+A loss is `loss(output, batch) -> tensor`. `inputs` names the cached arrays it reads from `batch` (store paths such
+as `labels` and `logits`, or `TEACHER_FEATURES` for the paired teacher taps); a method's batch holds nothing else.
+A loss without `student_logits` lets the student's forward pass stop after its last tap. Constructor arguments are
+the loss's hyperparameters, settable per term from YAML (`losses: {kd: {weight: 1.0, temperature: 4}}`).
+
+Feature criteria subclass `FeatureLoss` and compare the aligned pairs of `pipeline.alignment` (projection and
+pooling are not theirs), so a new one is a `criterion` method on one registered class.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .alignment import FeatureAlignment
+from .errors import UserError
+from .registry import Registry
+
+LOSSES: Registry = Registry("loss")
+TEACHER_FEATURES = "teacher features"  # a loss input meaning "the cached features of the paired teacher taps"
+
+
+@dataclass
+class StudentOutput:
+    """What the student produced for one batch, as the losses see it."""
+
+    features: dict[str, torch.Tensor]  # the student's distilled taps
+    logits: torch.Tensor | None  # None when the forward pass stopped after the last tap
+    pairs: list[tuple[FeatureAlignment, str, torch.Tensor]] = field(default_factory=list)  # (alignment, tap, target)
+    _aligned: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def aligned(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(projected student, teacher target) per tap pair, computed once however many feature losses use it."""
+        if self._aligned is None:
+            self._aligned = [alignment(self.features[tap], target) for alignment, tap, target in self.pairs]
+        return self._aligned
+
+
+class Loss(nn.Module):
+    """Base of the loss terms: `forward(output, batch)` returns a scalar."""
+
+    inputs: ClassVar[tuple[str, ...]] = ()
+    student_logits: ClassVar[bool] = True
+
+    def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def loss_parameters(loss: type[Loss]) -> dict[str, inspect.Parameter]:
+    """The loss's hyperparameters: its constructor's named arguments, each with a default."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(loss.__init__).parameters.items()
+    return {n: p for n, p in params if n != "self" and p.kind in named and p.default is not inspect.Parameter.empty}
+
+
+def _positive(loss: str, name: str, value: float) -> float:
+    if not value > 0:
+        raise UserError(f"loss {loss!r}: {name} must be > 0, not {value}")
+    return value
+
+
+@LOSSES.register(name="ce")
+class CrossEntropy(Loss):
+    """Cross entropy of the student's logits to the labels."""
+
+    inputs = ("labels",)
+
+    def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(output.logits, batch["labels"])
+
+
+@LOSSES.register(name="kd")
+class KLDivergence(Loss):
+    """T²·KL(p_t ‖ p_s) with p = softmax(z / T): summed over classes, averaged over the batch (METHOD.md §6)."""
+
+    inputs = ("logits",)
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.temperature = _positive("kd", "temperature", temperature)
+
+    def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = self.temperature
+        log_student = F.log_softmax(output.logits / t, dim=1)
+        teacher = F.softmax(batch["logits"].float() / t, dim=1)
+        return t * t * F.kl_div(log_student, teacher, reduction="batchmean")
+
+
+class FeatureLoss(Loss):
+    """Base of feature criteria: the mean over tap pairs of `criterion(projected student, teacher target)`.
+
+    Both tensors are (B, channels, H, W) or (B, channels, tokens), aligned by `FeatureAlignment`.
+    """
+
+    inputs = (TEACHER_FEATURES,)
+    student_logits = False
+
+    def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self.criterion(student, teacher) for student, teacher in output.aligned]).mean()
+
+    def criterion(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@LOSSES.register(name="feature_mse")
+class FeatureMSE(FeatureLoss):
+    """L_feat: element-wise MSE between projected student features and the raw teacher features (METHOD.md §3)."""
+
+    def criterion(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(student, teacher)
+
+
+def describe(name: str) -> dict[str, Any]:
+    """A loss's summary line, inputs and hyperparameters with their defaults, for `kdpipe methods`."""
+    loss = LOSSES.get(name)
+    return {
+        "name": name,
+        "summary": (loss.__doc__ or "").strip().splitlines()[0],
+        "inputs": loss.inputs,
+        "parameters": {n: p.default for n, p in loss_parameters(loss).items()},
+    }

@@ -1,0 +1,152 @@
+"""The distillation training loop: images paired with cached targets by store row, one optimizer step per batch.
+
+Per epoch the cached targets decide the sample order (`cache.reader.CachedTargets`), the matching images are
+loaded by row, the method returns its named losses and AdamW + OneCycle step once per batch. The order of epoch e
+depends only on (seed, e), so a resumed run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cache.reader import CachedTargets
+from cache.store import FeatureStore
+
+from .checkpoints import file_sha256
+from .datasets import SplitData
+from .errors import UserError
+from .methods import Distiller
+from .models import load_teacher
+from .recipe import make_loader
+from .runtime import progress
+from .taps import TapRecorder
+
+log = logging.getLogger(__name__)
+
+
+class RowImages(Dataset):
+    """Images addressed by store row: row r is dataset sample `indices[r]`; returns (image, r) to check pairing."""
+
+    def __init__(self, data: SplitData, indices: np.ndarray) -> None:
+        self.data, self.indices = data, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, row: int) -> tuple[torch.Tensor, int]:
+        return self.data[int(self.indices[row])][0], row
+
+    def __getitems__(self, rows: list[int]) -> list[tuple[torch.Tensor, int]]:
+        images = self.data.__getitems__([int(self.indices[r]) for r in rows])
+        return [(image, row) for (image, _), row in zip(images, rows, strict=True)]
+
+
+class OnlineTeacher:
+    """The teacher run on every batch (eval, no grad) instead of reading the cache: same taps, same loss.
+
+    For users who need fresh targets (e.g. with augmentation), and the baseline the cache is measured against.
+    """
+
+    def __init__(self, model: torch.nn.Module, taps: list[str]) -> None:
+        self.model, self.taps = model.eval(), taps
+        self._recorder = TapRecorder(model, taps, stop_after_last=True).attach()
+
+    @classmethod
+    def from_store(
+        cls, store: FeatureStore, taps: list[str], checkpoint: str | None, num_classes: int, input_size: int
+    ) -> OnlineTeacher:
+        """Rebuilds the store's teacher; its weights must be the ones the store was extracted with."""
+        teacher = store.meta["identity"]["teacher"]
+        checkpoint = checkpoint or store.meta.get("checkpoint_path")
+        if teacher["checkpoint_sha256"] and (not checkpoint or not Path(checkpoint).is_file()):
+            raise UserError(f"--online-teacher: teacher weights not found at {checkpoint}; pass --teacher-checkpoint")
+        if checkpoint and file_sha256(checkpoint) != teacher["checkpoint_sha256"]:
+            raise UserError(f"--online-teacher: {checkpoint} is not the checkpoint {store.path} was extracted with")
+        model = load_teacher(
+            teacher["name"],
+            checkpoint,
+            teacher.get("pretrained", False),
+            teacher.get("model_kwargs") or None,
+            num_classes,
+            input_size,
+        )
+        return cls(model, taps)
+
+    def to(self, device: torch.device) -> OnlineTeacher:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self._recorder.run(images)
+        return [features[t] for t in self.taps]
+
+
+@dataclass
+class Trainer:
+    """What every epoch of one run shares: the distiller and its optimizer, where targets and images come from."""
+
+    distiller: Distiller
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    targets: CachedTargets
+    images: RowImages
+    teacher: OnlineTeacher | None
+    batch_size: int
+    seed: int
+    device: torch.device
+    workers: int = 0
+
+    def run_epoch(self, epoch: int, epochs: int, num_batches: int) -> dict[str, Any]:
+        """Trains `num_batches` batches of epoch `epoch` (of `epochs`); returns its log row (mean losses, LR, speed)."""
+        self.distiller.train()
+        windows = self.targets.epoch_order(np.random.default_rng([self.seed, epoch]))
+        order = np.concatenate(windows)
+        row_batches = order[: num_batches * self.batch_size].reshape(-1, self.batch_size).tolist()
+        loader = make_loader(self.images, workers=self.workers, batch_sampler=row_batches)
+        sums: dict[str, float] = {}
+        start, seen = time.perf_counter(), 0
+        batches = zip(loader, self.targets.batches(windows, self.batch_size), strict=False)  # targets run longer
+        bar = progress(batches, total=len(row_batches), desc=f"distill {epoch}/{epochs}", unit="batch", leave=False)
+        for (images, rows), (target_rows, target_values) in bar:
+            if not np.array_equal(rows.numpy(), target_rows):
+                raise RuntimeError("images and cached targets went out of step")
+            losses = self._step(images.to(self.device), target_values, epoch)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value * len(rows)
+            seen += len(rows)
+            bar.set_postfix(loss=f"{sum(losses.values()):.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        seconds = time.perf_counter() - start
+        row = {
+            "epoch": epoch,
+            **{k: v / seen for k, v in sums.items()},
+            "lr": self.schedule.get_last_lr()[0],
+            "seconds": round(seconds, 3),
+            "images_per_second": round(seen / seconds, 1),
+        }
+        if epoch % max(1, epochs // 10) == 0 or epoch == epochs:  # about ten lines per run, however short its epochs
+            log.info("epoch %d: %s", epoch, "  ".join(f"{k} {row[k]:.5f}" for k in sums))
+        return row
+
+    def _step(self, images: torch.Tensor, target_values: list[np.ndarray], epoch: int) -> dict[str, float]:
+        """One optimizer step; returns the batch's losses."""
+        batch = {path: torch.from_numpy(v).to(self.device) for path, v in zip(self.targets.paths, target_values, strict=True)}
+        if self.teacher:
+            batch.update(zip(self.distiller.teacher_targets, self.teacher(images), strict=True))
+        _, losses = self.distiller(images, batch)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise UserError(f"the loss is not finite at epoch {epoch}; the last good checkpoint is kept")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        return {name: value.item() for name, value in losses.items()}

@@ -1,0 +1,164 @@
+"""Shared test helpers (fixtures live in conftest.py): the CLI runner, one-line error checks, hand-built stores, the
+naive Q reference and the run settings several test modules share."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from pipeline.cli import cli
+from pipeline.layout import STUDENT_WEIGHTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small student and a short schedule for distill tests (any DistillConfig field may be added).
+STUDENT = dict(student="resnet8", model_kwargs={"base_width": 8}, epochs=2, batch_size=64, lr=0.01, device="cpu")
+
+
+def run_cli(*args, expect_ok: bool = True):
+    """Runs `kdpipe ARGS` in-process; asserts success (or failure) and returns the result."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if expect_ok:
+        assert result.exit_code == 0, (
+            f"kdpipe {' '.join(map(str, args))} failed:\n{result.output}\n{result.exception!r}"
+        )
+    else:
+        assert result.exit_code != 0, f"kdpipe {' '.join(map(str, args))} should have failed:\n{result.output}"
+    return result
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """Failed with click's `Error: ...` line naming the problem; no traceback reached the user."""
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@contextlib.contextmanager
+def small_chunks():
+    """A context with 1 MiB chunks, so small test stores span several blocks (resume, streaming)."""
+    import cache.store
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache.store, "MIN_CHUNK_BYTES", 1 << 20)
+        yield
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """A distill run's student weights."""
+    return load_file(str(Path(run_dir) / STUDENT_WEIGHTS))
+
+
+def load_script(name: str):
+    """A module from scripts/ (the soak), imported by path."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_store(
+    path, features: dict, labels, dataset_size: int | None = None, num_classes: int | None = None, complete: bool = True
+):
+    """A feature store written directly from arrays (one 'train' split), for tests that need exact contents."""
+    from cache.store import ArraySpec, FeatureStore
+
+    labels = np.asarray(labels, dtype=np.int64)
+    num_classes = num_classes or int(labels.max()) + 1
+    taps = [
+        {"index": i, "name": name, "shape": list(x.shape[1:]), "kind": "map"}
+        for i, (name, x) in enumerate(features.items())
+    ]
+    identity = {
+        "teacher": {"name": "synthetic", "checkpoint_sha256": None},
+        "taps": taps,
+        "dataset": {"name": "synthetic", "num_classes": num_classes},
+    }
+    store = FeatureStore.create(
+        path,
+        {
+            "identity": identity,
+            "config_hash": "test",
+            "kdpipe_version": "test",
+            "created": "now",
+            "checkpoint_path": None,
+        },
+    )
+    specs = [ArraySpec(f"features/{name}", x.shape[1:], "float16") for name, x in features.items()]
+    specs.append(ArraySpec("labels", (), "int64", sets_block=False))
+    part = store.create_split(
+        "train",
+        len(labels),
+        specs,
+        list(features),
+        {"split": "train", "dataset_size": dataset_size or len(labels), "fingerprint": "test"},
+    )
+    for name, x in features.items():
+        part.array(f"features/{name}")[:] = x.astype(np.float16)
+    part.array("labels")[:] = labels
+    if complete:
+        for block in range(part.num_blocks):
+            part.mark_block_done(block)
+        part.mark_complete()
+        store.mark_complete()
+    return store
+
+
+def naive_quality(x: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarray, n_train: int) -> dict:
+    """METHOD.md §1 steps 3-5 written as plainly as possible: loops over samples and classes."""
+    classes = sorted(set(labels.tolist()))
+    C = len(classes)
+    xa, ya = x[a].astype(np.float64), labels[a]
+    n = len(xa)
+    r = [math.sqrt(sum(v * v for v in xa[i])) for i in range(n)]
+    g = [[abs(float(np.dot(xa[i], xa[j]))) / (r[i] * r[j]) for j in range(n)] for i in range(n)]
+    members = {c: [i for i in range(n) if ya[i] == c] for c in classes}
+    a_c = {c: np.mean([g[i][j] for i in members[c] for j in members[c]]) for c in classes}
+    m_c = {c: min(g[i][j] for i in members[c] for j in members[c]) for c in classes}
+    b_pairs = [np.mean([g[i][j] for i in members[c] for j in members[k]]) for c in classes for k in classes if c != k]
+    S = np.mean(list(a_c.values())) - np.mean(b_pairs)
+    delta = [
+        min(float(np.linalg.norm(xa[i] - xa[j])) for i in members[c] for j in range(n) if ya[j] != c) for c in classes
+    ]
+    R = np.mean([np.mean([r[i] for i in members[c]]) for c in classes])
+    d = min(n, xa.shape[1])
+    E = (n_train / math.pi) ** (1 / d) * 2 * np.mean(delta) / R
+    spectra = []
+    for c in classes:
+        z = x[b][labels[b] == c].astype(np.float32)
+        z = z - z.mean(0)
+        lam = np.linalg.svd(z, compute_uv=False) ** 2
+        spectra.append(lam / lam.sum())
+    M = max(int((labels[b] == c).sum()) for c in classes)
+    rows = np.zeros((C, M), dtype=np.float32)
+    for c, p in enumerate(spectra):
+        rows[c, : len(p)] = p
+    dims = []
+    for row in rows:
+        k, total = 0, np.float32(0)
+        while total < np.float32(0.95):
+            total += row[k]
+            k += 1
+        dims.append(min(k, M - 1))
+    T = min(sum(dims), M)
+    H = []
+    for row in rows:
+        q = row[:T]
+        if (q == 0).any() or np.isnan(q).any():
+            H.append(0.0)
+        else:
+            q = q / q.sum()
+            H.append(-sum(v * math.log(v) for v in q))
+    I = (1 - np.mean(list(m_c.values()))) * np.mean(H) / math.log(5)
+    return {"S": S, "I": I, "E": E, "Q": S + math.sqrt(I * E)}
