@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.layout import DISTILL_SUMMARY
-from workload import DATASET, kdpipe, STUDENT, TEACHER, TEACHER_TAPS, Timer, setup_threads, teacher_checkpoint
+from workload import DATASET, STUDENT, TEACHER, TEACHER_TAPS, Timer, kdpipe, setup_threads, teacher_checkpoint
 
 BATCH = 128
 IDEAL_BATCHES = 12
@@ -50,7 +50,7 @@ def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:
     forward_seconds = step_seconds = 0.0
     for i, x in enumerate(images):  # interleaved as in an online epoch; the first pass is an untimed warm-up
         with Timer() as forward:
-            targets = dict(zip(method.teacher_targets, teacher(x)))
+            targets = dict(zip(method.teacher_targets, teacher(x), strict=True))
         with Timer() as step:
             loss = sum(method(x, targets)[1].values())
             optimizer.zero_grad()

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.layout import EXTRACT_SUMMARY
-from workload import DATASET, kdpipe, TEACHER, Timer, setup_threads, teacher_checkpoint
+from workload import DATASET, TEACHER, Timer, kdpipe, setup_threads, teacher_checkpoint
 
 
 def bare_forward_rate(checkpoint: str, num_images: int, batch_size: int) -> float:

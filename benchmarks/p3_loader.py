@@ -54,7 +54,7 @@ def loader_rate(part, data, memory_bytes: int) -> tuple[float, bool]:
     batches = order[: len(order) - len(order) % BATCH].reshape(-1, BATCH).tolist()
     images = make_loader(RowImages(data, part.array("indices")[:]), batch_sampler=batches)
     with Timer() as timer:
-        for (_, rows), (target_rows, values) in zip(images, targets.batches(windows, BATCH)):
+        for (_, rows), (target_rows, values) in zip(images, targets.batches(windows, BATCH), strict=True):
             assert np.array_equal(rows.numpy(), target_rows)
             [torch.from_numpy(v) for v in values]
     return len(batches) * BATCH / timer.seconds, targets.in_memory
@@ -74,7 +74,9 @@ def student_step_rate(num_batches: int = 8) -> float:
     ).train()
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
     x = torch.randn(BATCH, 3, 32, 32)
-    targets = {path: torch.randn(BATCH, *s) for path, s in zip(method.teacher_targets, TAP_SHAPES.values())}
+    targets = {
+        path: torch.randn(BATCH, *s) for path, s in zip(method.teacher_targets, TAP_SHAPES.values(), strict=True)
+    }
     with Timer() as timer:
         for _ in range(num_batches):
             loss = sum(method(x, targets)[1].values())

@@ -40,7 +40,7 @@ def teacher_checkpoint(folder: Path) -> str:
 class Timer:
     """Wall-clock seconds of a `with` block."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.start = time.perf_counter()
         return self
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
 
 import dask
 import dask.array as da
@@ -80,7 +80,7 @@ class CachedTargets:
         self.window = window or max(1, int(memory_bytes / (3 * block_bytes)) if block_bytes else 1)
         blocks = self.rows // split.block_rows
         self._blocks, starts = np.unique(blocks, return_index=True)
-        self._rows_by_block = dict(zip(self._blocks.tolist(), np.split(self.rows, starts[1:])))
+        self._rows_by_block = dict(zip(self._blocks.tolist(), np.split(self.rows, starts[1:]), strict=True))
         self._ram = None
         if self.in_memory:  # row r of the split is at position searchsorted(self.rows, r)
             whole = self.num_rows == split.num_samples

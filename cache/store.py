@@ -154,7 +154,7 @@ class FeatureStore:
         self.path, self.group = path, group
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
+    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
         """Opens the store at `path`, or the one inside `path` when given an extract output folder."""
         path = Path(path)
         if not (path / "zarr.json").is_file() and (path / STORE_NAME / "zarr.json").is_file():
@@ -173,7 +173,7 @@ class FeatureStore:
         return cls(path, group)
 
     @classmethod
-    def create(cls, path: str | Path, meta: dict[str, Any], overwrite: bool = False) -> "FeatureStore":
+    def create(cls, path: str | Path, meta: dict[str, Any], overwrite: bool = False) -> FeatureStore:
         path = Path(path)
         if path.exists():
             if not overwrite:

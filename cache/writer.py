@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from .store import SplitStore, StoreError
-
 
 WRITE_BYTES = 8 << 20  # rows gathered per array before one write call
 
@@ -97,7 +96,7 @@ class SplitWriter:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kdpipe-writer", daemon=True)
 
-    def __enter__(self) -> "SplitWriter":
+    def __enter__(self) -> SplitWriter:
         self._thread.start()
         return self
 

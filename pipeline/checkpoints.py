@@ -118,7 +118,9 @@ def save_epoch(out_dir: Path, epoch: int, spec: dict, module: nn.Module, optimiz
             path.unlink(missing_ok=True)
 
 
-def start_or_resume(out_dir: Path, resume: bool, spec: dict, module: nn.Module, optimizer, schedule) -> tuple[list, int]:
+def start_or_resume(
+    out_dir: Path, resume: bool, spec: dict, module: nn.Module, optimizer, schedule
+) -> tuple[list, int]:
     """(log so far, first epoch to run): a fresh start (refusing to clobber a run), or the state after the latest
     committed epoch, whose spec must equal `spec` (every key but the version)."""
     done = checkpoint_epochs(out_dir)

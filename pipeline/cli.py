@@ -205,7 +205,8 @@ def extract(config: ExtractConfig) -> None:
 
 @command(ScoreConfig)
 def score(config: ScoreConfig) -> None:
-    from .score import format_table, score as run
+    from .score import format_table
+    from .score import score as run
 
     click.echo(format_table(run(config)))
 
@@ -245,7 +246,8 @@ def probe(config: ProbeConfig) -> None:
 
 @command(ReportConfig)
 def report(config: ReportConfig) -> None:
-    from .report import format_table, report as run
+    from .report import format_table
+    from .report import report as run
 
     summary = run(config)
     click.echo(summary["setting"])

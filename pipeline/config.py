@@ -187,7 +187,14 @@ def type_of(annotation: Any, default: Any = None) -> click.ParamType:
     origin = typing.get_origin(annotation) or annotation
     if annotation is None and default is not None:
         origin = type(default)
-    kinds = {bool: Boolean(), int: Integer(), float: Number(), str: click.STRING, tuple: CommaList(), dict: MappingType()}
+    kinds = {
+        bool: Boolean(),
+        int: Integer(),
+        float: Number(),
+        str: click.STRING,
+        tuple: CommaList(),
+        dict: MappingType(),
+    }
     if origin not in kinds:
         raise TypeError(f"no option type for {annotation!r}")
     return kinds[origin]
@@ -368,9 +375,7 @@ class ExtractConfig(DataOptions, RunOptions):
     """Run the teacher once over the split(s) and cache tap features, labels and logits in a Zarr store."""
 
     teacher: str = _teacher()
-    checkpoint: str | None = option(
-        None, "Teacher weights (.safetensors, or .pt/.pth).", click.Path(dir_okay=False)
-    )
+    checkpoint: str | None = option(None, "Teacher weights (.safetensors, or .pt/.pth).", click.Path(dir_okay=False))
     pretrained: bool = option(False, "timm/torchvision weights from the local cache.")
     model_kwargs: dict | None = _model_kwargs()
     splits: tuple[str, ...] = option(("train",), "Splits to cache, e.g. train,test.")

@@ -8,9 +8,9 @@ deterministic (resize, centre crop, normalise): no random augmentation anywhere 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ class SplitData(Dataset):
             images = [image for image, _ in self.images.__getitems__(indices)]
         else:
             images = [self.images[i][0] for i in indices]
-        return list(zip(images, (int(self.labels[i]) for i in indices)))
+        return list(zip(images, (int(self.labels[i]) for i in indices), strict=True))
 
     def fingerprint(self) -> str:
         """sha256 of the split size, all labels and the raw bytes of evenly spaced samples."""

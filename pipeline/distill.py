@@ -59,7 +59,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     teacher = None
     if config.online_teacher and teacher_taps:
         names = [t.name for t in teacher_taps]
-        teacher = OnlineTeacher.from_store(feature_store, names, config.teacher_checkpoint, data.num_classes, input_size)
+        teacher = OnlineTeacher.from_store(
+            feature_store, names, config.teacher_checkpoint, data.num_classes, input_size
+        )
         teacher.to(dev)
     # Online, the teacher supplies the features; labels and logits still come from the cache.
     paths = [p for p in distiller.inputs if not (teacher and p in distiller.teacher_targets)]
@@ -99,7 +101,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     )
     start = last_save = time.perf_counter()
     for epoch in range(first_epoch, epochs + 1):
-        log_rows.append(trainer.run_epoch(epoch, epochs, min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)))
+        log_rows.append(
+            trainer.run_epoch(epoch, epochs, min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch))
+        )
         # Short epochs (a small labelled subset) are not each worth a checkpoint.
         if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
             save_epoch(out_dir, epoch, spec, distiller, optimizer, schedule, log_rows)

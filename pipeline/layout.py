@@ -1,12 +1,12 @@
 """Every file name in kdpipe's output folders, in one place (the store's own layout is `cache.store`'s).
 
-    teach OUT/      model.safetensors  teach.json  teach_log.csv  teach_args.yaml
-    extract OUT/    features.zarr/  extract.json  extract_args.yaml
-                    scores.json  scores.png  score_args.yaml          (written by kdpipe score, beside the store)
-    distill OUT/    student.safetensors  distill.json  distill_log.csv  distill_args.yaml  labelled_indices.npy
-                    epoch-NNN.safetensors + epoch-NNN.state.pt     (the two latest checkpoints)
-                    probe.json  classifier.safetensors  probe_args.yaml  (written by kdpipe probe)
-    report OUT/     report.md  report.json  report.png  report_args.yaml  <method entry>/seed-<s>/ (a distill OUT)
+teach OUT/      model.safetensors  teach.json  teach_log.csv  teach_args.yaml
+extract OUT/    features.zarr/  extract.json  extract_args.yaml
+                scores.json  scores.png  score_args.yaml          (written by kdpipe score, beside the store)
+distill OUT/    student.safetensors  distill.json  distill_log.csv  distill_args.yaml  labelled_indices.npy
+                epoch-NNN.safetensors + epoch-NNN.state.pt     (the two latest checkpoints)
+                probe.json  classifier.safetensors  probe_args.yaml  (written by kdpipe probe)
+report OUT/     report.md  report.json  report.png  report_args.yaml  <method entry>/seed-<s>/ (a distill OUT)
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class CifarResNet(nn.Module):
         )
         in_width = widths[0]
         self.stage_names = []
-        for i, (depth, width) in enumerate(zip(depths, widths)):
+        for i, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             stride = 1 if i == 0 else 2
             blocks = [_basic_block(in_width, width, stride)] + [_basic_block(width, width, 1) for _ in range(depth - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
@@ -46,11 +46,11 @@ class CifarResNet(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(in_width, num_classes)
         self.default_taps = (
-            ["stem"] + [f"{s}.{j}" for s, d in zip(self.stage_names, depths) for j in range(d)] + ["pool"]
+            ["stem"] + [f"{s}.{j}" for s, d in zip(self.stage_names, depths, strict=True) for j in range(d)] + ["pool"]
         )
         self.feature_info = [  # stage ends, as timm describes its models' feature maps
             {"module": f"{s}.{d - 1}", "num_chs": w, "reduction": 2**i}
-            for i, (s, d, w) in enumerate(zip(self.stage_names, depths, widths))
+            for i, (s, d, w) in enumerate(zip(self.stage_names, depths, widths, strict=True))
         ]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .provenance import load_matching_split
 from .recipe import make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_json
 from .taps import TapRecorder, list_taps, stage_end_taps
+
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 FALLBACK_WEIGHT_DECAY = 1e-3
 VALIDATION_FRACTION = 0.2

@@ -158,7 +158,7 @@ def class_spectrum(x: np.ndarray) -> np.ndarray:
 class InformationStats:
     """Step 4: information I with the per-class embedding dimensions and entropies."""
 
-    I: float
+    I: float  # noqa: E741 (METHOD.md's name)
     mean_entropy: float
     embedding_dims: list[int]
     entropies: list[float]

@@ -68,7 +68,9 @@ def report(config: ReportConfig) -> dict[str, Any]:
         results.append(run_result(run.folder, run.entry))
         result = results[-1]
         on_tap = f" on {result['probe_tap']}" if result["probe_tap"] else ""
-        log.info("%s seed %d: top-1 %.2f%% (%s%s)", run.entry, run.seed, result["top1"], result["evaluated_with"], on_tap)
+        log.info(
+            "%s seed %d: top-1 %.2f%% (%s%s)", run.entry, run.seed, result["top1"], result["evaluated_with"], on_tap
+        )
     return write_report(out, results, list(config.methods), config.plot)
 
 
@@ -116,7 +118,11 @@ def _probe_is_current(run_dir: Path, config: ProbeConfig) -> bool:
     if not probe_file.is_file() or probe_file.stat().st_mtime < (run_dir / STUDENT_WEIGHTS).stat().st_mtime:
         return False
     fitted = json.loads(probe_file.read_text())
-    return fitted.get("max_iter") == config.max_iter and fitted["seed"] == config.seed and config.tap in (None, fitted["tap"])
+    return (
+        fitted.get("max_iter") == config.max_iter
+        and fitted["seed"] == config.seed
+        and config.tap in (None, fitted["tap"])
+    )
 
 
 def run_result(run_dir: Path, entry: str) -> dict[str, Any]:

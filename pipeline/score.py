@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from cache.reader import gather_rows
 from cache.store import FeatureStore, SplitStore
 

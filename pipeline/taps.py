@@ -114,10 +114,10 @@ class TapRecorder:
         self.order: list[str] = []
         self.logits: torch.Tensor | None = None
 
-    def attach(self) -> "TapRecorder":
+    def attach(self) -> TapRecorder:
         """Registers the hooks (idempotent); a module that trains through its taps keeps them attached."""
         if not self._handles:
-            for name, module in zip(self.names, self._modules):
+            for name, module in zip(self.names, self._modules, strict=True):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
 
@@ -126,7 +126,7 @@ class TapRecorder:
             handle.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "TapRecorder":
+    def __enter__(self) -> TapRecorder:
         return self.attach()
 
     def __exit__(self, *exc) -> None:
@@ -169,7 +169,9 @@ def list_taps(model: nn.Module, input_size: int, in_chans: int = 3, names: list[
             try:
                 rec.run(dummy)
             except (RuntimeError, AssertionError) as err:
-                raise UserError(f"the model does not accept {input_size}x{input_size} inputs: {first_line(err)}")
+                raise UserError(
+                    f"the model does not accept {input_size}x{input_size} inputs: {first_line(err)}"
+                ) from err
             order = rec.order
     finally:
         model.train(was_training)

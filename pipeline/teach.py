@@ -47,7 +47,9 @@ def teach(config: TeachConfig) -> dict[str, Any]:
         config.teacher, train.num_classes, input_size=train.preprocessing.input_size, model_kwargs=config.model_kwargs
     )
     model.to(dev)
-    train_loader = make_loader(train, config.batch_size, config.workers, shuffle=True, generator=generator, drop_last=True)
+    train_loader = make_loader(
+        train, config.batch_size, config.workers, shuffle=True, generator=generator, drop_last=True
+    )
     test_loader = make_loader(held_out, config.batch_size, config.workers)
     epochs = config.epochs
     optimizer, schedule = adamw_onecycle(model.parameters(), config.lr, config.weight_decay, epochs * len(train_loader))
@@ -81,7 +83,9 @@ def teach(config: TeachConfig) -> dict[str, Any]:
                 "lr": schedule.get_last_lr()[0],
             }
         )
-        log.info("epoch %d: loss %.4f  train %.2f%%  test %.2f%%", epoch, loss_sum / seen, 100 * correct / seen, test_top1)
+        log.info(
+            "epoch %d: loss %.4f  train %.2f%%  test %.2f%%", epoch, loss_sum / seen, 100 * correct / seen, test_top1
+        )
     seconds = time.perf_counter() - start
     save_checkpoint(model, out_dir / TEACHER_WEIGHTS, model_spec)
     write_csv(out_dir / TEACH_LOG, log_rows)

@@ -138,7 +138,9 @@ class Trainer:
 
     def _step(self, images: torch.Tensor, target_values: list[np.ndarray], epoch: int) -> dict[str, float]:
         """One optimizer step; returns the batch's losses."""
-        batch = {path: torch.from_numpy(v).to(self.device) for path, v in zip(self.targets.paths, target_values, strict=True)}
+        batch = {
+            path: torch.from_numpy(v).to(self.device) for path, v in zip(self.targets.paths, target_values, strict=True)
+        }
         if self.teacher:
             batch.update(zip(self.distiller.teacher_targets, self.teacher(images), strict=True))
         _, losses = self.distiller(images, batch)

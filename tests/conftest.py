@@ -8,8 +8,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-from helpers import small_chunks  # noqa: E402
 
+from helpers import small_chunks  # noqa: E402
 from pipeline import ExtractConfig, ScoreConfig, TeachConfig, extract, score, teach  # noqa: E402
 
 TRAINED_EPOCHS = 8

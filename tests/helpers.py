@@ -160,5 +160,5 @@ def naive_quality(x: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarra
         else:
             q = q / q.sum()
             H.append(-sum(v * math.log(v) for v in q))
-    I = (1 - np.mean(list(m_c.values()))) * np.mean(H) / math.log(5)
+    I = (1 - np.mean(list(m_c.values()))) * np.mean(H) / math.log(5)  # noqa: E741 (METHOD.md's name)
     return {"S": S, "I": I, "E": E, "Q": S + math.sqrt(I * E)}

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_one_line_error, make_store, run_cli
 
 from cache.store import FeatureStore
+from helpers import assert_one_line_error, make_store, run_cli
 from pipeline import layout
-
 
 SUMMARIES = (
     layout.TEACH_SUMMARY,

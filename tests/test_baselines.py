@@ -12,16 +12,15 @@ import pytest
 import torch
 import yaml
 import zarr
-from helpers import STUDENT, assert_one_line_error, run_cli, weights
 
 from cache.reader import CachedTargets
 from cache.store import STORE_NAME, FeatureStore
+from helpers import STUDENT, assert_one_line_error, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, probe
 from pipeline.datasets import stratified_subset
 from pipeline.layout import DISTILL_LOG, LABELLED_INDICES, PROBE_SUMMARY, REPORT_SUMMARY, REPORT_TEXT, STUDENT_WEIGHTS
 from pipeline.report import recipe_differences
 from pipeline.training import Trainer
-
 
 BUDGET = {**STUDENT, "label_fraction": 0.25, "steps": 10, "batch_size": 20}
 
@@ -210,7 +209,14 @@ def test_tiny_label_budget_probe_falls_back_to_a_fixed_weight_decay(scored_store
 
 
 def test_report_flags_runs_that_do_not_share_one_recipe():
-    base = {"student": "resnet8", "steps": 360, "batch_size": 32, "lr": 0.05, "label_fraction": 0.1, "num_labelled": 143}
+    base = {
+        "student": "resnet8",
+        "steps": 360,
+        "batch_size": 32,
+        "lr": 0.05,
+        "label_fraction": 0.1,
+        "num_labelled": 143,
+    }
     results = [{**base, "method": "ce"}, {**base, "method": "feature", "steps": 3600}]
     assert recipe_differences(results) == "steps differs (ce 360, feature 3600)"
     assert recipe_differences(results[:1]) == ""

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_one_line_error, run_cli
 
+from helpers import assert_one_line_error, run_cli
 from pipeline.checkpoints import save_checkpoint
 from pipeline.models import create_model
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-from helpers import ROOT, STUDENT, assert_one_line_error, run_cli
 
 import pipeline
+from helpers import ROOT, STUDENT, assert_one_line_error, run_cli
 from pipeline import DistillConfig, ExtractConfig, distill
 from pipeline.cli import cli
-from pipeline.config import COMMANDS, ConfigError, CommaList, file_values, resolve
+from pipeline.config import COMMANDS, CommaList, ConfigError, file_values, resolve
 from pipeline.errors import UserError
 from pipeline.layout import args_file
 from pipeline.runtime import progress

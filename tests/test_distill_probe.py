@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import STUDENT, assert_one_line_error, run_cli, weights
 
 from cache.reader import CachedTargets
 from cache.store import STORE_NAME, FeatureStore
+from helpers import STUDENT, assert_one_line_error, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, load_classifier, probe
 from pipeline.datasets import load_split
 from pipeline.layout import DISTILL_LOG, STUDENT_WEIGHTS
@@ -173,7 +173,11 @@ def test_mismatched_store_and_foreign_checkpoint(scored_store, tmp_path):
 
 def test_unscored_store_needs_teacher_layers(digits_teacher, tmp_path):
     config = ExtractConfig(
-        out=str(tmp_path / "s"), checkpoint=digits_teacher["checkpoint"], layers=("layer3.2",), max_samples=100, device="cpu"
+        out=str(tmp_path / "s"),
+        checkpoint=digits_teacher["checkpoint"],
+        layers=("layer3.2",),
+        max_samples=100,
+        device="cpu",
     )
     extract(config)
     result = run_cli("distill", tmp_path / "s", "--device", "cpu", "--out", tmp_path / "r", expect_ok=False)
@@ -191,7 +195,7 @@ def test_online_teacher_matches_the_cache(scored_store, digits_teacher, tmp_path
     data = load_matching_split(store, "train", None, None)
     rows = np.arange(0, 400, 7)
     images = torch.stack([data[int(i)][0] for i in part.array("indices")[rows]])
-    for online, tap in zip(teacher(images), ["layer2.2", "layer3.2"]):
+    for online, tap in zip(teacher(images), ["layer2.2", "layer3.2"], strict=True):
         np.testing.assert_allclose(online.numpy(), part.feature(tap)[rows].astype(np.float32), rtol=1e-3, atol=1e-3)
     cached = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "cached"), **STUDENT))
     online = distill(

@@ -140,18 +140,20 @@ def _batch(distiller: Distiller, seed: int = 0) -> tuple[torch.Tensor, dict[str,
 def _hand_kd(student: torch.Tensor, teacher: torch.Tensor, t: float) -> float:
     """16·(1/B) Σ_b Σ_k p_t log(p_t / p_s), p = softmax(z / T), in float64 from the definition."""
     total = 0.0
-    for s_row, t_row in zip(student.double().tolist(), teacher.double().tolist()):
+    for s_row, t_row in zip(student.double().tolist(), teacher.double().tolist(), strict=True):
         p_s = [math.exp(v / t) for v in s_row]
         p_t = [math.exp(v / t) for v in t_row]
         p_s = [v / sum(p_s) for v in p_s]
         p_t = [v / sum(p_t) for v in p_t]
-        total += sum(a * math.log(a / b) for a, b in zip(p_t, p_s))
+        total += sum(a * math.log(a / b) for a, b in zip(p_t, p_s, strict=True))
     return t * t * total / len(student)
 
 
 def _hand_ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
     rows = logits.double().tolist()
-    return sum(math.log(sum(math.exp(v) for v in r)) - r[y] for r, y in zip(rows, labels.tolist())) / len(rows)
+    return sum(math.log(sum(math.exp(v) for v in r)) - r[y] for r, y in zip(rows, labels.tolist(), strict=True)) / len(
+        rows
+    )
 
 
 def test_what_each_method_reads():

@@ -1,4 +1,5 @@
-"""The Q metric: a naive loop reference (helpers.naive_quality) on random data, known answers on hand-built features, subsets, selection."""
+"""The Q metric: a naive loop reference (helpers.naive_quality) on random data, known answers on hand-built
+features, subsets, selection."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from helpers import naive_quality
 
+from helpers import naive_quality
 from pipeline.quality import (
     QualityError,
     class_spectrum,

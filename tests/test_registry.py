@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_cli
 
+from helpers import run_cli
 from pipeline.datasets import list_datasets
 from pipeline.models import create_model, list_models
 from pipeline.registry import Registry, UnknownName
 from pipeline.taps import TapRecorder, candidate_taps, list_taps
-
 
 
 def test_model_and_dataset_listing():

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from helpers import assert_one_line_error, load_script, run_cli
 
 from cache.store import STORE_NAME, FeatureStore
+from helpers import assert_one_line_error, load_script, run_cli
 from pipeline import ExtractConfig, extract
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import small_chunks as smaller_chunks
 
 from cache.store import MIN_CHUNK_BYTES, ArraySpec, FeatureStore, StoreError, chunk_rows, plan_chunks
 from cache.writer import SplitWriter
-
+from helpers import small_chunks as smaller_chunks
 
 
 def test_chunks_hold_four_mebibytes_and_divide_the_block():

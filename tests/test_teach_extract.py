@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 import zarr
-from helpers import run_cli, small_chunks
 
 from cache.store import STORE_NAME, FeatureStore
+from helpers import run_cli, small_chunks
 from pipeline import ExtractConfig, ScoreConfig, extract, score
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.datasets import load_split
@@ -22,7 +22,6 @@ from pipeline.extract import HalfSlots
 from pipeline.layout import TEACH_LOG, TEACH_SUMMARY
 from pipeline.models import create_model
 from pipeline.taps import TapRecorder
-
 
 
 @pytest.mark.slow
