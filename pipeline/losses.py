@@ -118,6 +118,23 @@ class FeatureMSE(FeatureLoss):
         return F.mse_loss(student, teacher)
 
 
+@LOSSES.register(name="feature_cosine")
+class FeatureCosine(FeatureLoss):
+    """1 − cosine similarity of projected student and teacher features: along channels at each position, or of the
+    whole flattened feature per sample (`per: sample`); blind to feature scale, unlike the MSE."""
+
+    def __init__(self, per: str = "position", eps: float = 1e-8) -> None:
+        super().__init__()
+        if per not in ("position", "sample"):
+            raise UserError(f"loss 'feature_cosine': per must be position or sample, not {per!r}")
+        self.per, self.eps = per, _positive("feature_cosine", "eps", eps)
+
+    def criterion(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.per == "sample":
+            student, teacher = student.flatten(1), teacher.flatten(1)
+        return (1 - F.cosine_similarity(student, teacher, dim=1, eps=self.eps)).mean()
+
+
 def describe(name: str) -> dict[str, Any]:
     """A loss's summary line, inputs and hyperparameters with their defaults, for `kdpipe methods`."""
     loss = LOSSES.get(name)

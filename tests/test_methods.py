@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from helpers import assert_one_line_error, run_cli
 from pipeline.alignment import FeatureAlignment
+from pipeline.config import DistillConfig, resolve
 from pipeline.errors import UserError
 from pipeline.methods import METHODS, Distiller, get_method
 from pipeline.models import create_model
@@ -214,3 +218,51 @@ def test_fitnet_kd_adds_the_kd_term():
     output, losses = distiller(images, batch)
     assert set(losses) == {"ce", "kd", "feature_mse"}
     assert losses["kd"].item() == pytest.approx(_hand_kd(output.logits, batch["logits"], 4.0), rel=1e-5)
+
+
+def _hand_cosine_distance(student: torch.Tensor, teacher: torch.Tensor, per: str) -> float:
+    """Mean of 1 − a·b / (|a| |b|) in float64 loops: over channels at each (sample, position), or over the whole
+    flattened feature of each sample."""
+    s, t = student.double(), teacher.double()
+    if per == "sample":
+        pairs = [(s[b].flatten().tolist(), t[b].flatten().tolist()) for b in range(len(s))]
+    else:
+        positions = [(b, i, j) for b in range(len(s)) for i in range(s.shape[2]) for j in range(s.shape[3])]
+        pairs = [(s[b, :, i, j].tolist(), t[b, :, i, j].tolist()) for b, i, j in positions]
+    distances = []
+    for u, v in pairs:
+        dot = sum(x * y for x, y in zip(u, v, strict=True))
+        distances.append(1 - dot / (math.sqrt(sum(x * x for x in u)) * math.sqrt(sum(y * y for y in v))))
+    return sum(distances) / len(distances)
+
+
+@pytest.mark.parametrize("per", ["position", "sample"])
+def test_cosine_feature_criterion_from_yaml_by_hand(tmp_path, per):
+    """A second feature criterion with its own weight and setting, configured in YAML, reusing the alignment:
+    `feature` with the MSE dropped and the cosine distance at weight 0.5 gives exactly 0.5 × the hand value."""
+    path = tmp_path / "cosine.yaml"
+    path.write_text(
+        yaml.safe_dump({"distill": {"losses": {"feature_mse": 0, "feature_cosine": {"weight": 0.5, "per": per}}}})
+    )
+    config = resolve(DistillConfig, path, {"store": str(tmp_path)})
+    distiller = _identity_pair_distiller("feature", config.losses)
+    images, batch = _batch(distiller)
+    output, losses = distiller(images, batch)
+    assert set(losses) == {"feature_cosine"}
+    student, teacher = output.features["layer3.0"], batch["features/t"].float()  # identity projector, same size
+    assert losses["feature_cosine"].item() == pytest.approx(
+        0.5 * _hand_cosine_distance(student, teacher, per), rel=1e-5
+    )
+    assert distiller.method.spec() == {"feature_cosine": {"weight": 0.5, "per": per, "eps": 1e-8}}
+
+
+def test_cosine_feature_criterion_trains_and_refuses_bad_settings(scored_store, tmp_path):
+    path = tmp_path / "cosine.yaml"
+    path.write_text(yaml.safe_dump({"distill": {"losses": {"feature_cosine": 1.0}}}))
+    args = ["--student", "resnet8", "--epochs", 1, "--device", "cpu", "--out", tmp_path / "run"]
+    run_cli("distill", scored_store, "--config", path, *args)
+    summary = json.loads((tmp_path / "run" / "distill.json").read_text())
+    assert set(summary["losses"]) == {"feature_mse", "feature_cosine"} and 0 < summary["final"]["feature_cosine"] < 2
+    path.write_text(yaml.safe_dump({"distill": {"losses": {"feature_cosine": {"per": "pixel"}}}}))
+    result = run_cli("distill", scored_store, "--config", path, *args, expect_ok=False)
+    assert_one_line_error(result, str(path), "distill.losses", "per must be position or sample")
