@@ -1,7 +1,8 @@
 """The `kdpipe` command line: one click command per config class of `pipeline.config`, options generated from it.
 
 Each command resolves its config (`--config FILE` under the flags given) and calls the Python API; only this module
-prints. Library code logs through `logging`; the group's `--quiet` and `-v` set how much of it is shown.
+prints. The commands import the stage they run under another name, since each command bears its stage's name.
+Library code logs through `logging`; the group's `--quiet` and `-v` set how much of it is shown.
 """
 
 from __future__ import annotations
@@ -246,6 +247,7 @@ def probe(config: ProbeConfig) -> None:
 
 @command(ReportConfig)
 def report(config: ReportConfig) -> None:
+    from .layout import REPORT_TEXT
     from .report import format_table
     from .report import report as run
 
@@ -254,7 +256,7 @@ def report(config: ReportConfig) -> None:
     click.echo(format_table(summary["methods"]))
     if summary["note"]:
         click.echo(summary["note"])
-    click.echo(f"report: {Path(config.out) / 'report.md'}")
+    click.echo(f"report: {Path(config.out) / REPORT_TEXT}")
 
 
 @command(SummaryConfig)
