@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 from numcodecs import Blosc
 
-from pipeline.layout import EXTRACT_SUMMARY, TEACHER_WEIGHTS
+from pipeline.layout import EXTRACT_SUMMARY, STORE_NAME, TEACHER_WEIGHTS
 from workload import kdpipe, setup_threads
 
 CODECS = [
@@ -90,7 +90,7 @@ def main() -> None:
             str(tmp / "store"),
         )
         summary = json.loads((tmp / "store" / EXTRACT_SUMMARY).read_text())["splits"]["train"]
-        group = zarr.open_group(str(tmp / "store" / "features.zarr"), mode="r")["train/features"]
+        group = zarr.open_group(str(tmp / "store" / STORE_NAME), mode="r")["train/features"]
         chunks = []
         for _, array in group.arrays():
             values, rows = array[:], array.chunks[0]

@@ -58,7 +58,8 @@ class CachedTargets:
     """Per-sample arrays of a split (teacher features, labels, logits: store paths), served in batches by chunk.
 
     `rows` restricts the epochs to a subset of the split (a labelled subset); by default every row is served.
-    If the served rows fit `memory_bytes` they are read once (chunk by chunk) and kept in RAM, and an epoch is a
+    If the served rows fit `memory_bytes` they are read once (chunk by chunk, at the first batch) and kept in RAM,
+    and an epoch is a
     random permutation of the rows. Otherwise they are streamed: an epoch shuffles the order of blocks (each
     block is a chunk-aligned region of every array), reads `window` blocks at a time on a background thread,
     and shuffles rows within each window. Either way `epoch_order` says which rows come in which order, so the
@@ -81,13 +82,22 @@ class CachedTargets:
         blocks = self.rows // split.block_rows
         self._blocks, starts = np.unique(blocks, return_index=True)
         self._rows_by_block = dict(zip(self._blocks.tolist(), np.split(self.rows, starts[1:]), strict=True))
-        self._ram = None
-        if self.in_memory:  # row r of the split is at position searchsorted(self.rows, r)
-            whole = self.num_rows == split.num_samples
+        self._ram: list[np.ndarray] | None = None
+
+    @property
+    def order(self) -> str:
+        """How epochs are ordered, which decides the sample order of every epoch (so a resumed run must match)."""
+        return "in RAM" if self.in_memory else f"streamed, {self.window} block{'s' * (self.window != 1)} per window"
+
+    def _in_ram(self) -> list[np.ndarray]:
+        """The served rows of every array, read once; row r of the split is at position searchsorted(rows, r)."""
+        if self._ram is None:
+            whole = self.num_rows == self.split.num_samples
             self._ram = []
             for array in self.arrays:
                 with named_read_errors(array):
                     self._ram.append(array[:] if whole else gather_rows(array, self.rows))
+        return self._ram
 
     def epoch_order(self, rng: np.random.Generator) -> list[np.ndarray]:
         """The epoch's rows as windows (one window when in RAM); concatenated they are the sample order."""
@@ -104,12 +114,12 @@ class CachedTargets:
         """(rows, [values per array]) for consecutive `batch_size` rows of the order; the last partial batch is
         dropped. In RAM, each batch is gathered on its own; streamed windows are read one ahead on a background
         thread."""
-        if self._ram is not None:
-            order = np.concatenate(windows)
+        if self.in_memory:
+            ram, order = self._in_ram(), np.concatenate(windows)
             for start in range(0, len(order) - batch_size + 1, batch_size):
                 rows = order[start : start + batch_size]
                 positions = np.searchsorted(self.rows, rows)
-                yield rows, [values[positions] for values in self._ram]
+                yield rows, [values[positions] for values in ram]
             return
         pending_rows: list[np.ndarray] = []
         pending_values: list[list[np.ndarray]] = []

@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 # teacher's parallel regions whenever the writer runs, and passive waiting measured +13 % extraction throughput on
 # 2 cores (benchmarks/p2_extract_overhead.py). OpenMP reads the policy once, when torch loads it, so the command
 # line sets it here, before the first torch import.
-if Path(sys.argv[0]).name == "kdpipe" and "extract" in sys.argv[1:]:
+_command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)  # the group takes flags only
+if Path(sys.argv[0]).name == "kdpipe" and _command == "extract":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import (  # noqa: E402

@@ -30,6 +30,7 @@ import yaml
 from cache.store import DEFAULT_COMPRESSION
 
 from .errors import UserError
+from .layout import REPORT_PLOT, SCORES_PLOT
 from .losses import LOSSES, loss_parameters
 from .methods import METHODS
 
@@ -96,6 +97,8 @@ class CommaList(click.ParamType):
             items = list(value)
         elif isinstance(value, str):
             items = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            items = [value]  # a YAML `seeds: 3`
         else:
             self.fail(f"{value!r} is not a comma-separated list", param, ctx)
         if self.item is None:
@@ -405,7 +408,7 @@ class ScoreConfig(Config):
         4.0, "Memory for subset B at a time; larger subsets are read in class groups.", _positive()
     )
     workers: int = option(2, "Threads reading chunks.", Integer(min=1))
-    plot: bool = _plot("scores.png")
+    plot: bool = _plot(SCORES_PLOT)
     seed: int = _seed()
 
 
@@ -484,8 +487,9 @@ class DistillConfig(RunOptions):
     )
 
     def run_settings(self) -> dict[str, Any]:
-        """The settings recorded in a run's spec, by option name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["spec"]}
+        """The settings recorded in a run's spec, by option name (unset model kwargs as {}: the same model)."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["spec"]}
+        return {**settings, "model_kwargs": self.model_kwargs or {}}
 
 
 @command("probe")
@@ -517,8 +521,10 @@ class ReportConfig(Config):
     )
     seeds: tuple[int, ...] = option((0, 1, 2), "Seeds, one run each per method.", SeedList())
     out: str = option("runs/report", "Output folder.", click.Path(file_okay=False))
-    device: str = _device()
-    plot: bool = _plot("report.png")
+    device: str | None = option(
+        None, "Device for every run (default: the distill and probe sections' own).", click.Choice(DEVICE_NAMES)
+    )
+    plot: bool = _plot(REPORT_PLOT)
     distill: dict | None = option(None, "kdpipe distill settings for every run.", Settings(DistillConfig), cli=False)
     probe: dict | None = option(None, "kdpipe probe settings for every run.", Settings(ProbeConfig), cli=False)
 
@@ -601,7 +607,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise UserError(f"--config: {path} must hold a mapping of options")
-    options = {f.name for c in COMMANDS.values() for f in fields(c)}
+    options = {f.name for c in COMMANDS.values() for f in fields(c) if not f.metadata["argument"]}
     typos = sorted(str(k) for k in data if k not in COMMANDS and str(k).replace("-", "_") not in options)
     if typos:
         raise UserError(f"{path}: unknown key {typos[0]!r}")

@@ -1,4 +1,4 @@
-"""`kdpipe distill`: train a student backbone against cached teacher features, with feature losses only.
+"""`kdpipe distill`: train a student backbone against cached teacher features with feature losses only, or a baseline.
 
 The stage wires the parts together: the method and its loss terms (`methods`, `losses`), which taps meet
 (`pairing`), the training loop (`training`), and epoch checkpoints (`checkpoints`). A checkpoint is written after an
@@ -10,6 +10,7 @@ as the config and the method resolve it) is stored with each checkpoint and must
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from .provenance import load_matching_split, open_complete_store
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import resolve_device, seed_everything, write_args, write_csv, write_json
 from .training import OnlineTeacher, RowImages, Trainer
+
+log = logging.getLogger(__name__)
 
 
 def distill(config: DistillConfig) -> dict[str, Any]:
@@ -68,7 +71,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     missing = [p for p in paths if p not in part.group.attrs["arrays"]]
     if missing:
         raise UserError(f"--method {config.method} reads {missing[0]}, which {feature_store.path} does not hold")
-    num_rows = part.num_samples if rows is None else len(rows)
+    targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=rows)
+    num_rows = targets.num_rows
     steps_per_epoch, total_steps, epochs = _step_budget(num_rows, config.batch_size, config.epochs, config.steps)
     optimizer, schedule = adamw_onecycle(distiller.parameters(), config.lr, config.weight_decay, total_steps)
     spec = {
@@ -86,7 +90,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "steps": total_steps,
         "num_labelled": len(labelled) if labelled is not None else part.num_samples,
         "num_training_rows": num_rows,
+        "target_order": targets.order,
     }
+    pairs = ", ".join(f"{s.name}->{t.name}" for s, t in zip(student_taps, teacher_taps, strict=True)) or "none"
+    log.debug("%s: terms %s; tap pairs %s; targets %s", method.name, method.spec(), pairs, targets.order)
     out_dir = Path(config.out)
     log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, distiller, optimizer, schedule)
     if config.check:
@@ -94,7 +101,6 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     if first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file():
         return json.loads((out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
     write_args(out_dir, config)
-    targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=rows)
     images = RowImages(data, part.array("indices")[:])
     trainer = Trainer(
         distiller, optimizer, schedule, targets, images, teacher, config.batch_size, config.seed, dev, config.workers
@@ -119,7 +125,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             for s, t in zip(student_taps, teacher_taps, strict=True)
         ],
         "final": log_rows[-1],
-        **(_evaluate_classifier(net, data, config, dev) if method.uses_labels else {}),
+        "evaluated_with": method.evaluated_with,
+        **(_evaluate_classifier(net, data, config, dev) if method.evaluated_with == "own classifier" else {}),
         "targets": "online teacher" if teacher else "cache in RAM" if targets.in_memory else "cache streamed",
         "device": str(dev),
         "seconds_this_run": round(time.perf_counter() - start, 2),

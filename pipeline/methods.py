@@ -13,6 +13,7 @@ A run may reweight or reconfigure a method's terms, or add terms, from its confi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,6 +28,7 @@ from .registry import Registry
 from .taps import Tap, TapRecorder
 
 METHODS: Registry = Registry("method")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,9 @@ class Method:
     """What a method optimises: the weighted sum of its `terms`.
 
     `teacher_taps` says which teacher taps feature losses use: "picked" (top-k by Q from `kdpipe score`) or
-    "standard" (the teacher's stage ends). A method with a label loss trains the student's own classifier and
-    is evaluated with it; the others train the backbone only and are evaluated with the linear probe.
+    "standard" (the teacher's stage ends). A method whose losses read the student's logits (ce, kd) trains the
+    student's own classifier and is evaluated with it; the others train the backbone only and are evaluated with the
+    linear probe. A method with a label loss trains on the labelled rows only.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Method:
             settings = dict(settings)
             weight = settings.pop("weight", None)
             if loss not in terms and weight is None:
+                log.debug("method %s has no %s term: its settings %s are not used", self.name, loss, settings)
                 continue  # hyperparameters for methods that have this term
             current = terms.get(loss, Term(loss))
             terms[loss] = Term(loss, current.weight if weight is None else weight, {**current.kwargs, **settings})
@@ -100,6 +104,11 @@ class Method:
     def needs_logits(self) -> bool:
         """Whether the student runs to its logits; feature-only students stop after their last tap."""
         return any(LOSSES.get(loss).student_logits for loss in self.losses)
+
+    @property
+    def evaluated_with(self) -> str:
+        """How a run of the method is evaluated: its own classifier when its losses trained one."""
+        return "own classifier" if self.needs_logits else "linear probe"
 
     def ignored_settings(self) -> set[str]:
         """Distill settings that cannot change this method's result; a run spec leaves them out."""

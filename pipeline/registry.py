@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .errors import UserError
 
-T = TypeVar("T", bound=Callable)
+T = TypeVar("T")
 
 
 class UnknownName(UserError, KeyError):
@@ -19,7 +18,8 @@ class UnknownName(UserError, KeyError):
 
 
 class Registry(Generic[T]):
-    """Maps names to factory functions: `@registry.register` adds one, `get` / `names` find them."""
+    """Maps names to entries (model and dataset factories, loss classes, method declarations): `@registry.register`
+    adds one, `get` / `names` find them."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind

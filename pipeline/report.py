@@ -3,8 +3,10 @@
 A compared entry is a method, optionally with distill flags joined by `+`: `feature+no-unlabelled-distill` is the
 feature method distilled on the labelled subset only. Runs live in OUT/<entry>/seed-<s>. A run with checkpoints
 is resumed, which reuses a finished run as it is (and refuses one made with other settings); a probe is refitted
-only when its student is newer. Accuracy is each run's last-epoch top-1 on the held-out split (METHOD.md §7): the
-student's own classifier for methods trained with labels, the linear probe for feature-only methods.
+when its student is newer or its settings changed. Every run takes the config's distill and probe settings, with
+the report's store, the entry's method and flags, the seed, its own folder and (when given) the report's device on
+top. Accuracy is each run's last-epoch top-1 on the held-out split (METHOD.md §7): the student's own classifier for
+methods whose losses trained it (ce, kd), the linear probe for feature-only methods.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ def report(config: ReportConfig) -> dict[str, Any]:
     bar = progress(runs, desc="report", unit="run")
     for run in bar:
         bar.set_postfix(method=run.entry, seed=run.seed)
-        distill(run.distill)
-        if not get_method(run.distill.method).uses_labels and not _probe_is_current(run.folder, run.probe):
+        trained = distill(run.distill)
+        if trained["evaluated_with"] == "linear probe" and not _probe_is_current(run.folder, run.probe):
             probe(run.probe)
         results.append(run_result(run.folder, run.entry))
         result = results[-1]
@@ -71,19 +73,21 @@ def report(config: ReportConfig) -> dict[str, Any]:
         log.info(
             "%s seed %d: top-1 %.2f%% (%s%s)", run.entry, run.seed, result["top1"], result["evaluated_with"], on_tap
         )
-    return write_report(out, results, list(config.methods), config.plot)
+    return write_report(out, results, list(dict.fromkeys(config.methods)), config.plot)
 
 
 def plan(config: ReportConfig) -> list[Run]:
     """Every run of the report, each entry's method and flags checked: the config's distill and probe settings,
     with the report's store, device, the entry's method and flags, the seed and the run's folder on top. A run with
     checkpoints is resumed (a finished one is returned as it is; one made with other settings is refused)."""
+    if not config.methods:
+        raise UserError("--methods names no method")
     runs = []
-    for entry in config.methods:
+    for entry in dict.fromkeys(config.methods):  # an entry or seed given twice is one run
         method, flags = split_entry(entry)
-        for seed in config.seeds:
+        for seed in dict.fromkeys(config.seeds):
             folder = report_run(config.out, entry, seed)
-            shared = {"seed": seed, "device": config.device}
+            shared = {"seed": seed, **({"device": config.device} if config.device else {})}
             own = {"store": config.store, "method": method, "out": str(folder), "check": False}
             resume = bool(checkpoint_epochs(folder))
             distill_config = DistillConfig(**{**(config.distill or {}), **flags, **shared, **own, "resume": resume})
@@ -92,24 +96,29 @@ def plan(config: ReportConfig) -> list[Run]:
     return runs
 
 
-def entry_flags() -> list[str]:
-    """The distill switches an entry may add (`+no-unlabelled-distill`): its on/off run settings."""
-    kinds = field_types(DistillConfig)
-    return [f.name for f in fields(DistillConfig) if f.metadata["spec"] and isinstance(kinds[f.name], Boolean)]
+def entry_flags() -> dict[str, bool]:
+    """The distill flags an entry may add (`+no-unlabelled-distill`), each with the value it sets: the on/off run
+    settings, and their `no-` forms where the option has one."""
+    kinds, flags = field_types(DistillConfig), {}
+    for f in fields(DistillConfig):
+        if f.metadata["spec"] and isinstance(kinds[f.name], Boolean):
+            flags[f.name.replace("_", "-")] = True
+            if f.metadata["negatable"]:
+                flags["no-" + f.name.replace("_", "-")] = False
+    return flags
 
 
 def split_entry(entry: str) -> tuple[str, dict[str, bool]]:
     """`feature+no-unlabelled-distill` -> ("feature", {"unlabelled_distill": False}); the method must exist."""
     method, *flags = entry.split("+")
     get_method(method)
-    settings = {}
-    for flag in flags:
-        name = flag.removeprefix("no-").replace("-", "_")
-        if name not in entry_flags():
-            allowed = ", ".join(f"[no-]{n.replace('_', '-')}" for n in entry_flags())
-            raise UserError(f"--methods: --{flag} is not a flag of kdpipe distill that an entry may add ({allowed})")
-        settings[name] = not flag.startswith("no-")
-    return method, settings
+    allowed = entry_flags()
+    unknown = [flag for flag in flags if flag not in allowed]
+    if unknown:
+        raise UserError(
+            f"--methods: --{unknown[0]} is not a flag of kdpipe distill that an entry may add ({', '.join(allowed)})"
+        )
+    return method, {flag.removeprefix("no-").replace("-", "_"): allowed[flag] for flag in flags}
 
 
 def _probe_is_current(run_dir: Path, config: ProbeConfig) -> bool:
@@ -128,7 +137,7 @@ def _probe_is_current(run_dir: Path, config: ProbeConfig) -> bool:
 def run_result(run_dir: Path, entry: str) -> dict[str, Any]:
     """One run's entry, seed, held-out top-1 and how it was evaluated, from its JSON summaries."""
     run = json.loads((run_dir / DISTILL_SUMMARY).read_text())
-    own_head = get_method(run["method"]).uses_labels
+    own_head = run["evaluated_with"] == "own classifier"
     evaluation = run if own_head else json.loads((run_dir / PROBE_SUMMARY).read_text())
     keys = ("seed", "student", "dataset", "store", "teacher_taps", "losses", "steps", "batch_size", "lr")
     keys += ("label_fraction", "num_labelled", "num_training_rows")
@@ -138,7 +147,7 @@ def run_result(run_dir: Path, entry: str) -> dict[str, Any]:
         "top1": evaluation["test_top1"],
         "test_split": evaluation["test_split"],
         "num_test": evaluation["num_test"],
-        "evaluated_with": "own classifier" if own_head else "linear probe",
+        "evaluated_with": run["evaluated_with"],
         "probe_tap": None if own_head else evaluation["tap"],
     }
 

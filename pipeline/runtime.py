@@ -47,8 +47,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def write_args(folder: str | Path, config: Config) -> None:
     """The resolved config of a run (`<command>_args.yaml`, as timm's args.yaml), written before the work starts."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    args_file(folder, config.command).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    path = args_file(folder, config.command)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    logging.getLogger(__name__).debug("resolved config in %s", path)
 
 
 def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any]:

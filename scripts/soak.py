@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.layout import DISTILL_SUMMARY, EXTRACT_SUMMARY, STUDENT_WEIGHTS, TEACHER_WEIGHTS, checkpoint_epochs
+from pipeline.layout import (
+    DISTILL_SUMMARY,
+    EXTRACT_SUMMARY,
+    STORE_NAME,
+    STUDENT_WEIGHTS,
+    TEACHER_WEIGHTS,
+    checkpoint_epochs,
+)
 
 KDPIPE = str(Path(sys.executable).parent / "kdpipe")
 
@@ -73,7 +80,7 @@ def soak_extract(tmp: Path, checkpoint: str, kills: int, rng: random.Random) -> 
     run(["extract", *args, "--out", str(tmp / "reference")])
     done = lambda: (tmp / "killed" / EXTRACT_SUMMARY).exists()  # noqa: E731 (written last, after completion)
     killed = killed_runs(lambda: ["extract", *args, "--out", str(tmp / "killed")], done, kills, rng, (2.0, 5.0))
-    return killed, zarr_bytes_equal(tmp / "reference" / "features.zarr", tmp / "killed" / "features.zarr")
+    return killed, zarr_bytes_equal(tmp / "reference" / STORE_NAME, tmp / "killed" / STORE_NAME)
 
 
 def soak_distill(tmp: Path, kills: int, rng: random.Random) -> tuple[int, int]:

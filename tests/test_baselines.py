@@ -220,3 +220,34 @@ def test_report_flags_runs_that_do_not_share_one_recipe():
     results = [{**base, "method": "ce"}, {**base, "method": "feature", "steps": 3600}]
     assert recipe_differences(results) == "steps differs (ce 360, feature 3600)"
     assert recipe_differences(results[:1]) == ""
+
+
+def test_evaluation_follows_the_configured_losses(scored_store, tmp_path):
+    """kd with its ce term dropped (the paper's KD without CE) still trains, and is evaluated with, the student's own
+    head, on every row since no label is read; ce added to the feature method trains its head too. The report
+    evaluates each run as the run records it."""
+    kd_only = distill(
+        DistillConfig(store=str(scored_store), out=str(tmp_path / "kd"), method="kd", losses={"ce": 0}, **BUDGET)
+    )
+    assert kd_only["losses"] == {"kd": {"weight": 1.0, "temperature": 4.0}}
+    assert kd_only["evaluated_with"] == "own classifier" and "test_top1" in kd_only
+    assert kd_only["num_training_rows"] == 400
+    with_ce = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "f"), losses={"ce": 1.0}, **BUDGET))
+    assert with_ce["evaluated_with"] == "own classifier" and with_ce["num_training_rows"] == 100
+    config = tmp_path / "report.yaml"
+    settings = {k: v for k, v in BUDGET.items() if k != "device"}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "report": {"store": str(scored_store), "out": str(tmp_path / "rep"), "methods": ["kd"], "seeds": 0},
+                "distill": {**settings, "losses": {"ce": 0}},
+                "device": "cpu",
+            }
+        )
+    )
+    run_cli("report", "--config", config, "--no-plot")
+    (run,) = json.loads((tmp_path / "rep" / REPORT_SUMMARY).read_text())["runs"]
+    assert (
+        run["evaluated_with"] == "own classifier"
+        and run["top1"] == json.loads((tmp_path / "rep" / "kd" / "seed-0" / "distill.json").read_text())["test_top1"]
+    )

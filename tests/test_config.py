@@ -7,7 +7,7 @@ import ast
 import inspect
 import io
 import logging
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 import click
@@ -165,3 +165,34 @@ def test_report_runs_the_stages_through_the_python_api():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert {"distill", "probe"} <= imported and not {"cli", "click"} & imported
+
+
+def test_top_level_keys_are_options_not_positional_arguments(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: resnet9\n")  # `model` is only `kdpipe layers MODEL`; meant: student
+    with pytest.raises(UserError, match="unknown key 'model'"):
+        resolve(COMMANDS["distill"], path, {"store": "s"})
+
+
+def test_report_plan_takes_the_sections_and_owns_only_its_settings(tmp_path):
+    from pipeline import ReportConfig
+    from pipeline.report import plan
+
+    config = ReportConfig(
+        store="s",
+        out=str(tmp_path),
+        methods="ce,ce,feature+no-unlabelled-distill",
+        seeds=3,
+        distill={"device": "cpu", "steps": 5, "seed": 9, "out": "elsewhere"},
+        probe={"max_iter": 7},
+    )
+    runs = plan(config)
+    assert [(r.entry, r.seed) for r in runs] == [("ce", 3), ("feature+no-unlabelled-distill", 3)]  # once each
+    ce, strict = runs
+    assert (ce.distill.device, ce.distill.steps, ce.distill.seed, ce.probe.max_iter) == ("cpu", 5, 3, 7)
+    assert ce.distill.out == str(tmp_path / "ce" / "seed-3") and strict.distill.unlabelled_distill is False
+    assert plan(replace(config, device="cuda:0"))[0].distill.device == "cuda:0"  # the report's device when given
+    with pytest.raises(UserError, match="--no-online-teacher is not a flag"):
+        plan(replace(config, methods=("feature+no-online-teacher",)))
+    with pytest.raises(UserError, match="names no method"):
+        plan(replace(config, methods=()))

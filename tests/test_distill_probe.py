@@ -14,6 +14,7 @@ from cache.store import STORE_NAME, FeatureStore
 from helpers import STUDENT, assert_one_line_error, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, load_classifier, probe
 from pipeline.datasets import load_split
+from pipeline.errors import UserError
 from pipeline.layout import DISTILL_LOG, STUDENT_WEIGHTS
 from pipeline.models import create_model
 from pipeline.training import Trainer
@@ -88,6 +89,10 @@ def test_resume_after_interruption_is_exact(scored_store, tmp_path, monkeypatch)
     whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
     assert len(list((tmp_path / "cut").glob("epoch-*.state.pt"))) == 2  # the two latest are kept
+    # Targets in RAM would give another sample order: such a resume is refused with the setting named.
+    in_ram = {**args, "cache_memory_gb": 4.0}
+    with pytest.raises(UserError, match="target_order = 'streamed, .*', not 'in RAM'"):
+        distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "cut"), resume=True, **in_ram))
 
 
 def test_pipeline_learns_and_exports_a_classifier(scored_store, tmp_path):
