@@ -154,11 +154,11 @@ def datasets(config: DatasetsConfig) -> None:
 @command(MethodsConfig)
 def methods(config: MethodsConfig) -> None:
     from .losses import LOSSES, describe
-    from .methods import METHODS
+    from .methods import METHODS, format_terms
 
     for name in METHODS.names():
         method = METHODS.get(name)
-        terms = " + ".join(t.loss if t.weight == 1 else f"{t.weight:g}·{t.loss}" for t in method.terms)
+        terms = format_terms(method.spec())
         taps = f"  teacher taps: {method.teacher_taps}" if method.teacher_taps else ""
         click.echo(f"{name:17s} {terms:24s}{taps}".rstrip() + f"\n{'':17s} {method.summary}")
     click.echo("\nlosses (set per run with --losses, e.g. '{kd: {temperature: 2}}'):")

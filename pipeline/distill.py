@@ -92,8 +92,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "num_training_rows": num_rows,
         "target_order": targets.order,
     }
-    pairs = ", ".join(f"{s.name}->{t.name}" for s, t in zip(student_taps, teacher_taps, strict=True)) or "none"
-    log.debug("%s: terms %s; tap pairs %s; targets %s", method.name, method.spec(), pairs, targets.order)
+    log.debug(
+        "%s: terms %s; student taps %s -> teacher taps %s; targets %s",
+        *(method.name, spec["losses"], spec["student_taps"], spec["teacher_taps"], targets.order),
+    )
     out_dir = Path(config.out)
     log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, distiller, optimizer, schedule)
     if config.check:

@@ -61,6 +61,11 @@ def loss_parameters(loss: type[Loss]) -> dict[str, inspect.Parameter]:
     return {n: p for n, p in params if n != "self" and p.kind in named and p.default is not inspect.Parameter.empty}
 
 
+def loss_defaults(loss: type[Loss]) -> dict[str, Any]:
+    """The loss's hyperparameters with their default values."""
+    return {n: p.default for n, p in loss_parameters(loss).items()}
+
+
 def _positive(loss: str, name: str, value: float) -> float:
     if not value > 0:
         raise UserError(f"loss {loss!r}: {name} must be > 0, not {value}")
@@ -142,5 +147,5 @@ def describe(name: str) -> dict[str, Any]:
         "name": name,
         "summary": (loss.__doc__ or "").strip().splitlines()[0],
         "inputs": loss.inputs,
-        "parameters": {n: p.default for n, p in loss_parameters(loss).items()},
+        "parameters": loss_defaults(loss),
     }

@@ -23,7 +23,7 @@ from torch import nn
 
 from .alignment import FeatureAlignment
 from .errors import UserError
-from .losses import LOSSES, TEACHER_FEATURES, StudentOutput, loss_parameters
+from .losses import LOSSES, TEACHER_FEATURES, StudentOutput, loss_defaults
 from .registry import Registry
 from .taps import Tap, TapRecorder
 
@@ -44,8 +44,7 @@ class Term:
 
     def settings(self) -> dict[str, Any]:
         """Weight and every hyperparameter, defaults filled in: what a run records and compares on resume."""
-        defaults = {n: p.default for n, p in loss_parameters(LOSSES.get(self.loss)).items()}
-        return {"weight": self.weight, **defaults, **self.kwargs}
+        return {"weight": self.weight, **loss_defaults(LOSSES.get(self.loss)), **self.kwargs}
 
 
 @dataclass(frozen=True)
@@ -117,6 +116,11 @@ class Method:
 
     def spec(self) -> dict[str, dict[str, Any]]:
         return {t.loss: t.settings() for t in self.terms}
+
+
+def format_terms(terms: Mapping[str, Mapping[str, Any]]) -> str:
+    """`ce + 0.5·kd` from {loss: {weight, ...}} (a method's spec, or a run's recorded losses)."""
+    return " + ".join(loss if t["weight"] == 1 else f"{t['weight']:g}·{loss}" for loss, t in terms.items())
 
 
 def get_method(name: str) -> Method:

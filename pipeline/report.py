@@ -31,7 +31,7 @@ from .layout import (
     checkpoint_epochs,
     report_run,
 )
-from .methods import get_method
+from .methods import format_terms, get_method
 from .probe import probe
 from .runtime import progress, write_args, write_json
 
@@ -189,9 +189,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         gain = "—" if r["gain"] is None else f"{r['gain']:+.2f} ± {r['gain_std']:.2f}"
         taps = ", ".join(r["teacher_taps"]) or "—"
-        losses = " + ".join(name if t["weight"] == 1 else f"{t['weight']:g}·{name}" for name, t in r["losses"].items())
         lines.append(
-            f"| {r['method']} | {losses} | {taps} | {r['num_training_rows']} images | "
+            f"| {r['method']} | {format_terms(r['losses'])} | {taps} | {r['num_training_rows']} images | "
             f"{r['evaluated_with']} | {r['mean']:.2f} ± {r['std']:.2f} (n={r['runs']}) | {gain} |"
         )
     return "\n".join(lines)
