@@ -32,7 +32,7 @@ from .layout import EXTRACT_SUMMARY, STORE_NAME
 from .models import load_teacher
 from .recipe import make_loader
 from .runtime import first_difference, progress, resolve_device, seed_everything, short, write_args, write_json
-from .taps import Tap, TapRecorder, list_taps
+from .taps import Tap, TapRecorder, list_taps, stage_ends
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         config.teacher, config.checkpoint, config.pretrained, config.model_kwargs, num_classes, input_size
     )
     model.to(dev).eval()
-    taps = list_taps(model, input_size, names=list(config.layers) or None)
+    layers = list_taps(model, input_size)  # the whole model's, for its stage ends
+    taps = list_taps(model, input_size, names=list(config.layers)) if config.layers else layers
     rows = {split: _select_rows(d, config.max_samples, config.seed) for split, d in data.items()}
     identity = {
         "teacher": {
@@ -65,6 +66,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
             "checkpoint_sha256": file_sha256(config.checkpoint) if config.checkpoint else None,
             "pretrained": config.pretrained,
             "model_kwargs": config.model_kwargs or {},
+            "stage_ends": [t.name for t in stage_ends(layers)],
         },
         "dataset": {
             "name": config.dataset,
@@ -73,7 +75,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
             "preprocessing": first.preprocessing.to_dict(),
             "splits": {s: {"fingerprint": d.fingerprint(), "size": len(d)} for s, d in data.items()},
         },
-        "taps": [{"index": t.index, "name": t.name, "shape": list(t.shape), "kind": t.kind} for t in taps],
+        "taps": [t.record() for t in taps],
         "feature_dtype": FEATURE_DTYPE,
         "logits": config.logits,
         "max_samples": config.max_samples,

@@ -1,12 +1,14 @@
 """Model registry: built-in CIFAR-style networks, `timm:<name>` and `tv:<name>`; `create_model` and `load_teacher`.
 
-Built-in models carry `default_taps`, their generalized layers (stem activation, every block, the flatten) by
-module path; other models get theirs discovered by `pipeline.taps`.
+Every model, built-in or not, gets its generalized layers discovered by `pipeline.taps` from its module tree and
+`feature_info`. Every timm VisionTransformer (the built-in ViTs are ones) gains the layer-0 tap `embed`.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +47,10 @@ class CifarResNet(nn.Module):
             in_width = width
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(in_width, num_classes)
-        self.default_taps = (
-            ["stem"] + [f"{s}.{j}" for s, d in zip(self.stage_names, depths, strict=True) for j in range(d)] + ["pool"]
-        )
-        self.feature_info = [  # stage ends, as timm describes its models' feature maps
-            {"module": f"{s}.{d - 1}", "num_chs": w, "reduction": 2**i}
-            for i, (s, d, w) in enumerate(zip(self.stage_names, depths, widths, strict=True))
+        _reference_init(self)
+        self.feature_info = [  # the stages, as timm describes its ResNets' feature maps
+            {"module": s, "num_chs": w, "reduction": 2**i}
+            for i, (s, w) in enumerate(zip(self.stage_names, widths, strict=True))
         ]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,20 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.forward_features(x)))
+
+
+def _reference_init(model: nn.Module) -> None:
+    """The reference's ResNet initialisation (METHOD.md §5): Kaiming-normal convolutions (fan-out, ReLU), BatchNorm
+    at weight 1 and bias 0, then each block's last BatchNorm weight at zero so every block starts as the identity."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, BasicBlock):
+            module.zero_init_last()
 
 
 def _basic_block(in_width: int, width: int, stride: int) -> BasicBlock:
@@ -112,29 +126,35 @@ def resnet34_cifar(num_classes: int = 10, in_chans: int = 3, base_width: int = 6
     return _cifar_resnet([3, 4, 6, 3], base_width, num_classes, in_chans)
 
 
-class TokensWithClass(nn.Module):
-    """Prepends the class token to the patch tokens: the tap METHOD.md calls ViT layer 0 (before positions)."""
+class PrefixedPatches(nn.Module):
+    """ViT layer 0 (METHOD.md §3): the prefix tokens (class, then distillation or register tokens) before the patch
+    tokens, positions not yet added. An observation point for taps; the model's forward is unchanged."""
 
-    def forward(self, patches: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
-        return torch.cat([cls_token.expand(len(patches), -1, -1), patches], dim=1)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
 
 
-class SmallViT(VisionTransformer):
-    """timm's VisionTransformer with a tappable `embed` module (class + patch tokens, no positions yet)."""
+def add_layer0(vit: VisionTransformer) -> VisionTransformer:
+    """Gives a timm ViT the tap `embed` (no parameters, so checkpoints are unchanged), fed from `patch_embed`."""
+    vit.embed = PrefixedPatches()
+    vit.patch_embed.register_forward_hook(functools.partial(_feed_layer0, weakref.ref(vit)))
+    return vit
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.embed = TokensWithClass()
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pos_drop(self.embed(x, self.cls_token) + self.pos_embed)
+def _feed_layer0(owner: weakref.ref, patch_embed: nn.Module, args, patches: torch.Tensor) -> None:
+    vit = owner()
+    if vit is None or not vit.embed._forward_hooks:  # only a tap on `embed` needs the concatenation
+        return
+    prefix = [getattr(vit, t, None) for t in ("cls_token", "dist_token", "reg_token")]
+    patches = patches.flatten(1, 2) if patches.dim() == 4 else patches  # dynamic_img_size gives NHWC patches
+    vit.embed(torch.cat([t.expand(len(patches), -1, -1) for t in prefix if t is not None] + [patches], dim=1))
 
 
 def _small_vit(img_size: int, depth: int, dim: int, heads: int, mlp_ratio: float, num_classes: int, in_chans: int):
     """timm ViT sized for small images: patch = img_size / 8, so 64 patch tokens plus the class token."""
     if img_size % 8:
         raise UserError(f"ViT input size must be a multiple of 8, got {img_size}")
-    model = SmallViT(
+    return VisionTransformer(
         img_size=img_size,
         patch_size=img_size // 8,
         in_chans=in_chans,
@@ -145,8 +165,6 @@ def _small_vit(img_size: int, depth: int, dim: int, heads: int, mlp_ratio: float
         mlp_ratio=mlp_ratio,
         global_pool="avg",
     )
-    model.default_taps = ["embed"] + [f"blocks.{i}" for i in range(depth)]
-    return model
 
 
 @register_model
@@ -172,6 +190,19 @@ def create_model(
     input_size: int | None = None,
     pretrained: bool = False,
     model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The model `name` (see `_build`); every timm VisionTransformer gets its layer-0 tap (`add_layer0`)."""
+    model = _build(name, num_classes, in_chans, input_size, pretrained, model_kwargs)
+    return add_layer0(model) if isinstance(model, VisionTransformer) else model
+
+
+def _build(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    input_size: int | None,
+    pretrained: bool,
+    model_kwargs: dict[str, Any] | None,
 ) -> nn.Module:
     """Builds `name`; `timm:x` goes to `timm.create_model`, `tv:x` to `torchvision.models.get_model`.
 

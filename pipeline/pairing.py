@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
-import torch
 from torch import nn
 
 from cache.store import FeatureStore, SplitStore
 
+from .config import ScoreConfig
 from .errors import UserError
 from .methods import Method
-from .models import create_model
 from .quality import select_top_k
-from .taps import Tap, list_taps, stage_end_taps
+from .taps import Tap, list_taps, stage_ends
+
+log = logging.getLogger(__name__)
+DEFAULT_PAIRS = ScoreConfig.top_k  # pairs when nothing says how many: as many as score picks
+FAR_APART = 4
 
 
 def pair_taps(
@@ -28,8 +32,9 @@ def pair_taps(
     """(student taps, teacher taps) paired in depth order, as the method asks.
 
     The number of pairs k comes from `--teacher-layers`, else `--student-layers`, else the method: the store's
-    picks (`feature`) or the teacher's stage ends (`feature-standard`, `fitnet`). A method without a feature
-    loss pairs nothing and ignores both options (one config can then serve every method of a comparison).
+    picks (`feature`) or the teacher's deepest stage ends (`feature-standard`, `fitnet`; as many as `kdpipe score`
+    picks by default, fewer when the teacher has fewer stages). A method without a feature loss pairs nothing and
+    ignores both options (one config can then serve every method of a comparison).
     """
     if not method.has_feature_loss:
         return [], []
@@ -40,16 +45,24 @@ def pair_taps(
         teacher = picked_taps(store, part, k)
     else:
         teacher = standard_taps(store, k)
-    return student_taps(net, input_size, student_layers, len(teacher)), teacher
+    student = student_taps(net, input_size, student_layers, len(teacher))
+    for s, t in zip(student, teacher, strict=True):
+        _warn_if_far_apart(s, t)
+    return student, teacher
 
 
 def recorded_taps(store: FeatureStore, names: list[str] | tuple[str, ...], why: str = "") -> list[Tap]:
     """The cached teacher taps `names`, in depth order."""
-    recorded = {t["name"]: Tap(t["index"], t["name"], tuple(t["shape"])) for t in store.meta["identity"]["taps"]}
+    recorded = {t.name: t for t in store_taps(store)}
     unknown = [n for n in names if n not in recorded]
     if unknown:
         raise UserError(f"teacher tap {unknown[0]!r}{why} is not in {store.path}; it holds {', '.join(recorded)}")
     return sorted((recorded[n] for n in names), key=lambda t: t.index)
+
+
+def store_taps(store: FeatureStore) -> list[Tap]:
+    """The store's taps with the shapes, layouts and roles extract recorded."""
+    return [Tap.from_record(t) for t in store.meta["identity"]["taps"]]
 
 
 def picked_taps(store: FeatureStore, part: SplitStore, k: int | None) -> list[Tap]:
@@ -65,54 +78,53 @@ def picked_taps(store: FeatureStore, part: SplitStore, k: int | None) -> list[Ta
 
 
 def standard_taps(store: FeatureStore, k: int | None) -> list[Tap]:
-    """The teacher's stage ends (its `feature_info`), spread to k when k is given; they must be cached."""
+    """The teacher's k deepest stage ends (as many as score picks by default, fewer for fewer stages), which extract
+    recorded from the teacher; they must be cached."""
     teacher = store.meta["identity"]["teacher"]
-    input_size = store.meta["identity"]["dataset"]["preprocessing"]["input_size"]
-    with torch.random.fork_rng():  # building the architecture must not move the student's random stream
-        model = create_model(
-            teacher["name"],
-            store.meta["identity"]["dataset"]["num_classes"],
-            input_size=input_size,
-            model_kwargs=teacher.get("model_kwargs") or None,
-        )
-    taps = list_taps(model, input_size)
-    ends = pairable(taps, stage_end_taps(taps, model))
+    ends = teacher.get("stage_ends")
     if not ends:
-        raise UserError(f"teacher {teacher['name']} declares no stages (feature_info); pass --teacher-layers")
-    k = k or len(ends)
+        raise UserError(
+            f"{store.path} records no stage ends of teacher {teacher['name']} (an older store, or a model without "
+            "stages); pass --teacher-layers"
+        )
+    k = k or min(DEFAULT_PAIRS, len(ends))
     if k > len(ends):
         raise UserError(
             f"teacher {teacher['name']} has {len(ends)} stage ends for {k} pairs; "
             "pass --teacher-layers or fewer --student-layers"
         )
-    return recorded_taps(store, [t.name for t in spread(ends, k)], " (a stage end of the teacher)")
+    return recorded_taps(store, ends[-k:], " (a stage end of the teacher)")
 
 
-def pairable(taps: list[Tap], names: list[str] | None = None) -> list[Tap]:
-    """Taps that may be paired (of `names`, if given): never the first (stem or patch embedding), never a vector."""
-    return [t for t in taps[1:] if t.kind != "vector" and (names is None or t.name in names)]
-
-
-def spread(candidates: list[Tap], k: int) -> list[Tap]:
-    """k of the candidates spread evenly over depth, ending at the last."""
-    return [candidates[round((i + 1) * len(candidates) / k) - 1] for i in range(k)]
-
-
-def spread_taps(taps: list[Tap], stage_ends: list[str], k: int) -> list[Tap]:
-    """The default student taps: k stage ends spread over depth, or k blocks when there are fewer stages."""
-    ends, blocks = pairable(taps, stage_ends), pairable(taps)
-    candidates = ends if len(ends) >= k else blocks
-    if len(candidates) < k:
-        raise UserError(f"the student has only {len(candidates)} taps for {k} pairs; pass --student-layers")
-    return spread(candidates, k)
+def default_student_taps(taps: list[Tap], k: int) -> list[Tap]:
+    """The student's k deepest stage ends (METHOD.md §2: ResNet-9 1-4, MobileNetV2 3,6,13,17, VGG-11 1,3,5,7, ViT-ET
+    1,3,5,7), or k layers spread evenly over depth, ending at the last, when it has fewer stages than pairs."""
+    ends = stage_ends(taps)
+    if len(ends) >= k:
+        return ends[-k:]
+    layers = [t for t in taps if t.pairable]
+    if len(layers) < k:
+        raise UserError(f"the student has only {len(layers)} pairable taps for {k} pairs; pass --student-layers")
+    return [layers[round((i + 1) * len(layers) / k) - 1] for i in range(k)]
 
 
 def student_taps(net: nn.Module, input_size: int, requested: tuple[str, ...], k: int) -> list[Tap]:
-    """The requested student taps (as many as the teacher's), or the default spread of k."""
+    """The requested student taps (as many as the teacher's), or the default ones for k pairs."""
     if requested:
         taps = list_taps(net, input_size, names=list(requested))
         if len(taps) != k:
             raise UserError(f"{len(taps)} student taps for {k} teacher taps; they pair one-to-one in depth order")
         return taps
-    taps = list_taps(net, input_size)
-    return spread_taps(taps, stage_end_taps(taps, net), k)
+    return default_student_taps(list_taps(net, input_size), k)
+
+
+def _warn_if_far_apart(student: Tap, teacher: Tap) -> None:
+    """Pooling across more than FAR_APART x in an axis averages away most of the larger map: worth a warning."""
+    if not (student.spatial and teacher.spatial):
+        return
+    ratios = [max(s, t) / min(s, t) for s, t in zip(student.spatial, teacher.spatial, strict=True)]
+    if max(ratios) > FAR_APART:
+        log.warning(
+            "student tap %s %s and teacher tap %s %s differ %.0fx in spatial size; the larger is average-pooled",
+            *(student.name, student.spatial, teacher.name, teacher.spatial, max(ratios)),
+        )

@@ -31,28 +31,24 @@ from .models import create_model
 from .provenance import load_matching_split
 from .recipe import make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_json
-from .taps import TapRecorder, list_taps, stage_end_taps
+from .taps import STEM, Tap, TapRecorder, list_taps, pool_embedding, stage_ends
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 FALLBACK_WEIGHT_DECAY = 1e-3
 VALIDATION_FRACTION = 0.2
 
 
-def pool_embedding(features: torch.Tensor) -> torch.Tensor:
-    """Global average pooling: maps over space, tokens over all tokens; vectors pass through."""
-    return features.mean(dim=(2, 3)) if features.dim() == 4 else features.mean(1) if features.dim() == 3 else features
-
-
 class LinearProbeClassifier(nn.Module):
-    """Backbone up to `tap`, global average pooling, one linear layer (standardisation folded into it)."""
+    """Backbone up to `tap`, global average pooling by the tap's `layout`, one linear layer (standardisation
+    folded into it)."""
 
-    def __init__(self, backbone: nn.Module, tap: str, head: nn.Linear) -> None:
+    def __init__(self, backbone: nn.Module, tap: str, layout: str, head: nn.Linear) -> None:
         super().__init__()
-        self.backbone, self.tap, self.head = backbone, tap, head
+        self.backbone, self.tap, self.layout, self.head = backbone, tap, layout, head
         self._recorder = TapRecorder(backbone, [tap], stop_after_last=True).attach()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return pool_embedding(self._recorder.run(images)[self.tap])
+        return pool_embedding(self._recorder.run(images)[self.tap], self.layout)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(images))
@@ -68,7 +64,8 @@ def load_classifier(path: str | Path) -> LinearProbeClassifier:
     backbone = create_model(
         spec["model"], spec["num_classes"], input_size=spec["input_size"], model_kwargs=spec["model_kwargs"]
     )
-    classifier = LinearProbeClassifier(backbone, spec["tap"], nn.Linear(spec["embedding_dim"], spec["num_classes"]))
+    head = nn.Linear(spec["embedding_dim"], spec["num_classes"])
+    classifier = LinearProbeClassifier(backbone, spec["tap"], spec["tap_layout"], head)
     load_checkpoint(classifier, path)
     classifier.transform = Preprocessing(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in spec["preprocessing"].items()}
@@ -90,8 +87,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
         spec["model"], spec["num_classes"], input_size=spec["input_size"], model_kwargs=spec["model_kwargs"]
     )
     load_checkpoint(backbone, run_dir / STUDENT_WEIGHTS)
-    tap = config.tap or _default_tap(backbone, spec)
-    list_taps(backbone, spec["input_size"], names=[tap])  # an unknown tap is reported before any work
+    tap = list_taps(backbone, spec["input_size"], names=[config.tap or _default_tap(backbone, spec)])[0]
     train, test = _probe_data(spec, config.data_root)
     # Only the labelled subset of a --label-fraction run trains the head (the whole train split otherwise).
     labelled = _labelled_indices(run_dir, spec, len(train))
@@ -109,10 +105,11 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     test_top1 = _top1(head(z_test), y_test)
     train_top1 = _top1(head(z_train), y_train)
     folded = _fold_standardisation(head, mean, std)
-    classifier = LinearProbeClassifier(backbone.cpu(), tap, folded)
+    classifier = LinearProbeClassifier(backbone.cpu(), tap.name, tap.layout, folded)
     export_spec = {
         **spec,
-        "tap": tap,
+        "tap": tap.name,
+        "tap_layout": tap.layout,
         "embedding_dim": int(x_train.shape[1]),
         "classes": train.classes,
         "preprocessing": train.preprocessing.to_dict(),
@@ -123,7 +120,8 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
         "stage": "probe",
         "run": str(run_dir),
         "model": spec["model"],
-        "tap": tap,
+        "tap": tap.name,
+        "tap_layout": tap.layout,
         "embedding_dim": int(x_train.shape[1]),
         "test_split": test.split,
         "test_top1": test_top1,
@@ -169,16 +167,16 @@ def _default_tap(backbone: nn.Module, spec: dict[str, Any]) -> str:
     if spec["student_taps"]:
         return spec["student_taps"][-1]
     taps = list_taps(backbone, spec["input_size"])
-    return (stage_end_taps(taps, backbone) or [taps[-1].name])[-1]
+    return (stage_ends(taps) or [t for t in taps if t.role != STEM])[-1].name
 
 
 @torch.no_grad()
-def _embed(backbone: nn.Module, tap: str, data: Dataset, name: str, config: ProbeConfig, dev) -> torch.Tensor:
+def _embed(backbone: nn.Module, tap: Tap, data: Dataset, name: str, config: ProbeConfig, dev) -> torch.Tensor:
     chunks = []
     loader = make_loader(data, config.batch_size, config.workers)
-    with TapRecorder(backbone, [tap], stop_after_last=True) as recorder:
+    with TapRecorder(backbone, [tap.name], stop_after_last=True) as recorder:
         for images, _ in progress(loader, desc=f"embed {name}", leave=False):
-            chunks.append(pool_embedding(recorder.run(images.to(dev))[tap]).float().cpu())
+            chunks.append(pool_embedding(recorder.run(images.to(dev))[tap.name], tap.layout).float().cpu())
     return torch.cat(chunks)
 
 

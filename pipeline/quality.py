@@ -31,11 +31,12 @@ def pool_kernel(shape: tuple[int, ...]) -> int:
     return math.ceil(math.sqrt(size / POOL_THRESHOLD))
 
 
-def flatten_features(x: np.ndarray, kernel: int) -> np.ndarray:
-    """Step 1 on a block of samples: optional k×k max-pool (stride k, leftovers dropped), then one row per sample."""
+def flatten_features(x: np.ndarray, kernel: int, channels_last: bool = False) -> np.ndarray:
+    """Step 1 on a block of samples: optional k×k max-pool over the spatial axes (stride k, leftovers dropped; an
+    NHWC map is pooled over H and W too), then one row per sample."""
     x = torch.from_numpy(np.ascontiguousarray(x)).float()
     if kernel > 1:
-        x = torch.nn.functional.max_pool2d(x, kernel, stride=kernel)
+        x = torch.nn.functional.max_pool2d(x.permute(0, 3, 1, 2) if channels_last else x, kernel, stride=kernel)
     return x.reshape(len(x), -1).numpy()
 
 

@@ -35,6 +35,7 @@ from .quality import (
     subset_a_stats,
 )
 from .runtime import progress, write_args, write_json
+from .taps import Tap
 
 
 def score(config: ScoreConfig) -> dict[str, Any]:
@@ -58,8 +59,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         start = time.perf_counter()
         result = tap_quality(
             part,
-            tap["name"],
-            tuple(tap["shape"]),
+            Tap.from_record(tap),
             a_rows,
             labels[a_rows],
             b_rows,
@@ -144,8 +144,7 @@ def _sample_rows(labels: np.ndarray, num_classes: int, max_samples: int | None, 
 
 def tap_quality(
     part: SplitStore,
-    tap: str,
-    shape: tuple[int, ...],
+    tap: Tap,
     a_rows: np.ndarray,
     a_labels: np.ndarray,
     b_rows: np.ndarray,
@@ -160,10 +159,10 @@ def tap_quality(
     Subset A is read with the first class group of subset B in one pass; further groups (only when B exceeds
     `budget_bytes` beyond A) take one pass each.
     """
-    array = part.feature(tap)
-    kernel = pool_kernel(shape)
-    flatten = partial(flatten_features, kernel=kernel)
-    dim = flatten(np.zeros((1, *shape), dtype=np.float32)).shape[1]
+    array = part.feature(tap.name)
+    kernel = pool_kernel(tap.shape)
+    flatten = partial(flatten_features, kernel=kernel, channels_last=tap.layout == "NHWC")
+    dim = flatten(np.zeros((1, *tap.shape), dtype=np.float32)).shape[1]
     spectra, sizes = [], []
     budget_rows = max(0, budget_bytes // (4 * dim) - len(a_rows))
     for group, classes in enumerate(_class_groups(np.bincount(b_labels, minlength=num_classes), budget_rows)):
@@ -171,7 +170,7 @@ def tap_quality(
         rows = b_rows[in_group] if group else np.concatenate([a_rows, b_rows[in_group]])  # one pass reads A too
         block, block_labels = gather_rows(array, rows, flatten, workers), b_labels[in_group]
         if not np.isfinite(block).all():  # missing chunks read as NaN; the writer never stores non-finite values
-            raise UserError(f"tap {tap} reads non-finite values: a chunk of {array.path} is missing or damaged")
+            raise UserError(f"tap {tap.name} reads non-finite values: a chunk of {array.path} is missing or damaged")
         if group == 0:
             a_stats = subset_a_stats(block[: len(a_rows)], a_labels, num_classes, n_train)
             block = block[len(a_rows) :]

@@ -1,17 +1,34 @@
-"""Feature taps: named module outputs, in depth (execution) order, with their per-sample shapes.
+"""Feature taps: named module outputs in depth (execution) order, with their per-sample shapes, layouts and roles.
 
-A tap is addressed by module path (`layer3.1`, `blocks.7`), as in torchdistill. `TapRecorder` captures tap
-outputs with forward hooks and stops the forward pass after the last tap when the logits are not wanted.
+A tap is addressed by module path (`layer3.1`, `blocks.7`), as in torchdistill. Every tap carries its layout, read
+from the model (timm's `output_fmt`, `num_prefix_tokens`, `patch_embed.grid_size`) or probed from its shape:
+
+    NCHW  a map (C, H, W)            NHWC  a channels-last map (H, W, C), e.g. timm Swin
+    NLC   tokens (T, D): `prefix_tokens` (class, distillation, register) then the patches of `grid` in row-major order
+    NC    a vector (D,)
+
+and its role among the model's generalized layers (METHOD.md §1): the stem, a layer (a residual, inverted-residual or
+transformer block; the activations of a plain conv stack), a stage end (the last layer of a stage), the flatten.
+`TapRecorder` captures tap outputs with forward hooks and stops the forward pass after the last tap when the logits
+are not wanted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, replace
+from itertools import groupby
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import UserError, first_line
+
+LAYOUTS = ("NCHW", "NHWC", "NLC", "NC")  # timm's names (timm.layers.Format)
+STEM, LAYER, STAGE_END, FLATTEN = "stem", "layer", "stage end", "flatten"
+LAYER0 = "embed"  # the module path of the ViT layer-0 tap that pipeline.models adds
+MAX_PREFIX_TOKENS = 16  # more leading non-patch tokens than this and the tokens are not read as a patch grid
 
 # Leaf layers never count as blocks, even when they sit in a Sequential.
 _PRIMITIVES = (
@@ -29,43 +46,166 @@ _PRIMITIVES = (
     nn.Flatten,
 )
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d)  # the stem is what feeds these
+_FLATTEN_MODULES = ("global_pool", "head.global_pool", "avgpool", "pool")  # timm, timm heads, torchvision, built-ins
+
+# Isotropic transformers have no stages; METHOD.md §2 gives their "stage ends" by block (layer = block + 1, layer 0
+# being the patch embedding): ViT-B's layers 2, 4, 8, 10 and ViT-ET's layers 1, 3, 5, 7. Other depths follow
+# ViT-ET's rule: every other block from the first, the last block left to the classifier.
+ISOTROPIC_STAGE_BLOCKS = {12: (1, 3, 7, 9), 8: (0, 2, 4, 6)}
 
 
 @dataclass(frozen=True)
 class Tap:
+    """One tap: its depth index, module path, per-sample shape, layout and role (see the module docstring).
+
+    A Tap built from a shape alone gets the layout its shape implies (`infer_layout`), as stores written before
+    layouts were recorded are read.
+    """
+
     index: int
     name: str
-    shape: tuple[int, ...]  # per sample: (C, H, W) for maps, (T, D) for tokens, (D,) for vectors
+    shape: tuple[int, ...]
+    layout: str = ""
+    prefix_tokens: int = 0
+    grid: tuple[int, int] | None = None
+    role: str = LAYER
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(self.shape))
+        if not self.layout:
+            layout, prefix, grid = infer_layout(self.shape)
+            object.__setattr__(self, "layout", layout)
+            object.__setattr__(self, "prefix_tokens", prefix)
+            object.__setattr__(self, "grid", grid)
+        if self.layout not in LAYOUTS:
+            raise UserError(f"tap {self.name}: unknown layout {self.layout!r}; expected one of {', '.join(LAYOUTS)}")
+        if self.grid is not None:
+            object.__setattr__(self, "grid", tuple(self.grid))
 
     @property
     def kind(self) -> str:
-        return {3: "map", 2: "tokens", 1: "vector"}.get(len(self.shape), "other")
+        return {"NCHW": "map", "NHWC": "map", "NLC": "tokens", "NC": "vector"}[self.layout]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[-1] if self.layout in ("NHWC", "NLC", "NC") else self.shape[0]
+
+    @property
+    def spatial(self) -> tuple[int, ...] | None:
+        """(H, W) of a map or of the patch grid of tokens; None for vectors and tokens without a grid."""
+        if self.layout == "NCHW":
+            return self.shape[1:]
+        if self.layout == "NHWC":
+            return self.shape[:2]
+        return self.grid
+
+    @property
+    def pairable(self) -> bool:
+        """A default pairing candidate: a layer or stage end that is not a vector."""
+        return self.role in (LAYER, STAGE_END) and self.layout != "NC"
+
+    def record(self) -> dict[str, Any]:
+        """The tap as the store records it (identity `taps`)."""
+        record = asdict(self)
+        record.update(shape=list(self.shape), grid=list(self.grid) if self.grid else None, kind=self.kind)
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Tap:
+        known = {k: record[k] for k in ("layout", "prefix_tokens", "grid", "role") if record.get(k) is not None}
+        return cls(record["index"], record["name"], tuple(record["shape"]), **known)
+
+    def describe(self) -> str:
+        """The layout in words, e.g. `NLC, 1 prefix + 8x8 grid`."""
+        if self.layout != "NLC":
+            return self.layout
+        grid = f"{self.grid[0]}x{self.grid[1]} grid" if self.grid else "no grid"
+        return f"NLC, {self.prefix_tokens} prefix + {grid}" if self.prefix_tokens else f"NLC, {grid}"
+
+
+@dataclass(frozen=True)
+class LayoutHints:
+    """What a model says about its outputs: channels-last maps, prefix tokens, the patch grid."""
+
+    channels_last: bool = False
+    prefix_tokens: int | None = None
+    grid: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LayoutHints:
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        prefix = getattr(model, "num_prefix_tokens", None)
+        return cls(
+            channels_last=str(getattr(model, "output_fmt", "")) in ("NHWC", "Format.NHWC"),
+            prefix_tokens=prefix if isinstance(prefix, int) else None,
+            grid=tuple(grid) if grid is not None and len(grid) == 2 else None,
+        )
+
+
+def infer_layout(shape: tuple[int, ...], hints: LayoutHints = LayoutHints()) -> tuple[str, int, tuple | None]:
+    """(layout, prefix tokens, grid) for a per-sample shape: the shape decides where it can, the hints break ties.
+
+    A 3-D shape (a, b, c) is NHWC when a == b != c (a square grid before the channels), NCHW when b == c != a, and
+    the model's `output_fmt` decides (a, a, a); tokens are a patch grid after a few prefix tokens when the count
+    allows one (the model's own grid and prefix count first, else a square grid after 0..16 prefix tokens).
+    """
+    if len(shape) == 1:
+        return "NC", 0, None
+    if len(shape) == 2:
+        return ("NLC", *_token_grid(shape[0], hints))
+    if len(shape) == 3:
+        a, b, c = shape
+        channels_last = (a == b != c) or (a == b == c and hints.channels_last)
+        return ("NHWC" if channels_last else "NCHW"), 0, None
+    raise UserError(f"a tap of per-sample shape {shape} is neither a map, tokens nor a vector; choose another module")
+
+
+def _token_grid(tokens: int, hints: LayoutHints) -> tuple[int, tuple[int, int] | None]:
+    if hints.grid and 0 <= tokens - math.prod(hints.grid) <= MAX_PREFIX_TOKENS:
+        return tokens - math.prod(hints.grid), hints.grid
+    preferred = [hints.prefix_tokens] if hints.prefix_tokens is not None else []
+    for prefix in preferred + list(range(MAX_PREFIX_TOKENS + 1)):
+        side = math.isqrt(max(tokens - prefix, 0))
+        if side > 0 and side * side == tokens - prefix:
+            return prefix, (side, side)
+    return 0, None
 
 
 def candidate_taps(model: nn.Module) -> list[str]:
-    """The model's generalized layers by module path, in no particular order.
+    """The model's generalized layers by module path, in no particular order (`list_taps` adds the stem and the
+    flatten, and orders them).
 
-    Built-in models declare them (`default_taps`). Otherwise: the outermost parameterised, non-primitive
-    children of Sequential/ModuleList containers (residual, inverted-residual and transformer blocks), plus
-    timm `feature_info` modules outside them (e.g. the stem activation); a plain conv stack (VGG) falls back to
-    its activations.
+    Blocks are the parameterised, non-primitive members of containers (Sequential, ModuleList) and of stage modules
+    (timm `feature_info` entries of different reductions), at any depth: containers of containers (EfficientNet's
+    groups of blocks) and stages (ConvNeXt's, holding `blocks`; RegNet's, holding b1..bn) are opened, other modules
+    outside containers (a wrapper such as torchvision's ViT encoder) are searched through, and members of a
+    container are never opened (a block's own layers are not blocks). Inside a stage that holds a container of
+    blocks only those count (not its downsample layer). A plain conv stack (VGG) falls back to its activations.
     """
-    if hasattr(model, "default_taps"):
-        return list(model.default_taps)
-    blocks: list[str] = []
-    for parent_name, parent in model.named_modules():
-        if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
+    blocks = _blocks(model, "", set(_stage_modules(model)), opened=False)
+    if not blocks:
+        blocks = [n for n, m in model.named_modules() if isinstance(m, _ACTIVATIONS)]
+    return blocks
+
+
+def _blocks(module: nn.Module, path: str, stages: set[str], opened: bool) -> list[str]:
+    """The blocks below `module`; its own non-container children are blocks when `module` is opened."""
+    members, nested = [], []
+    for name, child in module.named_children():
+        child_path = f"{path}.{name}" if path else name
+        if isinstance(child, _PRIMITIVES + _ACTIVATIONS) or not any(True for _ in child.parameters()):
             continue
-        if any(_inside(parent_name, b) for b in blocks):
-            continue
-        for child_name, child in parent.named_children():
-            if not isinstance(child, _PRIMITIVES + _ACTIVATIONS) and any(True for _ in child.parameters()):
-                blocks.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    extra = [m for m in _feature_modules(model) if not any(_inside(m, b) or _inside(b, m) for b in blocks)]
-    taps = blocks + extra
-    if not taps:
-        taps = [n for n, m in model.named_modules() if isinstance(m, _ACTIVATIONS)]
-    return taps
+        if isinstance(child, _CONTAINERS) or child_path in stages:
+            nested += _blocks(child, child_path, stages, opened=True)
+        elif opened:
+            members.append(child_path)
+        else:
+            nested += _blocks(child, child_path, stages, opened=False)
+    if path in stages and nested:
+        return nested  # a stage holding a container of blocks: its other children (downsample, norms) are not blocks
+    return members + nested
 
 
 def _inside(name: str, ancestor: str) -> bool:
@@ -73,20 +213,25 @@ def _inside(name: str, ancestor: str) -> bool:
 
 
 def _feature_modules(model: nn.Module) -> list[str]:
-    """The module paths of a timm-style `feature_info` (stage ends, stem first), if the model declares one."""
+    """The module paths of a timm-style `feature_info` (stage ends, maybe a stem first), if the model declares one."""
+    return [m for m, _ in _feature_reductions(model)]
+
+
+def _stage_modules(model: nn.Module) -> list[str]:
+    """`feature_info` modules that are stages: only when they differ in reduction (a ViT lists every block at one
+    reduction; those are blocks, not stages to open)."""
+    entries = _feature_reductions(model)
+    return [m for m, _ in entries] if len({r for _, r in entries}) > 1 else []
+
+
+def _feature_reductions(model: nn.Module) -> list[tuple[str, int | None]]:
+    info = getattr(model, "feature_info", None)
+    entries = getattr(info, "info", info) or []  # timm's FeatureInfo wraps the list
     return [
-        info["module"] for info in getattr(model, "feature_info", []) if isinstance(info, dict) and info.get("module")
+        (e["module"], e.get("reduction"))
+        for e in entries
+        if isinstance(e, dict) and e.get("module") and e["module"] in dict(model.named_modules())
     ]
-
-
-def stage_end_taps(taps: list[Tap], model: nn.Module) -> list[str]:
-    """The taps ending each `feature_info` stage: the stage module itself, or the deepest tap inside it."""
-    ends = []
-    for module in _feature_modules(model):
-        inside = [t.name for t in taps if _inside(t.name, module)]
-        if inside:
-            ends.append(inside[-1])
-    return ends
 
 
 class StopForward(Exception):
@@ -156,26 +301,203 @@ class TapRecorder:
         return {n: self.outputs[n] for n in self.names}
 
 
+class _Trace:
+    """One dry run with a hook on every module: the order modules finish in, the outputs of the modules `keep`
+    names, and the tensors produced before the first block starts (the stem is found among them).
+
+    Stops after every module of `stop_after` has run. Holding the early tensors keeps their ids unique.
+    """
+
+    def __init__(self, model: nn.Module, keep: set[str], blocks: set[str]) -> None:
+        self.model, self.keep, self.blocks = model, keep, blocks
+        self.finished: list[str] = []
+        self.outputs: dict[str, Any] = {}
+        self.producers: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor | None]] = []
+        self.block_input: torch.Tensor | None = None
+        self._handles: list = []
+
+    def run(self, x: torch.Tensor) -> _Trace:
+        for name, module in self.model.named_modules():
+            if name:
+                self._handles.append(module.register_forward_pre_hook(self._before(name)))
+                self._handles.append(module.register_forward_hook(self._after(name)))
+        try:
+            self.model(x)
+        except StopForward:
+            pass
+        finally:
+            for handle in self._handles:
+                handle.remove()
+        return self
+
+    def _before(self, name: str):
+        def hook(module, args) -> None:
+            if self.block_input is None and name in self.blocks and args and isinstance(args[0], torch.Tensor):
+                self.block_input = args[0]
+
+        return hook
+
+    def _after(self, name: str):
+        def hook(module, args, output) -> None:
+            self.finished.append(name)
+            if name in self.keep and name not in self.outputs:  # a module called twice keeps its first output
+                self.outputs[name] = output
+            if self.block_input is None and isinstance(output, torch.Tensor):
+                given = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                self.producers.append((name, module, output, given))
+            if self.keep <= self.outputs.keys() and self.block_input is not None:
+                raise StopForward
+
+        return hook
+
+    def stem(self) -> str | None:
+        """The module whose output enters the first block: the last to produce that tensor (an in-place activation
+        after its norm, a Sequential after its members), looking through identities, dropout and pooling."""
+        wanted, seen = self.block_input, set()
+        while wanted is not None and id(wanted) not in seen:
+            seen.add(id(wanted))
+            found = [p for p in self.producers if p[2] is wanted]
+            made = [p for p in found if not isinstance(p[1], _PASS_THROUGH)]
+            if made:
+                name, _, output, _ = made[-1]
+                self.outputs.setdefault(name, output)
+                return name
+            wanted = found[-1][3] if found else None  # through a pooling layer to what fed it
+        return None
+
+
 def list_taps(model: nn.Module, input_size: int, in_chans: int = 3, names: list[str] | None = None) -> list[Tap]:
-    """Taps (all candidates, or `names`) with shapes, sorted by execution order, from one dry forward pass."""
-    names = candidate_taps(model) if names is None else list(names)
-    if not names:
+    """Taps (the generalized layers, or `names`) with shapes, layouts and roles, in execution order, from one dry
+    forward pass of a batch of two. Roles always come from the whole model, whichever taps are asked for."""
+    layers = candidate_taps(model)
+    flatten = next((n for n in _FLATTEN_MODULES if _module(model, n) is not None), None)
+    declared_stem = _declared_stem(model)
+    extra = [n for n in (flatten, declared_stem) if n]
+    asked = list(names) if names is not None else layers + extra
+    if not asked:
         raise UserError("no taps found for this model; name modules explicitly with --layers")
+    unknown = [n for n in asked if _module(model, n) is None or n == ""]
+    if unknown:
+        raise UserError(f"unknown tap {unknown[0]!r} for this model; `kdpipe layers MODEL` lists the taps")
+    # Stage modules are run too: one holding no layer (MobileViT's final_conv) ends the stage before it.
+    trace = _dry_run(model, input_size, in_chans, set(layers + extra + asked + _feature_modules(model)), set(layers))
+    plain_stack = all(isinstance(_module(model, n), _ACTIVATIONS) for n in layers)  # VGG: its first ReLU is layer 0
+    stem = declared_stem or (None if plain_stack else _stem(model, trace, layers))
+    hints = LayoutHints.of(model)
+    described = {}
+    for name, output in trace.outputs.items():
+        problem = _not_a_tap(output)
+        if problem and name in (names or ()):
+            raise UserError(f"tap {name!r} {problem}; choose another module")
+        if not problem:
+            shape = tuple(output.shape[1:])
+            described[name] = Tap(0, name, shape, *infer_layout(shape, hints))
+    order = [n for n in dict.fromkeys(trace.finished) if n in described]
+    missing = [n for n in (names or ()) if n not in described]
+    if missing:
+        raise UserError(f"tap {missing[0]!r} never ran in the forward pass")
+    roles = _roles(model, [described[n] for n in order if n in layers or n in (stem, flatten)], stem, flatten, trace)
+    chosen = set(names) if names is not None else set(layers) | {stem, flatten} - {None}
+    return [
+        replace(described[n], index=i, role=roles.get(n, LAYER)) for i, n in enumerate(o for o in order if o in chosen)
+    ]
+
+
+def _not_a_tap(output: Any) -> str | None:
+    if not isinstance(output, torch.Tensor):
+        return f"outputs {type(output).__name__}, not a tensor"
+    if output.dim() < 2 or output.shape[0] != 2:
+        return f"folds the batch into its first axis (shape {tuple(output.shape)} for a batch of 2)"
+    return None
+
+
+def _module(model: nn.Module, path: str) -> nn.Module | None:
+    return dict(model.named_modules()).get(path)
+
+
+def _declared_stem(model: nn.Module) -> str | None:
+    """A stem the model declares: the layer-0 tap kdpipe adds to ViTs (`pipeline.models.add_layer0`)."""
+    return LAYER0 if isinstance(_module(model, LAYER0), nn.Module) else None
+
+
+def _stem(model: nn.Module, trace: _Trace, layers: list[str]) -> str | None:
+    """The stem: the first `feature_info` entry when it runs before any block and lies outside them (timm's
+    `act1`, `bn1`, `stem`), else the module whose output enters the first block."""
+    first = next(iter(_feature_modules(model)), None)
+    if first and first in trace.outputs and not any(_inside(first, b) or _inside(b, first) for b in layers):
+        if any(p[0] == first for p in trace.producers):  # it finished before the first block started
+            return first
+    return trace.stem()
+
+
+def _roles(model: nn.Module, taps: list[Tap], stem: str | None, flatten: str | None, trace: _Trace) -> dict[str, str]:
+    roles = {t.name: LAYER for t in taps}
+    if stem:
+        roles[stem] = STEM
+    if flatten in roles:
+        roles[flatten] = FLATTEN
+    body = [t for t in taps if roles[t.name] == LAYER and t.layout != "NC"]
+    for name in _stage_ends(model, body, stem, trace):
+        roles[name] = STAGE_END
+    return roles
+
+
+def _stage_ends(model: nn.Module, body: list[Tap], stem: str | None, trace: _Trace) -> list[str]:
+    """The last layer of each stage: from timm `feature_info` when it has stages of several reductions, else where the
+    spatial size changes; isotropic transformers (one size throughout) follow ISOTROPIC_STAGE_BLOCKS."""
+    stages = [(m, r) for m, r in _feature_reductions(model) if m != stem]
+    if len({r for _, r in stages}) > 1:
+        return list(dict.fromkeys(end for end in (_stage_end(m, body, trace) for m, _ in stages) if end))
+    groups = [list(g) for _, g in groupby(body, key=lambda t: t.spatial)]
+    if len(groups) > 1:
+        return [g[-1].name for g in groups]
+    blocks = [t.name for t in body]
+    chosen = ISOTROPIC_STAGE_BLOCKS.get(len(blocks), range(0, len(blocks) - 1, 2))
+    return [blocks[i] for i in chosen]
+
+
+def _stage_end(module: str, body: list[Tap], trace: _Trace) -> str | None:
+    """The deepest layer inside a stage module, or (for a stage entry that holds none, such as MobileViT's
+    `final_conv`) the last layer that ran before it."""
+    inside = [t.name for t in body if _inside(t.name, module)]
+    if inside:
+        return inside[-1]
+    if module not in trace.finished:
+        return None
+    before = set(trace.finished[: trace.finished.index(module)])
+    earlier = [t.name for t in body if t.name in before]
+    return earlier[-1] if earlier else None
+
+
+def _dry_run(model: nn.Module, input_size: int, in_chans: int, keep: set[str], blocks: set[str]) -> _Trace:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), TapRecorder(model, names, stop_after_last=True) as rec:
-            dummy = torch.zeros(1, in_chans, input_size, input_size, device=_device_of(model))
+        with torch.no_grad():
+            dummy = torch.zeros(2, in_chans, input_size, input_size, device=_device_of(model))
             try:
-                rec.run(dummy)
-            except (RuntimeError, AssertionError) as err:
+                return _Trace(model, keep, blocks).run(dummy)
+            except (RuntimeError, AssertionError, ValueError) as err:
                 raise UserError(
                     f"the model does not accept {input_size}x{input_size} inputs: {first_line(err)}"
                 ) from err
-            order = rec.order
     finally:
         model.train(was_training)
-    return [Tap(i, n, tuple(rec.outputs[n].shape[1:])) for i, n in enumerate(order)]
+
+
+def stage_ends(taps: list[Tap]) -> list[Tap]:
+    """The stage ends among `taps`, in depth order (never a vector, the stem or the flatten)."""
+    return [t for t in taps if t.role == STAGE_END]
+
+
+# Global average pooling per layout: maps over space, tokens over all tokens (class token included, METHOD.md §4).
+POOLED_AXES = {"NCHW": (2, 3), "NHWC": (1, 2), "NLC": (1,), "NC": ()}
+
+
+def pool_embedding(features: torch.Tensor, layout: str) -> torch.Tensor:
+    """One vector per sample: a batch of tap outputs averaged over their spatial or token axes."""
+    axes = POOLED_AXES[layout]
+    return features.mean(dim=axes) if axes else features
 
 
 def _device_of(model: nn.Module) -> torch.device:

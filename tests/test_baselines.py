@@ -185,7 +185,10 @@ def test_kd_on_a_store_without_logits(digits_teacher, tmp_path):
 @pytest.mark.parametrize(
     "extra,fragment",
     [
-        (["--method", "feature-standard", "--student-layers", "layer1.0,layer2.0,layer3.0,layer3.1"], "has 3 stage"),
+        (
+            ["--method", "feature-standard", "--student-layers", "layer1.0,layer2.0,layer3.0,layer3.1"],
+            "has 3 stage ends for 4",
+        ),
         (["--method", "feature-standard"], "teacher tap 'layer1.2' (a stage end of the teacher) is not in"),
         (["--method", "ce", "--label-fraction", "0.999"], "--label-fraction 0.999: cannot draw a class-stratified"),
         (["--method", "ce", "--label-fraction", "0.01"], "--label-fraction 0.01: cannot draw a class-stratified"),

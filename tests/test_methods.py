@@ -7,104 +7,19 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from helpers import assert_one_line_error, run_cli
-from pipeline.alignment import FeatureAlignment
 from pipeline.config import DistillConfig, resolve
 from pipeline.errors import UserError
 from pipeline.methods import METHODS, Distiller, get_method
 from pipeline.models import create_model
-from pipeline.pairing import spread_taps
-from pipeline.taps import Tap, list_taps, stage_end_taps
+from pipeline.taps import Tap, list_taps
 
 
-def pair(s_shape, t_shape) -> FeatureAlignment:
-    return FeatureAlignment(Tap(0, "s", tuple(s_shape)), Tap(0, "t", tuple(t_shape)))
-
-
-@pytest.mark.parametrize(
-    "s_shape,t_shape,conv,student_pool,teacher_pool",
-    [
-        ((64, 8, 8), (256, 8, 8), torch.nn.Conv2d, None, None),  # CNN -> CNN, same size
-        ((64, 32, 32), (256, 8, 8), torch.nn.Conv2d, (8, 8), None),  # student larger: student pooled
-        ((512, 4, 4), (256, 8, 8), torch.nn.Conv2d, None, (4, 4)),  # teacher larger: teacher pooled
-        ((64, 8, 8), (65, 192), torch.nn.Conv1d, None, (64,)),  # CNN student, ViT teacher: 64 vs 65 tokens
-        ((128, 4, 4), (64,), torch.nn.Conv2d, (1, 1), None),  # teacher vector = 1x1 map
-    ],
-)
-def test_alignment_rules(s_shape, t_shape, conv, student_pool, teacher_pool):
-    p = pair(s_shape, t_shape)
-    assert isinstance(p.projector, conv) and p.projector.bias is None
-    assert p.student_size == student_pool and p.teacher_size == teacher_pool
-    projected, target = p(torch.randn(2, *s_shape), torch.randn(2, *t_shape))
-    assert projected.shape == target.shape and projected.shape[1] == p.projector.out_channels
-
-
-def test_vit_to_vit_projects_per_token():
-    p = pair((65, 96), (65, 192))
-    assert isinstance(p.projector, torch.nn.Conv1d) and p.projector.weight.shape == (192, 96, 1)
-    s, t = torch.randn(3, 65, 96), torch.randn(3, 65, 192)
-    expected = F.mse_loss(torch.einsum("od,btd->bot", p.projector.weight[:, :, 0], s), t.transpose(1, 2))
-    assert F.mse_loss(*p(s, t)).item() == pytest.approx(expected.item(), rel=1e-5)
-
-
-def test_loss_by_hand_with_identity_projector():
-    """Student 4x4 map pooled to the teacher's 2x2, identity projection, plain mean of squared errors."""
-    p = pair((2, 4, 4), (2, 2, 2))
-    with torch.no_grad():
-        p.projector.weight.copy_(torch.eye(2)[:, :, None, None])
-    s = torch.arange(32.0).reshape(1, 2, 4, 4)
-    t = torch.zeros(1, 2, 2, 2)
-    pooled = s.reshape(1, 2, 2, 2, 2, 2).mean(dim=(3, 5))  # 2x2 average pooling by hand
-    projected, target = p(s, t)
-    assert torch.equal(projected, pooled) and torch.equal(target, t)
-
-
-def test_mixed_sizes_are_an_error():
-    with pytest.raises(UserError, match="larger in one axis and smaller in the other"):
-        pair((64, 16, 4), (64, 8, 8))
+def test_taps_pair_one_to_one():
     with pytest.raises(UserError, match="pair one-to-one"):
         Distiller(create_model("resnet8", 10), get_method("feature"), [Tap(1, "layer1.0", (16, 32, 32))], [])
-
-
-def test_teacher_targets_are_float16_friendly():
-    p = pair((8, 4, 4), (8, 4, 4))
-    assert p(torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4).half())[1].dtype == torch.float32
-
-
-@pytest.mark.parametrize(
-    "model,k,expected",
-    [
-        ("resnet9", 4, ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]),
-        ("resnet20", 3, ["layer1.2", "layer2.2", "layer3.2"]),
-        ("resnet20", 2, ["layer2.2", "layer3.2"]),
-        ("resnet20", 4, ["layer1.1", "layer2.0", "layer3.0", "layer3.2"]),  # more picks than stages: blocks spread
-        ("vit_et", 4, ["blocks.1", "blocks.3", "blocks.5", "blocks.7"]),
-    ],
-)
-def test_default_student_taps(model, k, expected):
-    net = create_model(model, 10)
-    taps = list_taps(net, 32)
-    assert [t.name for t in spread_taps(taps, stage_end_taps(taps, net), k)] == expected
-
-
-def test_too_few_student_taps():
-    net = create_model("resnet8", 10)
-    taps = list_taps(net, 32)
-    with pytest.raises(UserError, match="the student has only 3 taps for 4 pairs"):
-        spread_taps(taps, stage_end_taps(taps, net), 4)
-
-
-def test_stage_ends_of_a_timm_model_are_its_last_blocks():
-    """timm's feature_info names whole stages (`layer1`); the stage end is the deepest tap inside each. The stem
-    (`act1`) is a stage end too, but never a candidate for pairing."""
-    net = create_model("timm:resnet18", 10)
-    taps = list_taps(net, 32)
-    ends = stage_end_taps(taps, net)
-    assert ends == ["act1", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
-    assert [t.name for t in spread_taps(taps, ends, 4)] == ends[1:]
 
 
 def test_distiller_stops_after_last_tap_and_trains_nothing_after():

@@ -9,7 +9,7 @@ from helpers import run_cli
 from pipeline.datasets import list_datasets
 from pipeline.models import create_model, list_models
 from pipeline.registry import Registry, UnknownName
-from pipeline.taps import TapRecorder, candidate_taps, list_taps
+from pipeline.taps import LAYER, STAGE_END, TapRecorder, candidate_taps, list_taps
 
 
 def test_model_and_dataset_listing():
@@ -41,7 +41,7 @@ def test_taps_match_forward(name):
     model = create_model(name, num_classes=7, input_size=32).eval()
     taps = list_taps(model, 32)
     assert [t.index for t in taps] == list(range(len(taps)))
-    assert sorted(t.name for t in taps) == sorted(candidate_taps(model))
+    assert sorted(t.name for t in taps if t.role in (LAYER, STAGE_END)) == sorted(candidate_taps(model))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain = model(x)
@@ -64,9 +64,9 @@ def test_early_stop_does_not_run_past_last_tap():
 @pytest.mark.parametrize(
     "name,first,count",
     [
-        ("timm:resnet18", "act1", 9),
-        ("tv:mobilenet_v2", "features.0", 19),
-        ("tv:vgg11_bn", "features.2", 10),
+        ("timm:resnet18", "act1", 10),  # stem activation, 8 blocks, global pool
+        ("tv:mobilenet_v2", "features.0", 18),  # stem, 17 inverted-residual blocks
+        ("tv:vgg11_bn", "features.2", 11),  # 8 conv ReLUs, avgpool, 2 classifier ReLUs
     ],
 )
 def test_tap_discovery_for_external_models(name, first, count):

@@ -1,0 +1,127 @@
+"""Generalized layers, layouts and roles read from the models, and the default pairs of METHOD.md §2 for the
+paper's four teacher -> student pairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.models import create_model
+from pipeline.pairing import default_student_taps
+from pipeline.taps import FLATTEN, STEM, Tap, TapRecorder, infer_layout, list_taps, stage_ends
+
+VIT_B = (
+    "timm:vit_base_patch16_224",
+    {"patch_size": 4, "img_size": 32},
+)  # ViT-B/16 with the paper's 4-px patches at 32 px
+
+
+def taps_of(name: str, kwargs: dict | None = None, size: int = 32) -> list[Tap]:
+    return list_taps(create_model(name, 10, input_size=size, model_kwargs=kwargs), size)
+
+
+def indices(taps: list[Tap]) -> list[int]:
+    return [t.index for t in taps]
+
+
+@pytest.mark.parametrize(
+    "teacher,kwargs,layers,stem,flatten,standard",
+    [
+        ("resnet34_cifar", None, 18, "stem", "pool", [3, 7, 13, 16]),  # 0 stem, 1-16 blocks, 17 flatten
+        # 0-15 conv ReLUs, 16 flatten, 17-18 MLP ReLUs; then 0 patch embedding + class token, 1-12 blocks
+        pytest.param("tv:vgg19_bn", None, 19, None, "avgpool", [3, 7, 11, 15], marks=pytest.mark.slow),
+        pytest.param(*VIT_B, 13, "embed", None, [2, 4, 8, 10], marks=pytest.mark.slow),
+    ],
+)
+def test_paper_teachers_layers_and_stage_ends(teacher, kwargs, layers, stem, flatten, standard):
+    """METHOD.md §2's layer numbering of each teacher and its stage-end ("standard") layers."""
+    taps = taps_of(teacher, kwargs)
+    assert len(taps) == layers
+    assert [t.name for t in taps if t.role == STEM] == ([stem] if stem else [])
+    assert [t.name for t in taps if t.role == FLATTEN] == ([flatten] if flatten else [])
+    assert indices(stage_ends(taps)[-4:]) == standard
+
+
+@pytest.mark.parametrize(
+    "student,expected",
+    [
+        ("resnet9", [1, 2, 3, 4]),
+        ("tv:mobilenet_v2", [3, 6, 13, 17]),
+        pytest.param("tv:vgg11_bn", [1, 3, 5, 7], marks=pytest.mark.slow),
+        ("vit_et", [1, 3, 5, 7]),
+    ],
+)
+def test_paper_students_default_layers(student, expected):
+    assert indices(default_student_taps(taps_of(student), 4)) == expected
+
+
+def test_vit_et_leaves_its_last_block_to_the_head():
+    names = [t.name for t in default_student_taps(taps_of("vit_et"), 4)]
+    assert names == ["blocks.0", "blocks.2", "blocks.4", "blocks.6"]
+
+
+def test_vit_layer0_is_the_patch_embedding_with_its_prefix_before_positions():
+    """`embed` = [class token, patches] before the positional embedding, for timm ViTs and DeiT's two tokens."""
+    for name, prefix in (("timm:vit_tiny_patch16_224", 1), ("timm:deit_tiny_distilled_patch16_224", 2)):
+        model = create_model(name, 10, input_size=32, model_kwargs={"patch_size": 4, "img_size": 32}).eval()
+        embed = next(t for t in list_taps(model, 32) if t.name == "embed")
+        assert (embed.prefix_tokens, embed.grid, embed.shape) == (prefix, (8, 8), (prefix + 64, 192))
+        x = torch.randn(2, 3, 32, 32)
+        with TapRecorder(model, ["embed", "patch_embed"]) as rec:
+            out = rec.run(x)
+        assert torch.equal(out["embed"][:, prefix:], out["patch_embed"])
+        assert torch.equal(out["embed"][:, 0], model.cls_token[0, 0].expand(2, -1))
+
+
+def test_stages_come_from_the_model_not_from_list_position():
+    """ConvNeXt lists a stem it declares nowhere in feature_info and four stages of blocks: all four stage ends
+    pair by default, and every block is a generalized layer."""
+    taps = taps_of("timm:convnext_atto")
+    assert taps[0].name == "stem" and taps[0].role == STEM
+    assert [t.name for t in default_student_taps(taps, 4)] == [
+        "stages.0.blocks.1",
+        "stages.1.blocks.1",
+        "stages.2.blocks.5",
+        "stages.3.blocks.1",
+    ]
+    assert sum(t.name.startswith("stages.") for t in taps) == 12  # depths (2, 2, 6, 2)
+
+
+def test_blocks_inside_groups_of_blocks_are_layers():
+    """EfficientNet-B0: 16 blocks in 7 groups, the stem activation and the flatten."""
+    taps = taps_of("timm:efficientnet_b0")
+    assert len(taps) == 18 and taps[0].name == "bn1" and taps[-1].name == "global_pool"
+    assert all(t.name.count(".") == 2 for t in taps[1:-1])
+
+
+def test_channels_last_model_taps_are_recorded_nhwc():
+    taps = taps_of(
+        "timm:swin_tiny_patch4_window7_224", {"patch_size": 2, "window_size": 4, "embed_dim": 24, "img_size": 32}
+    )
+    maps = [t for t in taps if t.kind == "map"]
+    assert maps and all(t.layout == "NHWC" for t in maps)
+    assert taps[0].name == "patch_embed" and taps[0].spatial == (16, 16)
+
+
+@pytest.mark.parametrize(
+    "shape,expected",
+    [
+        ((64, 8, 8), ("NCHW", 0, None)),
+        ((8, 8, 96), ("NHWC", 0, None)),
+        ((65, 192), ("NLC", 1, (8, 8))),
+        ((66, 192), ("NLC", 2, (8, 8))),
+        ((64, 192), ("NLC", 0, (8, 8))),
+        ((512,), ("NC", 0, None)),
+    ],
+)
+def test_layout_from_shape(shape, expected):
+    assert infer_layout(shape) == expected
+
+
+def test_a_tap_that_folds_the_batch_is_refused():
+    """MobileViT's inner transformer runs on (batch x patch position) rows: not a per-sample feature."""
+    model = create_model("timm:mobilevit_xxs", 10)
+    assert not any("transformer" in t.name for t in list_taps(model, 32))
+    with pytest.raises(UserError, match="stages.3.1.transformer.0.*folds the batch"):
+        list_taps(model, 32, names=["stages.3.1.transformer.0"])
