@@ -68,13 +68,19 @@ def standard_taps(store: FeatureStore, k: int | None) -> list[Tap]:
     """The teacher's stage ends (its `feature_info`), spread to k when k is given; they must be cached."""
     teacher = store.meta["identity"]["teacher"]
     input_size = store.meta["identity"]["dataset"]["preprocessing"]["input_size"]
-    with torch.random.fork_rng():  # building the architecture must not move the student's random stream
-        model = create_model(
-            teacher["name"],
-            store.meta["identity"]["dataset"]["num_classes"],
-            input_size=input_size,
-            model_kwargs=teacher.get("model_kwargs") or None,
-        )
+    kwargs = teacher.get("model_kwargs") or {}
+    try:
+        with torch.random.fork_rng():  # building the architecture must not move the student's random stream
+            model = create_model(
+                teacher["name"],
+                store.meta["identity"]["dataset"]["num_classes"],
+                input_size=input_size,
+                model_kwargs=kwargs,
+            )
+    except UserError as err:
+        raise UserError(
+            f"cannot rebuild teacher {teacher['name']!r} of {store.path} (model kwargs {kwargs}): {err}"
+        ) from err
     taps = list_taps(model, input_size)
     ends = pairable(taps, stage_end_taps(taps, model))
     if not ends:
