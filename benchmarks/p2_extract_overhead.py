@@ -32,7 +32,7 @@ def bare_forward_rate(checkpoint: str, num_images: int, batch_size: int) -> floa
 
     setup_threads()
     data = load_split(DATASET, "train")
-    model = load_teacher(TEACHER, checkpoint, False, None, 10, 32).eval()
+    model = load_teacher(TEACHER, checkpoint, False, None, 10, 32)[0].eval()
     taps = [t.name for t in list_taps(model, 32)]
     loader = make_loader(Subset(data, list(range(num_images))), batch_size)
     with torch.no_grad(), TapRecorder(model, taps) as recorder, Timer() as timer:

@@ -5,8 +5,13 @@ Nothing pickled is ever executed: weights are safetensors, or torch files read w
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import logging
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +24,22 @@ from .errors import UserError, first_line
 from .layout import checkpoint_epochs, epoch_state, epoch_weights
 from .runtime import first_difference
 
+log = logging.getLogger(__name__)
+
 SPEC_KEY = "kdpipe_model_spec"  # the safetensors header entry holding the model spec
 KEPT_CHECKPOINTS = 2
+DEFAULT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # the entries timm's load_state_dict tries
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel and torch.compile, as timm's clean_state_dict
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What `load_checkpoint` did: the entry the state dict came from (None: the file is one), the wrapper
+    prefixes it stripped, and whether the checkpoint's head was "loaded" or "dropped" (another class count)."""
+
+    key: str | None
+    stripped: tuple[str, ...] = ()
+    head: str = "loaded"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -48,38 +67,151 @@ def read_model_spec(path: str | Path) -> dict[str, Any] | None:
         with safe_open(str(path), framework="pt") as f:
             spec = (f.metadata() or {}).get(SPEC_KEY)
     except (SafetensorError, OSError) as err:
-        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from err
+        raise UserError(f"cannot read checkpoint {path} as safetensors: {first_line(err)}") from err
     return json.loads(spec) if spec else None
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Loads weights strictly: a missing file, unreadable file or any key/shape mismatch is a UserError.
+def load_checkpoint(
+    model: nn.Module, path: str | Path, key: str | None = None, num_classes: int | None = None
+) -> LoadedWeights:
+    """Loads weights as timm's `load_checkpoint` does, but strictly: a missing or unreadable file, an absent `key`
+    or any key/shape mismatch is a UserError.
 
-    Accepts safetensors, or a torch file read with `weights_only=True` (a plain state dict, or one under
-    `state_dict` / `model`).
+    The file is safetensors, or a torch file read with `weights_only=True` (argparse.Namespace allowed, for the `args`
+    of timm's train.py). Its state dict is the entry `key`, else the first of DEFAULT_KEYS that holds one, else the
+    file itself; DDP and torch.compile prefixes are stripped. With `num_classes`, a classifier head of another class
+    count is dropped and the model keeps its fresh one (see `load_state`).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    contents = _read_weights(path)
+    key, state = _state_dict_entry(contents, key, path)
+    state, stripped = _strip_wrappers(state)
+    head = load_state(model, state, f"checkpoint {path}", num_classes)
+    return LoadedWeights(key, stripped, head)
+
+
+def _read_weights(path: Path) -> Any:
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read checkpoint {path} as safetensors: {first_line(err)}") from err
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for key in ("state_dict", "model"):
-                if isinstance(state, dict) and isinstance(state.get(key), dict):
-                    state = state[key]
-    except Exception as err:  # a pickled model, a renamed file, junk: whatever torch.load meets, one line
-        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from err
-    if not isinstance(state, dict):
-        raise UserError(f"checkpoint {path} holds no state dict")
-    _check_state_matches(model, state, path)
-    model.load_state_dict(state, strict=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # whatever torch.load meets (pickled objects, junk, a cut-off file): one line
+        refused = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if refused:
+            raise UserError(
+                f"cannot read checkpoint {path}: a torch file of pickled objects ({refused[0]}) that weights_only=True "
+                "refuses, such as a whole model from torch.save(model); save its state_dict() instead"
+            ) from err
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format since torch 1.6
+        reason = (
+            "its zip archive is damaged or truncated" if zipped else "not a file torch.save wrote (junk or truncated)"
+        )
+        raise UserError(f"cannot read checkpoint {path} as a torch file: {reason}") from err
 
 
-def _check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _state_dict_entry(contents: Any, key: str | None, path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """(entry used, state dict): `key`, else the first of DEFAULT_KEYS holding a state dict, else the file (None)."""
+    if not isinstance(contents, dict):
+        raise UserError(f"checkpoint {path} holds a {type(contents).__name__}, not a state dict")
+    if key is not None:
+        if key not in contents:
+            raise UserError(f"checkpoint {path} has no entry {key!r}; it holds {_listing(contents)}")
+        if not _is_state_dict(contents[key]):
+            raise UserError(f"entry {key!r} of checkpoint {path} is not a state dict of tensors")
+        return key, contents[key]
+    key = next((k for k in DEFAULT_KEYS if _is_state_dict(contents.get(k))), None)
+    if key is not None:
+        return key, contents[key]
+    if not _is_state_dict(contents):
+        raise UserError(
+            f"checkpoint {path} holds no state dict: none of {', '.join(DEFAULT_KEYS)}, nor tensors only; it holds "
+            f"{_listing(contents)} (pass --checkpoint-key)"
+        )
+    return None, contents
+
+
+def _listing(contents: dict, shown: int = 8) -> str:
+    names = [str(k) for k in contents]
+    more = f", ... ({len(names)} entries)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _strip_wrappers(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """The state without wrapper prefixes (in either order, as timm's clean_state_dict), and the prefixes found."""
+    cleaned, found = {}, set()
+    for key, value in state.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            prefix = next(p for p in WRAPPER_PREFIXES if key.startswith(p))
+            found.add(prefix)
+            key = key[len(prefix) :]
+        cleaned[key] = value
+    return cleaned, tuple(p for p in WRAPPER_PREFIXES if p in found)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, num_classes: int | None = None) -> str:
+    """Loads `state` into `model` strictly; returns the head's fate, "loaded" or "dropped".
+
+    With `num_classes` (the dataset's), a classifier head of another class count (an ImageNet head on a 10-class
+    set) is dropped and the model keeps its freshly initialised one; every other mismatch names `source`.
+    """
+    dropped = _other_class_count_head(model, state, num_classes) if num_classes else []
+    if dropped:
+        log.info(
+            "%s has a %d-class head; the dataset has %d classes: keeping the model's fresh head (%s)",
+            *(source, state[dropped[0]].shape[0], num_classes, ", ".join(dropped)),
+        )
+        state = {k: v for k, v in state.items() if k not in dropped}
+    _check_state_matches(model, state, source, allowed_missing=dropped)
+    model.load_state_dict(state, strict=not dropped)
+    return "dropped" if dropped else "loaded"
+
+
+def classifier_names(model: nn.Module, num_classes: int) -> list[str]:
+    """Module paths of the model's classifier: timm's `get_classifier()` (one head, or a tuple of them), else the
+    last nn.Linear or 1×1 conv with `num_classes` outputs (torchvision and the built-in models)."""
+    modules = dict(model.named_modules())
+    if hasattr(model, "get_classifier"):
+        heads = model.get_classifier()
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        names = [name for name, module in modules.items() if any(module is head for head in heads)]
+        if names:
+            return names
+    outputs = {
+        name: module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        for name, module in modules.items()
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+    }
+    return [name for name, out in outputs.items() if out == num_classes][-1:]
+
+
+def _other_class_count_head(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int) -> list[str]:
+    """The classifier's keys when `state` holds them all with another class count (the same input width), else []."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    keys = [k for name in classifier_names(model, num_classes) for k in expected if k.startswith(f"{name}.")]
+    if not keys or any(k not in state for k in keys):
+        return []
+    other_count = all(
+        state[k].shape[0] != expected[k].shape[0] and state[k].shape[1:] == expected[k].shape[1:] for k in keys
+    )
+    return keys if other_count else []
+
+
+def _check_state_matches(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, allowed_missing: Collection[str] = ()
+) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and k not in allowed_missing]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     problems = []
@@ -93,7 +225,7 @@ def _check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], path:
             f"{len(wrong_shape)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})"
         )
     if problems:
-        raise UserError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+        raise UserError(f"{source} does not match the model: " + "; ".join(problems))
 
 
 def save_epoch(out_dir: Path, epoch: int, spec: dict, module: nn.Module, optimizer, schedule, log: list) -> None:

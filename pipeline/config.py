@@ -378,7 +378,16 @@ class ExtractConfig(DataOptions, RunOptions):
     """Run the teacher once over the split(s) and cache tap features, labels and logits in a Zarr store."""
 
     teacher: str = _teacher()
-    checkpoint: str | None = option(None, "Teacher weights (.safetensors, or .pt/.pth).", click.Path(dir_okay=False))
+    checkpoint: str | None = option(
+        None,
+        "Teacher weights: .safetensors, or a torch file (.pt/.pth/.pth.tar) read with weights_only=True.",
+        click.Path(dir_okay=False),
+    )
+    checkpoint_key: str | None = option(
+        None,
+        "Entry of the checkpoint holding the state dict (default: the first of state_dict_ema, model_ema, "
+        "state_dict, model, else the file itself).",
+    )
     pretrained: bool = option(False, "timm/torchvision weights from the local cache.")
     model_kwargs: dict | None = _model_kwargs()
     splits: tuple[str, ...] = option(("train",), "Splits to cache, e.g. train,test.")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cache.reader import CachedTargets
-from cache.store import SplitStore
+from cache.store import FeatureStore, SplitStore
 
 from . import __version__
 from .checkpoints import save_checkpoint, save_epoch, start_or_resume
@@ -70,7 +70,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     paths = [p for p in distiller.inputs if not (teacher and p in distiller.teacher_targets)]
     missing = [p for p in paths if p not in part.group.attrs["arrays"]]
     if missing:
-        raise UserError(f"--method {config.method} reads {missing[0]}, which {feature_store.path} does not hold")
+        raise UserError(
+            f"--method {config.method} reads {missing[0]}, which {feature_store.path} does not hold"
+            + _why_not_cached(feature_store, missing[0])
+        )
     targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=rows)
     num_rows = targets.num_rows
     steps_per_epoch, total_steps, epochs = _step_budget(num_rows, config.batch_size, config.epochs, config.steps)
@@ -136,6 +139,19 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     }
     write_json(out_dir / DISTILL_SUMMARY, summary)
     return summary
+
+
+def _why_not_cached(store: FeatureStore, path: str) -> str:
+    """Why extract left `path` out of the store, where the identity says."""
+    identity = store.meta["identity"]
+    if path == "logits" and identity["teacher"].get("head") == "dropped":
+        return (
+            ": its teacher's weights had a head for another class count, so extract kept a fresh, untrained head and "
+            "cached no logits"
+        )
+    if path == "logits" and not identity.get("logits", True):
+        return " (it was extracted with --no-logits)"
+    return ""
 
 
 def _recorded_settings(config: DistillConfig, method: Method, label_budget: bool) -> dict[str, Any]:

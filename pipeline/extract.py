@@ -53,10 +53,19 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     }
     first = data[config.splits[0]]
     input_size, num_classes = first.preprocessing.input_size, first.num_classes
-    model = load_teacher(
-        config.teacher, config.checkpoint, config.pretrained, config.model_kwargs, num_classes, input_size
+    model, built = load_teacher(
+        config.teacher,
+        config.checkpoint,
+        config.pretrained,
+        config.model_kwargs,
+        num_classes,
+        input_size,
+        config.checkpoint_key,
     )
     model.to(dev).eval()
+    logits = config.logits and not built.head_dropped
+    if config.logits and not logits:
+        log.info("the teacher's head was dropped, so its logits mean nothing: caching no logits")
     layers = list_taps(model, input_size)  # the whole model's, for its stage ends
     taps = list_taps(model, input_size, names=list(config.layers)) if config.layers else layers
     rows = {split: _select_rows(d, config.max_samples, config.seed) for split, d in data.items()}
@@ -65,7 +74,9 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
             "name": config.teacher,
             "checkpoint_sha256": file_sha256(config.checkpoint) if config.checkpoint else None,
             "pretrained": config.pretrained,
-            "model_kwargs": config.model_kwargs or {},
+            "model_kwargs": built.model_kwargs,
+            "checkpoint_key": built.checkpoint_key,
+            "head": built.head,
             "stage_ends": [t.name for t in stage_ends(layers)],
         },
         "dataset": {
@@ -77,7 +88,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         },
         "taps": [t.record() for t in taps],
         "feature_dtype": FEATURE_DTYPE,
-        "logits": config.logits,
+        "logits": logits,
         "max_samples": config.max_samples,
         "subset_seed": config.seed if config.max_samples else None,
     }
@@ -89,9 +100,9 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         return _summary(store, {}, out)
     timings = {}
     for split, d in data.items():
-        part = _split_store(store, split, d, rows[split], taps, config.logits, num_classes, config.compression)
+        part = _split_store(store, split, d, rows[split], taps, logits, num_classes, config.compression)
         timings[split] = _extract_split(
-            model, d, part, rows[split], taps, config.logits, config.batch_size, config.workers, dev
+            model, d, part, rows[split], taps, logits, config.batch_size, config.workers, dev
         )
     store.mark_complete()
     return _summary(store, timings, out)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,11 @@ from timm.models.resnet import BasicBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .checkpoints import load_checkpoint, read_model_spec
+from .checkpoints import load_checkpoint, load_state, read_model_spec
 from .errors import UserError, first_line
 from .registry import Registry
+
+log = logging.getLogger(__name__)
 
 MODELS: Registry = Registry("model")
 register_model = MODELS.register
@@ -183,6 +187,21 @@ def list_models(pattern: str = "*") -> list[str]:
     return MODELS.names(pattern)
 
 
+@dataclass(frozen=True)
+class TeacherBuild:
+    """How `load_teacher` built the teacher, as a store records it: the model kwargs actually used (the user's, else
+    the checkpoint's spec), the checkpoint entry its weights came from, and whether its weights' classifier head was
+    "loaded" or "dropped" (another class count: the model's fresh head is kept)."""
+
+    model_kwargs: dict[str, Any]
+    checkpoint_key: str | None = None
+    head: str = "loaded"
+
+    @property
+    def head_dropped(self) -> bool:
+        return self.head == "dropped"
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -191,9 +210,13 @@ def create_model(
     pretrained: bool = False,
     model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """The model `name` (see `_build`); every timm VisionTransformer gets its layer-0 tap (`add_layer0`)."""
-    model = _build(name, num_classes, in_chans, input_size, pretrained, model_kwargs)
-    return add_layer0(model) if isinstance(model, VisionTransformer) else model
+    """Builds `name`; `timm:x` goes to `timm.create_model`, `tv:x` to `torchvision.models.get_model`.
+
+    `input_size` reaches built-in models that take `img_size` (ViTs); other models get extra arguments from
+    `model_kwargs` only. Pretrained weights fit any class count: a head of another size is replaced by a fresh one.
+    Every timm VisionTransformer gets its layer-0 tap (`add_layer0`).
+    """
+    return _build(name, num_classes, in_chans, input_size, pretrained, model_kwargs)[0]
 
 
 def _build(
@@ -203,35 +226,64 @@ def _build(
     input_size: int | None,
     pretrained: bool,
     model_kwargs: dict[str, Any] | None,
-) -> nn.Module:
-    """Builds `name`; `timm:x` goes to `timm.create_model`, `tv:x` to `torchvision.models.get_model`.
+) -> tuple[nn.Module, str]:
+    """(model, the pretrained head's fate: "loaded" or "dropped"); see `create_model`."""
+    model, head = _construct(name, num_classes, in_chans, input_size, pretrained, dict(model_kwargs or {}))
+    return (add_layer0(model) if isinstance(model, VisionTransformer) else model), head
 
-    `input_size` reaches built-in models that take `img_size` (ViTs); other models get extra arguments from
-    `model_kwargs` only.
-    """
-    kwargs = dict(model_kwargs or {})
+
+def _construct(
+    name: str, num_classes: int, in_chans: int, input_size: int | None, pretrained: bool, kwargs: dict[str, Any]
+) -> tuple[nn.Module, str]:
     try:
         if name.startswith("timm:"):
             import timm
 
-            return timm.create_model(
+            model = timm.create_model(
                 name[5:], pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
             )
+            return model, _timm_pretrained_head(model, name, num_classes) if pretrained else "loaded"
         if name.startswith("tv:"):
             import torchvision
 
-            weights = "DEFAULT" if pretrained else None
-            return torchvision.models.get_model(name[3:], weights=weights, num_classes=num_classes, **kwargs)
+            model = torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes, **kwargs)
+            return model, _load_torchvision_weights(model, name, num_classes) if pretrained else "loaded"
         factory = MODELS.get(name)
         if pretrained:
             raise UserError(f"built-in model {name!r} has no pretrained weights; pass --checkpoint")
         if input_size is not None and "img_size" in inspect.signature(factory).parameters:
             kwargs.setdefault("img_size", input_size)
-        return factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return factory(num_classes=num_classes, in_chans=in_chans, **kwargs), "loaded"
     except UserError:
         raise
     except Exception as err:  # unknown timm/torchvision names, bad kwargs, pretrained weights not cached, ...
         raise UserError(f"cannot create model {name!r}: {first_line(err)}") from err
+
+
+def _timm_pretrained_head(model: nn.Module, name: str, num_classes: int) -> str:
+    """The pretrained head's fate: timm itself leaves out a classifier of another class count (`load_pretrained`)."""
+    classes = model.pretrained_cfg.get("num_classes", num_classes)
+    if classes == num_classes:
+        return "loaded"
+    log.info("%s: its pretrained head has %d classes, the dataset %d: keeping a fresh head", name, classes, num_classes)
+    return "dropped"
+
+
+def _load_torchvision_weights(model: nn.Module, name: str, num_classes: int) -> str:
+    """Loads torchvision's default weights for `name` from the torch hub cache (or downloads them), dropping a head
+    of another class count; returns the head's fate. Weights that cannot be had are a UserError."""
+    import torch.hub
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name[3:]).DEFAULT
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # offline and not cached, a broken download, ...
+        raise UserError(
+            f"cannot load the pretrained weights of {name!r} ({weights}): not in the torch hub cache "
+            f"{torch.hub.get_dir()} and not downloadable ({first_line(err)})"
+        ) from err
+    return load_state(model, state, f"torchvision's {weights}", num_classes)
 
 
 def load_teacher(
@@ -241,20 +293,28 @@ def load_teacher(
     model_kwargs: dict[str, Any] | None,
     num_classes: int,
     input_size: int,
-) -> nn.Module:
-    """The teacher with its weights; a missing, unreadable or mismatched checkpoint is a UserError."""
+    checkpoint_key: str | None = None,
+) -> tuple[nn.Module, TeacherBuild]:
+    """The teacher with its weights, and how it was built; a missing, unreadable or mismatched checkpoint is a
+    UserError. Weights whose head has another class count than the dataset's load without it (`head` "dropped").
+
+    Without `model_kwargs` the checkpoint's spec (written by `save_checkpoint`) supplies them; `checkpoint_key` picks
+    the entry of a torch checkpoint that holds the state dict (see `load_checkpoint`).
+    """
     if not name.startswith(PREFIXES):
         MODELS.get(name)  # an unknown name is reported before anything is read
     if checkpoint is None and not pretrained:
         raise UserError("the teacher needs weights: pass --checkpoint FILE (or --pretrained for timm/torchvision)")
+    if checkpoint_key and not checkpoint:
+        raise UserError(f"--checkpoint-key {checkpoint_key}: there is no --checkpoint to read it from")
     spec = read_model_spec(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
     if spec and spec.get("model") != name:
         raise UserError(f"checkpoint {checkpoint} holds a {spec.get('model')!r}, not a {name!r}")
-    if spec and spec.get("num_classes") != num_classes:
-        raise UserError(f"checkpoint {checkpoint} has {spec.get('num_classes')} classes; the dataset has {num_classes}")
     if spec and not model_kwargs:
         model_kwargs = spec.get("model_kwargs") or None
-    model = create_model(name, num_classes, input_size=input_size, pretrained=pretrained, model_kwargs=model_kwargs)
+    model, head = _build(name, num_classes, 3, input_size, pretrained, model_kwargs)
+    key = None
     if checkpoint:
-        load_checkpoint(model, checkpoint)
-    return model
+        loaded = load_checkpoint(model, checkpoint, checkpoint_key, num_classes)
+        key, head = loaded.key, loaded.head
+    return model, TeacherBuild(dict(model_kwargs or {}), key, head)

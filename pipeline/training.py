@@ -63,21 +63,28 @@ class OnlineTeacher:
     def from_store(
         cls, store: FeatureStore, taps: list[str], checkpoint: str | None, num_classes: int, input_size: int
     ) -> OnlineTeacher:
-        """Rebuilds the store's teacher; its weights must be the ones the store was extracted with."""
+        """Rebuilds the store's teacher as recorded (model kwargs, checkpoint entry); its weights must be the ones
+        the store was extracted with."""
         teacher = store.meta["identity"]["teacher"]
         checkpoint = checkpoint or store.meta.get("checkpoint_path")
         if teacher["checkpoint_sha256"] and (not checkpoint or not Path(checkpoint).is_file()):
             raise UserError(f"--online-teacher: teacher weights not found at {checkpoint}; pass --teacher-checkpoint")
         if checkpoint and file_sha256(checkpoint) != teacher["checkpoint_sha256"]:
             raise UserError(f"--online-teacher: {checkpoint} is not the checkpoint {store.path} was extracted with")
-        model = load_teacher(
-            teacher["name"],
-            checkpoint,
-            teacher.get("pretrained", False),
-            teacher.get("model_kwargs") or None,
-            num_classes,
-            input_size,
-        )
+        try:
+            model, _ = load_teacher(
+                teacher["name"],
+                checkpoint,
+                teacher.get("pretrained", False),
+                teacher.get("model_kwargs") or None,
+                num_classes,
+                input_size,
+                teacher.get("checkpoint_key"),
+            )
+        except UserError as err:
+            raise UserError(
+                f"--online-teacher: cannot rebuild teacher {teacher['name']!r} of {store.path}: {err}"
+            ) from err
         return cls(model, taps)
 
     def to(self, device: torch.device) -> OnlineTeacher:

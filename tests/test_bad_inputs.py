@@ -73,6 +73,10 @@ CASES = {
         "checkpoint not found",
     ),
     "no teacher weights": (["extract", "--out", "{out}"], "needs weights"),
+    "checkpoint key without checkpoint": (
+        ["extract", "--pretrained", "--checkpoint-key", "state_dict", "--out", "{out}"],
+        "--checkpoint-key state_dict: there is no --checkpoint",
+    ),
     "missing data root": (
         ["teach", "--dataset", "cifar100", "--data-root", "{root}/nowhere", "--out", "{out}"],
         "data root not found",
