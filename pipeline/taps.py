@@ -1,7 +1,8 @@
 """Feature taps: named module outputs, in depth (execution) order, with their per-sample shapes.
 
 A tap is addressed by module path (`layer3.1`, `blocks.7`), as in torchdistill. `TapRecorder` captures tap
-outputs with forward hooks and stops the forward pass after the last tap when the logits are not wanted.
+outputs with forward hooks and stops the forward pass after the last tap when the logits are not wanted;
+`dry_forward` runs a model once on a small zero batch, for the taps' shapes and to check its input size and logits.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _PRIMITIVES = (
     nn.Flatten,
 )
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)
+DRY_BATCH = 2  # images in a dry forward pass: two, so that logits must keep a batch axis
 
 
 @dataclass(frozen=True)
@@ -156,26 +158,63 @@ class TapRecorder:
         return {n: self.outputs[n] for n in self.names}
 
 
-def list_taps(model: nn.Module, input_size: int, in_chans: int = 3, names: list[str] | None = None) -> list[Tap]:
-    """Taps (all candidates, or `names`) with shapes, sorted by execution order, from one dry forward pass."""
+def list_taps(
+    model: nn.Module, input_size: int, in_chans: int = 3, names: list[str] | None = None, num_classes: int | None = None
+) -> list[Tap]:
+    """Taps (all candidates, or `names`) with shapes, sorted by execution order, from one `dry_forward` (which
+    checks the logits too when given `num_classes`)."""
     names = candidate_taps(model) if names is None else list(names)
     if not names:
         raise UserError("no taps found for this model; name modules explicitly with --layers")
-    was_training = model.training
+    rec = dry_forward(model, input_size, names, num_classes, in_chans)
+    return [Tap(i, n, tuple(rec.outputs[n].shape[1:])) for i, n in enumerate(rec.order)]
+
+
+def dry_forward(
+    model: nn.Module,
+    input_size: int,
+    names: list[str] | tuple[str, ...] = (),
+    num_classes: int | None = None,
+    in_chans: int = 3,
+) -> TapRecorder:
+    """One forward pass of a small zero batch in eval mode without gradients, recording the taps `names`; the
+    model's mode and the random state are left as they were, so a run that checks its model first trains alike.
+
+    Without `num_classes` the pass stops after the last tap; with it, it runs to the end and the output must be
+    a (batch, num_classes) logits tensor. A model that fails on the input size or returns anything else is a
+    UserError.
+    """
+    was_training, device = model.training, _device_of(model)
     model.eval()
     try:
-        with torch.no_grad(), TapRecorder(model, names, stop_after_last=True) as rec:
-            dummy = torch.zeros(1, in_chans, input_size, input_size, device=_device_of(model))
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            TapRecorder(model, list(names), stop_after_last=num_classes is None) as rec,
+        ):
             try:
-                rec.run(dummy)
+                rec.run(torch.zeros(DRY_BATCH, in_chans, input_size, input_size, device=device))
             except (RuntimeError, AssertionError) as err:
                 raise UserError(
                     f"the model does not accept {input_size}x{input_size} inputs: {first_line(err)}"
                 ) from err
-            order = rec.order
     finally:
         model.train(was_training)
-    return [Tap(i, n, tuple(rec.outputs[n].shape[1:])) for i, n in enumerate(order)]
+    if num_classes is not None:
+        _check_logits(rec.logits, num_classes, input_size)
+    return rec
+
+
+def _check_logits(logits, num_classes: int, input_size: int) -> None:
+    hint = "check the model and --model-kwargs"
+    if not isinstance(logits, torch.Tensor):
+        kind = type(logits).__name__
+        raise UserError(f"the model's output ({kind}) is not a logits tensor of shape (batch, {num_classes}); {hint}")
+    if tuple(logits.shape) != (DRY_BATCH, num_classes):
+        raise UserError(
+            f"the model's output for {DRY_BATCH} images of {input_size}x{input_size} has shape {tuple(logits.shape)}, "
+            f"not ({DRY_BATCH}, {num_classes}) (batch, classes); {hint}"
+        )
 
 
 def _device_of(model: nn.Module) -> torch.device:
