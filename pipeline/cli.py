@@ -137,10 +137,12 @@ def command(config: type[Config]) -> Callable:
 
 @command(ModelsConfig)
 def models(config: ModelsConfig) -> None:
-    from .models import list_models
+    from .models import list_models, split_namespace
 
     for name in list_models(config.pattern):
         click.echo(name)
+    if not split_namespace(config.pattern)[0]:
+        click.echo("timm and torchvision models: kdpipe models 'timm:PATTERN', kdpipe models 'tv:PATTERN'", err=True)
 
 
 @command(DatasetsConfig)

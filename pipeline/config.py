@@ -330,6 +330,15 @@ def _input_size(default: int | None = None) -> Any:
     return option(default, "Served image size (default: the dataset's).", Integer(min=8))
 
 
+def _normalization() -> Any:
+    return option(
+        "model",
+        "Preprocessing of the teacher's images: model takes a timm model's pretrained mean, std, interpolation and "
+        "crop_pct (other models: the dataset's statistics); dataset always the dataset's.",
+        click.Choice(["model", "dataset"]),
+    )
+
+
 def _layers(help: str) -> Any:
     return option((), help)
 
@@ -364,6 +373,7 @@ class TeachConfig(DataOptions, RunOptions):
 
     teacher: str = _teacher()
     model_kwargs: dict | None = _model_kwargs()
+    normalization: str = _normalization()
     out: str = option("runs/teacher", "Output folder.", click.Path(file_okay=False))
     epochs: int = option(15, "Epochs.", Integer(min=1))
     batch_size: int = option(128, "Batch size.", Integer(min=1))
@@ -390,6 +400,7 @@ class ExtractConfig(DataOptions, RunOptions):
     )
     pretrained: bool = option(False, "timm/torchvision weights from the local cache.")
     model_kwargs: dict | None = _model_kwargs()
+    normalization: str = _normalization()
     splits: tuple[str, ...] = option(("train",), "Splits to cache, e.g. train,test.")
     layers: tuple[str, ...] = _layers("Taps to cache by module path (default: all).")
     logits: bool = option(True, "Also cache the teacher's logits.")
@@ -566,7 +577,8 @@ class VerifyConfig(Config):
 @command("models")
 @dataclass(frozen=True, kw_only=True)
 class ModelsConfig(Config):
-    """List built-in models matching PATTERN (timm:<name> and tv:<name> also work)."""
+    """List the built-in models matching PATTERN; timm:PATTERN lists timm's and tv:PATTERN torchvision's
+    classification models (e.g. 'timm:convnext_a*')."""
 
     pattern: str = option("*", "Shell-style name pattern.", argument=True)
 

@@ -7,7 +7,9 @@ deterministic (resize, centre crop, normalise): no random augmentation anywhere 
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,18 +35,26 @@ FINGERPRINT_SAMPLES = 32
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize the shorter side to `input_size`, centre-crop a square, scale to [0, 1], normalise per channel."""
+    """Resize the shorter side to `input_size / crop_pct` (rounded down), centre-crop `input_size` square, scale to
+    [0, 1], normalise per channel: timm's eval transform, which `crop_pct` 1 makes a plain resize and crop."""
 
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+    @classmethod
+    def from_dict(cls, recorded: dict) -> Preprocessing:
+        """The preprocessing `to_dict` recorded (a store's, a model spec's)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
 
     def transform(self) -> Callable:
+        resize = math.floor(self.input_size / self.crop_pct)
         return v2.Compose(
             [
                 v2.ToImage(),
-                v2.Resize(self.input_size, interpolation=v2.InterpolationMode(self.interpolation), antialias=True),
+                v2.Resize(resize, interpolation=v2.InterpolationMode(self.interpolation), antialias=True),
                 v2.CenterCrop(self.input_size),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(list(self.mean), list(self.std)),
@@ -92,6 +102,12 @@ class SplitData(Dataset):
         else:
             images = [self.images[i][0] for i in indices]
         return list(zip(images, (int(self.labels[i]) for i in indices), strict=True))
+
+    def with_preprocessing(self, preprocessing: Preprocessing) -> SplitData:
+        """The same samples served with another preprocessing (a model's, or a recorded one)."""
+        images = copy.copy(self.images)
+        images.transform = preprocessing.transform()  # the in-memory images' and torchvision datasets' transform
+        return SplitData(self.name, self.split, images, self.labels, self.classes, preprocessing, self._raw_sample)
 
     def fingerprint(self) -> str:
         """sha256 of the split size, all labels and the raw bytes of evenly spaced samples."""
@@ -322,6 +338,15 @@ def held_out_split(name: str) -> str:
 
 
 def load_split(
-    name: str, split: str, root: str | None = None, input_size: int | None = None, download: bool = False
+    name: str,
+    split: str,
+    root: str | None = None,
+    input_size: int | None = None,
+    download: bool = False,
+    preprocessing: Preprocessing | None = None,
 ) -> SplitData:
-    return DATASETS.get(name)(split=split, root=root, input_size=input_size, download=download)
+    """One split of a registered dataset with its own preprocessing at `input_size` (default: the dataset's size),
+    or with `preprocessing` as given (one recorded by an earlier stage), which then sets the size too."""
+    size = input_size if preprocessing is None else preprocessing.input_size
+    data = DATASETS.get(name)(split=split, root=root, input_size=size, download=download)
+    return data if preprocessing is None else data.with_preprocessing(preprocessing)

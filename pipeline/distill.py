@@ -120,7 +120,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             save_epoch(out_dir, epoch, spec, distiller, optimizer, schedule, log_rows)
             write_csv(out_dir / DISTILL_LOG, log_rows)
             last_save = time.perf_counter()
-    save_checkpoint(net, out_dir / STUDENT_WEIGHTS, {**spec, "model": config.student})  # a model spec, as teach's
+    model_spec = {**spec, "model": config.student, "preprocessing": data.preprocessing.to_dict()}  # as teach's
+    save_checkpoint(net, out_dir / STUDENT_WEIGHTS, model_spec)
     np.save(out_dir / LABELLED_INDICES, images.indices[labelled if labelled is not None else slice(None)])
     summary = {
         "stage": "distill",
@@ -186,7 +187,7 @@ def _training_rows(
 
 def _evaluate_classifier(net, data: SplitData, config: DistillConfig, dev) -> dict[str, Any]:
     """Last-epoch top-1 of the student's own classifier on the held-out split, evaluated once."""
-    held_out = load_split(data.name, held_out_split(data.name), config.data_root, data.preprocessing.input_size)
+    held_out = load_split(data.name, held_out_split(data.name), config.data_root, preprocessing=data.preprocessing)
     return {
         "test_split": held_out.split,
         "test_top1": evaluate_top1(net, make_loader(held_out, config.batch_size, config.workers), dev),

@@ -24,12 +24,12 @@ from cache.store import FEATURES, ArraySpec, FeatureStore, SplitStore, StoreErro
 from cache.writer import SplitWriter
 
 from . import __version__
-from .checkpoints import file_sha256
+from .checkpoints import file_sha256, read_model_spec
 from .config import ExtractConfig
-from .datasets import SplitData, load_split, stratified_subset
+from .datasets import Preprocessing, SplitData, load_split, stratified_subset
 from .errors import UserError
 from .layout import EXTRACT_SUMMARY, STORE_NAME
-from .models import load_teacher
+from .models import load_teacher, served_preprocessing
 from .recipe import make_loader
 from .runtime import first_difference, progress, resolve_device, seed_everything, short, write_args, write_json
 from .taps import Tap, TapRecorder, list_taps, stage_ends
@@ -66,8 +66,12 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     logits = config.logits and not built.head_dropped
     if config.logits and not logits:
         log.info("the teacher's head was dropped, so its logits mean nothing: caching no logits")
-    layers = list_taps(model, input_size)  # the whole model's, for its stage ends
+    # The whole model's taps, for its stage ends; cached logits must be (batch, num_classes).
+    layers = list_taps(model, input_size, num_classes=num_classes if logits else None)
     taps = list_taps(model, input_size, names=list(config.layers)) if config.layers else layers
+    preprocessing = served_preprocessing(config.teacher, model, first.preprocessing, config.normalization)
+    _warn_if_trained_otherwise(config.checkpoint, preprocessing)
+    data = {split: d.with_preprocessing(preprocessing) for split, d in data.items()}
     rows = {split: _select_rows(d, config.max_samples, config.seed) for split, d in data.items()}
     identity = {
         "teacher": {
@@ -83,7 +87,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
             "name": config.dataset,
             "num_classes": num_classes,
             "classes": first.classes,
-            "preprocessing": first.preprocessing.to_dict(),
+            "preprocessing": preprocessing.to_dict(),
             "splits": {s: {"fingerprint": d.fingerprint(), "size": len(d)} for s, d in data.items()},
         },
         "taps": [t.record() for t in taps],
@@ -106,6 +110,14 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         )
     store.mark_complete()
     return _summary(store, timings, out)
+
+
+def _warn_if_trained_otherwise(checkpoint: str | None, preprocessing: Preprocessing) -> None:
+    """A kdpipe teacher records the preprocessing it was trained with; extracting with another is allowed, not quiet."""
+    trained = (read_model_spec(checkpoint) or {}).get("preprocessing") if checkpoint else None
+    used = preprocessing.to_dict()
+    if trained and trained != used:
+        log.warning("%s was trained with preprocessing %s; extracting with %s", checkpoint, trained, used)
 
 
 def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import functools
 import inspect
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .checkpoints import load_checkpoint, load_state, read_model_spec
+from .datasets import Preprocessing
 from .errors import UserError, first_line
 from .registry import Registry
 
@@ -183,7 +184,24 @@ def vit_tiny_cifar(num_classes: int = 10, in_chans: int = 3, img_size: int = 32)
     return _small_vit(img_size, 6, 96, 3, 2.0, num_classes, in_chans)
 
 
+def split_namespace(name: str) -> tuple[str, str]:
+    """("timm:", "resnet18") for `timm:resnet18`, ("tv:", ...) for `tv:...`, ("", name) for a built-in name."""
+    prefix = next((p for p in PREFIXES if name.startswith(p)), "")
+    return prefix, name[len(prefix) :]
+
+
 def list_models(pattern: str = "*") -> list[str]:
+    """Built-in models matching a shell-style pattern; `timm:PATTERN` lists timm's and `tv:PATTERN` torchvision's
+    classification models, prefixed as `create_model` takes them."""
+    prefix, rest = split_namespace(pattern)
+    if prefix == "timm:":
+        import timm
+
+        return [prefix + n for n in timm.list_models(rest)]
+    if prefix == "tv:":
+        import torchvision
+
+        return [prefix + n for n in sorted(torchvision.models.list_models(torchvision.models, include=rest))]
     return MODELS.names(pattern)
 
 
@@ -212,9 +230,10 @@ def create_model(
 ) -> nn.Module:
     """Builds `name`; `timm:x` goes to `timm.create_model`, `tv:x` to `torchvision.models.get_model`.
 
-    `input_size` reaches built-in models that take `img_size` (ViTs); other models get extra arguments from
-    `model_kwargs` only. Pretrained weights fit any class count: a head of another size is replaced by a fresh one.
-    Every timm VisionTransformer gets its layer-0 tap (`add_layer0`).
+    `input_size` reaches the models that take `img_size` (built-in and timm ViTs, timm's DeiT, Swin, ...) unless
+    `model_kwargs` sets it; other models get extra arguments from `model_kwargs` only. Pretrained weights fit any
+    class count: a head of another size is replaced by a fresh one. Every timm VisionTransformer gets its layer-0
+    tap (`add_layer0`).
     """
     return _build(name, num_classes, in_chans, input_size, pretrained, model_kwargs)[0]
 
@@ -235,18 +254,17 @@ def _build(
 def _construct(
     name: str, num_classes: int, in_chans: int, input_size: int | None, pretrained: bool, kwargs: dict[str, Any]
 ) -> tuple[nn.Module, str]:
+    prefix, rest = split_namespace(name)
     try:
-        if name.startswith("timm:"):
-            import timm
-
-            model = timm.create_model(
-                name[5:], pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+        if prefix == "timm:":
+            model = _timm_model(
+                rest, input_size, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
             )
             return model, _timm_pretrained_head(model, name, num_classes) if pretrained else "loaded"
-        if name.startswith("tv:"):
+        if prefix == "tv:":
             import torchvision
 
-            model = torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes, **kwargs)
+            model = torchvision.models.get_model(rest, weights=None, num_classes=num_classes, **kwargs)
             return model, _load_torchvision_weights(model, name, num_classes) if pretrained else "loaded"
         factory = MODELS.get(name)
         if pretrained:
@@ -286,6 +304,41 @@ def _load_torchvision_weights(model: nn.Module, name: str, num_classes: int) -> 
     return load_state(model, state, f"torchvision's {weights}", num_classes)
 
 
+def _timm_model(name: str, input_size: int | None, **kwargs) -> nn.Module:
+    """`timm.create_model`, with `img_size=input_size` where the model's class takes it and `kwargs` do not set it.
+
+    timm's entrypoints pass their arguments on to the class, so a class without the parameter refuses it by name;
+    that refusal, and only that, builds the model without it.
+    """
+    import timm
+
+    if input_size is None or "img_size" in kwargs:
+        return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(name, img_size=input_size, **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument 'img_size'" not in str(err):
+            raise
+    return timm.create_model(name, **kwargs)
+
+
+def served_preprocessing(name: str, model: nn.Module, dataset: Preprocessing, normalization: str) -> Preprocessing:
+    """The preprocessing model `name` is served with: the dataset's (`dataset`), or with normalization "model" for a
+    timm model, its pretrained config's mean, std, interpolation and crop_pct at the dataset's input size."""
+    if normalization == "dataset" or split_namespace(name)[0] != "timm:":
+        return dataset
+    import timm.data
+
+    config = timm.data.resolve_model_data_config(model)
+    return replace(
+        dataset,
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        interpolation=config["interpolation"],
+        crop_pct=config["crop_pct"],
+    )
+
+
 def load_teacher(
     name: str,
     checkpoint: str | None,
@@ -301,7 +354,7 @@ def load_teacher(
     Without `model_kwargs` the checkpoint's spec (written by `save_checkpoint`) supplies them; `checkpoint_key` picks
     the entry of a torch checkpoint that holds the state dict (see `load_checkpoint`).
     """
-    if not name.startswith(PREFIXES):
+    if not split_namespace(name)[0]:
         MODELS.get(name)  # an unknown name is reported before anything is read
     if checkpoint is None and not pretrained:
         raise UserError("the teacher needs weights: pass --checkpoint FILE (or --pretrained for timm/torchvision)")

@@ -67,9 +67,7 @@ def load_classifier(path: str | Path) -> LinearProbeClassifier:
     head = nn.Linear(spec["embedding_dim"], spec["num_classes"])
     classifier = LinearProbeClassifier(backbone, spec["tap"], spec["tap_layout"], head)
     load_checkpoint(classifier, path)
-    classifier.transform = Preprocessing(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in spec["preprocessing"].items()}
-    ).transform()
+    classifier.transform = Preprocessing.from_dict(spec["preprocessing"]).transform()
     classifier.classes = spec["classes"]
     return classifier.eval()
 
@@ -149,7 +147,8 @@ def _labelled_indices(run_dir: Path, spec: dict[str, Any], num_train: int) -> np
 
 
 def _probe_data(spec: dict[str, Any], data_root: str | None) -> tuple[SplitData, SplitData]:
-    """Train split checked against the store the student was distilled from (when it is still there); test split."""
+    """Train split checked against the store the student was distilled from (when it is still there), else served
+    with the preprocessing the run recorded; the test split served as the train split."""
     try:
         store = FeatureStore.open(spec["store"])
     except StoreError:
@@ -157,8 +156,10 @@ def _probe_data(spec: dict[str, Any], data_root: str | None) -> tuple[SplitData,
     if store is not None and store.meta["config_hash"] == spec["store_config_hash"]:
         train = load_matching_split(store, "train", spec["dataset"], data_root)
     else:
-        train = load_split(spec["dataset"], "train", data_root, spec["input_size"])
-    test = load_split(spec["dataset"], held_out_split(spec["dataset"]), data_root, spec["input_size"])
+        recorded = spec.get("preprocessing")  # runs distilled before it was recorded: the dataset's own
+        preprocessing = Preprocessing.from_dict(recorded) if recorded else None
+        train = load_split(spec["dataset"], "train", data_root, spec["input_size"], preprocessing=preprocessing)
+    test = load_split(spec["dataset"], held_out_split(spec["dataset"]), data_root, preprocessing=train.preprocessing)
     return train, test
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cache.store import FeatureStore, SplitStore
 
-from .datasets import SplitData, load_split
+from .datasets import Preprocessing, SplitData, load_split
 from .errors import UserError
 
 
@@ -18,19 +18,19 @@ def open_complete_store(path: str, split: str = "train", mode: str = "r") -> tup
 def load_matching_split(
     store: FeatureStore, split: str, dataset: str | None, data_root: str | None, download: bool = False
 ) -> SplitData:
-    """The dataset split the store was extracted from, loaded and checked field by field.
+    """The dataset split the store was extracted from, served with the preprocessing recorded in the store (the
+    pixels its teacher saw) and checked field by field.
 
-    A different dataset name, preprocessing, split size or data fingerprint is refused with the field named.
+    A different dataset name, split size or data fingerprint is refused with the field named.
     """
     recorded = store.meta["identity"]["dataset"]
     name = dataset or recorded["name"]
     if name != recorded["name"]:
         raise UserError(f"{store.path} was extracted from dataset {recorded['name']!r}, not {name!r}")
-    input_size = recorded["preprocessing"]["input_size"]
-    data = load_split(name, split, data_root, input_size, download)
+    preprocessing = Preprocessing.from_dict(recorded["preprocessing"])
+    data = load_split(name, split, data_root, download=download, preprocessing=preprocessing)
     expected = store.split(split).group.attrs if split in store.split_names() else recorded["splits"].get(split, {})
     checks = [
-        ("preprocessing", recorded["preprocessing"], data.preprocessing.to_dict()),
         (f"{split} split size", expected.get("dataset_size", expected.get("size")), len(data)),
         (f"{split} data fingerprint", expected.get("fingerprint"), data.fingerprint()),
     ]

@@ -10,7 +10,8 @@ from the model (timm's `output_fmt`, `num_prefix_tokens`, `patch_embed.grid_size
 and its role among the model's generalized layers (METHOD.md §1): the stem, a layer (a residual, inverted-residual or
 transformer block; the activations of a plain conv stack), a stage end (the last layer of a stage), the flatten.
 `TapRecorder` captures tap outputs with forward hooks and stops the forward pass after the last tap when the logits
-are not wanted.
+are not wanted; `dry_forward` runs a model once on a small zero batch, for the taps and to check its input size and
+logits.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ _FLATTEN_MODULES = ("global_pool", "head.global_pool", "avgpool", "pool")  # tim
 # being the patch embedding): ViT-B's layers 2, 4, 8, 10 and ViT-ET's layers 1, 3, 5, 7. Other depths follow
 # ViT-ET's rule: every other block from the first, the last block left to the classifier.
 ISOTROPIC_STAGE_BLOCKS = {12: (1, 3, 7, 9), 8: (0, 2, 4, 6)}
+DRY_BATCH = 2  # images in a dry forward pass: two, so that logits and taps must keep a batch axis
 
 
 @dataclass(frozen=True)
@@ -305,11 +307,13 @@ class _Trace:
     """One dry run with a hook on every module: the order modules finish in, the outputs of the modules `keep`
     names, and the tensors produced before the first block starts (the stem is found among them).
 
-    Stops after every module of `stop_after` has run. Holding the early tensors keeps their ids unique.
+    Stops once every module of `keep` has run, unless asked to run `to_the_end` (then `logits` holds the output).
+    Holding the early tensors keeps their ids unique.
     """
 
-    def __init__(self, model: nn.Module, keep: set[str], blocks: set[str]) -> None:
-        self.model, self.keep, self.blocks = model, keep, blocks
+    def __init__(self, model: nn.Module, keep: set[str], blocks: set[str], to_the_end: bool) -> None:
+        self.model, self.keep, self.blocks, self.to_the_end = model, keep, blocks, to_the_end
+        self.logits: Any = None
         self.finished: list[str] = []
         self.outputs: dict[str, Any] = {}
         self.producers: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor | None]] = []
@@ -322,7 +326,7 @@ class _Trace:
                 self._handles.append(module.register_forward_pre_hook(self._before(name)))
                 self._handles.append(module.register_forward_hook(self._after(name)))
         try:
-            self.model(x)
+            self.logits = self.model(x)
         except StopForward:
             pass
         finally:
@@ -342,10 +346,10 @@ class _Trace:
             self.finished.append(name)
             if name in self.keep and name not in self.outputs:  # a module called twice keeps its first output
                 self.outputs[name] = output
-            if self.block_input is None and isinstance(output, torch.Tensor):
+            if self.blocks and self.block_input is None and isinstance(output, torch.Tensor):
                 given = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 self.producers.append((name, module, output, given))
-            if self.keep <= self.outputs.keys() and self.block_input is not None:
+            if not self.to_the_end and self.keep <= self.outputs.keys() and self.block_input is not None:
                 raise StopForward
 
         return hook
@@ -366,9 +370,12 @@ class _Trace:
         return None
 
 
-def list_taps(model: nn.Module, input_size: int, in_chans: int = 3, names: list[str] | None = None) -> list[Tap]:
-    """Taps (the generalized layers, or `names`) with shapes, layouts and roles, in execution order, from one dry
-    forward pass of a batch of two. Roles always come from the whole model, whichever taps are asked for."""
+def list_taps(
+    model: nn.Module, input_size: int, in_chans: int = 3, names: list[str] | None = None, num_classes: int | None = None
+) -> list[Tap]:
+    """Taps (the generalized layers, or `names`) with shapes, layouts and roles, in execution order, from one
+    `dry_forward` (which checks the logits too when given `num_classes`). Roles always come from the whole model,
+    whichever taps are asked for."""
     layers = candidate_taps(model)
     flatten = next((n for n in _FLATTEN_MODULES if _module(model, n) is not None), None)
     declared_stem = _declared_stem(model)
@@ -380,7 +387,8 @@ def list_taps(model: nn.Module, input_size: int, in_chans: int = 3, names: list[
     if unknown:
         raise UserError(f"unknown tap {unknown[0]!r} for this model; `kdpipe layers MODEL` lists the taps")
     # Stage modules are run too: one holding no layer (MobileViT's final_conv) ends the stage before it.
-    trace = _dry_run(model, input_size, in_chans, set(layers + extra + asked + _feature_modules(model)), set(layers))
+    keep = set(layers + extra + asked + _feature_modules(model))
+    trace = dry_forward(model, input_size, keep, set(layers), num_classes, in_chans)
     plain_stack = all(isinstance(_module(model, n), _ACTIVATIONS) for n in layers)  # VGG: its first ReLU is layer 0
     stem = declared_stem or (None if plain_stack else _stem(model, trace, layers))
     hints = LayoutHints.of(model)
@@ -406,8 +414,8 @@ def list_taps(model: nn.Module, input_size: int, in_chans: int = 3, names: list[
 def _not_a_tap(output: Any) -> str | None:
     if not isinstance(output, torch.Tensor):
         return f"outputs {type(output).__name__}, not a tensor"
-    if output.dim() < 2 or output.shape[0] != 2:
-        return f"folds the batch into its first axis (shape {tuple(output.shape)} for a batch of 2)"
+    if output.dim() < 2 or output.shape[0] != DRY_BATCH:
+        return f"folds the batch into its first axis (shape {tuple(output.shape)} for a batch of {DRY_BATCH})"
     return None
 
 
@@ -469,20 +477,49 @@ def _stage_end(module: str, body: list[Tap], trace: _Trace) -> str | None:
     return earlier[-1] if earlier else None
 
 
-def _dry_run(model: nn.Module, input_size: int, in_chans: int, keep: set[str], blocks: set[str]) -> _Trace:
-    was_training = model.training
+def dry_forward(
+    model: nn.Module,
+    input_size: int,
+    keep: set[str] | frozenset[str] = frozenset(),
+    blocks: set[str] | frozenset[str] = frozenset(),
+    num_classes: int | None = None,
+    in_chans: int = 3,
+) -> _Trace:
+    """One forward pass of DRY_BATCH zero images in eval mode without gradients, traced (`_Trace`); the model's mode
+    and the random state are left as they were, so a run that checks its model first trains alike.
+
+    Without `num_classes` the pass stops once the modules in `keep` have run; with it, it runs to the end and the
+    output must be a (batch, num_classes) logits tensor. A model that fails on the input size or returns anything
+    else is a UserError.
+    """
+    was_training, device = model.training, _device_of(model)
     model.eval()
     try:
-        with torch.no_grad():
-            dummy = torch.zeros(2, in_chans, input_size, input_size, device=_device_of(model))
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            dummy = torch.zeros(DRY_BATCH, in_chans, input_size, input_size, device=device)
             try:
-                return _Trace(model, keep, blocks).run(dummy)
+                trace = _Trace(model, set(keep), set(blocks), to_the_end=num_classes is not None).run(dummy)
             except (RuntimeError, AssertionError, ValueError) as err:
                 raise UserError(
                     f"the model does not accept {input_size}x{input_size} inputs: {first_line(err)}"
                 ) from err
     finally:
         model.train(was_training)
+    if num_classes is not None:
+        _check_logits(trace.logits, num_classes, input_size)
+    return trace
+
+
+def _check_logits(logits: Any, num_classes: int, input_size: int) -> None:
+    hint = "check the model and --model-kwargs"
+    if not isinstance(logits, torch.Tensor):
+        kind = type(logits).__name__
+        raise UserError(f"the model's output ({kind}) is not a logits tensor of shape (batch, {num_classes}); {hint}")
+    if tuple(logits.shape) != (DRY_BATCH, num_classes):
+        raise UserError(
+            f"the model's output for {DRY_BATCH} images of {input_size}x{input_size} has shape {tuple(logits.shape)}, "
+            f"not ({DRY_BATCH}, {num_classes}) (batch, classes); {hint}"
+        )
 
 
 def stage_ends(taps: list[Tap]) -> list[Tap]:

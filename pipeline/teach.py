@@ -1,6 +1,7 @@
 """`kdpipe teach`: train a teacher with cross entropy, for users without a pretrained one (nothing downloads here).
 
-Writes `model.safetensors` (the model spec in its header), `teach_log.csv` (per epoch) and `teach.json`.
+Writes `model.safetensors` (the model spec, preprocessing included, in its header), `teach_log.csv` (per epoch) and
+`teach.json`. The model is checked on one small batch (input size, logits shape) before training starts.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from .config import TeachConfig
 from .datasets import held_out_split, load_split
 from .errors import UserError
 from .layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS
-from .models import create_model
+from .models import create_model, served_preprocessing
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_csv, write_json
+from .taps import dry_forward
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +38,20 @@ def teach(config: TeachConfig) -> dict[str, Any]:
     held_out = load_split(config.dataset, held_out_split(config.dataset), *where)
     if len(train) < config.batch_size:
         raise UserError(f"--batch-size {config.batch_size} exceeds the {len(train)} training samples")
+    input_size = train.preprocessing.input_size
+    model = create_model(config.teacher, train.num_classes, input_size=input_size, model_kwargs=config.model_kwargs)
+    model.to(dev)
+    dry_forward(model, input_size, num_classes=train.num_classes)  # wrong sizes and outputs fail before training
+    preprocessing = served_preprocessing(config.teacher, model, train.preprocessing, config.normalization)
+    train, held_out = train.with_preprocessing(preprocessing), held_out.with_preprocessing(preprocessing)
     model_spec = {
         "model": config.teacher,
         "num_classes": train.num_classes,
-        "input_size": train.preprocessing.input_size,
+        "input_size": input_size,
         "model_kwargs": config.model_kwargs or {},
         "dataset": config.dataset,
+        "preprocessing": preprocessing.to_dict(),
     }
-    model = create_model(
-        config.teacher, train.num_classes, input_size=train.preprocessing.input_size, model_kwargs=config.model_kwargs
-    )
-    model.to(dev)
     train_loader = make_loader(
         train, config.batch_size, config.workers, shuffle=True, generator=generator, drop_last=True
     )

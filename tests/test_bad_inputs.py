@@ -9,6 +9,8 @@ import torch
 from cache.store import FeatureStore
 from helpers import assert_one_line_error, make_store, run_cli
 from pipeline import layout
+from pipeline.checkpoints import save_checkpoint
+from pipeline.models import create_model
 
 SUMMARIES = (
     layout.TEACH_SUMMARY,
@@ -49,6 +51,9 @@ def places(digits_teacher, tmp_path_factory):
     make_store(root / "oneclass" / "features.zarr", {"x": torch.randn(6, 2).numpy()}, [0] * 6)
     (root / "images" / "train" / "cat").mkdir(parents=True)
     (root / "images" / "val" / "cat").mkdir(parents=True)
+    features_only = {"model": "timm:test_resnet", "num_classes": 10, "model_kwargs": {"features_only": True}}
+    net = create_model(features_only["model"], 10, model_kwargs=features_only["model_kwargs"])
+    save_checkpoint(net, root / "features_only.safetensors", features_only)
     return {"root": root, "ckpt": digits_teacher["checkpoint"]}
 
 
@@ -115,6 +120,47 @@ CASES = {
         "compression 'zip'",
     ),
     "unknown config key": (["teach", "--config", "{root}/bad.yaml", "--out", "{out}"], "unknown key 'epoch'"),
+    # teach checks its model on one small batch before training, with the check extract's taps go through
+    "teacher ViT size": (
+        ["teach", "--teacher", "timm:vit_tiny_patch16_224", "--model-kwargs", "{{img_size: 224}}", "--out", "{out}"],
+        "does not accept 32x32 inputs",
+    ),
+    "teacher returns a list": (
+        ["teach", "--teacher", "timm:resnet18", "--model-kwargs", "{{features_only: true}}", "--out", "{out}"],
+        "output (list) is not a logits tensor of shape (batch, 10)",
+    ),
+    "teacher returns a dict": (
+        [
+            "teach",
+            "--teacher",
+            "timm:resnet18",
+            "--model-kwargs",
+            "{{features_only: true, feature_cls: dict}}",
+            "--out",
+            "{out}",
+        ],
+        "output (OrderedDict) is not a logits tensor",
+    ),
+    "teacher logits shape": (
+        ["teach", "--teacher", "timm:vit_tiny_patch16_224", "--model-kwargs", "{{global_pool: ''}}", "--out", "{out}"],
+        "has shape (2, 5, 10), not (2, 10)",
+    ),
+    "teacher kwargs": (
+        ["teach", "--teacher", "timm:resnet18", "--model-kwargs", "{{depth_of_field: 3}}", "--out", "{out}"],
+        "cannot create model 'timm:resnet18'",
+    ),
+    "extracted teacher returns a list": (
+        [
+            "extract",
+            "--teacher",
+            "timm:test_resnet",
+            "--checkpoint",
+            "{root}/features_only.safetensors",
+            "--out",
+            "{out}",
+        ],
+        "output (list) is not a logits tensor",
+    ),
 }
 
 
@@ -131,3 +177,5 @@ def test_bad_input(case, places, tmp_path):
     assert_one_line_error(result, fragment)
     left = [p.name for p in (tmp_path / "out").rglob("*") if p.name in SUMMARIES] if (tmp_path / "out").exists() else []
     assert not left, f"{case} left {left} behind"
+    if case.startswith("teacher"):  # refused before training started
+        assert not (tmp_path / "out").exists()

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
-from pipeline.datasets import held_out_split, load_split
+from pipeline.datasets import Preprocessing, held_out_split, load_split
 from pipeline.errors import UserError
 
 
@@ -28,6 +29,25 @@ def test_digits_input_size_is_recorded():
     data = load_split("digits", "test", input_size=48)
     assert data[0][0].shape == (3, 48, 48)
     assert data.preprocessing.to_dict()["input_size"] == 48
+
+
+def test_crop_pct_resizes_larger_then_centre_crops():
+    """crop_pct < 1 resizes the shorter side to floor(size / crop_pct), as timm's eval transform, then crops: checked
+    by hand on one digit served through load_split with that preprocessing."""
+    import timm.data
+
+    prep = Preprocessing(32, (0.2, 0.3, 0.4), (0.5, 0.6, 0.7), "bicubic", crop_pct=0.875)
+    test = load_split("digits", "test", preprocessing=prep)
+    assert test.preprocessing == prep and len(test) == 360
+    raw = test.images.images[5]  # uint8 (3, 8, 8), as stored
+    resized = v2.functional.resize(raw, [36], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    cropped = v2.functional.center_crop(resized, [32, 32]).float() / 255
+    by_hand = (cropped - torch.tensor(prep.mean)[:, None, None]) / torch.tensor(prep.std)[:, None, None]
+    torch.testing.assert_close(test[5][0], by_hand)
+    uncropped = Preprocessing(32, prep.mean, prep.std, "bicubic").transform()(raw)
+    assert uncropped.shape == by_hand.shape and not torch.allclose(uncropped, by_hand)
+    timm_eval = timm.data.create_transform(32, crop_pct=0.875, interpolation="bicubic")
+    assert timm_eval.transforms[0].size == 36 and timm_eval.transforms[1].size == (32, 32)
 
 
 def _write_cifar(

@@ -13,7 +13,8 @@ from cache.reader import CachedTargets
 from cache.store import STORE_NAME, FeatureStore
 from helpers import STUDENT, assert_one_line_error, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, load_classifier, probe
-from pipeline.datasets import load_split
+from pipeline.checkpoints import read_model_spec, save_checkpoint
+from pipeline.datasets import Preprocessing, load_split
 from pipeline.errors import UserError
 from pipeline.layout import DISTILL_LOG, STUDENT_WEIGHTS
 from pipeline.models import create_model
@@ -225,3 +226,30 @@ def test_online_teacher_matches_the_cache(scored_store, digits_teacher, tmp_path
         expect_ok=False,
     )
     assert_one_line_error(result, "is not the checkpoint")
+
+
+def test_student_and_probe_see_the_pixels_the_store_records(tmp_path):
+    """A store extracted with a timm teacher's own preprocessing: the student trains on it, the probe embeds with
+    it and exports it as the classifier's transform, and without the store the run's record gives the same."""
+    teacher = tmp_path / "teacher.safetensors"
+    save_checkpoint(create_model("timm:test_resnet", 10), teacher, {"model": "timm:test_resnet", "num_classes": 10})
+    store = tmp_path / "store"
+    extract(
+        ExtractConfig(
+            teacher="timm:test_resnet", checkpoint=str(teacher), max_samples=100, device="cpu", out=str(store)
+        )
+    )
+    recorded = FeatureStore.open(store).meta["identity"]["dataset"]["preprocessing"]
+    assert recorded != load_split("digits", "train").preprocessing.to_dict()  # the model's, not the dataset's
+    run = tmp_path / "run"
+    args = {**STUDENT, "epochs": 1, "batch_size": 50, "teacher_layers": ("layer2.0",)}
+    distill(DistillConfig(store=str(store), out=str(run), **args))
+    assert read_model_spec(run / STUDENT_WEIGHTS)["preprocessing"] == recorded
+    with_store = probe(ProbeConfig(run=str(run), device="cpu"))
+    raw = load_split("digits", "test").images.images[0]
+    expected = Preprocessing.from_dict(recorded).transform()(raw)
+    assert torch.equal(load_classifier(run).transform(raw), expected)
+    shutil.rmtree(store)
+    without_store = probe(ProbeConfig(run=str(run), device="cpu"))
+    assert without_store["test_top1"] == with_store["test_top1"]
+    assert torch.equal(load_classifier(run).transform(raw), expected)

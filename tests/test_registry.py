@@ -7,9 +7,10 @@ import torch
 
 from helpers import run_cli
 from pipeline.datasets import list_datasets
+from pipeline.errors import UserError
 from pipeline.models import create_model, list_models
 from pipeline.registry import Registry, UnknownName
-from pipeline.taps import LAYER, STAGE_END, TapRecorder, candidate_taps, list_taps
+from pipeline.taps import LAYER, STAGE_END, TapRecorder, candidate_taps, dry_forward, list_taps
 
 
 def test_model_and_dataset_listing():
@@ -19,6 +20,24 @@ def test_model_and_dataset_listing():
     out = run_cli("models", "resnet*").output.split()
     assert "resnet20" in out and "vit_et" not in out
     assert "imagefolder" in run_cli("datasets").output
+
+
+def test_models_lists_each_namespace():
+    """A timm: or tv: pattern lists that library's models, prefixed; a plain pattern the built-ins and a hint."""
+    import timm
+    import torchvision
+
+    assert list_models("timm:convnext_a*") == [f"timm:{n}" for n in timm.list_models("convnext_a*")]
+    assert "timm:convnext_atto" in list_models("timm:convnext_a*")
+    tv = list_models("tv:resnet*")
+    assert {"tv:resnet18", "tv:resnet50"} <= set(tv) and all(n.startswith("tv:resnet") for n in tv)
+    assert "fcn_resnet50" in torchvision.models.list_models() and "tv:fcn_resnet50" not in list_models("tv:*")
+    timm_listed = run_cli("models", "timm:convnext_a*")
+    assert timm_listed.stdout.split() == list_models("timm:convnext_a*") and not timm_listed.stderr
+    built_in = run_cli("models", "resnet2*")
+    assert built_in.stdout.split() == ["resnet20"]
+    assert "kdpipe models 'timm:PATTERN'" in built_in.stderr and "'tv:PATTERN'" in built_in.stderr
+    assert run_cli("models", "tv:nothing_like_this*").stdout == ""
 
 
 def test_registry_rejects_duplicates_and_names_unknown():
@@ -50,6 +69,43 @@ def test_taps_match_forward(name):
     assert torch.equal(rec.logits, plain) and plain.shape == (2, 7)
     for tap in taps:
         assert tuple(feats[tap.name].shape) == (2, *tap.shape)
+
+
+def test_input_size_reaches_timm_models_that_take_an_image_size():
+    vit = create_model("timm:vit_tiny_patch16_224", 10, input_size=32, model_kwargs={"patch_size": 4})
+    assert vit.patch_embed.grid_size == (8, 8)
+    assert list_taps(vit, 32, names=["blocks.11"], num_classes=10)[0].shape == (65, 192)  # 8x8 patches + class
+    swin = create_model(
+        "timm:swin_tiny_patch4_window7_224", 10, input_size=32, model_kwargs={"patch_size": 2, "window_size": 4}
+    )
+    assert swin.patch_embed.img_size == (32, 32)
+    assert dry_forward(swin, 32, num_classes=10).logits.shape == (2, 10)
+    assert "(5, 192)" in run_cli("layers", "timm:vit_tiny_patch16_224").output  # 2x2 patches of 16 at 32 px
+    # The user's img_size wins; models without one build as before; other refusals are not taken for that one.
+    fixed = create_model("timm:vit_tiny_patch16_224", 10, input_size=32, model_kwargs={"img_size": 64})
+    assert fixed.patch_embed.img_size == (64, 64)
+    assert create_model("timm:resnet18", 10, input_size=32)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(UserError, match="unexpected keyword argument 'depth_of_field'"):
+        create_model("timm:resnet18", 10, input_size=32, model_kwargs={"depth_of_field": 3})
+
+
+def test_dry_forward_leaves_mode_and_random_state_as_they_were():
+    class Noisy(torch.nn.Module):  # draws random numbers in every forward pass, even in eval mode
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.mean((2, 3)) + torch.randn(len(x), 3))
+
+    model = Noisy().train()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert dry_forward(model, 8, num_classes=4).logits.shape == (2, 4)
+    assert torch.equal(torch.rand(3), expected) and model.training
+    with pytest.raises(UserError, match=r"has shape \(2, 4\), not \(2, 5\)"):
+        dry_forward(model, 8, num_classes=5)
 
 
 def test_early_stop_does_not_run_past_last_tap():

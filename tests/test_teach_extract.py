@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -12,15 +13,17 @@ import pytest
 import torch
 import yaml
 import zarr
+from safetensors.torch import load_file
 
 from cache.store import STORE_NAME, FeatureStore
 from helpers import run_cli, small_chunks
-from pipeline import ExtractConfig, ScoreConfig, extract, score
-from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.datasets import load_split
+from pipeline import ExtractConfig, ScoreConfig, TeachConfig, extract, score, teach
+from pipeline.checkpoints import load_checkpoint, read_model_spec, save_checkpoint
+from pipeline.datasets import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_split
 from pipeline.extract import HalfSlots
-from pipeline.layout import TEACH_LOG, TEACH_SUMMARY
+from pipeline.layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS
 from pipeline.models import create_model
+from pipeline.provenance import load_matching_split
 from pipeline.taps import TapRecorder
 
 
@@ -37,14 +40,85 @@ def test_teach_writes_its_outputs(digits_teacher):
     assert json.loads((out / TEACH_SUMMARY).read_text())["test_top1"] == digits_teacher["test_top1"]
     assert len((out / TEACH_LOG).read_text().splitlines()) == 1 + digits_teacher["epochs"]
     assert yaml.safe_load((out / "teach_args.yaml").read_text())["epochs"] == digits_teacher["epochs"]
+    digits = load_split("digits", "train").preprocessing.to_dict()  # a built-in model keeps the dataset's
+    assert read_model_spec(digits_teacher["checkpoint"])["preprocessing"] == digits_teacher["preprocessing"] == digits
 
 
-def _check_round_trip(store_dir: Path, model_name: str, checkpoint: str, split: str = "train"):
-    """Every cached tap, label and logit equals a fresh eval forward of the teacher, to float16 precision."""
+def test_teach_check_changes_no_result(tmp_path, monkeypatch):
+    """The dry forward before training (eval mode, random state kept) leaves the trained teacher bit-identical."""
+    args = dict(teacher="resnet8", model_kwargs={"base_width": 4}, epochs=1, batch_size=256, device="cpu")
+    teach(TeachConfig(out=str(tmp_path / "checked"), **args))
+    monkeypatch.setattr(importlib.import_module("pipeline.teach"), "dry_forward", lambda *args, **kwargs: None)
+    teach(TeachConfig(out=str(tmp_path / "unchecked"), **args))
+    checked, unchecked = (load_file(str(tmp_path / d / TEACHER_WEIGHTS)) for d in ("checked", "unchecked"))
+    assert checked.keys() == unchecked.keys() and all(torch.equal(checked[k], unchecked[k]) for k in checked)
+
+
+def _timm_preprocessing(name: str, mean=None, std=None) -> Preprocessing:
+    """A timm model's eval preprocessing at 32 px, from its default pretrained config (mean/std unless given)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    return Preprocessing(32, mean or cfg.mean, std or cfg.std, cfg.interpolation, cfg.crop_pct)
+
+
+def test_teach_serves_and_records_a_timm_models_preprocessing(tmp_path):
+    summary = teach(TeachConfig(teacher="timm:test_resnet", epochs=1, batch_size=256, device="cpu", out=str(tmp_path)))
+    expected = _timm_preprocessing("test_resnet").to_dict()
+    assert expected["mean"] == [0.5, 0.5, 0.5] and expected["crop_pct"] < 1
+    assert read_model_spec(summary["checkpoint"])["preprocessing"] == summary["preprocessing"] == expected
+    extract_args = ["extract", "--teacher", "timm:test_resnet", "--checkpoint", summary["checkpoint"], "--splits"]
+    extract_args += ["test", "--max-samples", 20, "--device", "cpu"]
+    same = run_cli(*extract_args, "--out", tmp_path / "same")
+    assert "trained with preprocessing" not in same.stderr
+    other = run_cli(*extract_args, "--normalization", "dataset", "--out", tmp_path / "other")
+    assert f"{summary['checkpoint']} was trained with preprocessing" in other.stderr
+
+
+@pytest.fixture(scope="module")
+def timm_teacher(tmp_path_factory) -> Path:
+    """A random-init timm:resnet18 (its class's pretrained config, no weights downloaded) with a kdpipe checkpoint."""
+    path = tmp_path_factory.mktemp("timm") / "resnet18.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(
+        create_model("timm:resnet18", 10, input_size=32), path, {"model": "timm:resnet18", "num_classes": 10}
+    )
+    return path
+
+
+@pytest.mark.parametrize("normalization", ["model", "dataset"])
+def test_extract_records_the_preprocessing_it_serves(timm_teacher, tmp_path, normalization):
+    """`model` serves a timm teacher its pretrained config's preprocessing (timm's resnet18: ImageNet mean and std,
+    its crop_pct and interpolation), `dataset` the digits statistics; the store records what was served, the
+    cached features are the teacher's on those pixels, and later stages load the split with the recorded one."""
+    digits = load_split("digits", "test").preprocessing
+    expected = _timm_preprocessing("resnet18", IMAGENET_MEAN, IMAGENET_STD) if normalization == "model" else digits
+    config = ExtractConfig(
+        teacher="timm:resnet18",
+        checkpoint=str(timm_teacher),
+        normalization=normalization,
+        splits=("test",),
+        layers=("layer2.1", "layer4.1"),
+        max_samples=40,
+        device="cpu",
+        out=str(tmp_path),
+    )
+    extract(config)
+    store = FeatureStore.open(tmp_path / STORE_NAME)
+    assert store.meta["identity"]["dataset"]["preprocessing"] == expected.to_dict()
+    assert load_matching_split(store, "test", None, None).preprocessing == expected
+    _check_round_trip(tmp_path, "timm:resnet18", str(timm_teacher), split="test", preprocessing=expected)
+
+
+def _check_round_trip(
+    store_dir: Path, model_name: str, checkpoint: str, split: str = "train", preprocessing: Preprocessing | None = None
+):
+    """Every cached tap, label and logit equals a fresh eval forward of the teacher on the digits served with
+    `preprocessing` (default: the dataset's own), to float16 precision."""
     store = FeatureStore.open(store_dir / STORE_NAME)
     part = store.split(split)
     indices = part.array("indices")[:]
-    data = load_split("digits", split)
+    data = load_split("digits", split, preprocessing=preprocessing)
     model = create_model(model_name, data.num_classes, input_size=32)
     load_checkpoint(model, checkpoint)
     model.eval()
