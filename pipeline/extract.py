@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Subset
 
 from cache.store import FEATURES, ArraySpec, FeatureStore, SplitStore, StoreError, compressors, stored_bytes
@@ -70,7 +71,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     layers = list_taps(model, input_size, num_classes=num_classes if logits else None)
     taps = list_taps(model, input_size, names=list(config.layers)) if config.layers else layers
     preprocessing = served_preprocessing(config.teacher, model, first.preprocessing, config.normalization)
-    _warn_if_trained_otherwise(config.checkpoint, preprocessing)
+    _warn_if_trained_otherwise(config.checkpoint, config.pretrained, model, preprocessing)
     data = {split: d.with_preprocessing(preprocessing) for split, d in data.items()}
     rows = {split: _select_rows(d, config.max_samples, config.seed) for split, d in data.items()}
     identity = {
@@ -112,12 +113,20 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     return _summary(store, timings, out)
 
 
-def _warn_if_trained_otherwise(checkpoint: str | None, preprocessing: Preprocessing) -> None:
-    """A kdpipe teacher records the preprocessing it was trained with; extracting with another is allowed, not quiet."""
+def _warn_if_trained_otherwise(
+    checkpoint: str | None, pretrained: bool, model: nn.Module, preprocessing: Preprocessing
+) -> None:
+    """A kdpipe teacher records the preprocessing it was trained with, pretrained timm weights their input size;
+    extracting with another is allowed, not quiet."""
     trained = (read_model_spec(checkpoint) or {}).get("preprocessing") if checkpoint else None
     used = preprocessing.to_dict()
     if trained and trained != used:
         log.warning("%s was trained with preprocessing %s; extracting with %s", checkpoint, trained, used)
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") if pretrained else None
+    if size and size[-1] != preprocessing.input_size:
+        log.warning(
+            "the pretrained weights were trained at %d px; extracting at %d px", size[-1], preprocessing.input_size
+        )
 
 
 def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndarray:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from cache.store import FeatureStore, stored_bytes
 
+from .taps import Tap
+
 
 def describe_store(path: str | Path) -> str:
     store = FeatureStore.open(path)
@@ -19,6 +21,12 @@ def describe_store(path: str | Path) -> str:
         f"  ({meta.get('checkpoint_path') or 'pretrained'})",
         f"dataset     {dataset['name']}  {dataset['num_classes']} classes  preprocessing {dataset['preprocessing']}",
         f"created     {meta['created']} by kdpipe {meta['kdpipe_version']}  config {meta['config_hash'][:16]}",
+        f"head        {teacher.get('head', 'loaded')}  logits {'cached' if identity.get('logits') else 'none'}",
+        f"taps        {'name':28s} {'role':10s} {'layout':26s} shape",
+    ]
+    lines += [
+        f"            {t.name:28s} {t.role:10s} {t.describe():26s} {t.shape}"
+        for t in map(Tap.from_record, identity["taps"])
     ]
     for part in store.splits():
         missing = len(part.missing_blocks())

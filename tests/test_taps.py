@@ -9,11 +9,11 @@ import torch
 from pipeline.errors import UserError
 from pipeline.models import create_model
 from pipeline.pairing import default_student_taps
-from pipeline.taps import FLATTEN, STEM, Tap, TapRecorder, infer_layout, list_taps, stage_ends
+from pipeline.taps import FLATTEN, STEM, Tap, TapRecorder, infer_layout, list_taps, pool_embedding, stage_ends
 
 VIT_B = (
     "timm:vit_base_patch16_224",
-    {"patch_size": 4, "img_size": 32},
+    {"patch_size": 4},
 )  # ViT-B/16 with the paper's 4-px patches at 32 px
 
 
@@ -64,7 +64,7 @@ def test_vit_et_leaves_its_last_block_to_the_head():
 def test_vit_layer0_is_the_patch_embedding_with_its_prefix_before_positions():
     """`embed` = [class token, patches] before the positional embedding, for timm ViTs and DeiT's two tokens."""
     for name, prefix in (("timm:vit_tiny_patch16_224", 1), ("timm:deit_tiny_distilled_patch16_224", 2)):
-        model = create_model(name, 10, input_size=32, model_kwargs={"patch_size": 4, "img_size": 32}).eval()
+        model = create_model(name, 10, input_size=32, model_kwargs={"patch_size": 4}).eval()
         embed = next(t for t in list_taps(model, 32) if t.name == "embed")
         assert (embed.prefix_tokens, embed.grid, embed.shape) == (prefix, (8, 8), (prefix + 64, 192))
         x = torch.randn(2, 3, 32, 32)
@@ -97,11 +97,19 @@ def test_blocks_inside_groups_of_blocks_are_layers():
 
 def test_channels_last_model_taps_are_recorded_nhwc():
     taps = taps_of(
-        "timm:swin_tiny_patch4_window7_224", {"patch_size": 2, "window_size": 4, "embed_dim": 24, "img_size": 32}
+        "timm:swin_tiny_patch4_window7_224", {"patch_size": 2, "window_size": 4, "embed_dim": 24}
     )
     maps = [t for t in taps if t.kind == "map"]
     assert maps and all(t.layout == "NHWC" for t in maps)
     assert taps[0].name == "patch_embed" and taps[0].spatial == (16, 16)
+
+
+def test_probe_pooling_follows_the_layout():
+    x = torch.randn(2, 4, 4, 6)  # NHWC: 6 channels
+    assert torch.equal(pool_embedding(x, "NHWC"), x.mean(dim=(1, 2)))
+    assert torch.equal(pool_embedding(x.permute(0, 3, 1, 2), "NCHW"), x.mean(dim=(1, 2)))
+    tokens = torch.randn(2, 65, 8)
+    assert torch.equal(pool_embedding(tokens, "NLC"), tokens.mean(1))  # the class token included, METHOD.md §4
 
 
 @pytest.mark.parametrize(

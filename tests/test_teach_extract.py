@@ -110,6 +110,20 @@ def test_extract_records_the_preprocessing_it_serves(timm_teacher, tmp_path, nor
     _check_round_trip(tmp_path, "timm:resnet18", str(timm_teacher), split="test", preprocessing=expected)
 
 
+def test_extract_warns_when_pretrained_weights_meet_another_size(caplog, monkeypatch, tmp_path):
+    """timm's resnet18 weights were trained at 224 px; extracting them at 32 px is allowed, with a warning. The weights
+    themselves are stood in for (nothing downloads): timm's loader is replaced by a no-op."""
+    import timm.models._builder
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda *args, **kwargs: None)
+    config = ExtractConfig(
+        teacher="timm:resnet18", pretrained=True, layers=("layer4.1",), max_samples=20, device="cpu", out=str(tmp_path)
+    )
+    with caplog.at_level("WARNING"):
+        extract(config)
+    assert "the pretrained weights were trained at 224 px; extracting at 32 px" in caplog.text
+
+
 def _check_round_trip(
     store_dir: Path, model_name: str, checkpoint: str, split: str = "train", preprocessing: Preprocessing | None = None
 ):
