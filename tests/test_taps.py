@@ -96,9 +96,7 @@ def test_blocks_inside_groups_of_blocks_are_layers():
 
 
 def test_channels_last_model_taps_are_recorded_nhwc():
-    taps = taps_of(
-        "timm:swin_tiny_patch4_window7_224", {"patch_size": 2, "window_size": 4, "embed_dim": 24}
-    )
+    taps = taps_of("timm:swin_tiny_patch4_window7_224", {"patch_size": 2, "window_size": 4, "embed_dim": 24})
     maps = [t for t in taps if t.kind == "map"]
     assert maps and all(t.layout == "NHWC" for t in maps)
     assert taps[0].name == "patch_embed" and taps[0].spatial == (16, 16)
