@@ -35,7 +35,7 @@ def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:
 
     setup_threads()
     feature_store = FeatureStore.open(store)
-    taps = {t["name"]: Tap(t["index"], t["name"], tuple(t["shape"])) for t in feature_store.meta["identity"]["taps"]}
+    taps = {t["name"]: Tap.from_record(t) for t in feature_store.meta["identity"]["taps"]}
     teacher = OnlineTeacher(load_teacher(TEACHER, checkpoint, False, None, 10, 32)[0], list(TEACHER_TAPS))
     student = create_model(STUDENT, 10)
     method = Distiller(

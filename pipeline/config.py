@@ -454,7 +454,7 @@ class DistillConfig(RunOptions):
         "Teacher taps (default: the store's top-k by Q, or the stage ends for feature-standard and fitnet)."
     )
     student_layers: tuple[str, ...] = _layers(
-        "Student taps, paired in depth order (default: k stage ends spread over depth)."
+        "Student taps, paired in depth order (default: the student's k deepest stage ends)."
     )
     model_kwargs: dict | None = _model_kwargs(spec=True)
     dataset: str | None = option(None, "Dataset to pair with the store (default: the one it was extracted from).")

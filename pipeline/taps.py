@@ -377,38 +377,54 @@ def list_taps(
     `dry_forward` (which checks the logits too when given `num_classes`). Roles always come from the whole model,
     whichever taps are asked for."""
     layers = candidate_taps(model)
-    flatten = next((n for n in _FLATTEN_MODULES if _module(model, n) is not None), None)
-    declared_stem = _declared_stem(model)
+    modules = dict(model.named_modules())
+    flatten = next((n for n in _FLATTEN_MODULES if n in modules), None)
+    declared_stem = LAYER0 if LAYER0 in modules else None  # the layer-0 tap pipeline.models.add_layer0 adds to ViTs
     extra = [n for n in (flatten, declared_stem) if n]
     asked = list(names) if names is not None else layers + extra
     if not asked:
         raise UserError("no taps found for this model; name modules explicitly with --layers")
-    unknown = [n for n in asked if _module(model, n) is None or n == ""]
+    unknown = [n for n in asked if n not in modules or n == ""]
     if unknown:
         raise UserError(f"unknown tap {unknown[0]!r} for this model; `kdpipe layers MODEL` lists the taps")
     # Stage modules are run too: one holding no layer (MobileViT's final_conv) ends the stage before it.
     keep = set(layers + extra + asked + _feature_modules(model))
     trace = dry_forward(model, input_size, keep, set(layers), num_classes, in_chans)
-    plain_stack = all(isinstance(_module(model, n), _ACTIVATIONS) for n in layers)  # VGG: its first ReLU is layer 0
+    plain_stack = all(isinstance(modules[n], _ACTIVATIONS) for n in layers)  # VGG: its first ReLU is layer 0
     stem = declared_stem or (None if plain_stack else _stem(model, trace, layers))
-    hints = LayoutHints.of(model)
-    described = {}
-    for name, output in trace.outputs.items():
-        problem = _not_a_tap(output)
-        if problem and name in (names or ()):
-            raise UserError(f"tap {name!r} {problem}; choose another module")
-        if not problem:
-            shape = tuple(output.shape[1:])
-            described[name] = Tap(0, name, shape, *infer_layout(shape, hints))
+    shapes = _tap_shapes(trace.outputs, names or ())
+    hints = _probed_hints(LayoutHints.of(model), shapes.values())
+    described = {name: Tap(0, name, shape, *infer_layout(shape, hints)) for name, shape in shapes.items()}
     order = [n for n in dict.fromkeys(trace.finished) if n in described]
-    missing = [n for n in (names or ()) if n not in described]
-    if missing:
-        raise UserError(f"tap {missing[0]!r} never ran in the forward pass")
     roles = _roles(model, [described[n] for n in order if n in layers or n in (stem, flatten)], stem, flatten, trace)
     chosen = set(names) if names is not None else set(layers) | {stem, flatten} - {None}
     return [
         replace(described[n], index=i, role=roles.get(n, LAYER)) for i, n in enumerate(o for o in order if o in chosen)
     ]
+
+
+def _tap_shapes(outputs: dict[str, Any], asked: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of the outputs that are taps; an asked-for module whose output is none is an error."""
+    shapes = {}
+    for name, output in outputs.items():
+        problem = _not_a_tap(output)
+        if problem and name in asked:
+            raise UserError(f"tap {name!r} {problem}; choose another module")
+        if not problem:
+            shapes[name] = tuple(output.shape[1:])
+    missing = [n for n in asked if n not in shapes]
+    if missing:
+        raise UserError(f"tap {missing[0]!r} never ran in the forward pass")
+    return shapes
+
+
+def _probed_hints(hints: LayoutHints, shapes) -> LayoutHints:
+    """Where the model does not say its maps are channels-last, its unambiguous maps do: (a, a, a) taps of a model
+    whose other maps are all NHWC are NHWC too."""
+    if hints.channels_last:
+        return hints
+    layouts = {infer_layout(s)[0] for s in shapes if len(s) == 3 and len(set(s)) > 1}
+    return replace(hints, channels_last=True) if layouts == {"NHWC"} else hints
 
 
 def _not_a_tap(output: Any) -> str | None:
@@ -417,15 +433,6 @@ def _not_a_tap(output: Any) -> str | None:
     if output.dim() < 2 or output.shape[0] != DRY_BATCH:
         return f"folds the batch into its first axis (shape {tuple(output.shape)} for a batch of {DRY_BATCH})"
     return None
-
-
-def _module(model: nn.Module, path: str) -> nn.Module | None:
-    return dict(model.named_modules()).get(path)
-
-
-def _declared_stem(model: nn.Module) -> str | None:
-    """A stem the model declares: the layer-0 tap kdpipe adds to ViTs (`pipeline.models.add_layer0`)."""
-    return LAYER0 if isinstance(_module(model, LAYER0), nn.Module) else None
 
 
 def _stem(model: nn.Module, trace: _Trace, layers: list[str]) -> str | None:

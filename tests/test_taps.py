@@ -110,6 +110,22 @@ def test_probe_pooling_follows_the_layout():
     assert torch.equal(pool_embedding(tokens, "NLC"), tokens.mean(1))  # the class token included, METHOD.md §4
 
 
+def test_ambiguous_maps_follow_the_models_other_maps():
+    """A channels-last model that says nothing: its (8, 8, 8) map is NHWC because its other maps are."""
+
+    class ChannelsLast(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 16))
+
+        def forward(self, x):
+            x = torch.nn.functional.avg_pool2d(x, 4).permute(0, 2, 3, 1)  # (B, 8, 8, 3)
+            return self.blocks(x).mean(dim=(1, 2))
+
+    taps = list_taps(ChannelsLast(), 32, names=["blocks.0", "blocks.1"])
+    assert [(t.shape, t.layout) for t in taps] == [((8, 8, 8), "NHWC"), ((8, 8, 16), "NHWC")]
+
+
 @pytest.mark.parametrize(
     "shape,expected",
     [
@@ -131,3 +147,13 @@ def test_a_tap_that_folds_the_batch_is_refused():
     assert not any("transformer" in t.name for t in list_taps(model, 32))
     with pytest.raises(UserError, match="stages.3.1.transformer.0.*folds the batch"):
         list_taps(model, 32, names=["stages.3.1.transformer.0"])
+
+
+def test_pairs_far_apart_in_size_are_warned_about(caplog):
+    from pipeline.pairing import _warn_if_far_apart
+
+    with caplog.at_level("WARNING"):
+        _warn_if_far_apart(Tap(1, "s", (64, 16, 16)), Tap(2, "t", (64, 4, 4)))  # 4x: pooled without a word
+        assert not caplog.records
+        _warn_if_far_apart(Tap(1, "s", (64, 64, 64)), Tap(2, "t", (65, 192)))  # 64 vs the 8x8 patch grid
+    assert "differ 8x" in caplog.text and "(8, 8)" in caplog.text
