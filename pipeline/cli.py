@@ -176,8 +176,9 @@ def layers(config: LayersConfig) -> None:
     from .taps import list_taps
 
     net = create_model(config.model, config.num_classes, input_size=config.input_size, model_kwargs=config.model_kwargs)
+    taps = list_taps(net, config.input_size)
     click.echo(f"{'index':>5}  {'name':28s} {'role':10s} {'layout':26s} shape")
-    for tap in list_taps(net, config.input_size):
+    for tap in taps:
         click.echo(f"{tap.index:>5}  {tap.name:28s} {tap.role:10s} {tap.describe():26s} {tuple(tap.shape)}")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -142,13 +141,13 @@ class PrefixedPatches(nn.Module):
 def add_layer0(vit: VisionTransformer) -> VisionTransformer:
     """Gives a timm ViT the tap `embed` (no parameters, so checkpoints are unchanged), fed from `patch_embed`."""
     vit.embed = PrefixedPatches()
-    vit.patch_embed.register_forward_hook(functools.partial(_feed_layer0, weakref.ref(vit)))
+    # A strong reference (a cycle the collector handles): a deep copy of the model then feeds its own `embed`.
+    vit.patch_embed.register_forward_hook(functools.partial(_feed_layer0, vit))
     return vit
 
 
-def _feed_layer0(owner: weakref.ref, patch_embed: nn.Module, args, patches: torch.Tensor) -> None:
-    vit = owner()
-    if vit is None or not vit.embed._forward_hooks:  # only a tap on `embed` needs the concatenation
+def _feed_layer0(vit: VisionTransformer, patch_embed: nn.Module, args, patches: torch.Tensor) -> None:
+    if not vit.embed._forward_hooks:  # only a tap on `embed` needs the concatenation
         return
     prefix = [getattr(vit, t, None) for t in ("cls_token", "dist_token", "reg_token")]
     patches = patches.flatten(1, 2) if patches.dim() == 4 else patches  # dynamic_img_size gives NHWC patches
@@ -316,8 +315,8 @@ def _timm_model(name: str, input_size: int | None, **kwargs) -> nn.Module:
         return timm.create_model(name, **kwargs)
     try:
         return timm.create_model(name, img_size=input_size, **kwargs)
-    except TypeError as err:
-        if "unexpected keyword argument 'img_size'" not in str(err):
+    except TypeError as err:  # Python's "unexpected keyword argument 'img_size'", or timm's "... argument(s): [...]"
+        if "img_size" not in str(err):
             raise
     return timm.create_model(name, **kwargs)
 

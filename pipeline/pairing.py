@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
 from torch import nn
 
 from cache.store import FeatureStore, SplitStore
@@ -12,6 +13,7 @@ from cache.store import FeatureStore, SplitStore
 from .config import ScoreConfig
 from .errors import UserError
 from .methods import Method
+from .models import create_model
 from .quality import select_top_k
 from .taps import Tap, list_taps, stage_ends
 
@@ -81,12 +83,9 @@ def standard_taps(store: FeatureStore, k: int | None) -> list[Tap]:
     """The teacher's k deepest stage ends (as many as score picks by default, fewer for fewer stages), which extract
     recorded from the teacher; they must be cached."""
     teacher = store.meta["identity"]["teacher"]
-    ends = teacher.get("stage_ends")
+    ends = teacher["stage_ends"] if "stage_ends" in teacher else _rebuilt_stage_ends(store)
     if not ends:
-        raise UserError(
-            f"{store.path} records no stage ends of teacher {teacher['name']} (an older store, or a model without "
-            "stages); pass --teacher-layers"
-        )
+        raise UserError(f"teacher {teacher['name']} has no stage ends (no stages found); pass --teacher-layers")
     k = k or min(DEFAULT_PAIRS, len(ends))
     if k > len(ends):
         raise UserError(
@@ -94,6 +93,22 @@ def standard_taps(store: FeatureStore, k: int | None) -> list[Tap]:
             "pass --teacher-layers or fewer --student-layers"
         )
     return recorded_taps(store, ends[-k:], " (a stage end of the teacher)")
+
+
+def _rebuilt_stage_ends(store: FeatureStore) -> list[str]:
+    """A store from before extract recorded the teacher's stage ends: they are read off its architecture, rebuilt
+    with the recorded kwargs (no weights needed)."""
+    identity = store.meta["identity"]
+    teacher, input_size = identity["teacher"], identity["dataset"]["preprocessing"]["input_size"]
+    kwargs = teacher.get("model_kwargs") or None
+    try:
+        with torch.random.fork_rng():  # building the architecture must not move the student's random stream
+            model = create_model(
+                teacher["name"], identity["dataset"]["num_classes"], input_size=input_size, model_kwargs=kwargs
+            )
+    except UserError as err:
+        raise UserError(f"cannot rebuild teacher {teacher['name']!r} of {store.path} (kwargs {kwargs}): {err}") from err
+    return [t.name for t in stage_ends(list_taps(model, input_size))]
 
 
 def default_student_taps(taps: list[Tap], k: int) -> list[Tap]:

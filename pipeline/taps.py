@@ -29,6 +29,7 @@ from .errors import UserError, first_line
 LAYOUTS = ("NCHW", "NHWC", "NLC", "NC")  # timm's names (timm.layers.Format)
 STEM, LAYER, STAGE_END, FLATTEN = "stem", "layer", "stage end", "flatten"
 LAYER0 = "embed"  # the module path of the ViT layer-0 tap that pipeline.models adds
+STEM_NAME = "stem"  # timm's name for a model's stem module
 MAX_PREFIX_TOKENS = 16  # more leading non-patch tokens than this and the tokens are not read as a patch grid
 
 # Leaf layers never count as blocks, even when they sit in a Sequential.
@@ -179,14 +180,19 @@ def candidate_taps(model: nn.Module) -> list[str]:
     """The model's generalized layers by module path, in no particular order (`list_taps` adds the stem and the
     flatten, and orders them).
 
-    Blocks are the parameterised, non-primitive members of containers (Sequential, ModuleList) and of stage modules
-    (timm `feature_info` entries of different reductions), at any depth: containers of containers (EfficientNet's
-    groups of blocks) and stages (ConvNeXt's, holding `blocks`; RegNet's, holding b1..bn) are opened, other modules
-    outside containers (a wrapper such as torchvision's ViT encoder) are searched through, and members of a
-    container are never opened (a block's own layers are not blocks). Inside a stage that holds a container of
-    blocks only those count (not its downsample layer). A plain conv stack (VGG) falls back to its activations.
+    Layers are the parameterised, non-primitive members of containers (Sequential, ModuleList) at any depth, and of
+    stage modules (timm `feature_info` entries of different reductions) that hold blocks: containers of containers
+    (EfficientNet's groups of blocks) and such stages (ConvNeXt's, holding `blocks`; RegNet's, holding b1..bn) are
+    opened; a stage entry that is one block (Hiera's, ReXNet's, Inception's) is a layer itself; other modules outside
+    containers (torchvision's ViT encoder) are searched through; a layer's own modules are never layers. Inside a stage
+    that holds a container of blocks only those count (not its downsample layer), and the model's `stem` (timm's name
+    for it) is never opened. A model without containers (Inception) has its own children as layers; a plain conv
+    stack (VGG) falls back to its activations.
     """
-    blocks = _blocks(model, "", set(_stage_modules(model)), opened=False)
+    stages = set(_stage_modules(model))
+    blocks = _blocks(model, "", stages, opened=False)
+    if all("." not in b for b in blocks) and not any(_is_container(m) and _has_parameters(m) for m in model.modules()):
+        blocks = _blocks(model, "", stages, opened=True)
     if not blocks:
         blocks = [n for n, m in model.named_modules() if isinstance(m, _ACTIVATIONS)]
     return blocks
@@ -195,19 +201,47 @@ def candidate_taps(model: nn.Module) -> list[str]:
 def _blocks(module: nn.Module, path: str, stages: set[str], opened: bool) -> list[str]:
     """The blocks below `module`; its own non-container children are blocks when `module` is opened."""
     members, nested = [], []
-    for name, child in module.named_children():
+    for name, child in _members(module):
         child_path = f"{path}.{name}" if path else name
-        if isinstance(child, _PRIMITIVES + _ACTIVATIONS) or not any(True for _ in child.parameters()):
-            continue
-        if isinstance(child, _CONTAINERS) or child_path in stages:
+        if not path and name == STEM_NAME:
+            continue  # the stem is found by list_taps, never split into layers
+        if _is_container(child) or (child_path in stages and _holds_blocks(child)):
             nested += _blocks(child, child_path, stages, opened=True)
-        elif opened:
+        elif opened or child_path in stages:
             members.append(child_path)
         else:
             nested += _blocks(child, child_path, stages, opened=False)
     if path in stages and nested:
         return nested  # a stage holding a container of blocks: its other children (downsample, norms) are not blocks
     return members + nested
+
+
+def _members(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children that may be blocks: parameterised, and neither primitive layers nor activations."""
+    return [
+        (name, child)
+        for name, child in module.named_children()
+        if not isinstance(child, _PRIMITIVES + _ACTIVATIONS) and _has_parameters(child)
+    ]
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _is_container(module: nn.Module) -> bool:
+    return isinstance(module, _CONTAINERS)
+
+
+def _holds_blocks(stage: nn.Module) -> bool:
+    """A stage module holds blocks when a member is one of several composite modules (RegNet's bottlenecks), or a
+    container of composite modules (ConvNeXt's `blocks`); a single block's members (conv units, attention, MLP)
+    are made of primitive layers only."""
+    for _, child in _members(stage):
+        inner = [m for _, m in _members(child)] if _is_container(child) else [child]
+        if any(_members(m) for m in inner):
+            return True
+    return False
 
 
 def _inside(name: str, ancestor: str) -> bool:
@@ -229,10 +263,11 @@ def _stage_modules(model: nn.Module) -> list[str]:
 def _feature_reductions(model: nn.Module) -> list[tuple[str, int | None]]:
     info = getattr(model, "feature_info", None)
     entries = getattr(info, "info", info) or []  # timm's FeatureInfo wraps the list
+    modules = dict(model.named_modules())
     return [
         (e["module"], e.get("reduction"))
         for e in entries
-        if isinstance(e, dict) and e.get("module") and e["module"] in dict(model.named_modules())
+        if isinstance(e, dict) and e.get("module") and e["module"] in modules
     ]
 
 
@@ -380,7 +415,8 @@ def list_taps(
     modules = dict(model.named_modules())
     flatten = next((n for n in _FLATTEN_MODULES if n in modules), None)
     declared_stem = LAYER0 if LAYER0 in modules else None  # the layer-0 tap pipeline.models.add_layer0 adds to ViTs
-    extra = [n for n in (flatten, declared_stem) if n]
+    named_stem = STEM_NAME if STEM_NAME in dict(model.named_children()) else None
+    extra = [n for n in (flatten, declared_stem, named_stem) if n]
     asked = list(names) if names is not None else layers + extra
     if not asked:
         raise UserError("no taps found for this model; name modules explicitly with --layers")
@@ -396,8 +432,10 @@ def list_taps(
     hints = _probed_hints(LayoutHints.of(model), shapes.values())
     described = {name: Tap(0, name, shape, *infer_layout(shape, hints)) for name, shape in shapes.items()}
     order = [n for n in dict.fromkeys(trace.finished) if n in described]
+    if names is None and not any(n in described for n in layers):
+        raise UserError("no layer of this model outputs a per-sample tensor (its blocks return tuples?); pass --layers")
     roles = _roles(model, [described[n] for n in order if n in layers or n in (stem, flatten)], stem, flatten, trace)
-    chosen = set(names) if names is not None else set(layers) | {stem, flatten} - {None}
+    chosen = set(names) if names is not None else set(layers) | ({stem, flatten} - {None})
     return [
         replace(described[n], index=i, role=roles.get(n, LAYER)) for i, n in enumerate(o for o in order if o in chosen)
     ]
@@ -437,11 +475,13 @@ def _not_a_tap(output: Any) -> str | None:
 
 def _stem(model: nn.Module, trace: _Trace, layers: list[str]) -> str | None:
     """The stem: the first `feature_info` entry when it runs before any block and lies outside them (timm's
-    `act1`, `bn1`, `stem`), else the module whose output enters the first block."""
+    `act1`, `bn1`), else the model's `stem` module, else the module whose output enters the first block."""
     first = next(iter(_feature_modules(model)), None)
     if first and first in trace.outputs and not any(_inside(first, b) or _inside(b, first) for b in layers):
         if any(p[0] == first for p in trace.producers):  # it finished before the first block started
             return first
+    if STEM_NAME in dict(model.named_children()):
+        return STEM_NAME
     return trace.stem()
 
 
@@ -472,11 +512,11 @@ def _stage_ends(model: nn.Module, body: list[Tap], stem: str | None, trace: _Tra
 
 
 def _stage_end(module: str, body: list[Tap], trace: _Trace) -> str | None:
-    """The deepest layer inside a stage module, or (for a stage entry that holds none, such as MobileViT's
-    `final_conv`) the last layer that ran before it."""
-    inside = [t.name for t in body if _inside(t.name, module)]
+    """The deepest layer inside a stage module, the layer enclosing a stage entry inside one, or (for a stage entry
+    that holds none, such as MobileViT's `final_conv`) the last layer that ran before it."""
+    inside = [t.name for t in body if _inside(t.name, module) or _inside(module, t.name)]
     if inside:
-        return inside[-1]
+        return inside[-1]  # the deepest layer inside the stage, or the layer the stage entry lies in (Xception)
     if module not in trace.finished:
         return None
     before = set(trace.finished[: trace.finished.index(module)])
@@ -506,7 +546,9 @@ def dry_forward(
             dummy = torch.zeros(DRY_BATCH, in_chans, input_size, input_size, device=device)
             try:
                 trace = _Trace(model, set(keep), set(blocks), to_the_end=num_classes is not None).run(dummy)
-            except (RuntimeError, AssertionError, ValueError) as err:
+            except UserError:
+                raise
+            except Exception as err:  # shape errors, asserts on the image size, anything a forward may raise
                 raise UserError(
                     f"the model does not accept {input_size}x{input_size} inputs: {first_line(err)}"
                 ) from err

@@ -14,7 +14,7 @@ import yaml
 import zarr
 
 from cache.reader import CachedTargets
-from cache.store import STORE_NAME, FeatureStore
+from cache.store import ATTR_KEY, STORE_NAME, FeatureStore
 from helpers import STUDENT, assert_one_line_error, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, probe
 from pipeline.datasets import stratified_subset
@@ -254,3 +254,20 @@ def test_evaluation_follows_the_configured_losses(scored_store, tmp_path):
         run["evaluated_with"] == "own classifier"
         and run["top1"] == json.loads((tmp_path / "rep" / "kd" / "seed-0" / "distill.json").read_text())["test_top1"]
     )
+
+
+def test_stores_from_before_stage_ends_were_recorded_still_serve_standard_methods(scored_store, tmp_path):
+    """An older store has no `stage_ends` in its identity: they are read off the rebuilt teacher architecture."""
+    old = tmp_path / "old"
+    shutil.copytree(scored_store, old)
+    store = FeatureStore.open(old, mode="r+")
+    meta = store.meta
+    del meta["identity"]["teacher"]["stage_ends"]
+    store.group.attrs[ATTR_KEY] = meta
+    pairs = {}
+    for name, path in (("new", scored_store), ("old", old)):
+        args = ["distill", path, "--student", "resnet20", "--method", "feature-standard", "--steps", 1]
+        run_cli(*args, "--student-layers", "layer2.2,layer3.2", "--out", tmp_path / name, "--device", "cpu")
+        summary = json.loads((tmp_path / name / "distill.json").read_text())
+        pairs[name] = [p["teacher"] for p in summary["pairs"]]
+    assert pairs["old"] == pairs["new"] == ["layer2.2", "layer3.2"]

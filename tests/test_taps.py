@@ -157,3 +157,60 @@ def test_pairs_far_apart_in_size_are_warned_about(caplog):
         assert not caplog.records
         _warn_if_far_apart(Tap(1, "s", (64, 64, 64)), Tap(2, "t", (65, 192)))  # 64 vs the 8x8 patch grid
     assert "differ 8x" in caplog.text and "(8, 8)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,size,stage_ends",
+    [
+        # feature_info names single blocks here, not stages: they are layers, not opened into their convs
+        ("timm:rexnet_100", {}, 32, ["features.0", "features.2", "features.4", "features.10", "features.15"]),
+        ("timm:inception_v3", {}, 96, ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"]),
+        # feature_info entries inside blocks (blocks.N.stack.act3) end the stage of the block holding them
+        ("timm:xception41", {}, 64, ["blocks.0", "blocks.1", "blocks.2", "blocks.11", "blocks.12"]),
+    ],
+)
+def test_feature_info_entries_that_are_blocks_stay_whole(name, kwargs, size, stage_ends):
+    taps = taps_of(name, kwargs, size)
+    assert [t.name for t in taps if t.role == "stage end"] == stage_ends
+    assert all(t.name.count(".") <= 1 for t in taps)  # no branch or conv of a block is a layer
+
+
+def test_a_stem_container_is_the_stem_not_layers():
+    """timm's `stem` Sequential of conv units (LeViT) is one stem tap, never split into layers."""
+    taps = taps_of("timm:levit_128s", {}, 224)
+    assert taps[0].name == "stem" and taps[0].role == STEM
+    assert not any(t.name.startswith("stem.") for t in taps)
+
+
+def test_a_model_whose_blocks_return_tuples_is_refused():
+    class Pairs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([TupleBlock(), TupleBlock()])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x, _ = block(x)
+            return x.mean(dim=(2, 3))
+
+    class TupleBlock(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x), x
+
+    with pytest.raises(UserError, match="no layer of this model outputs a per-sample tensor"):
+        list_taps(Pairs(), 8)
+
+
+def test_a_deep_copy_of_a_vit_feeds_its_own_layer0():
+    import copy
+
+    model = copy.deepcopy(create_model("vit_tiny_cifar", 10)).eval()
+    with torch.no_grad():
+        model.cls_token.fill_(3.0)
+        with TapRecorder(model, ["embed"]) as rec:
+            tokens = rec.run(torch.randn(1, 3, 32, 32))["embed"]
+    assert torch.equal(tokens[0, 0], torch.full((96,), 3.0))

@@ -40,6 +40,7 @@ ZOO = {
 }
 
 
+@pytest.mark.slow  # 12 families in about 10 s: CI's full suite runs them, make test-fast keeps under a minute
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_model_through_every_stage(name, tmp_path):
     kwargs = ZOO[name]
