@@ -214,3 +214,13 @@ def test_a_deep_copy_of_a_vit_feeds_its_own_layer0():
         with TapRecorder(model, ["embed"]) as rec:
             tokens = rec.run(torch.randn(1, 3, 32, 32))["embed"]
     assert torch.equal(tokens[0, 0], torch.full((96,), 3.0))
+
+
+def test_built_in_resnets_start_as_the_reference_does():
+    """METHOD.md §5: Kaiming-normal convolutions (fan-out, ReLU) and every block's last BatchNorm weight at zero."""
+    torch.manual_seed(0)
+    model = create_model("resnet34_cifar", 10)
+    for block in (m for m in model.modules() if m.__class__.__name__ == "BasicBlock"):
+        assert torch.count_nonzero(block.bn2.weight) == 0 and torch.all(block.bn1.weight == 1)
+    conv = model.layer3[1].conv1  # 256 -> 256, 3x3: fan-out 256 * 9
+    assert conv.weight.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.02)
