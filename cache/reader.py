@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,18 +10,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from .store import StoreError
-
-
-@contextlib.contextmanager
-def named_read_errors(array: zarr.Array) -> Iterator[None]:
-    """A chunk that fails its checksum or does not decode is reported with its array, not as a codec error."""
-    try:
-        yield
-    except (ValueError, RuntimeError) as err:
-        raise StoreError(
-            f"{array.path}: a chunk is damaged ({str(err).splitlines()[0]}); `kdpipe verify` lists every damaged chunk"
-        ) from err
+from .store import named_read_errors
 
 
 def gather_rows(
@@ -94,9 +82,13 @@ class CachedTargets:
         if self._ram is None:
             whole = self.num_rows == self.split.num_samples
             self._ram = []
-            for array in self.arrays:
-                with named_read_errors(array):
-                    self._ram.append(array[:] if whole else gather_rows(array, self.rows))
+            for path, array in zip(self.paths, self.arrays, strict=True):
+                if whole:
+                    values = self.split.read(path)
+                else:
+                    values = gather_rows(array, self.rows)
+                    self.split.check(path, values, self.rows)
+                self._ram.append(values)
         return self._ram
 
     def epoch_order(self, rng: np.random.Generator) -> list[np.ndarray]:
@@ -146,7 +138,7 @@ class CachedTargets:
         position = np.searchsorted(blocks, rows // block_rows) * block_rows + rows % block_rows
         ranges = [self.split.block_range(int(b)) for b in blocks]
         out = []
-        for array in self.arrays:
-            with named_read_errors(array):
-                out.append(np.concatenate([array[start:stop] for start, stop in ranges])[position])
+        for path in self.paths:
+            values = np.concatenate([self.split.read(path, slice(start, stop)) for start, stop in ranges])
+            out.append(values[position])
         return out

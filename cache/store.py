@@ -15,8 +15,10 @@ marked complete only when every block is done. Plain `zarr.open_group` / `dask.a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,14 +102,55 @@ def plan_chunks(specs: list[ArraySpec], num_samples: int) -> tuple[dict[str, int
     return rows, block
 
 
-class SplitStore:
-    """One split's group: arrays, the per-block progress flags and the completion state."""
+@contextlib.contextmanager
+def named_read_errors(array: zarr.Array) -> Iterator[None]:
+    """A chunk that fails its checksum or does not decode is reported with its array, not as a codec error."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as err:
+        raise StoreError(
+            f"{array.path}: a chunk is damaged ({str(err).splitlines()[0]}); `kdpipe verify` lists every damaged chunk"
+        ) from err
 
-    def __init__(self, group: zarr.Group) -> None:
+
+class SplitStore:
+    """One split's group: arrays, the per-block progress flags and the completion state.
+
+    `num_classes` bounds the labels `read` accepts (None: only that they are not negative).
+    """
+
+    def __init__(self, group: zarr.Group, num_classes: int | None = None) -> None:
         self.group = group
         self.name = group.basename
         self.num_samples: int = group.attrs["num_samples"]
         self.block_rows: int = group.attrs["block_rows"]
+        self.num_classes = num_classes
+
+    def read(self, path: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """`array[rows]`, checked: a damaged chunk, or a value no writer stores, is a StoreError naming the array."""
+        array = self.group[path]
+        with named_read_errors(array):
+            values = array[rows] if isinstance(rows, slice) else array.get_orthogonal_selection((rows,))
+        positions = np.arange(array.shape[0])[rows]
+        self.check(path, values, positions)
+        return values
+
+    def check(self, path: str, values: np.ndarray, positions: np.ndarray) -> None:
+        """Refuses values the writer never stores: non-finite floats, labels outside the classes, indices outside
+        the dataset. A missing chunk reads as NaN or -1 (its fill value), so it is refused here too."""
+        if values.dtype.kind == "f":
+            bad, what = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1), "NaN or Inf"
+        elif path in ("labels", "indices"):
+            upper = self.num_classes if path == "labels" else self.group.attrs.get("dataset_size")
+            bad, what = (values < 0) | (values >= (upper or np.iinfo(values.dtype).max)), "out of range"
+        else:
+            return
+        if bad.any():
+            row = int(positions[np.flatnonzero(bad)[0]])
+            raise StoreError(
+                f"{self.name}/{path} row {row} holds a value {what} (a missing or damaged chunk reads so); "
+                "`kdpipe verify --repair` marks it for recomputation by the same kdpipe extract"
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -220,7 +263,10 @@ class FeatureStore:
             raise StoreError(
                 f"store {self.path} has no split {name!r}; it has {', '.join(self.split_names()) or 'none'}"
             )
-        return SplitStore(self.group[name])
+        return SplitStore(self.group[name], self._num_classes())
+
+    def _num_classes(self) -> int | None:
+        return self.meta.get("identity", {}).get("dataset", {}).get("num_classes")
 
     def create_split(
         self,
@@ -256,7 +302,7 @@ class FeatureStore:
                 "complete": False,
             }
         )
-        return SplitStore(group)
+        return SplitStore(group, self._num_classes())
 
 
 def _missing_value(dtype: str) -> float | int:

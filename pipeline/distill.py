@@ -106,7 +106,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     if first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file():
         return json.loads((out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
     write_args(out_dir, config)
-    images = RowImages(data, part.array("indices")[:])
+    images = RowImages(data, part.read("indices"))
     trainer = Trainer(
         distiller, optimizer, schedule, targets, images, teacher, config.batch_size, config.seed, dev, config.workers
     )
@@ -179,7 +179,7 @@ def _training_rows(
     if label_fraction >= 1.0:
         return None, None
     try:
-        labelled = stratified_subset(part.array("labels")[:], label_fraction, seed)
+        labelled = stratified_subset(part.read("labels"), label_fraction, seed)
     except UserError as err:
         raise UserError(f"--label-fraction {label_fraction:g}: {err}") from None
     return (labelled if method.uses_labels or not unlabelled_distill else None), labelled
