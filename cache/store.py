@@ -153,6 +153,11 @@ class SplitStore:
             )
 
     @property
+    def path(self) -> Path:
+        """The split's folder (the store is a local directory)."""
+        return Path(self.group.store.root) / self.group.path
+
+    @property
     def num_blocks(self) -> int:
         return math.ceil(self.num_samples / self.block_rows)
 
@@ -224,8 +229,12 @@ class FeatureStore:
             if not (path / "zarr.json").is_file():
                 raise StoreError(f"{path} exists and is not a Zarr store; refusing to delete it")
             shutil.rmtree(path)
-        group = zarr.open_group(str(path), mode="w-")
-        group.attrs[ATTR_KEY] = {**meta, "format_version": FORMAT_VERSION, "complete": False}
+        try:
+            group = zarr.open_group(str(path), mode="w-")
+            group.attrs[ATTR_KEY] = {**meta, "format_version": FORMAT_VERSION, "complete": False}
+        except OSError:  # a full disk: no half-made store left for the next run to refuse
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return cls(path, group)
 
     @property

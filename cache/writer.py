@@ -126,8 +126,8 @@ class SplitWriter:
                     self._write(batch)
                 except OSError as err:  # disk full, permissions, ...: the store stays incomplete and resumable
                     self._error = StoreError(
-                        f"writing split {self.split.name!r} failed: {err}; the store is left "
-                        "incomplete and resumes with the same command"
+                        f"cannot write {self.split.path}: {err.strerror or err}; the store is left incomplete and "
+                        "resumes with the same command"
                     )
                 except BaseException as err:  # re-raised in the producer's thread
                     self._error = err

@@ -1,4 +1,5 @@
-"""Weights in and out: model checkpoints with their spec in the header, and a distill run's epoch checkpoints.
+"""Weights in and out: model checkpoints with their spec in the header, and the epoch checkpoints of a teach or
+distill run.
 
 Nothing pickled is ever executed: weights are safetensors, or torch files read with `weights_only=True`.
 """
@@ -6,23 +7,27 @@ Nothing pickled is ever executed: weights are safetensors, or torch files read w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
-from .errors import UserError, first_line
+from cache.store import StoreError
+
+from .errors import UserError, first_line, writing
 from .layout import checkpoint_epochs, epoch_state, epoch_weights
-from .runtime import first_difference
+from .runtime import first_difference, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +60,9 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, model_spec: dict[str, Any]) -> None:
-    """Weights as safetensors; `model_spec` (name, num_classes, ...) goes in the header so a loader can check it."""
-    save_file(_cpu_state(model), str(path), metadata={SPEC_KEY: json.dumps(model_spec, sort_keys=True)})
+    """Weights as safetensors, written whole or not at all; `model_spec` (name, num_classes, ...) goes in the header
+    so a loader can check it."""
+    write_bytes(path, save(_cpu_state(model), metadata={SPEC_KEY: json.dumps(model_spec, sort_keys=True)}))
 
 
 def read_model_spec(path: str | Path) -> dict[str, Any] | None:
@@ -228,37 +234,50 @@ def _check_state_matches(
         raise UserError(f"{source} does not match the model: " + "; ".join(problems))
 
 
-def save_epoch(out_dir: Path, epoch: int, spec: dict, module: nn.Module, optimizer, schedule, log: list) -> None:
-    """Weights (safetensors), then the state file that commits them; keeps the latest KEPT_CHECKPOINTS epochs."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class RunState:
+    """What an epoch checkpoint holds besides the log: the trained module, its optimizer and schedule, and the
+    generator a shuffling loader draws its order from (teach's; distill's order follows from seed and epoch)."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator | None = None
+
+
+def save_epoch(out_dir: Path, epoch: int, spec: dict, run: RunState, log: list) -> None:
+    """Weights (safetensors), then the state file that commits them, each written whole or not at all; keeps the
+    latest KEPT_CHECKPOINTS epochs. A failed write leaves the committed epochs as they were."""
     weights, state = epoch_weights(out_dir, epoch), epoch_state(out_dir, epoch)
-    tmp = weights.with_suffix(".tmp")
-    save_file(_cpu_state(module), str(tmp))
-    tmp.replace(weights)
     contents = {
         "epoch": epoch,
         "spec": spec,
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        "generator": run.generator.get_state() if run.generator is not None else None,
         "log": log,
     }
-    torch.save(contents, state.with_suffix(".tmp"))
-    state.with_suffix(".tmp").replace(state)
+    buffer = io.BytesIO()
+    torch.save(contents, buffer)
+    write_bytes(weights, save(_cpu_state(run.module)))
+    try:
+        write_bytes(state, buffer.getvalue())
+    except BaseException:
+        weights.unlink(missing_ok=True)  # uncommitted: its space back, for the run that resumes
+        raise
     for old in checkpoint_epochs(out_dir)[:-KEPT_CHECKPOINTS]:
         for path in (epoch_weights(out_dir, old), epoch_state(out_dir, old)):
             path.unlink(missing_ok=True)
 
 
-def start_or_resume(
-    out_dir: Path, resume: bool, spec: dict, module: nn.Module, optimizer, schedule
-) -> tuple[list, int]:
-    """(log so far, first epoch to run): a fresh start (refusing to clobber a run), or the state after the latest
-    committed epoch, whose spec must equal `spec` (every key but the version)."""
+def start_or_resume(out_dir: Path, resume: bool, spec: dict, run: RunState, stage: str) -> tuple[list, int]:
+    """(log so far, first epoch to run): a fresh start (refusing to clobber a `stage` run), or the state after the
+    latest committed epoch, whose spec must equal `spec` (every key but the version)."""
     done = checkpoint_epochs(out_dir)
     if not resume:
         if done:
-            raise UserError(f"{out_dir} already holds a distill run (epoch {done[-1]}); pass --resume or another --out")
+            raise UserError(f"{out_dir} already holds a {stage} run (epoch {done[-1]}); pass --resume or another --out")
         return [], 1
     if not done:
         raise UserError(f"--resume: {out_dir} holds no checkpoint")
@@ -268,8 +287,36 @@ def start_or_resume(
     where, was, now = first_difference({k: state["spec"].get(k) for k in compared}, {k: spec[k] for k in compared})
     if where:
         raise UserError(f"--resume: the checkpoint in {out_dir} was made with {where} = {was!r}, not {now!r}")
-    module.load_state_dict(load_file(str(epoch_weights(out_dir, epoch))), strict=True)
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
+    run.module.load_state_dict(load_file(str(epoch_weights(out_dir, epoch))), strict=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["torch_rng"])
+    if run.generator is not None:
+        run.generator.set_state(state["generator"])
     return list(state["log"]), epoch + 1
+
+
+def discard_run(out_dir: Path, summary: Path) -> None:
+    """Removes a run's summary, which marks it finished, and its epoch checkpoints (a run replaced with
+    --overwrite), so that no part of it passes for part of the next."""
+    with writing(out_dir):
+        summary.unlink(missing_ok=True)
+        for epoch in checkpoint_epochs(out_dir):
+            for path in (epoch_weights(out_dir, epoch), epoch_state(out_dir, epoch)):
+                path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def resumable(out_dir: Path) -> Iterator[None]:
+    """Around a run's epochs and final writes: a failure the user can fix (a full disk, a non-finite loss, a damaged
+    chunk) says which epoch checkpoint in `out_dir` is kept for --resume, or that none exists yet."""
+    try:
+        yield
+    except (UserError, StoreError) as err:
+        done = checkpoint_epochs(out_dir)
+        kept = (
+            f"the checkpoint of epoch {done[-1]} in {out_dir} is kept (--resume continues from it)"
+            if done
+            else "no checkpoint exists yet (a rerun starts from epoch 1)"
+        )
+        raise UserError(f"{err}; {kept}") from err

@@ -41,7 +41,7 @@ from .config import (
     field_types,
     resolve,
 )
-from .errors import UserError
+from .errors import UserError, filesystem_fault
 
 LIBRARY_LOGGERS = ("pipeline", "cache")
 
@@ -69,16 +69,20 @@ def cli(quiet: bool, verbose: int) -> None:
 
 
 def _user_errors(fn: Callable) -> Callable:
-    """Turns the pipeline's user errors into click's one-line `Error: ...` and exit status 1."""
+    """Turns the pipeline's user errors, and a full disk, read-only filesystem or refused permission met anywhere,
+    into click's one-line `Error: ...` and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, StoreError) as err:
+        except (UserError, StoreError, OSError) as err:
+            fault = filesystem_fault(err) if isinstance(err, OSError) else err
+            if fault is None:
+                raise
             for bar in list(getattr(tqdm, "_instances", [])):  # so the error starts its own line
                 bar.close()
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(str(fault)) from None
 
     return wrapper
 

@@ -290,6 +290,14 @@ class Config:
         """Plain values (lists for tuples), as written to `<command>_args.yaml`."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
+    def run_settings(self) -> dict[str, Any]:
+        """The settings recorded in a run's spec (`option(spec=True)`), by option name; unset model kwargs as {}, the
+        same model."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["spec"]}
+        if "model_kwargs" in settings:
+            settings["model_kwargs"] = settings["model_kwargs"] or {}
+        return settings
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
@@ -314,16 +322,17 @@ def _workers() -> Any:
     return option(0, "DataLoader workers.", Integer(min=0))
 
 
-def _data_root() -> Any:
-    return option(None, "Folder holding the dataset's files.", click.Path(file_okay=False))
+def _data_root(default_from: str = "") -> Any:
+    recorded = f" (default: the one {default_from} recorded)" if default_from else ""
+    return option(None, f"Folder holding the dataset's files{recorded}.", click.Path(file_okay=False))
 
 
 def _model_kwargs(spec: bool = False) -> Any:
     return option(None, "Extra keyword arguments for the model factory, e.g. '{base_width: 8}'.", spec=spec)
 
 
-def _teacher() -> Any:
-    return option("resnet20", "Teacher model (`kdpipe models`).")
+def _teacher(spec: bool = False) -> Any:
+    return option("resnet20", "Teacher model (`kdpipe models`).", spec=spec)
 
 
 def _input_size(default: int | None = None) -> Any:
@@ -345,6 +354,18 @@ def _layers(help: str) -> Any:
 
 def _plot(name: str) -> Any:
     return option(True, f"Write {name}.")
+
+
+def _resume() -> Any:
+    return option(False, "Continue the run in OUT from its last checkpoint.", negatable=False)
+
+
+def _checkpoint_seconds() -> Any:
+    return option(
+        60.0,
+        "Checkpoint after an epoch once this long has passed since the last (0: every epoch), and at the end.",
+        Number(min=0),
+    )
 
 
 def _positive() -> click.ParamType:
@@ -371,15 +392,17 @@ class RunOptions(Config):
 class TeachConfig(DataOptions, RunOptions):
     """Train a teacher with cross entropy; writes OUT/model.safetensors and OUT/teach.json."""
 
-    teacher: str = _teacher()
-    model_kwargs: dict | None = _model_kwargs()
+    teacher: str = _teacher(spec=True)
+    model_kwargs: dict | None = _model_kwargs(spec=True)
     normalization: str = _normalization()
     out: str = option("runs/teacher", "Output folder.", click.Path(file_okay=False))
-    epochs: int = option(15, "Epochs.", Integer(min=1))
-    batch_size: int = option(128, "Batch size.", Integer(min=1))
-    lr: float = option(0.01, "OneCycle peak learning rate.", _positive())
-    weight_decay: float = option(0.01, "AdamW weight decay.", Number(min=0))
-    overwrite: bool = option(False, "Replace the weights already in OUT.", negatable=False)
+    epochs: int = option(15, "Epochs.", Integer(min=1), spec=True)
+    batch_size: int = option(128, "Batch size.", Integer(min=1), spec=True)
+    lr: float = option(0.01, "OneCycle peak learning rate.", _positive(), spec=True)
+    weight_decay: float = option(0.01, "AdamW weight decay.", Number(min=0), spec=True)
+    overwrite: bool = option(False, "Replace the weights and checkpoints already in OUT.", negatable=False)
+    resume: bool = _resume()
+    checkpoint_seconds: float = _checkpoint_seconds()
 
 
 @command("extract")
@@ -458,7 +481,7 @@ class DistillConfig(RunOptions):
     )
     model_kwargs: dict | None = _model_kwargs(spec=True)
     dataset: str | None = option(None, "Dataset to pair with the store (default: the one it was extracted from).")
-    data_root: str | None = _data_root()
+    data_root: str | None = _data_root("STORE")
     out: str = option("runs/distill", "Output folder.", click.Path(file_okay=False))
     epochs: int = option(20, "Epochs (without --steps).", Integer(min=1))
     steps: int | None = option(
@@ -496,20 +519,11 @@ class DistillConfig(RunOptions):
         click.Path(dir_okay=False),
     )
     workers: int = _workers()
-    resume: bool = option(False, "Continue the run in OUT from its last checkpoint.", negatable=False)
-    checkpoint_seconds: float = option(
-        60.0,
-        "Checkpoint after an epoch once this long has passed since the last (0: every epoch), and at the end.",
-        Number(min=0),
-    )
+    resume: bool = _resume()
+    checkpoint_seconds: float = _checkpoint_seconds()
     check: bool = option(
         False, "Check the settings against STORE and OUT, then exit without training.", negatable=False
     )
-
-    def run_settings(self) -> dict[str, Any]:
-        """The settings recorded in a run's spec, by option name (unset model kwargs as {}: the same model)."""
-        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["spec"]}
-        return {**settings, "model_kwargs": self.model_kwargs or {}}
 
 
 @command("probe")
@@ -519,7 +533,7 @@ class ProbeConfig(RunOptions):
 
     run: str = option(help="A distill output folder.", type=click.Path(file_okay=False), argument=True)
     tap: str | None = option(None, "Student tap to probe (default: the last distilled one).")
-    data_root: str | None = _data_root()
+    data_root: str | None = _data_root("RUN")
     batch_size: int = option(256, "Batch size.", Integer(min=1))
     max_iter: int = option(300, "L-BFGS iterations.", Integer(min=1))
     workers: int = _workers()

@@ -22,7 +22,7 @@ from cache.reader import CachedTargets
 from cache.store import FeatureStore, SplitStore
 
 from . import __version__
-from .checkpoints import save_checkpoint, save_epoch, start_or_resume
+from .checkpoints import RunState, resumable, save_checkpoint, save_epoch, start_or_resume
 from .config import DistillConfig
 from .datasets import SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError
@@ -30,9 +30,9 @@ from .layout import DISTILL_LOG, DISTILL_SUMMARY, LABELLED_INDICES, STUDENT_WEIG
 from .methods import Distiller, Method, get_method
 from .models import create_model
 from .pairing import pair_taps
-from .provenance import load_matching_split, open_complete_store
+from .provenance import load_matching_split, open_complete_store, recorded_data_root
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
-from .runtime import resolve_device, seed_everything, write_args, write_csv, write_json
+from .runtime import resolve_device, seed_everything, write_args, write_csv, write_json, write_npy
 from .training import OnlineTeacher, RowImages, Trainer
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     dev = resolve_device(config.device)
     method = get_method(config.method).configured(config.losses or {})
     feature_store, part = open_complete_store(config.store)
-    data = load_matching_split(feature_store, "train", config.dataset, config.data_root)
+    data_root = recorded_data_root(config.data_root, feature_store.meta.get("data_root"), feature_store.path)
+    data = load_matching_split(feature_store, "train", config.dataset, data_root)
     input_size = data.preprocessing.input_size
     seed_everything(config.seed)
     net = create_model(config.student, data.num_classes, input_size=input_size, model_kwargs=config.model_kwargs)
@@ -100,7 +101,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         *(method.name, spec["losses"], spec["student_taps"], spec["teacher_taps"], targets.order),
     )
     out_dir = Path(config.out)
-    log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, distiller, optimizer, schedule)
+    run = RunState(distiller, optimizer, schedule)
+    log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
     if config.check:
         return {"stage": "distill", "checked": True, **spec}
     if first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file():
@@ -111,34 +113,41 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         distiller, optimizer, schedule, targets, images, teacher, config.batch_size, config.seed, dev, config.workers
     )
     start = last_save = time.perf_counter()
-    for epoch in range(first_epoch, epochs + 1):
-        log_rows.append(
-            trainer.run_epoch(epoch, epochs, min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch))
-        )
-        # Short epochs (a small labelled subset) are not each worth a checkpoint.
-        if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
-            save_epoch(out_dir, epoch, spec, distiller, optimizer, schedule, log_rows)
-            write_csv(out_dir / DISTILL_LOG, log_rows)
-            last_save = time.perf_counter()
-    model_spec = {**spec, "model": config.student, "preprocessing": data.preprocessing.to_dict()}  # as teach's
-    save_checkpoint(net, out_dir / STUDENT_WEIGHTS, model_spec)
-    np.save(out_dir / LABELLED_INDICES, images.indices[labelled if labelled is not None else slice(None)])
-    summary = {
-        "stage": "distill",
-        **spec,
-        "pairs": [
-            {"student": s.name, "student_shape": list(s.shape), "teacher": t.name, "teacher_shape": list(t.shape)}
-            for s, t in zip(student_taps, teacher_taps, strict=True)
-        ],
-        "final": log_rows[-1],
-        "evaluated_with": method.evaluated_with,
-        **(_evaluate_classifier(net, data, config, dev) if method.evaluated_with == "own classifier" else {}),
-        "targets": "online teacher" if teacher else "cache in RAM" if targets.in_memory else "cache streamed",
-        "device": str(dev),
-        "seconds_this_run": round(time.perf_counter() - start, 2),
-        "weights": str(out_dir / STUDENT_WEIGHTS),
-    }
-    write_json(out_dir / DISTILL_SUMMARY, summary)
+    with resumable(out_dir):
+        for epoch in range(first_epoch, epochs + 1):
+            log_rows.append(
+                trainer.run_epoch(epoch, epochs, min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch))
+            )
+            # Short epochs (a small labelled subset) are not each worth a checkpoint.
+            if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
+                save_epoch(out_dir, epoch, spec, run, log_rows)
+                write_csv(out_dir / DISTILL_LOG, log_rows)
+                last_save = time.perf_counter()
+        model_spec = {**spec, "model": config.student, "preprocessing": data.preprocessing.to_dict()}  # as teach's
+        model_spec["data_root"] = data_root  # where probe finds the data by default; not compared on --resume
+        save_checkpoint(net, out_dir / STUDENT_WEIGHTS, model_spec)
+        write_npy(out_dir / LABELLED_INDICES, images.indices[labelled if labelled is not None else slice(None)])
+        summary = {
+            "stage": "distill",
+            **spec,
+            "data_root": data_root,
+            "pairs": [
+                {"student": s.name, "student_shape": list(s.shape), "teacher": t.name, "teacher_shape": list(t.shape)}
+                for s, t in zip(student_taps, teacher_taps, strict=True)
+            ],
+            "final": log_rows[-1],
+            "evaluated_with": method.evaluated_with,
+            **(
+                _evaluate_classifier(net, data, data_root, config, dev)
+                if method.evaluated_with == "own classifier"
+                else {}
+            ),
+            "targets": "online teacher" if teacher else "cache in RAM" if targets.in_memory else "cache streamed",
+            "device": str(dev),
+            "seconds_this_run": round(time.perf_counter() - start, 2),
+            "weights": str(out_dir / STUDENT_WEIGHTS),
+        }
+        write_json(out_dir / DISTILL_SUMMARY, summary)
     return summary
 
 
@@ -185,9 +194,9 @@ def _training_rows(
     return (labelled if method.uses_labels or not unlabelled_distill else None), labelled
 
 
-def _evaluate_classifier(net, data: SplitData, config: DistillConfig, dev) -> dict[str, Any]:
+def _evaluate_classifier(net, data: SplitData, data_root: str | None, config: DistillConfig, dev) -> dict[str, Any]:
     """Last-epoch top-1 of the student's own classifier on the held-out split, evaluated once."""
-    held_out = load_split(data.name, held_out_split(data.name), config.data_root, preprocessing=data.preprocessing)
+    held_out = load_split(data.name, held_out_split(data.name), data_root, preprocessing=data.preprocessing)
     return {
         "test_split": held_out.split,
         "test_top1": evaluate_top1(net, make_loader(held_out, config.batch_size, config.workers), dev),

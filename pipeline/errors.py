@@ -1,5 +1,15 @@
 """The one exception type for user mistakes: the CLI prints its message on one line and exits non-zero."""
 
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+
+WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # only a write meets these
+ACCESS_FAULTS = (errno.EACCES, errno.EPERM)  # a read can meet these too
+
 
 class UserError(Exception):
     """Bad input from the user (names, paths, shapes, values): reported without a traceback."""
@@ -9,3 +19,26 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message, for wrapping library errors into a one-line UserError."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """A write inside the block that the filesystem refuses (full, over quota, read-only, not permitted) becomes a
+    one-line UserError naming `path`; other OSErrors pass, not being the user's to fix."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_FAULTS + ACCESS_FAULTS:
+            raise
+        raise UserError(f"cannot write {path}: {err.strerror}") from err
+
+
+def filesystem_fault(err: OSError) -> UserError | None:
+    """A filesystem refusal met outside kdpipe's own write helpers (inside zarr, a mkdir), named by the path the
+    OSError carries: "cannot write" where only a write fails so, "cannot access" for a refused permission."""
+    path = err.filename or "a file"
+    if err.errno in WRITE_FAULTS:
+        return UserError(f"cannot write {path}: {err.strerror}")
+    if err.errno in ACCESS_FAULTS:
+        return UserError(f"cannot access {path}: {err.strerror}")
+    return None

@@ -28,9 +28,10 @@ from . import __version__
 from .checkpoints import file_sha256, read_model_spec
 from .config import ExtractConfig
 from .datasets import Preprocessing, SplitData, load_split, stratified_subset
-from .errors import UserError
+from .errors import UserError, writing
 from .layout import EXTRACT_SUMMARY, STORE_NAME
 from .models import load_teacher, served_preprocessing
+from .provenance import absolute_root
 from .recipe import make_loader
 from .runtime import first_difference, progress, resolve_device, seed_everything, short, write_args, write_json
 from .taps import Tap, TapRecorder, list_taps, stage_ends
@@ -98,18 +99,25 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         "subset_seed": config.seed if config.max_samples else None,
     }
     out = Path(config.out)
-    store = _open_or_create(out / STORE_NAME, identity, config.checkpoint, config.overwrite)
-    write_args(out, config)
-    if store.complete:
-        log.info("%s is already complete; nothing to do", store.path)
-        return _summary(store, {}, out)
-    timings = {}
-    for split, d in data.items():
-        part = _split_store(store, split, d, rows[split], taps, logits, num_classes, config.compression)
-        timings[split] = _extract_split(
-            model, d, part, rows[split], taps, logits, config.batch_size, config.workers, dev
-        )
-    store.mark_complete()
+    # Where the teacher's weights and the data were read from: beside the identity, not in it (the same data and
+    # weights may live anywhere); distill and probe find the data there by default.
+    places = {
+        "checkpoint_path": str(config.checkpoint) if config.checkpoint else None,
+        "data_root": absolute_root(config.data_root),
+    }
+    with writing(out / STORE_NAME):  # zarr's own writes, refused by a full or read-only disk, name the store
+        store = _open_or_create(out / STORE_NAME, identity, places, config.overwrite)
+        write_args(out, config)
+        if store.complete:
+            log.info("%s is already complete; nothing to do", store.path)
+            return _summary(store, {}, out)
+        timings = {}
+        for split, d in data.items():
+            part = _split_store(store, split, d, rows[split], taps, logits, num_classes, config.compression)
+            timings[split] = _extract_split(
+                model, d, part, rows[split], taps, logits, config.batch_size, config.workers, dev
+            )
+        store.mark_complete()
     return _summary(store, timings, out)
 
 
@@ -142,7 +150,9 @@ def config_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _open_or_create(path: Path, identity: dict[str, Any], checkpoint: str | None, overwrite: bool) -> FeatureStore:
+def _open_or_create(path: Path, identity: dict[str, Any], places: dict[str, Any], overwrite: bool) -> FeatureStore:
+    """The store at `path` with this identity (its recorded `places` updated to the ones given), else a new one;
+    a different store is refused unless `overwrite`."""
     wanted = config_hash(identity)
     if path.exists():
         try:
@@ -151,8 +161,11 @@ def _open_or_create(path: Path, identity: dict[str, Any], checkpoint: str | None
             if not overwrite:
                 raise UserError(f"{path} exists and is not a kdpipe store ({err}); choose another --out") from err
             store = None
-        if store is not None and store.meta.get("config_hash") == wanted:
-            return store  # the same store: resume it (or find it complete), even with --overwrite
+        if store is not None and store.meta.get("config_hash") == wanted:  # resumed or complete, even with --overwrite
+            moved = {k: v for k, v in places.items() if v is not None and store.meta.get(k) != v}
+            if moved:
+                store.update_meta(**moved)
+            return store
         if store is not None and not overwrite:
             where, was, now = first_difference(store.meta.get("identity", {}), identity)
             field = f"{where} ({short(was)} vs {short(now)})" if where else "format"
@@ -161,7 +174,7 @@ def _open_or_create(path: Path, identity: dict[str, Any], checkpoint: str | None
         "kdpipe_version": __version__,
         "identity": identity,
         "config_hash": wanted,
-        "checkpoint_path": str(checkpoint) if checkpoint else None,
+        **places,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return FeatureStore.create(path, meta, overwrite=overwrite)

@@ -1,12 +1,16 @@
 """Every file name in kdpipe's output folders, in one place (the store's own layout is `cache.store`'s).
 
 teach OUT/      model.safetensors  teach.json  teach_log.csv  teach_args.yaml
+                epoch-NNN.safetensors + epoch-NNN.state.pt     (the two latest checkpoints, as distill's)
 extract OUT/    features.zarr/  extract.json  extract_args.yaml
                 scores.json  scores.png  score_args.yaml          (written by kdpipe score, beside the store)
 distill OUT/    student.safetensors  distill.json  distill_log.csv  distill_args.yaml  labelled_indices.npy
                 epoch-NNN.safetensors + epoch-NNN.state.pt     (the two latest checkpoints)
                 probe.json  classifier.safetensors  probe_args.yaml  (written by kdpipe probe)
 report OUT/     report.md  report.json  report.png  report_args.yaml  <method entry>/seed-<s>/ (a distill OUT)
+
+Every file is written whole or not at all: NAME.tmp, synced, then renamed over NAME (`runtime.write_bytes`; zarr
+writes the store's files alike).
 """
 
 from __future__ import annotations

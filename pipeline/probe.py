@@ -9,26 +9,24 @@ decay is chosen on a stratified held-out part of the train split, never on the t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from cache.store import FeatureStore, StoreError
 
-from .checkpoints import SPEC_KEY, load_checkpoint, read_model_spec
+from .checkpoints import load_checkpoint, read_model_spec, save_checkpoint
 from .config import ProbeConfig
 from .datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError
 from .layout import CLASSIFIER, LABELLED_INDICES, PROBE_SUMMARY, STUDENT_WEIGHTS
 from .models import create_model
-from .provenance import load_matching_split
+from .provenance import load_matching_split, recorded_data_root
 from .recipe import make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_json
 from .taps import STEM, Tap, TapRecorder, list_taps, pool_embedding, stage_ends
@@ -86,7 +84,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     )
     load_checkpoint(backbone, run_dir / STUDENT_WEIGHTS)
     tap = list_taps(backbone, spec["input_size"], names=[config.tap or _default_tap(backbone, spec)])[0]
-    train, test = _probe_data(spec, config.data_root)
+    train, test = _probe_data(spec, recorded_data_root(config.data_root, spec.get("data_root"), run_dir))
     # Only the labelled subset of a --label-fraction run trains the head (the whole train split otherwise).
     labelled = _labelled_indices(run_dir, spec, len(train))
     write_args(run_dir, config)
@@ -112,8 +110,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
         "classes": train.classes,
         "preprocessing": train.preprocessing.to_dict(),
     }
-    state = {k: v.detach().contiguous() for k, v in classifier.state_dict().items()}
-    save_file(state, str(run_dir / CLASSIFIER), metadata={SPEC_KEY: json.dumps(export_spec)})
+    save_checkpoint(classifier, run_dir / CLASSIFIER, export_spec)
     summary = {
         "stage": "probe",
         "run": str(run_dir),

@@ -1,6 +1,9 @@
-"""Checks that a feature store matches the data a later stage is about to pair it with."""
+"""Where a later stage finds its data, and checks that a feature store matches the data it is about to pair it with."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from cache.store import FeatureStore, SplitStore
 
@@ -38,3 +41,18 @@ def load_matching_split(
         if want is not None and want != got:
             raise UserError(f"{store.path} does not match the data given: {field} differs ({want} vs {got})")
     return data
+
+
+def absolute_root(root: str | None) -> str | None:
+    """A data root as recorded: absolute (symlinks kept, so a re-pointed link is followed), or None."""
+    return os.path.abspath(root) if root is not None else None
+
+
+def recorded_data_root(given: str | None, recorded: str | None, recorder: str | Path) -> str | None:
+    """The data root a stage reads: the one given, else the one `recorder` (a store, a run) recorded, which must
+    still exist; None for datasets that need none. Returned absolute, as it is recorded in turn."""
+    if given is not None or recorded is None:
+        return absolute_root(given)
+    if not Path(recorded).is_dir():
+        raise UserError(f"{recorder} records data root {recorded}, which no longer exists; pass --data-root")
+    return recorded

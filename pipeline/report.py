@@ -33,7 +33,7 @@ from .layout import (
 )
 from .methods import format_terms, get_method
 from .probe import probe
-from .runtime import progress, write_args, write_json
+from .runtime import progress, write_args, write_bytes, write_json, write_png
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def write_report(out: Path, results: list[dict], methods: list[str], plot: bool 
     if plot:
         plot_report(rows, out / REPORT_PLOT)
         parts += [f"![top-1 relative to the CE-only student]({REPORT_PLOT})", ""]
-    (out / REPORT_TEXT).write_text("\n".join(parts))
+    write_bytes(out / REPORT_TEXT, "\n".join(parts).encode())
     summary = {"stage": "report", "setting": setting, "seeds": seeds, "methods": rows, "runs": results, "note": note}
     write_json(out / REPORT_SUMMARY, summary)
     return summary
@@ -279,5 +279,5 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("top-1 (%)")
     ax.set_title("feature-only (green) vs logit-based students, mean ± std over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_png(path, fig)
     plt.close(fig)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +17,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from .errors import UserError
+from .errors import UserError, writing
 from .layout import args_file
 
 if TYPE_CHECKING:
@@ -38,19 +41,50 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Writes `data` to `path` whole or not at all: into `path.tmp`, synced to disk, then renamed over `path`, so a
+    crash or a full disk leaves the previous file or none, never a truncated one a later run would trust (the sync
+    makes a filesystem that reports a full disk late report it here). A write the filesystem refuses (full disk,
+    read-only, no permission) is a UserError naming `path`; its temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Writes via a temporary file so a reader never sees half a summary."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_args(folder: str | Path, config: Config) -> None:
-    """The resolved config of a run (`<command>_args.yaml`, as timm's args.yaml), written before the work starts."""
+    """The resolved config of a run (`<command>_args.yaml`, as timm's args.yaml), written before the work starts,
+    so an output folder that cannot be written fails the run at once."""
     path = args_file(folder, config.command)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     logging.getLogger(__name__).debug("resolved config in %s", path)
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes(path, buffer.getvalue())
+
+
+def write_png(path: Path, figure) -> None:
+    """A matplotlib figure as PNG at 120 dpi."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    write_bytes(path, buffer.getvalue())
 
 
 def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any]:
@@ -77,7 +111,8 @@ def progress(iterable=None, **kwargs) -> tqdm:
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Per-epoch metrics, one row each (timm's summary.csv)."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(path, text.getvalue().encode())

@@ -21,7 +21,7 @@ from cache.store import FeatureStore, SplitStore
 from . import __version__
 from .config import ScoreConfig
 from .datasets import stratified_subset
-from .errors import UserError
+from .errors import UserError, writing
 from .layout import SCORES, SCORES_PLOT
 from .quality import (
     QualityError,
@@ -34,7 +34,7 @@ from .quality import (
     select_top_k,
     subset_a_stats,
 )
-from .runtime import progress, write_args, write_json
+from .runtime import progress, write_args, write_json, write_png
 from .taps import Tap
 
 
@@ -231,12 +231,13 @@ def _select(results: list[dict[str, Any]], top_k: int) -> tuple[list[int], list[
 
 def _record(store: FeatureStore, part: SplitStore, summary: dict[str, Any], plot: bool) -> None:
     """Scores into the split's attributes and `scores.json` (and `scores.png`) next to the store."""
-    part.group.attrs["scores"] = {
-        "selected": summary["selected"],
-        "seed": summary["seed"],
-        "top_k": summary["top_k"],
-        "Q": {t["name"]: t["Q"] for t in summary["taps"]},
-    }
+    with writing(store.path):
+        part.group.attrs["scores"] = {
+            "selected": summary["selected"],
+            "seed": summary["seed"],
+            "top_k": summary["top_k"],
+            "Q": {t["name"]: t["Q"] for t in summary["taps"]},
+        }
     out = store.path.parent
     write_json(out / SCORES, summary)
     if plot:
@@ -271,7 +272,7 @@ def plot_scores(summary: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_png(path, fig)
     plt.close(fig)
 
 

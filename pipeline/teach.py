@@ -1,19 +1,25 @@
 """`kdpipe teach`: train a teacher with cross entropy, for users without a pretrained one (nothing downloads here).
 
 Writes `model.safetensors` (the model spec, preprocessing included, in its header), `teach_log.csv` (per epoch) and
-`teach.json`. The model is checked on one small batch (input size, logits shape) before training starts.
+`teach.json`. The model is checked on one small batch (input size, logits shape) before training starts, and the
+resolved options are written before the first epoch, so an output folder that cannot be written fails at once.
+Epoch checkpoints are written as distill's are (`--checkpoint-seconds`, `pipeline.checkpoints`), the loader's
+shuffling generator with them, so `--resume` continues an interrupted run and ends with the same weights.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from .checkpoints import save_checkpoint
+from . import __version__
+from .checkpoints import RunState, discard_run, resumable, save_checkpoint, save_epoch, start_or_resume
 from .config import TeachConfig
 from .datasets import held_out_split, load_split
 from .errors import UserError
@@ -22,14 +28,15 @@ from .models import create_model, served_preprocessing
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_csv, write_json
 from .taps import dry_forward
+from .training import require_finite
 
 log = logging.getLogger(__name__)
 
 
 def teach(config: TeachConfig) -> dict[str, Any]:
-    """Trains the teacher on the train split, evaluates the last epoch on the held-out split; returns the summary."""
+    """Trains the teacher on the train split, evaluating every epoch on the held-out split; returns the summary."""
     out_dir = Path(config.out)
-    if (out_dir / TEACHER_WEIGHTS).exists() and not config.overwrite:
+    if (out_dir / TEACHER_WEIGHTS).exists() and not (config.overwrite or config.resume):
         raise UserError(f"{out_dir / TEACHER_WEIGHTS} exists (stores may record it); pass --overwrite or another --out")
     dev = resolve_device(config.device)
     generator = seed_everything(config.seed)
@@ -58,54 +65,67 @@ def teach(config: TeachConfig) -> dict[str, Any]:
     test_loader = make_loader(held_out, config.batch_size, config.workers)
     epochs = config.epochs
     optimizer, schedule = adamw_onecycle(model.parameters(), config.lr, config.weight_decay, epochs * len(train_loader))
+    run = RunState(model, optimizer, schedule, generator)
+    fingerprint = train.fingerprint()
+    spec = {"kdpipe_version": __version__, **config.run_settings(), **model_spec, "dataset_fingerprint": fingerprint}
+    if config.overwrite and not config.resume:
+        discard_run(out_dir, out_dir / TEACH_SUMMARY)
+    log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "teach")
+    if first_epoch > epochs and (out_dir / TEACH_SUMMARY).is_file():
+        return json.loads((out_dir / TEACH_SUMMARY).read_text())  # a finished run: reused, not recomputed
     write_args(out_dir, config)
-    criterion = nn.CrossEntropyLoss()
-    log_rows = []
-    start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        loss_sum = correct = seen = 0.0
-        bar = progress(train_loader, desc=f"teach {epoch}/{epochs}", unit="batch", leave=False)
-        for images, labels in bar:
-            images, labels = images.to(dev), labels.to(dev)
-            logits = model(images)
-            loss = criterion(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        test_top1 = evaluate_top1(model, test_loader, dev)
-        log_rows.append(
-            {
-                "epoch": epoch,
-                "train_loss": loss_sum / seen,
-                "train_top1": 100 * correct / seen,
-                "test_top1": test_top1,
-                "lr": schedule.get_last_lr()[0],
-            }
-        )
-        log.info(
-            "epoch %d: loss %.4f  train %.2f%%  test %.2f%%", epoch, loss_sum / seen, 100 * correct / seen, test_top1
-        )
-    seconds = time.perf_counter() - start
-    save_checkpoint(model, out_dir / TEACHER_WEIGHTS, model_spec)
-    write_csv(out_dir / TEACH_LOG, log_rows)
-    summary = {
-        "stage": "teach",
-        **model_spec,
-        "checkpoint": str(out_dir / TEACHER_WEIGHTS),
-        "test_split": held_out.split,
-        "test_top1": log_rows[-1]["test_top1"],
-        "train_top1": log_rows[-1]["train_top1"],
-        "epochs": epochs,
-        "seconds": round(seconds, 2),
-        "seed": config.seed,
-        "device": str(dev),
-        "dataset_fingerprint": train.fingerprint(),
-    }
-    write_json(out_dir / TEACH_SUMMARY, summary)
+    start = last_save = time.perf_counter()
+    with resumable(out_dir):
+        for epoch in range(first_epoch, epochs + 1):
+            log_rows.append(_train_epoch(run, train_loader, test_loader, epoch, epochs, dev))
+            if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
+                save_epoch(out_dir, epoch, spec, run, log_rows)
+                write_csv(out_dir / TEACH_LOG, log_rows)
+                last_save = time.perf_counter()
+        save_checkpoint(model, out_dir / TEACHER_WEIGHTS, model_spec)
+        summary = {
+            "stage": "teach",
+            **model_spec,
+            "checkpoint": str(out_dir / TEACHER_WEIGHTS),
+            "test_split": held_out.split,
+            "test_top1": log_rows[-1]["test_top1"],
+            "train_top1": log_rows[-1]["train_top1"],
+            "epochs": epochs,
+            "seconds": round(time.perf_counter() - start, 2),
+            "seed": config.seed,
+            "device": str(dev),
+            "dataset_fingerprint": fingerprint,
+        }
+        write_json(out_dir / TEACH_SUMMARY, summary)
     return summary
+
+
+def _train_epoch(run: RunState, train_loader, test_loader, epoch: int, epochs: int, dev: torch.device) -> dict:
+    """One epoch of cross entropy, then top-1 on the held-out split; returns the epoch's log row."""
+    model, optimizer, schedule = run.module, run.optimizer, run.schedule
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    loss_sum = correct = seen = 0.0
+    bar = progress(train_loader, desc=f"teach {epoch}/{epochs}", unit="batch", leave=False)
+    for images, labels in bar:
+        images, labels = images.to(dev), labels.to(dev)
+        logits = model(images)
+        loss = criterion(logits, labels)
+        require_finite(loss, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    test_top1 = evaluate_top1(model, test_loader, dev)
+    log.info("epoch %d: loss %.4f  train %.2f%%  test %.2f%%", epoch, loss_sum / seen, 100 * correct / seen, test_top1)
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / seen,
+        "train_top1": 100 * correct / seen,
+        "test_top1": test_top1,
+        "lr": schedule.get_last_lr()[0],
+    }

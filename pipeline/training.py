@@ -152,10 +152,15 @@ class Trainer:
             batch.update(zip(self.distiller.teacher_targets, self.teacher(images), strict=True))
         _, losses = self.distiller(images, batch)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise UserError(f"the loss is not finite at epoch {epoch}; the last good checkpoint is kept")
+        require_finite(loss, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.schedule.step()
         return {name: value.item() for name, value in losses.items()}
+
+
+def require_finite(loss: torch.Tensor, epoch: int) -> None:
+    """A diverging run stops at its first non-finite loss (`checkpoints.resumable` says which checkpoint is kept)."""
+    if not torch.isfinite(loss):
+        raise UserError(f"the loss is not finite at epoch {epoch}")

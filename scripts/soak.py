@@ -1,5 +1,5 @@
-"""Crash-safety soak: SIGKILL `kdpipe extract` and `kdpipe distill` at random moments, resume, and check the
-result is byte-identical to an uninterrupted run.
+"""Crash-safety soak: SIGKILL `kdpipe teach`, `kdpipe extract` and `kdpipe distill` at random moments, resume, and
+check the result is byte-identical to an uninterrupted run.
 
     python scripts/soak.py --kills 10 [--seed 0]      # prints kills survived and bytes compared
 """
@@ -22,6 +22,7 @@ from pipeline.layout import (
     EXTRACT_SUMMARY,
     STORE_NAME,
     STUDENT_WEIGHTS,
+    TEACH_SUMMARY,
     TEACHER_WEIGHTS,
     checkpoint_epochs,
 )
@@ -62,6 +63,25 @@ def zarr_bytes_equal(first: Path, second: Path) -> int:
             compared += left.nbytes
     assert b.attrs["kdpipe"]["complete"]
     return compared
+
+
+def soak_teach(tmp: Path, kills: int, rng: random.Random) -> tuple[int, int]:
+    """Teaches tmp/teacher (the teacher the extract soak uses) uninterrupted, then again under kills spread over
+    as long as the uninterrupted run took; returns (kills, bytes of weights compared)."""
+    args = ["--teacher", "resnet20", "--epochs", "2", "--device", "cpu", "--checkpoint-seconds", "0"]
+    start = time.perf_counter()
+    run(["teach", *args, "--out", str(tmp / "teacher")])
+    seconds = time.perf_counter() - start
+    out = tmp / "teacher-cut"
+
+    def command() -> list[str]:
+        resume = ["--resume"] if checkpoint_epochs(out) else []
+        return ["teach", *args, "--out", str(out), *resume]
+
+    killed = killed_runs(command, lambda: (out / TEACH_SUMMARY).exists(), kills, rng, (2.0, max(3.0, seconds)))
+    whole, cut = (tmp / "teacher" / TEACHER_WEIGHTS).read_bytes(), (out / TEACHER_WEIGHTS).read_bytes()
+    assert whole == cut, "the resumed teacher's weights differ"
+    return killed, len(whole)
 
 
 def soak_extract(tmp: Path, checkpoint: str, kills: int, rng: random.Random) -> tuple[int, int]:
@@ -126,12 +146,13 @@ def main() -> None:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run(["teach", "--teacher", "resnet20", "--epochs", "2", "--device", "cpu", "--out", str(tmp / "teacher")])
+        killed_t, compared_t = soak_teach(tmp, args.kills, rng)
+        print(f"teach: {killed_t} SIGKILLs survived, {compared_t / 2**10:.0f} KiB of weights byte-identical")
         killed, compared = soak_extract(tmp, str(tmp / "teacher" / TEACHER_WEIGHTS), args.kills, rng)
         print(f"extract: {killed} SIGKILLs survived, {compared / 2**20:.1f} MiB byte-identical to an uninterrupted run")
         killed_d, compared_d = soak_distill(tmp, args.kills, rng)
         print(f"distill: {killed_d} SIGKILLs survived, {compared_d / 2**10:.0f} KiB of weights identical")
-    print(f"soak: {killed + killed_d} kills survived, results identical")
+    print(f"soak: {killed_t + killed + killed_d} kills survived, results identical")
 
 
 if __name__ == "__main__":

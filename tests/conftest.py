@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from helpers import small_chunks  # noqa: E402
+from helpers import Disk, small_chunks  # noqa: E402
 from pipeline import ExtractConfig, ScoreConfig, TeachConfig, extract, score, teach  # noqa: E402
 
 TRAINED_EPOCHS = 8
@@ -46,3 +46,11 @@ def scored_store(digits_teacher, tmp_path_factory):
         )
     score(ScoreConfig(store=str(out), top_k=2, plot=False))
     return out
+
+
+@pytest.fixture
+def disk(tmp_path, monkeypatch):
+    """A 16 MiB disk to fill or make read-only (`helpers.Disk`)."""
+    small = Disk(tmp_path / "disk", monkeypatch)
+    yield small
+    small.close()

@@ -4,8 +4,11 @@ naive Q reference and the run settings several test modules share."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,66 @@ def small_chunks():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cache.store, "MIN_CHUNK_BYTES", 1 << 20)
         yield
+
+
+class Disk:
+    """A small disk at `path` for write-fault tests: `fill()` takes its free space, `read_only()` makes it read-only,
+    `restore()` undoes either.
+
+    Where this process may mount (root in a container that allows it) it is a real tmpfs of `size_mib`: a ballast
+    file fills it, a remount makes it read-only, and every writer (kdpipe's, zarr's, a mkdir) meets the fault.
+    Elsewhere the fault is injected into kdpipe's file writes under `path` (the `open` of `pipeline.runtime`), with
+    the errno the real disk gives.
+    """
+
+    def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch, size_mib: int = 16) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True)
+        mount = ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(self.path)]
+        self.real = subprocess.run(mount, capture_output=True).returncode == 0
+        self.fault: int | None = None
+        if not self.real:
+            import pipeline.runtime
+
+            monkeypatch.setattr(pipeline.runtime, "open", self._open, raising=False)
+
+    def _open(self, file, *args, **kwargs):
+        if self.fault is not None and Path(file).is_relative_to(self.path):
+            raise OSError(self.fault, os.strerror(self.fault), str(file))
+        return open(file, *args, **kwargs)
+
+    @property
+    def ballast(self) -> Path:
+        return self.path / "ballast"
+
+    def fill(self, leave_bytes: int = 0) -> None:
+        """No space left, or only `leave_bytes` of it."""
+        if not self.real:
+            self.fault = errno.ENOSPC
+            return
+        stat = os.statvfs(self.path)
+        with open(self.ballast, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, max(1, stat.f_bavail * stat.f_frsize - leave_bytes))
+
+    def read_only(self) -> None:
+        if self.real:
+            self._remount("ro")
+        else:
+            self.fault = errno.EROFS
+
+    def restore(self) -> None:
+        """Writable again, with its space back."""
+        if self.real:
+            self._remount("rw")
+            self.ballast.unlink(missing_ok=True)
+        self.fault = None
+
+    def _remount(self, mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(self.path)], check=True, capture_output=True)
+
+    def close(self) -> None:
+        if self.real:
+            subprocess.run(["umount", "-l", str(self.path)], check=True, capture_output=True)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

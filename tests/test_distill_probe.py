@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -16,7 +17,7 @@ from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract
 from pipeline.checkpoints import read_model_spec, save_checkpoint
 from pipeline.datasets import Preprocessing, load_split
 from pipeline.errors import UserError
-from pipeline.layout import DISTILL_LOG, STUDENT_WEIGHTS
+from pipeline.layout import DISTILL_LOG, DISTILL_SUMMARY, STUDENT_WEIGHTS
 from pipeline.models import create_model
 from pipeline.training import Trainer
 
@@ -253,3 +254,42 @@ def test_student_and_probe_see_the_pixels_the_store_records(tmp_path):
     without_store = probe(ProbeConfig(run=str(run), device="cpu"))
     assert without_store["test_top1"] == with_store["test_top1"]
     assert torch.equal(load_classifier(run).transform(raw), expected)
+
+
+def write_image_folder(root, per_class: dict[str, int]) -> None:
+    """A tiny imagefolder dataset: PNGs of a colour per class, `per_class[split]` images of each class."""
+    from PIL import Image
+
+    for split, count in per_class.items():
+        for c, colour in enumerate(((200, 40, 40), (40, 200, 40), (40, 40, 200))):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for k in range(count):
+                Image.new("RGB", (40, 30), tuple(v + 5 * k for v in colour)).save(
+                    root / split / f"class{c}" / f"{k}.png"
+                )
+
+
+def test_distill_and_probe_find_the_data_where_extract_read_it(tmp_path, monkeypatch):
+    """The store records its data root (absolute, beside the identity, not in it); distill reads the data from there
+    and records it for probe; data moved since is one line asking for --data-root, and a root given wins."""
+    monkeypatch.chdir(tmp_path)
+    write_image_folder(tmp_path / "images", {"train": 8, "val": 3})
+    teacher = create_model("resnet8", 3, model_kwargs={"base_width": 4})
+    save_checkpoint(teacher, tmp_path / "teacher.safetensors", {"model": "resnet8", "num_classes": 3})
+    extract = ["extract", "--teacher", "resnet8", "--model-kwargs", "{base_width: 4}", "--dataset", "imagefolder"]
+    extract += ["--checkpoint", "teacher.safetensors", "--input-size", 32, "--layers", "layer3.0", "--device", "cpu"]
+    run_cli(*extract, "--data-root", "images", "--out", "store")
+    store = FeatureStore.open("store")
+    assert store.meta["data_root"] == str(tmp_path / "images") and "data_root" not in json.dumps(store.meta["identity"])
+    distill = ["distill", "store", "--teacher-layers", "layer3.0", "--student", "resnet8", "--model-kwargs"]
+    distill += ["{base_width: 4}", "--batch-size", 8, "--epochs", 1, "--device", "cpu"]
+    probe = ["probe", "run", "--max-iter", 20, "--device", "cpu"]
+    run_cli(*distill, "--out", "run")
+    assert json.loads((tmp_path / "run" / DISTILL_SUMMARY).read_text())["data_root"] == str(tmp_path / "images")
+    assert run_cli(*probe).exit_code == 0
+    (tmp_path / "images").rename(tmp_path / "moved")
+    gone = f"records data root {tmp_path / 'images'}, which no longer exists; pass --data-root"
+    assert_one_line_error(run_cli(*distill, "--out", "run-2", expect_ok=False), f"store/{STORE_NAME} {gone}")
+    assert_one_line_error(run_cli(*probe, expect_ok=False), f"run {gone}")
+    run_cli(*distill, "--data-root", "moved", "--out", "run-2")
+    assert run_cli(*probe, "--data-root", "moved").exit_code == 0

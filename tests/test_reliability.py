@@ -18,6 +18,8 @@ from pipeline import ExtractConfig, extract
 def test_sigkill_at_random_points_then_resume_is_byte_identical(digits_teacher, tmp_path):
     soak = load_script("soak")
     rng = random.Random(1)
+    killed, compared = soak.soak_teach(tmp_path, kills=2, rng=rng)
+    assert killed >= 1 and compared > 0
     killed, compared = soak.soak_extract(tmp_path, digits_teacher["checkpoint"], kills=2, rng=rng)
     assert killed >= 1 and compared > 10 * 2**20
     killed, compared = soak.soak_distill(tmp_path, kills=2, rng=rng)
