@@ -1,7 +1,8 @@
 """`kdpipe teach`: train a teacher with cross entropy, for users without a pretrained one (nothing downloads here).
 
 Writes `model.safetensors` (the model spec, preprocessing included, in its header), `teach_log.csv` (per epoch) and
-`teach.json`. The model is checked on one small batch (input size, logits shape) before training starts.
+`teach.json`. The model is checked on one small batch (input size, logits shape) before training starts, and the
+output folder's lock is held from then on.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Any
 
 from torch import nn
 
+from cache.lock import OutputLock
+
 from .checkpoints import save_checkpoint
 from .config import TeachConfig
 from .datasets import held_out_split, load_split
 from .errors import UserError
-from .layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS
+from .layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS, folder_lock
 from .models import create_model, served_preprocessing
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_csv, write_json
@@ -29,8 +32,6 @@ log = logging.getLogger(__name__)
 def teach(config: TeachConfig) -> dict[str, Any]:
     """Trains the teacher on the train split, evaluates the last epoch on the held-out split; returns the summary."""
     out_dir = Path(config.out)
-    if (out_dir / TEACHER_WEIGHTS).exists() and not config.overwrite:
-        raise UserError(f"{out_dir / TEACHER_WEIGHTS} exists (stores may record it); pass --overwrite or another --out")
     dev = resolve_device(config.device)
     generator = seed_everything(config.seed)
     where = (config.data_root, config.input_size, config.download)
@@ -58,10 +59,38 @@ def teach(config: TeachConfig) -> dict[str, Any]:
     test_loader = make_loader(held_out, config.batch_size, config.workers)
     epochs = config.epochs
     optimizer, schedule = adamw_onecycle(model.parameters(), config.lr, config.weight_decay, epochs * len(train_loader))
-    write_args(out_dir, config)
+    with OutputLock(out_dir, folder_lock(out_dir), config.command):
+        if (out_dir / TEACHER_WEIGHTS).exists() and not config.overwrite:
+            raise UserError(
+                f"{out_dir / TEACHER_WEIGHTS} exists (stores may record it); pass --overwrite or another --out"
+            )
+        write_args(out_dir, config)
+        start = time.perf_counter()
+        log_rows = _train(model, train_loader, test_loader, optimizer, schedule, epochs, dev)
+        seconds = time.perf_counter() - start
+        save_checkpoint(model, out_dir / TEACHER_WEIGHTS, model_spec)
+        write_csv(out_dir / TEACH_LOG, log_rows)
+        summary = {
+            "stage": "teach",
+            **model_spec,
+            "checkpoint": str(out_dir / TEACHER_WEIGHTS),
+            "test_split": held_out.split,
+            "test_top1": log_rows[-1]["test_top1"],
+            "train_top1": log_rows[-1]["train_top1"],
+            "epochs": epochs,
+            "seconds": round(seconds, 2),
+            "seed": config.seed,
+            "device": str(dev),
+            "dataset_fingerprint": train.fingerprint(),
+        }
+        write_json(out_dir / TEACH_SUMMARY, summary)
+    return summary
+
+
+def _train(model: nn.Module, train_loader, test_loader, optimizer, schedule, epochs: int, dev) -> list[dict[str, Any]]:
+    """The epochs of cross-entropy training; one log row each, with the held-out top-1 after it."""
     criterion = nn.CrossEntropyLoss()
     log_rows = []
-    start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
         loss_sum = correct = seen = 0.0
@@ -91,21 +120,4 @@ def teach(config: TeachConfig) -> dict[str, Any]:
         log.info(
             "epoch %d: loss %.4f  train %.2f%%  test %.2f%%", epoch, loss_sum / seen, 100 * correct / seen, test_top1
         )
-    seconds = time.perf_counter() - start
-    save_checkpoint(model, out_dir / TEACHER_WEIGHTS, model_spec)
-    write_csv(out_dir / TEACH_LOG, log_rows)
-    summary = {
-        "stage": "teach",
-        **model_spec,
-        "checkpoint": str(out_dir / TEACHER_WEIGHTS),
-        "test_split": held_out.split,
-        "test_top1": log_rows[-1]["test_top1"],
-        "train_top1": log_rows[-1]["train_top1"],
-        "epochs": epochs,
-        "seconds": round(seconds, 2),
-        "seed": config.seed,
-        "device": str(dev),
-        "dataset_fingerprint": train.fingerprint(),
-    }
-    write_json(out_dir / TEACH_SUMMARY, summary)
-    return summary
+    return log_rows
