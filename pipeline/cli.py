@@ -18,6 +18,7 @@ import click
 from click.core import ParameterSource
 from tqdm import tqdm
 
+from cache.lock import LockError
 from cache.store import StoreError
 
 from . import __version__
@@ -69,13 +70,13 @@ def cli(quiet: bool, verbose: int) -> None:
 
 
 def _user_errors(fn: Callable) -> Callable:
-    """Turns the pipeline's user errors into click's one-line `Error: ...` and exit status 1."""
+    """Turns the pipeline's user errors (and an output in use) into click's one-line `Error: ...` and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, StoreError) as err:
+        except (UserError, StoreError, LockError) as err:
             for bar in list(getattr(tqdm, "_instances", [])):  # so the error starts its own line
                 bar.close()
             raise click.ClickException(str(err)) from None
@@ -212,7 +213,11 @@ def score(config: ScoreConfig) -> None:
     from .score import format_table
     from .score import score as run
 
-    click.echo(format_table(run(config)))
+    summary = run(config)
+    click.echo(format_table(summary))
+    click.echo(
+        f"scores: {summary['scores_file']}" + (f"  plot: {summary['plot_file']}" if summary["plot_file"] else "")
+    )
 
 
 def _pairs(summary: dict) -> str:
@@ -271,18 +276,21 @@ def summary(config: SummaryConfig) -> None:
 
 @command(VerifyConfig)
 def verify(config: VerifyConfig) -> None:
-    from cache.verify import verify_store
+    from cache.verify import SOUND, verify_store
 
     from .runtime import progress
 
-    feature_store, problems, checked = verify_store(config.store, config.repair, progress)
-    for problem in problems:
+    verdict = verify_store(config.store, config.repair, progress)
+    for problem in verdict.problems:
         click.echo(problem)
-    if problems:
+    if verdict.problems:  # exit status 1 (cache.verify.DAMAGED)
         hint = "marked for recomputation: rerun the same kdpipe extract" if config.repair else "--repair marks them"
-        raise UserError(f"{len(problems)} problems in {feature_store.path}; {hint}")
-    state = "complete" if feature_store.complete else "incomplete (resume with the same kdpipe extract)"
-    click.echo(f"{feature_store.path}: {checked} chunks read, all checksums good; store {state}")
+        raise UserError(f"{len(verdict.problems)} problems in {verdict.store.path}; {hint}")
+    state = "complete" if verdict.status == SOUND else "incomplete (resume with the same kdpipe extract)"
+    click.echo(
+        f"{verdict.store.path}: {verdict.checked} chunks read, all checksums good, all floats finite; store {state}"
+    )
+    click.get_current_context().exit(verdict.status)
 
 
 @command(InfoConfig)
