@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,10 +35,18 @@ FEATURES = "features"
 PROGRESS = "progress"
 MIN_CHUNK_BYTES = 4 << 20  # feature chunks hold at least 4 MiB where N allows (fewer, cheaper writes)
 MAX_CHUNK_ROWS = 4096  # bounds the block, hence the resume and sharding granularity
+UNREADABLE = (ValueError, TypeError, KeyError)  # what zarr raises for metadata that is not JSON or not Zarr's
 
 
 class StoreError(Exception):
     """A store that is missing, foreign, newer, incomplete or inconsistent with what the caller expects."""
+
+
+class DamagedStoreError(StoreError):
+    """A store whose root metadata is missing or unreadable: `kdpipe extract --overwrite` rebuilds it."""
+
+
+REBUILD = "kdpipe extract --overwrite rebuilds the store"
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,30 @@ def plan_chunks(specs: list[ArraySpec], num_samples: int) -> tuple[dict[str, int
     return rows, block
 
 
+def first_non_finite_row(rows: np.ndarray) -> int | None:
+    """The first row holding NaN or an infinity, or None. float16 is checked on its bits (all exponent bits set),
+    which is faster; the writer runs this on every batch."""
+    bad = (rows.view(np.uint16) & 0x7C00) == 0x7C00 if rows.dtype == np.float16 else ~np.isfinite(rows)
+    bad_rows = bad.reshape(len(rows), -1).any(1)
+    return int(np.argmax(bad_rows)) if bad_rows.any() else None
+
+
+def _member(group: zarr.Group, path: Path, name: str, split: str):
+    """`group[name]`, or StoreError naming its metadata file (`path` is the group's folder) when that is missing
+    or unreadable."""
+    try:
+        return group[name]
+    except UNREADABLE as err:
+        meta = path / name / "zarr.json"
+        state = f"unreadable ({_reason(err)})" if meta.is_file() else "missing"
+        raise StoreError(f"{meta} is {state}: the same kdpipe extract writes split {split!r} again") from None
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 @contextlib.contextmanager
 def named_read_errors(array: zarr.Array) -> Iterator[None]:
     """A chunk that fails its checksum or does not decode is reported with its array, not as a codec error."""
@@ -114,17 +147,21 @@ def named_read_errors(array: zarr.Array) -> Iterator[None]:
 
 
 class SplitStore:
-    """One split's group: arrays, the per-block progress flags and the completion state.
+    """One split's group (in the folder `path`): arrays, the per-block progress flags and the completion state.
 
     `num_classes` bounds the labels `read` accepts (None: only that they are not negative).
     """
 
-    def __init__(self, group: zarr.Group, num_classes: int | None = None) -> None:
-        self.group = group
+    def __init__(self, group: zarr.Group, path: Path, num_classes: int | None = None) -> None:
+        self.group, self.path, self.num_classes = group, path, num_classes
         self.name = group.basename
+        if "arrays" not in group.attrs:
+            raise StoreError(
+                f"split {self.name!r} of {path.parent} was never finished (its creation was interrupted); "
+                "rerun the same kdpipe extract"
+            )
         self.num_samples: int = group.attrs["num_samples"]
         self.block_rows: int = group.attrs["block_rows"]
-        self.num_classes = num_classes
 
     def read(self, path: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """`array[rows]`, checked: a damaged chunk, or a value no writer stores, is a StoreError naming the array."""
@@ -153,11 +190,6 @@ class SplitStore:
             )
 
     @property
-    def path(self) -> Path:
-        """The split's folder (the store is a local directory)."""
-        return Path(self.group.store.root) / self.group.path
-
-    @property
     def num_blocks(self) -> int:
         return math.ceil(self.num_samples / self.block_rows)
 
@@ -166,21 +198,21 @@ class SplitStore:
         return start, min(start + self.block_rows, self.num_samples)
 
     def array(self, path: str) -> zarr.Array:
-        return self.group[path]
+        return _member(self.group, self.path, path, self.name)
 
     @property
     def tap_names(self) -> list[str]:
         return list(self.group.attrs["taps"])
 
     def feature(self, tap: str) -> zarr.Array:
-        return self.group[f"{FEATURES}/{tap}"]
+        return self.array(f"{FEATURES}/{tap}")
 
     def missing_blocks(self) -> list[int]:
-        done = self.group[PROGRESS][:]
+        done = self.array(PROGRESS)[:]
         return [int(b) for b in np.flatnonzero(done == 0)]
 
     def mark_block_done(self, block: int) -> None:
-        self.group[PROGRESS][block] = 1
+        self.array(PROGRESS)[block] = 1
 
     @property
     def complete(self) -> bool:
@@ -192,7 +224,12 @@ class SplitStore:
         self.group.attrs["complete"] = True
 
     def arrays(self) -> dict[str, zarr.Array]:
-        return {path: self.group[path] for path in self.group.attrs["arrays"]}
+        return {path: self.array(path) for path in self.group.attrs["arrays"]}
+
+    def check_metadata(self) -> None:
+        """Reads every array's metadata, progress flags included: StoreError names the first unreadable one."""
+        self.arrays()
+        self.array(PROGRESS)
 
 
 class FeatureStore:
@@ -201,15 +238,26 @@ class FeatureStore:
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path, self.group = path, group
 
+    @staticmethod
+    def locate(path: str | Path) -> Path:
+        """The store at `path`, or the one inside `path` when given an extract output folder."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file() and (path / STORE_NAME).is_dir():
+            path = path / STORE_NAME
+        if not (path / "zarr.json").is_file() and any(path.glob("*/zarr.json")):
+            raise DamagedStoreError(f"{path / 'zarr.json'}, the store's root metadata, is missing; {REBUILD}")
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"no feature store at {path}")
+        return path
+
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
         """Opens the store at `path`, or the one inside `path` when given an extract output folder."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file() and (path / STORE_NAME / "zarr.json").is_file():
-            path = path / STORE_NAME
-        if not (path / "zarr.json").is_file():
-            raise StoreError(f"no feature store at {path}")
-        group = zarr.open_group(str(path), mode=mode)
+        path = cls.locate(path)
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+        except UNREADABLE as err:
+            raise DamagedStoreError(f"{path / 'zarr.json'} is unreadable ({_reason(err)}); {REBUILD}") from None
         meta = group.attrs.get(ATTR_KEY)
         if not isinstance(meta, dict):
             raise StoreError(f"{path} is a Zarr group but not a kdpipe feature store")
@@ -226,7 +274,7 @@ class FeatureStore:
         if path.exists():
             if not overwrite:
                 raise StoreError(f"{path} already exists")
-            if not (path / "zarr.json").is_file():
+            if not path.is_dir() or not _zarr_files_only(path):
                 raise StoreError(f"{path} exists and is not a Zarr store; refusing to delete it")
             shutil.rmtree(path)
         try:
@@ -255,24 +303,32 @@ class FeatureStore:
         self.update_meta(complete=True)
 
     def split_names(self) -> list[str]:
-        return [name for name, _ in self.group.groups()]
+        """The split groups on disk (their folders holding metadata, readable or not), in order."""
+        return sorted(p.name for p in self.path.iterdir() if (p / "zarr.json").is_file())
+
+    def expected_splits(self) -> list[str]:
+        """The splits on disk and those the store's identity records (missing until extract has written them)."""
+        recorded = self.meta.get("identity", {}).get("dataset", {}).get("splits", {})
+        return sorted(set(self.split_names()) | set(recorded))
 
     def splits(self) -> list[SplitStore]:
-        return [self.split(name) for name in sorted(self.split_names())]
+        return [self.split(name) for name in self.split_names()]
 
     def split_created(self, name: str) -> bool:
-        """Whether the split's creation finished (its attributes are written last)."""
-        return "arrays" in self.group[name].attrs
+        """Whether the split is on disk and its creation finished (its attributes are written last); StoreError
+        when its metadata is unreadable."""
+        return name in self.split_names() and "arrays" in _member(self.group, self.path, name, name).attrs
 
     def remove_split(self, name: str) -> None:
-        shutil.rmtree(self.path / name)
+        if (self.path / name).exists():
+            shutil.rmtree(self.path / name)
 
     def split(self, name: str) -> SplitStore:
         if name not in self.split_names():
             raise StoreError(
                 f"store {self.path} has no split {name!r}; it has {', '.join(self.split_names()) or 'none'}"
             )
-        return SplitStore(self.group[name], self._num_classes())
+        return SplitStore(_member(self.group, self.path, name, name), self.path / name, self._num_classes())
 
     def _num_classes(self) -> int | None:
         return self.meta.get("identity", {}).get("dataset", {}).get("num_classes")
@@ -311,7 +367,17 @@ class FeatureStore:
                 "complete": False,
             }
         )
-        return SplitStore(group, self._num_classes())
+        return SplitStore(group, self.path / name, self._num_classes())
+
+
+def _zarr_files_only(path: Path) -> bool:
+    """Whether every file under `path` is Zarr metadata, a chunk (under a `c` folder) or a write zarr left unfinished:
+    a store, or what an interrupted deletion or a damaged disk left of one. Only such a folder is ever deleted."""
+    for _, folders, files in os.walk(path):
+        folders[:] = [f for f in folders if f != "c"]  # chunk folders hold chunks only
+        if any(f != "zarr.json" and not f.endswith(".partial") for f in files):
+            return False
+    return True
 
 
 def _missing_value(dtype: str) -> float | int:

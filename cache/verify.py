@@ -1,13 +1,35 @@
-"""Whole-store integrity check: every chunk decodes (crc32c), every flagged block has its chunk files, and the
-completion flags agree with each other."""
+"""Whole-store integrity check: every chunk of a block flagged written is there, decodes (crc32c) and holds finite
+floats, every split is there and readable, and the completion flags agree with each other. Chunks of blocks not
+yet written are not read: the next `kdpipe extract` writes them whole.
+
+The verdict is one of three, the exit status of `kdpipe verify`: SOUND (0), DAMAGED (1: a bad checksum, a non-finite
+value, a chunk missing from a block flagged written, unreadable metadata, a split missing from a store marked
+complete) or INCOMPLETE (2: sound so far, with blocks or splits still to write; the same kdpipe extract resumes).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
-from .store import PROGRESS, FeatureStore, SplitStore
+from .lock import OutputLock, store_lock
+from .store import PROGRESS, FeatureStore, SplitStore, StoreError, first_non_finite_row
+
+SOUND, DAMAGED, INCOMPLETE = 0, 1, 2
+
+
+@dataclass
+class Verdict:
+    store: FeatureStore
+    problems: list[str]  # each damaged or missing chunk, array or split
+    checked: int = 0  # chunks read
+
+    @property
+    def status(self) -> int:
+        return DAMAGED if self.problems else SOUND if self.store.complete else INCOMPLETE
 
 
 def chunk_file(store_path: Path, array, index: int) -> Path:
@@ -34,40 +56,65 @@ def verify_split(
         rows = array.chunks[0]
         for index in progress(range(math.ceil(array.shape[0] / rows)), desc=f"verify {part.name}/{path}", leave=False):
             start, stop = index * rows, min((index + 1) * rows, array.shape[0])
-            block_done = all(b in done for b in range(start // part.block_rows, (stop - 1) // part.block_rows + 1))
-            where = f"{part.name}/{path} chunk {index} (rows {start}-{stop - 1})"
             blocks = set(range(start // part.block_rows, (stop - 1) // part.block_rows + 1))
+            where = f"{part.name}/{path} chunk {index} (rows {start}-{stop - 1})"
+            if not blocks <= done:  # unwritten: the next extract writes it whole, whatever is there now
+                continue
             if not chunk_file(store.path, array, index).is_file():
-                if block_done:
-                    problems.append(f"{where}: missing, though its block is marked written")
-                    bad_blocks |= blocks
+                problems.append(f"{where}: missing, though its block is marked written")
+                bad_blocks |= blocks
                 continue
             try:
-                array[start:stop]
+                values = array[start:stop]
                 checked += 1
             except (ValueError, RuntimeError) as err:
                 problems.append(f"{where}: damaged ({str(err).splitlines()[0]})")
                 bad_blocks |= blocks
+                continue
+            row = first_non_finite_row(values) if values.dtype.kind == "f" else None
+            if row is not None:
+                problems.append(f"{where}: not finite (NaN or infinite) from row {start + row}")
+                bad_blocks |= blocks
     return problems, bad_blocks, checked
 
 
-def verify_store(
-    path: str | Path, repair: bool = False, progress: Progress = _no_progress
-) -> tuple[FeatureStore, list[str], int]:
-    """Problems found and chunks read. With `repair`, blocks holding a damaged or missing chunk are flagged
-    unwritten and the store incomplete, so rerunning the same `kdpipe extract` recomputes exactly those blocks.
-    `progress` wraps the per-chunk loops (the command line passes a progress bar)."""
-    store = FeatureStore.open(path, mode="r+" if repair else "r")
-    problems, checked = [], 0
-    for part in store.splits():
-        found, bad_blocks, count = verify_split(store, part, progress)
-        problems += found
-        checked += count
-        if repair and bad_blocks:
-            for block in sorted(bad_blocks):
-                part.group[PROGRESS][block] = 0
-            part.group.attrs["complete"] = False
+def verify_store(path: str | Path, repair: bool = False, progress: Progress = _no_progress) -> Verdict:
+    """Reads the whole store. With `repair` (under the store's lock), blocks holding a damaged or missing chunk are
+    flagged unwritten and the store incomplete, so rerunning the same `kdpipe extract` recomputes exactly those
+    blocks (and writes a damaged or missing split again). `progress` wraps the per-chunk loops."""
+    path = FeatureStore.locate(path)
+    with OutputLock(path, store_lock(path), "verify") if repair else nullcontext():
+        store = FeatureStore.open(path, mode="r+" if repair else "r")
+        verdict = Verdict(store, [])
+        for name in store.expected_splits():
+            _verify_split(verdict, name, repair, progress)
+        if repair and verdict.problems:
             store.update_meta(complete=False)
-    if store.complete and not all(part.complete for part in store.splits()):
-        problems.append("store marked complete while a split is not")
-    return store, problems, checked
+    return verdict
+
+
+def _verify_split(verdict: Verdict, name: str, repair: bool, progress: Progress) -> None:
+    """Adds one split's problems to the verdict (and with `repair`, flags its bad blocks unwritten)."""
+    store = verdict.store
+    try:
+        part = store.split(name) if store.split_created(name) else None
+    except StoreError as err:
+        verdict.problems.append(f"{name}: {err}")
+        return
+    if part is None:  # not written yet
+        if store.complete:
+            verdict.problems.append(f"{name}: missing from the store, though it is marked complete")
+        return
+    if store.complete and not part.complete:
+        verdict.problems.append(f"{name}: not marked complete, though the store is")
+    try:
+        found, bad_blocks, count = verify_split(store, part, progress)
+    except StoreError as err:  # an array's metadata
+        verdict.problems.append(f"{name}: {err}")
+        return
+    verdict.problems += found
+    verdict.checked += count
+    if repair and bad_blocks:
+        for block in sorted(bad_blocks):
+            part.array(PROGRESS)[block] = 0
+        part.group.attrs["complete"] = False

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from .store import SplitStore, StoreError
+from .store import SplitStore, StoreError, first_non_finite_row
 
 WRITE_BYTES = 8 << 20  # rows gathered per array before one write call
 
@@ -43,7 +43,7 @@ class _ChunkBuffer:
 
     def add(self, start: int, rows: np.ndarray) -> None:
         """Adds rows for store positions [start, start + len(rows)); they never straddle a block gap."""
-        if rows.dtype == np.float16:
+        if rows.dtype.kind == "f":
             _check_finite(self.array.path, start, rows)
         offset = 0
         while offset < len(rows):
@@ -64,11 +64,12 @@ class _ChunkBuffer:
 
 
 def _check_finite(path: str, start: int, rows: np.ndarray) -> None:
-    """float16 overflow (|x| > 65504) or NaN is refused, naming the array and row: all exponent bits set."""
-    bad = (rows.view(np.uint16) & 0x7C00) == 0x7C00
-    if bad.any():
-        row = start + int(np.flatnonzero(bad.reshape(len(rows), -1).any(1))[0])
-        raise StoreError(f"{path} is not finite in float16 at store row {row} (NaN, or |x| > 65504)")
+    """NaN or an infinity (for float16 features, also any |x| > 65504, which overflowed) is refused, naming the
+    array and row, so the store never holds one: `kdpipe verify` counts one as damage."""
+    row = first_non_finite_row(rows)
+    if row is not None:
+        what = "NaN, or |x| > 65504" if rows.dtype == np.float16 else "NaN or infinite"
+        raise StoreError(f"{path} is not finite in {rows.dtype} at store row {start + row} ({what})")
 
 
 class SplitWriter:

@@ -18,6 +18,7 @@ import click
 from click.core import ParameterSource
 from tqdm import tqdm
 
+from cache.lock import LockError
 from cache.store import StoreError
 
 from . import __version__
@@ -69,14 +70,14 @@ def cli(quiet: bool, verbose: int) -> None:
 
 
 def _user_errors(fn: Callable) -> Callable:
-    """Turns the pipeline's user errors, and a full disk, read-only filesystem or refused permission met anywhere,
-    into click's one-line `Error: ...` and exit status 1."""
+    """Turns the pipeline's user errors, an output in use, and a full disk, read-only filesystem or refused permission
+    met anywhere, into click's one-line `Error: ...` and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, StoreError, OSError) as err:
+        except (UserError, StoreError, LockError, OSError) as err:
             fault = filesystem_fault(err) if isinstance(err, OSError) else err
             if fault is None:
                 raise
@@ -216,7 +217,11 @@ def score(config: ScoreConfig) -> None:
     from .score import format_table
     from .score import score as run
 
-    click.echo(format_table(run(config)))
+    summary = run(config)
+    click.echo(format_table(summary))
+    click.echo(
+        f"scores: {summary['scores_file']}" + (f"  plot: {summary['plot_file']}" if summary["plot_file"] else "")
+    )
 
 
 def _pairs(summary: dict) -> str:
@@ -275,18 +280,21 @@ def summary(config: SummaryConfig) -> None:
 
 @command(VerifyConfig)
 def verify(config: VerifyConfig) -> None:
-    from cache.verify import verify_store
+    from cache.verify import SOUND, verify_store
 
     from .runtime import progress
 
-    feature_store, problems, checked = verify_store(config.store, config.repair, progress)
-    for problem in problems:
+    verdict = verify_store(config.store, config.repair, progress)
+    for problem in verdict.problems:
         click.echo(problem)
-    if problems:
+    if verdict.problems:  # exit status 1 (cache.verify.DAMAGED)
         hint = "marked for recomputation: rerun the same kdpipe extract" if config.repair else "--repair marks them"
-        raise UserError(f"{len(problems)} problems in {feature_store.path}; {hint}")
-    state = "complete" if feature_store.complete else "incomplete (resume with the same kdpipe extract)"
-    click.echo(f"{feature_store.path}: {checked} chunks read, all checksums good; store {state}")
+        raise UserError(f"{len(verdict.problems)} problems in {verdict.store.path}; {hint}")
+    state = "complete" if verdict.status == SOUND else "incomplete (resume with the same kdpipe extract)"
+    click.echo(
+        f"{verdict.store.path}: {verdict.checked} chunks read, all checksums good, all floats finite; store {state}"
+    )
+    click.get_current_context().exit(verdict.status)
 
 
 @command(InfoConfig)

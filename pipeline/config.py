@@ -435,6 +435,11 @@ class ExtractConfig(DataOptions, RunOptions):
         "Blosc CNAME[:LEVEL[:SHUFFLE]] for feature chunks, or none (see benchmarks/p5_storage.py).",
     )
     overwrite: bool = option(False, "Replace a store in OUT made with a different configuration.", negatable=False)
+    max_store_gb: float | None = option(
+        None,
+        "Refuse to start when the store would exceed this many GiB raw (before compression, which only shrinks it).",
+        _positive(),
+    )
 
 
 @command("score")
@@ -577,7 +582,8 @@ class LayersConfig(Config):
 @command("verify")
 @dataclass(frozen=True, kw_only=True)
 class VerifyConfig(Config):
-    """Read every chunk of STORE (checksums), check chunk files against the completion flags."""
+    """Read every chunk of STORE (checksums, NaN/Inf), check chunk files and splits against the completion flags.
+    Exit status: 0 sound, 1 damaged (or not a store), 2 incomplete (resume with the same kdpipe extract)."""
 
     store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
     repair: bool = option(

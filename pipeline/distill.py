@@ -4,7 +4,8 @@ The stage wires the parts together: the method and its loss terms (`methods`, `l
 (`pairing`), the training loop (`training`), and epoch checkpoints (`checkpoints`). A checkpoint is written after an
 epoch once `checkpoint_seconds` have passed since the last (and after the last epoch), so `--resume` continues an
 interrupted run and reproduces the uninterrupted one exactly. The run's spec (every setting that shapes the result,
-as the config and the method resolve it) is stored with each checkpoint and must match on resume.
+as the config and the method resolve it) is stored with each checkpoint and must match on resume. The run folder's
+lock is held from the first look at its checkpoints to the end of the run (`check` takes none).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cache.lock import OutputLock
 from cache.reader import CachedTargets
 from cache.store import FeatureStore, SplitStore
 
@@ -26,7 +28,7 @@ from .checkpoints import RunState, resumable, save_checkpoint, save_epoch, start
 from .config import DistillConfig
 from .datasets import SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError
-from .layout import DISTILL_LOG, DISTILL_SUMMARY, LABELLED_INDICES, STUDENT_WEIGHTS
+from .layout import DISTILL_LOG, DISTILL_SUMMARY, LABELLED_INDICES, STUDENT_WEIGHTS, folder_lock
 from .methods import Distiller, Method, get_method
 from .models import create_model
 from .pairing import pair_taps
@@ -102,53 +104,69 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     )
     out_dir = Path(config.out)
     run = RunState(distiller, optimizer, schedule)
-    log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
     if config.check:
+        start_or_resume(out_dir, config.resume, spec, run, "distill")
         return {"stage": "distill", "checked": True, **spec}
-    if first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file():
-        return json.loads((out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
-    write_args(out_dir, config)
-    images = RowImages(data, part.read("indices"))
-    trainer = Trainer(
-        distiller, optimizer, schedule, targets, images, teacher, config.batch_size, config.seed, dev, config.workers
-    )
-    start = last_save = time.perf_counter()
-    with resumable(out_dir):
-        for epoch in range(first_epoch, epochs + 1):
-            log_rows.append(
-                trainer.run_epoch(epoch, epochs, min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch))
-            )
-            # Short epochs (a small labelled subset) are not each worth a checkpoint.
-            if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
-                save_epoch(out_dir, epoch, spec, run, log_rows)
-                write_csv(out_dir / DISTILL_LOG, log_rows)
-                last_save = time.perf_counter()
-        model_spec = {**spec, "model": config.student, "preprocessing": data.preprocessing.to_dict()}  # as teach's
-        model_spec["data_root"] = data_root  # where probe finds the data by default; not compared on --resume
-        save_checkpoint(net, out_dir / STUDENT_WEIGHTS, model_spec)
-        write_npy(out_dir / LABELLED_INDICES, images.indices[labelled if labelled is not None else slice(None)])
-        summary = {
-            "stage": "distill",
-            **spec,
-            "data_root": data_root,
-            "pairs": [
-                {"student": s.name, "student_shape": list(s.shape), "teacher": t.name, "teacher_shape": list(t.shape)}
-                for s, t in zip(student_taps, teacher_taps, strict=True)
-            ],
-            "final": log_rows[-1],
-            "evaluated_with": method.evaluated_with,
-            **(
-                _evaluate_classifier(net, data, data_root, config, dev)
-                if method.evaluated_with == "own classifier"
-                else {}
-            ),
-            "targets": "online teacher" if teacher else "cache in RAM" if targets.in_memory else "cache streamed",
-            "device": str(dev),
-            "seconds_this_run": round(time.perf_counter() - start, 2),
-            "weights": str(out_dir / STUDENT_WEIGHTS),
-        }
-        write_json(out_dir / DISTILL_SUMMARY, summary)
-    return summary
+    with OutputLock(out_dir, folder_lock(out_dir), config.command):
+        log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
+        if first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file():
+            return json.loads((out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
+        write_args(out_dir, config)
+        images = RowImages(data, part.read("indices"))
+        trainer = Trainer(
+            distiller,
+            optimizer,
+            schedule,
+            targets,
+            images,
+            teacher,
+            config.batch_size,
+            config.seed,
+            dev,
+            config.workers,
+        )
+        start = last_save = time.perf_counter()
+        with resumable(out_dir):
+            for epoch in range(first_epoch, epochs + 1):
+                log_rows.append(
+                    trainer.run_epoch(epoch, epochs, min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch))
+                )
+                # Short epochs (a small labelled subset) are not each worth a checkpoint.
+                if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
+                    save_epoch(out_dir, epoch, spec, run, log_rows)
+                    write_csv(out_dir / DISTILL_LOG, log_rows)
+                    last_save = time.perf_counter()
+            model_spec = {**spec, "model": config.student, "preprocessing": data.preprocessing.to_dict()}  # as teach's
+            model_spec["data_root"] = data_root  # where probe finds the data by default; not compared on --resume
+            save_checkpoint(net, out_dir / STUDENT_WEIGHTS, model_spec)
+            write_npy(out_dir / LABELLED_INDICES, images.indices[labelled if labelled is not None else slice(None)])
+            summary = {
+                "stage": "distill",
+                **spec,
+                "data_root": data_root,
+                "pairs": [
+                    {
+                        "student": s.name,
+                        "student_shape": list(s.shape),
+                        "teacher": t.name,
+                        "teacher_shape": list(t.shape),
+                    }
+                    for s, t in zip(student_taps, teacher_taps, strict=True)
+                ],
+                "final": log_rows[-1],
+                "evaluated_with": method.evaluated_with,
+                **(
+                    _evaluate_classifier(net, data, data_root, config, dev)
+                    if method.evaluated_with == "own classifier"
+                    else {}
+                ),
+                "targets": "online teacher" if teacher else "cache in RAM" if targets.in_memory else "cache streamed",
+                "device": str(dev),
+                "seconds_this_run": round(time.perf_counter() - start, 2),
+                "weights": str(out_dir / STUDENT_WEIGHTS),
+            }
+            write_json(out_dir / DISTILL_SUMMARY, summary)
+        return summary
 
 
 def _why_not_cached(store: FeatureStore, path: str) -> str:

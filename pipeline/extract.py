@@ -1,8 +1,10 @@
 """`kdpipe extract`: run the teacher once (eval, no grad) and cache its tap features, labels and logits.
 
 The store's identity is a hash of everything that determines its contents (teacher, weights, data, preprocessing,
-taps, subset); re-running on an incomplete store with the same identity resumes at the missing blocks, on a
-complete one it does nothing, and on a different one it refuses unless told to overwrite.
+taps, subset); re-running on an incomplete store with the same identity resumes at the missing blocks (and writes
+a missing or damaged split again), on a complete one it does nothing, and on a different or unreadable one it
+refuses unless told to overwrite. Everything from the first look at the store on runs under the store's lock, and
+nothing is written before the raw size of what remains to write is checked against the free space.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import logging
 import queue
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +24,17 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from cache.store import FEATURES, ArraySpec, FeatureStore, SplitStore, StoreError, compressors, stored_bytes
+from cache.lock import OutputLock
+from cache.store import (
+    FEATURES,
+    ArraySpec,
+    DamagedStoreError,
+    FeatureStore,
+    SplitStore,
+    StoreError,
+    compressors,
+    stored_bytes,
+)
 from cache.writer import SplitWriter
 
 from . import __version__
@@ -29,7 +42,7 @@ from .checkpoints import file_sha256, read_model_spec
 from .config import ExtractConfig
 from .datasets import Preprocessing, SplitData, load_split, stratified_subset
 from .errors import UserError, writing
-from .layout import EXTRACT_SUMMARY, STORE_NAME
+from .layout import EXTRACT_SUMMARY, STORE_NAME, derived_files, store_lock
 from .models import load_teacher, served_preprocessing
 from .provenance import absolute_root
 from .recipe import make_loader
@@ -99,26 +112,31 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         "subset_seed": config.seed if config.max_samples else None,
     }
     out = Path(config.out)
+    specs = _array_specs(taps, logits, num_classes)
     # Where the teacher's weights and the data were read from: beside the identity, not in it (the same data and
     # weights may live anywhere); distill and probe find the data there by default.
     places = {
         "checkpoint_path": str(config.checkpoint) if config.checkpoint else None,
         "data_root": absolute_root(config.data_root),
     }
-    with writing(out / STORE_NAME):  # zarr's own writes, refused by a full or read-only disk, name the store
-        store = _open_or_create(out / STORE_NAME, identity, places, config.overwrite)
+    # zarr's own writes, refused by a full or read-only disk, name the store
+    with OutputLock(out / STORE_NAME, store_lock(out / STORE_NAME), config.command), writing(out / STORE_NAME):
+        store, intact = _resume_or_create(out / STORE_NAME, identity, places, config, specs, rows)
         write_args(out, config)
         if store.complete:
             log.info("%s is already complete; nothing to do", store.path)
             return _summary(store, {}, out)
         timings = {}
         for split, d in data.items():
-            part = _split_store(store, split, d, rows[split], taps, logits, num_classes, config.compression)
+            if intact.get(split):
+                part = store.split(split)
+            else:
+                part = _new_split(store, split, d, rows[split], specs, taps, config.compression)
             timings[split] = _extract_split(
                 model, d, part, rows[split], taps, logits, config.batch_size, config.workers, dev
             )
         store.mark_complete()
-    return _summary(store, timings, out)
+        return _summary(store, timings, out)
 
 
 def _warn_if_trained_otherwise(
@@ -150,54 +168,132 @@ def config_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _open_or_create(path: Path, identity: dict[str, Any], places: dict[str, Any], overwrite: bool) -> FeatureStore:
-    """The store at `path` with this identity (its recorded `places` updated to the ones given), else a new one;
-    a different store is refused unless `overwrite`."""
-    wanted = config_hash(identity)
-    if path.exists():
-        try:
-            store = FeatureStore.open(path, mode="r+")
-        except StoreError as err:
-            if not overwrite:
-                raise UserError(f"{path} exists and is not a kdpipe store ({err}); choose another --out") from err
-            store = None
-        if store is not None and store.meta.get("config_hash") == wanted:  # resumed or complete, even with --overwrite
-            moved = {k: v for k, v in places.items() if v is not None and store.meta.get(k) != v}
-            if moved:
-                store.update_meta(**moved)
-            return store
-        if store is not None and not overwrite:
-            where, was, now = first_difference(store.meta.get("identity", {}), identity)
-            field = f"{where} ({short(was)} vs {short(now)})" if where else "format"
-            raise UserError(f"{path} holds a different store ({field} differs); use another --out or pass --overwrite")
+def _resume_or_create(
+    path: Path,
+    identity: dict[str, Any],
+    places: dict[str, Any],
+    config: ExtractConfig,
+    specs: list[ArraySpec],
+    rows: dict[str, np.ndarray],
+) -> tuple[FeatureStore, dict[str, bool]]:
+    """The store to write into and which of its splits are intact: the store at `path` when it has this identity,
+    else a new one, created once the size check passed. A complete store with a split missing or damaged is marked
+    incomplete, and that split is written again. A resumed store's recorded `places` are updated to the ones given."""
+    store = _resumable(path, identity, config.overwrite)
+    moved = {k: v for k, v in places.items() if v is not None and store and store.meta.get(k) != v}
+    if moved:
+        store.update_meta(**moved)
+    intact = {split: _intact(store, split) for split in rows} if store else {}
+    if store is not None and store.complete and all(intact.values()):
+        return store, intact
+    left = {split: _rows_to_write(store.split(split)) if intact.get(split) else len(r) for split, r in rows.items()}
+    _check_size(path, specs, sum(map(len, rows.values())), sum(left.values()), config.max_store_gb)
+    if store is None:
+        return _create(path, identity, places, config.overwrite), {}
+    if store.complete:
+        damaged = ", ".join(split for split, ok in intact.items() if not ok)
+        log.warning("%s is marked complete, but split %s is missing or damaged: writing it again", path, damaged)
+        store.update_meta(complete=False)
+    return store, intact
+
+
+def _resumable(path: Path, identity: dict[str, Any], overwrite: bool) -> FeatureStore | None:
+    """The store at `path` when it has this identity (resumed, even with --overwrite); None when there is none or
+    --overwrite replaces it. A different or unreadable store is refused without --overwrite."""
+    if not path.exists():
+        return None
+    try:
+        store = FeatureStore.open(path, mode="r+")
+    except StoreError as err:
+        if overwrite:
+            return None
+        hint = "" if isinstance(err, DamagedStoreError) else "; choose another --out, or pass --overwrite to replace it"
+        raise UserError(f"{err}{hint}") from err
+    if store.meta.get("config_hash") == config_hash(identity):
+        return store
+    if not overwrite:
+        where, was, now = first_difference(store.meta.get("identity", {}), identity)
+        field = f"{where} ({short(was)} vs {short(now)})" if where else "format"
+        raise UserError(f"{path} holds a different store ({field} differs); use another --out or pass --overwrite")
+    return None
+
+
+def _intact(store: FeatureStore, split: str) -> bool:
+    """Whether the split is in the store, its creation finished and all its metadata reads."""
+    try:
+        if not store.split_created(split):
+            return False
+        store.split(split).check_metadata()
+        return True
+    except StoreError as err:
+        log.warning("%s", err)
+        return False
+
+
+def _rows_to_write(part: SplitStore) -> int:
+    return sum(stop - start for start, stop in map(part.block_range, part.missing_blocks()))
+
+
+def _check_size(path: Path, specs: list[ArraySpec], rows: int, rows_left: int, max_gb: float | None) -> None:
+    """Refuses an extraction whose store would exceed `max_gb` GiB, or whose rows still to write exceed the free space
+    of the output's file system. Sizes are raw bytes: compression only makes the store smaller."""
+    row_bytes = sum(s.row_bytes for s in specs)
+    total, left, free = rows * row_bytes, rows_left * row_bytes, shutil.disk_usage(path.parent).free
+    log.info(
+        "%s: %s raw (%d rows of %s), %s of it to write, %s free; compression only makes it smaller",
+        *(path, _size(total), rows, _size(row_bytes), _size(left), _size(free)),
+    )
+    fewer = "cache fewer taps (--layers) or samples (--max-samples)"
+    if max_gb is not None and total > max_gb * 2**30:
+        raise UserError(f"{path} would hold {_size(total)} raw, above --max-store-gb {max_gb:g}; {fewer}")
+    if left > free:
+        raise UserError(
+            f"{path} needs {_size(left)} raw but {path.parent} has {_size(free)} free; free space or {fewer}"
+        )
+
+
+def _size(num_bytes: int) -> str:
+    unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 0)) if num_bytes >= s)
+    return f"{num_bytes / scale:.1f} {unit}"
+
+
+def _create(path: Path, identity: dict[str, Any], places: dict[str, Any], overwrite: bool) -> FeatureStore:
+    """A new, empty store at `path` (replacing the one there with `overwrite`); the files describing whatever store
+    was there before (its scores, extract.json) are removed."""
     meta = {
         "kdpipe_version": __version__,
         "identity": identity,
-        "config_hash": wanted,
+        "config_hash": config_hash(identity),
         **places,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return FeatureStore.create(path, meta, overwrite=overwrite)
+    store = FeatureStore.create(path, meta, overwrite=overwrite)
+    for stale in derived_files(path):
+        if stale.is_file():
+            stale.unlink()
+            log.info("removed %s: it described the store replaced", stale)
+    return store
 
 
-def _split_store(
-    store: FeatureStore,
-    split: str,
-    data: SplitData,
-    rows: np.ndarray,
-    taps: list[Tap],
-    logits: bool,
-    num_classes: int,
-    compression: str,
-) -> SplitStore:
-    if split in store.split_names():
-        if store.split_created(split):
-            return store.split(split)
-        store.remove_split(split)  # its creation was interrupted: nothing in it was written
+def _array_specs(taps: list[Tap], logits: bool, num_classes: int) -> list[ArraySpec]:
     specs = [ArraySpec(f"{FEATURES}/{t.name}", t.shape, FEATURE_DTYPE) for t in taps]
     specs += [ArraySpec("labels", (), "int64", sets_block=False), ArraySpec("indices", (), "int64", sets_block=False)]
     if logits:
         specs.append(ArraySpec("logits", (num_classes,), "float32", sets_block=False))
+    return specs
+
+
+def _new_split(
+    store: FeatureStore,
+    split: str,
+    data: SplitData,
+    rows: np.ndarray,
+    specs: list[ArraySpec],
+    taps: list[Tap],
+    compression: str,
+) -> SplitStore:
+    """Creates the split, replacing what is left of it (a creation interrupted, damaged metadata)."""
+    store.remove_split(split)
     attrs = {"split": split, "dataset_size": len(data), "fingerprint": data.fingerprint()}
     return store.create_split(split, len(rows), specs, [t.name for t in taps], attrs, compression)
 

@@ -10,6 +10,7 @@ from .taps import Tap
 
 
 def describe_store(path: str | Path) -> str:
+    """The report of `kdpipe info`; StoreError when the store's metadata is missing or unreadable."""
     store = FeatureStore.open(path)
     meta = store.meta
     identity = meta["identity"]
@@ -28,7 +29,11 @@ def describe_store(path: str | Path) -> str:
         f"            {t.name:28s} {t.role:10s} {t.describe():26s} {t.shape}"
         for t in map(Tap.from_record, identity["taps"])
     ]
-    for part in store.splits():
+    for name in store.expected_splits():
+        if not store.split_created(name):
+            lines.append(f"split {name}: not written (rerun the same kdpipe extract)")
+            continue
+        part = store.split(name)
         missing = len(part.missing_blocks())
         state = "complete" if part.complete else f"{missing}/{part.num_blocks} blocks missing"
         lines.append(

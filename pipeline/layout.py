@@ -1,13 +1,18 @@
 """Every file name in kdpipe's output folders, in one place (the store's own layout is `cache.store`'s).
 
-teach OUT/      model.safetensors  teach.json  teach_log.csv  teach_args.yaml
+teach OUT/      model.safetensors  teach.json  teach_log.csv  teach_args.yaml  kdpipe.lock
                 epoch-NNN.safetensors + epoch-NNN.state.pt     (the two latest checkpoints, as distill's)
-extract OUT/    features.zarr/  extract.json  extract_args.yaml
+extract OUT/    features.zarr/  features.zarr.lock  extract.json  extract_args.yaml
                 scores.json  scores.png  score_args.yaml          (written by kdpipe score, beside the store)
 distill OUT/    student.safetensors  distill.json  distill_log.csv  distill_args.yaml  labelled_indices.npy
                 epoch-NNN.safetensors + epoch-NNN.state.pt     (the two latest checkpoints)
-                probe.json  classifier.safetensors  probe_args.yaml  (written by kdpipe probe)
-report OUT/     report.md  report.json  report.png  report_args.yaml  <method entry>/seed-<s>/ (a distill OUT)
+                probe.json  classifier.safetensors  probe_args.yaml  (written by kdpipe probe)  kdpipe.lock
+report OUT/     report.md  report.json  report.png  report_args.yaml  kdpipe.lock
+                <method entry>/seed-<s>/                       (a distill OUT)
+
+A store with another name than features.zarr (DIR/NAME.zarr) has its own DIR/NAME.zarr.lock and kdpipe score's
+DIR/NAME.scores.json, NAME.scores.png and NAME.score_args.yaml, so that stores sharing a folder keep theirs apart.
+The lock files are the writers' (`cache.lock`): a folder's inside it, a store's beside it.
 
 Every file is written whole or not at all: NAME.tmp, synced, then renamed over NAME (`runtime.write_bytes`; zarr
 writes the store's files alike).
@@ -18,7 +23,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from cache.lock import store_lock as store_lock  # a store's lock, beside it: STORE.lock
 from cache.store import STORE_NAME as STORE_NAME  # an extract folder holds the store under this name
+
+FOLDER_LOCK = "kdpipe.lock"  # the lock of a teach, distill or report folder, inside it
 
 TEACHER_WEIGHTS = "model.safetensors"
 TEACH_SUMMARY = "teach.json"
@@ -42,9 +50,32 @@ REPORT_SUMMARY = "report.json"
 REPORT_PLOT = "report.png"
 
 
+def args_name(command: str) -> str:
+    """The resolved options of a run: `<command>_args.yaml`, as timm's args.yaml."""
+    return f"{command}_args.yaml"
+
+
 def args_file(folder: str | Path, command: str) -> Path:
-    """The resolved options of a run (`<command>_args.yaml`, as timm's args.yaml)."""
-    return Path(folder) / f"{command}_args.yaml"
+    return Path(folder) / args_name(command)
+
+
+def folder_lock(folder: str | Path) -> Path:
+    return Path(folder) / FOLDER_LOCK
+
+
+def beside_store(store: Path, name: str) -> Path:
+    """A file about a store, next to it: DIR/name for DIR/features.zarr, DIR/NAME.name for DIR/NAME.zarr."""
+    return store.parent / (name if store.name == STORE_NAME else f"{store.stem}.{name}")
+
+
+def score_files(store: Path) -> tuple[Path, Path, Path]:
+    """What kdpipe score writes about a store: its scores, their plot and the resolved options."""
+    return beside_store(store, SCORES), beside_store(store, SCORES_PLOT), beside_store(store, args_name("score"))
+
+
+def derived_files(store: Path) -> list[Path]:
+    """The files describing the store at `store` (in an extract folder): what replacing it makes stale."""
+    return [store.parent / EXTRACT_SUMMARY, *score_files(store)]
 
 
 def epoch_weights(folder: str | Path, epoch: int) -> Path:

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from cache.lock import OutputLock
 from cache.store import FeatureStore, StoreError
 
 from .checkpoints import load_checkpoint, read_model_spec, save_checkpoint
 from .config import ProbeConfig
 from .datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError
-from .layout import CLASSIFIER, LABELLED_INDICES, PROBE_SUMMARY, STUDENT_WEIGHTS
+from .layout import CLASSIFIER, LABELLED_INDICES, PROBE_SUMMARY, STUDENT_WEIGHTS, folder_lock
 from .models import create_model
 from .provenance import load_matching_split, recorded_data_root
 from .recipe import make_loader
@@ -71,11 +72,19 @@ def load_classifier(path: str | Path) -> LinearProbeClassifier:
 
 
 def probe(config: ProbeConfig) -> dict[str, Any]:
-    """Fits and evaluates the linear probe of the student in `config.run`; writes probe.json and the classifier."""
+    """Fits and evaluates the linear probe of the student in `config.run`, under the run folder's lock; writes
+    probe.json and the classifier."""
     run_dir = Path(config.run)
-    spec = read_model_spec(run_dir / STUDENT_WEIGHTS) if (run_dir / STUDENT_WEIGHTS).is_file() else None
-    if not spec:
+    if not (run_dir / STUDENT_WEIGHTS).is_file():
         raise UserError(f"{run_dir} holds no distilled student ({STUDENT_WEIGHTS}); run kdpipe distill first")
+    with OutputLock(run_dir, folder_lock(run_dir), config.command):
+        return _probe(config, run_dir)
+
+
+def _probe(config: ProbeConfig, run_dir: Path) -> dict[str, Any]:
+    spec = read_model_spec(run_dir / STUDENT_WEIGHTS)
+    if not spec:
+        raise UserError(f"{run_dir / STUDENT_WEIGHTS} is not a distilled kdpipe student; run kdpipe distill first")
     dev = resolve_device(config.device)
     seed, max_iter = config.seed, config.max_iter
     seed_everything(seed)

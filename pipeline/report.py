@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cache.lock import OutputLock
+
 from .config import Boolean, DistillConfig, ProbeConfig, ReportConfig, field_types
 from .distill import distill
 from .errors import UserError
@@ -29,6 +31,7 @@ from .layout import (
     REPORT_TEXT,
     STUDENT_WEIGHTS,
     checkpoint_epochs,
+    folder_lock,
     report_run,
 )
 from .methods import format_terms, get_method
@@ -54,11 +57,17 @@ class Run:
 
 def report(config: ReportConfig) -> dict[str, Any]:
     """Checks every (entry, seed) against the store first (a setting that fails fails before hours of runs), then
-    runs or reuses each, writes report.md, report.json (and report.png) in `config.out` and returns the summary."""
+    runs or reuses each, writes report.md, report.json (and report.png) in `config.out` and returns the summary.
+    The report holds its folder's lock throughout (each run, its own folder's too)."""
     runs = plan(config)
+    out = Path(config.out)
+    with OutputLock(out, folder_lock(out), config.command):
+        return _report(config, runs, out)
+
+
+def _report(config: ReportConfig, runs: list[Run], out: Path) -> dict[str, Any]:
     for run in progress(runs, desc="check", unit="run", leave=False):
         distill(replace(run.distill, check=True))
-    out = Path(config.out)
     write_args(out, config)
     results = []
     bar = progress(runs, desc="report", unit="run")

@@ -69,7 +69,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def write_args(folder: str | Path, config: Config) -> None:
     """The resolved config of a run (`<command>_args.yaml`, as timm's args.yaml), written before the work starts,
     so an output folder that cannot be written fails the run at once."""
-    path = args_file(folder, config.command)
+    write_config(args_file(folder, config.command), config)
+
+
+def write_config(path: Path, config: Config) -> None:
     write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     logging.getLogger(__name__).debug("resolved config in %s", path)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from cache.lock import OutputLock
 from cache.reader import gather_rows
 from cache.store import FeatureStore, SplitStore
 
@@ -22,7 +23,7 @@ from . import __version__
 from .config import ScoreConfig
 from .datasets import stratified_subset
 from .errors import UserError, writing
-from .layout import SCORES, SCORES_PLOT
+from .layout import score_files, store_lock
 from .quality import (
     QualityError,
     class_spectrum,
@@ -34,13 +35,19 @@ from .quality import (
     select_top_k,
     subset_a_stats,
 )
-from .runtime import progress, write_args, write_json, write_png
+from .runtime import progress, write_config, write_json, write_png
 from .taps import Tap
 
 
 def score(config: ScoreConfig) -> dict[str, Any]:
-    """Scores the taps of the store's split, records them in the store and beside it; returns the summary."""
-    feature_store = FeatureStore.open(config.store, mode="r+")
+    """Scores the taps of the store's split, records them in the store and beside it (`layout.score_files`), under
+    the store's lock; returns the summary."""
+    path = FeatureStore.locate(config.store)
+    with OutputLock(path, store_lock(path), config.command):
+        return _score(config, FeatureStore.open(path, mode="r+"))
+
+
+def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
     part = _checked_split(feature_store, config.split)
     taps = _taps_to_score(feature_store, part, config.layers)
     num_classes = feature_store.meta["identity"]["dataset"]["num_classes"]
@@ -53,7 +60,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     a_rows, b_rows = rows[subset_a], rows[subset_b]
     n_train = _train_split_size(feature_store, part)
     budget_bytes = max(1, int(config.memory_gb * 2**30))
-    write_args(feature_store.path.parent, config)
+    scores_file, plot_file, args_file = score_files(feature_store.path)
+    write_config(args_file, config)
     results = []
     for tap in progress(taps, desc="score", unit="tap"):
         start = time.perf_counter()
@@ -84,6 +92,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         "stage": "score",
         "kdpipe_version": __version__,
         "store": str(feature_store.path),
+        "config_hash": feature_store.meta.get("config_hash"),  # the store scored (kdpipe summary compares it)
+        "scores_file": str(scores_file),
+        "plot_file": str(plot_file) if config.plot else None,
         "split": config.split,
         "teacher": identity["teacher"]["name"],
         "dataset": identity["dataset"]["name"],
@@ -97,7 +108,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
         "notes": notes,
         "taps": results,
     }
-    _record(feature_store, part, summary, config.plot)
+    _record(part, summary)
     return summary
 
 
@@ -229,19 +240,18 @@ def _select(results: list[dict[str, Any]], top_k: int) -> tuple[list[int], list[
     return selected, notes
 
 
-def _record(store: FeatureStore, part: SplitStore, summary: dict[str, Any], plot: bool) -> None:
-    """Scores into the split's attributes and `scores.json` (and `scores.png`) next to the store."""
-    with writing(store.path):
+def _record(part: SplitStore, summary: dict[str, Any]) -> None:
+    """Scores into the split's attributes and the summary's scores file (and plot) next to the store."""
+    with writing(part.path):
         part.group.attrs["scores"] = {
             "selected": summary["selected"],
             "seed": summary["seed"],
             "top_k": summary["top_k"],
             "Q": {t["name"]: t["Q"] for t in summary["taps"]},
         }
-    out = store.path.parent
-    write_json(out / SCORES, summary)
-    if plot:
-        plot_scores(summary, out / SCORES_PLOT)
+    write_json(Path(summary["scores_file"]), summary)
+    if summary["plot_file"]:
+        plot_scores(summary, Path(summary["plot_file"]))
 
 
 def plot_scores(summary: dict[str, Any], path: Path) -> None:

@@ -18,12 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from cache.lock import OutputLock
+
 from . import __version__
 from .checkpoints import RunState, discard_run, resumable, save_checkpoint, save_epoch, start_or_resume
 from .config import TeachConfig
 from .datasets import held_out_split, load_split
 from .errors import UserError
-from .layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS
+from .layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS, folder_lock
 from .models import create_model, served_preprocessing
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_csv, write_json
@@ -68,36 +70,37 @@ def teach(config: TeachConfig) -> dict[str, Any]:
     run = RunState(model, optimizer, schedule, generator)
     fingerprint = train.fingerprint()
     spec = {"kdpipe_version": __version__, **config.run_settings(), **model_spec, "dataset_fingerprint": fingerprint}
-    if config.overwrite and not config.resume:
-        discard_run(out_dir, out_dir / TEACH_SUMMARY)
-    log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "teach")
-    if first_epoch > epochs and (out_dir / TEACH_SUMMARY).is_file():
-        return json.loads((out_dir / TEACH_SUMMARY).read_text())  # a finished run: reused, not recomputed
-    write_args(out_dir, config)
-    start = last_save = time.perf_counter()
-    with resumable(out_dir):
-        for epoch in range(first_epoch, epochs + 1):
-            log_rows.append(_train_epoch(run, train_loader, test_loader, epoch, epochs, dev))
-            if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
-                save_epoch(out_dir, epoch, spec, run, log_rows)
-                write_csv(out_dir / TEACH_LOG, log_rows)
-                last_save = time.perf_counter()
-        save_checkpoint(model, out_dir / TEACHER_WEIGHTS, model_spec)
-        summary = {
-            "stage": "teach",
-            **model_spec,
-            "checkpoint": str(out_dir / TEACHER_WEIGHTS),
-            "test_split": held_out.split,
-            "test_top1": log_rows[-1]["test_top1"],
-            "train_top1": log_rows[-1]["train_top1"],
-            "epochs": epochs,
-            "seconds": round(time.perf_counter() - start, 2),
-            "seed": config.seed,
-            "device": str(dev),
-            "dataset_fingerprint": fingerprint,
-        }
-        write_json(out_dir / TEACH_SUMMARY, summary)
-    return summary
+    with OutputLock(out_dir, folder_lock(out_dir), config.command):
+        if config.overwrite and not config.resume:
+            discard_run(out_dir, out_dir / TEACH_SUMMARY)
+        log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "teach")
+        if first_epoch > epochs and (out_dir / TEACH_SUMMARY).is_file():
+            return json.loads((out_dir / TEACH_SUMMARY).read_text())  # a finished run: reused, not recomputed
+        write_args(out_dir, config)
+        start = last_save = time.perf_counter()
+        with resumable(out_dir):
+            for epoch in range(first_epoch, epochs + 1):
+                log_rows.append(_train_epoch(run, train_loader, test_loader, epoch, epochs, dev))
+                if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
+                    save_epoch(out_dir, epoch, spec, run, log_rows)
+                    write_csv(out_dir / TEACH_LOG, log_rows)
+                    last_save = time.perf_counter()
+            save_checkpoint(model, out_dir / TEACHER_WEIGHTS, model_spec)
+            summary = {
+                "stage": "teach",
+                **model_spec,
+                "checkpoint": str(out_dir / TEACHER_WEIGHTS),
+                "test_split": held_out.split,
+                "test_top1": log_rows[-1]["test_top1"],
+                "train_top1": log_rows[-1]["train_top1"],
+                "epochs": epochs,
+                "seconds": round(time.perf_counter() - start, 2),
+                "seed": config.seed,
+                "device": str(dev),
+                "dataset_fingerprint": fingerprint,
+            }
+            write_json(out_dir / TEACH_SUMMARY, summary)
+        return summary
 
 
 def _train_epoch(run: RunState, train_loader, test_loader, epoch: int, epochs: int, dev: torch.device) -> dict:

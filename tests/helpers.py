@@ -8,7 +8,9 @@ import errno
 import importlib.util
 import math
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,44 @@ class Disk:
     def close(self) -> None:
         if self.real:
             subprocess.run(["umount", "-l", str(self.path)], check=True, capture_output=True)
+
+
+def kdpipe_process(*args, **popen) -> subprocess.Popen:
+    """`kdpipe ARGS` in a process of its own, running this checkout's code (not an installed kdpipe's)."""
+    command = [sys.executable, "-c", "from pipeline.cli import main; main()", *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, text=True, **popen)
+
+
+HOLD = """
+import contextlib, sys, time
+from cache.lock import OutputLock
+with contextlib.ExitStack() as stack:
+    for output, lock_file in zip(sys.argv[2::2], sys.argv[3::2]):
+        stack.enter_context(OutputLock(output, lock_file, sys.argv[1]))
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def locked_elsewhere(command: str, *locks: tuple[Path, Path]):
+    """Another process holding kdpipe's locks on outputs, given as (output, lock file), as `kdpipe COMMAND` would;
+    yields it, and SIGKILLs it at the end (leaving its lock files behind, as a killed kdpipe does)."""
+    args = [str(a) for lock in locks for a in lock]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, command, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        yield holder
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def tree_bytes(*folders: Path) -> dict[str, bytes]:
+    """Every file under the folders, by path, with its bytes."""
+    return {str(p): p.read_bytes() for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +14,18 @@ import pytest
 import zarr
 
 from cache.store import STORE_NAME, FeatureStore
-from helpers import assert_one_line_error, load_script, run_cli
+from cache.verify import DAMAGED, INCOMPLETE, SOUND
+from helpers import (
+    assert_one_line_error,
+    kdpipe_process,
+    load_script,
+    locked_elsewhere,
+    make_store,
+    run_cli,
+    tree_bytes,
+)
 from pipeline import ExtractConfig, extract
+from pipeline.layout import EXTRACT_SUMMARY, STUDENT_WEIGHTS, folder_lock, score_files, store_lock
 
 
 @pytest.mark.slow
@@ -59,7 +73,7 @@ def _a_chunk(store: Path) -> Path:
 
 
 def test_verify_reports_damaged_and_missing_chunks(digits_teacher, store):
-    assert "all checksums good; store complete" in run_cli("verify", store).output
+    assert "all floats finite; store complete" in run_cli("verify", store).output
     chunk = _a_chunk(store)
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -72,7 +86,7 @@ def test_verify_reports_damaged_and_missing_chunks(digits_teacher, store):
     assert_one_line_error(run_cli("verify", store, "--repair", expect_ok=False), "rerun the same kdpipe extract")
     assert not FeatureStore.open(store).complete
     run_cli(*_extract_test_split(digits_teacher["checkpoint"], store))
-    assert "all checksums good; store complete" in run_cli("verify", store).output
+    assert "all floats finite; store complete" in run_cli("verify", store).output
 
 
 def test_failing_write_leaves_the_store_incomplete_and_resumable(digits_teacher, store, tmp_path, monkeypatch):
@@ -95,3 +109,166 @@ def test_failing_write_leaves_the_store_incomplete_and_resumable(digits_teacher,
     resumed = zarr.open_group(str(tmp_path / "full" / STORE_NAME))["test/features/layer3.2"][:]
     reference = zarr.open_group(str(store / STORE_NAME))["test/features/layer3.2"][:]
     assert np.array_equal(resumed, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One writer per output
+
+
+def test_a_second_writer_fails_at_once_and_changes_nothing(digits_teacher, scored_store, store, tmp_path):
+    """Each writing command on an output another process holds: one line naming the holder, not a byte changed;
+    read-only commands run as usual. Once the holder is SIGKILLed, its lock is taken over."""
+    teacher, run, report = tmp_path / "teacher", tmp_path / "run", tmp_path / "report"
+    shutil.copytree(Path(digits_teacher["checkpoint"]).parent, teacher)
+    run.mkdir()
+    (run / STUDENT_WEIGHTS).write_bytes(b"never read: the lock comes first")
+    features = store / STORE_NAME
+    other_taps = _extract_test_split(digits_teacher["checkpoint"], store)
+    other_taps[other_taps.index("layer3.2")] = "layer2.2"
+    student = ["--student", "resnet8", "--model-kwargs", "{base_width: 8}", "--device", "cpu"]
+    writers = {
+        features: [[*other_taps, "--overwrite"], ["score", store, "--split", "test"], ["verify", store, "--repair"]],
+        teacher: [["teach", "--out", teacher, "--overwrite", "--epochs", 1, "--device", "cpu"]],
+        run: [["distill", scored_store, "--out", run, *student], ["probe", run, "--device", "cpu"]],
+        report: [["report", "--store", scored_store, "--out", report, "--methods", "ce", "--seeds", 0]],
+    }
+    locks = [(features, store_lock(features)), *((folder, folder_lock(folder)) for folder in (teacher, run, report))]
+    with locked_elsewhere("extract", *locks) as holder:
+        before = tree_bytes(tmp_path)
+        for output, commands in writers.items():
+            for args in commands:
+                in_use = f"{output} is in use by PID {holder.pid} on {socket.gethostname()} (kdpipe extract) since 20"
+                assert_one_line_error(run_cli(*args, expect_ok=False), in_use)
+        assert "store complete" in run_cli("verify", store).output
+        assert "complete    yes" in run_cli("info", store).output
+        run_cli("summary", tmp_path)
+        assert tree_bytes(tmp_path) == before
+    assert json.loads(store_lock(features).read_text())["pid"] == holder.pid  # left by the killed holder
+    run_cli("score", store, "--split", "test", "--no-plot")
+    assert store_lock(features).read_text() == ""  # the record goes with the hold
+
+
+def test_two_extracts_at_once_one_writes_the_store(digits_teacher, tmp_path):
+    """Started together on one output: exactly one runs, the other exits at once with one line naming it, and the
+    store verifies and reopens."""
+    args = ["extract", "--checkpoint", digits_teacher["checkpoint"], "--splits", "test", "--device", "cpu"]
+    both = [kdpipe_process(*args, "--out", tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"]
+    outputs = [p.communicate(timeout=300) for p in both]
+    codes = [p.returncode for p in both]
+    assert sorted(codes) == [0, 1], outputs
+    winner, (_, lost) = both[codes.index(0)], outputs[codes.index(1)]
+    errors = [line for line in lost.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in lost, lost
+    assert errors[0].startswith(f"Error: {tmp_path / STORE_NAME} is in use by PID {winner.pid} on "), errors
+    assert "store complete" in run_cli("verify", tmp_path).output
+    assert FeatureStore.open(tmp_path).complete
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recovery from damaged or missing metadata
+
+
+@pytest.fixture(scope="module")
+def reference(digits_teacher, tmp_path_factory):
+    """The `store` fixture's store, made once: damaged copies of it are recovered and compared with it."""
+    out = tmp_path_factory.mktemp("reference")
+    run_cli(*_extract_test_split(digits_teacher["checkpoint"], out))
+    return out
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:25])
+
+
+# damage, what info and verify name, and whether a rerun recovers (else --overwrite must)
+DAMAGE = {
+    "root metadata truncated": (lambda s: _truncate(s / "zarr.json"), "features.zarr/zarr.json is unreadable", False),
+    "root metadata deleted": (
+        lambda s: (s / "zarr.json").unlink(),
+        "zarr.json, the store's root metadata, is missing",
+        False,
+    ),
+    "split metadata truncated": (lambda s: _truncate(s / "test" / "zarr.json"), "test/zarr.json is unreadable", True),
+    "array metadata truncated": (
+        lambda s: _truncate(s / "test" / "labels" / "zarr.json"),
+        "test/labels/zarr.json is unreadable",
+        True,
+    ),
+    "split deleted": (lambda s: shutil.rmtree(s / "test"), "test: missing from the store", True),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_metadata_is_one_line_and_extract_recovers(digits_teacher, reference, tmp_path, case):
+    damage, named, rerun_recovers = DAMAGE[case]
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    damage(out / STORE_NAME)
+    info = run_cli("info", out, expect_ok=case == "split deleted")
+    if case == "split deleted":
+        assert "split test: not written (rerun the same kdpipe extract)" in info.output
+    else:
+        assert_one_line_error(info, named)
+    verify = run_cli("verify", out, expect_ok=False)
+    assert verify.exit_code == DAMAGED and named in verify.output and "Traceback" not in verify.output
+    args = _extract_test_split(digits_teacher["checkpoint"], out)
+    if not rerun_recovers:
+        assert_one_line_error(run_cli(*args, expect_ok=False), named, "kdpipe extract --overwrite rebuilds the store")
+        args.append("--overwrite")
+    run_cli(*args)
+    assert run_cli("verify", out).exit_code == SOUND
+    assert load_script("soak").zarr_bytes_equal(reference / STORE_NAME, out / STORE_NAME) > 0
+
+
+def test_verify_exit_status(tmp_path):
+    """0 sound, 1 damaged (here a NaN written through zarr, so its checksum is good), 2 incomplete; --repair turns
+    the damaged block into an unwritten one."""
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((8, 4)).astype(np.float16), np.arange(8) % 2
+    make_store(tmp_path / "sound" / STORE_NAME, {"x": x}, labels)
+    assert run_cli("verify", tmp_path / "sound").exit_code == SOUND
+    make_store(tmp_path / "partial" / STORE_NAME, {"x": x}, labels, complete=False)
+    result = run_cli("verify", tmp_path / "partial", expect_ok=False)
+    assert result.exit_code == INCOMPLETE and "store incomplete" in result.output
+    make_store(tmp_path / "nan" / STORE_NAME, {"x": x}, labels)
+    zarr.open_group(str(tmp_path / "nan" / STORE_NAME), mode="r+")["train/features/x"][5, 2] = np.nan
+    result = run_cli("verify", tmp_path / "nan", expect_ok=False)
+    assert result.exit_code == DAMAGED
+    assert "train/features/x chunk 0 (rows 0-7): not finite (NaN or infinite) from row 5" in result.output
+    assert run_cli("verify", tmp_path / "nan", "--repair", expect_ok=False).exit_code == DAMAGED
+    assert run_cli("verify", tmp_path / "nan", expect_ok=False).exit_code == INCOMPLETE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Size and derived files
+
+
+def test_extract_refuses_a_store_too_large_before_writing(digits_teacher, store, tmp_path, monkeypatch):
+    """The raw-size estimate is exact (the arrays' bytes of the same store), and each bound refuses in one line
+    without writing anything of the store; at the bound, extraction runs."""
+    raw = sum(split["raw_bytes"] for split in json.loads((store / EXTRACT_SUMMARY).read_text())["splits"].values())
+    out = tmp_path / "new"
+    args = _extract_test_split(digits_teacher["checkpoint"], out)
+    capped = run_cli(*args, "--max-store-gb", raw * 0.999 / 2**30, expect_ok=False)
+    assert_one_line_error(capped, f"{out / STORE_NAME} would hold 2.8 MiB raw, above --max-store-gb")
+    disk = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: disk._replace(free=raw - 1))
+    full = run_cli(*args, expect_ok=False)
+    assert_one_line_error(full, f"{out / STORE_NAME} needs 2.8 MiB raw but {out} has 2.8 MiB free")
+    assert not (out / STORE_NAME).exists() and not (out / "extract_args.yaml").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: disk._replace(free=raw))
+    ran = run_cli(*args, "--max-store-gb", raw * 1.001 / 2**30)
+    assert f"{out / STORE_NAME}: 2.8 MiB raw (360 rows of 8.1 KiB), 2.8 MiB of it to write" in ran.output
+    assert FeatureStore.open(out).complete
+
+
+def test_overwrite_removes_what_described_the_old_store(digits_teacher, store):
+    run_cli("score", store, "--split", "test")
+    derived = score_files(store / STORE_NAME)
+    assert all(path.is_file() for path in derived)
+    args = _extract_test_split(digits_teacher["checkpoint"], store)
+    args[args.index("layer3.2")] = "layer2.2"
+    run_cli(*args, "--overwrite")
+    assert not any(path.exists() for path in derived)
+    hash_now = FeatureStore.open(store).meta["config_hash"]
+    assert json.loads((store / EXTRACT_SUMMARY).read_text())["config_hash"] == hash_now

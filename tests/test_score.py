@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -59,6 +60,30 @@ def test_records_scores_everywhere(synthetic):
     attrs = zarr.open_group(str(path), mode="r")["train"].attrs["scores"]
     assert attrs["selected"] == summary["selected"] and set(attrs["Q"]) == {"early", "middle", "late"}
     assert (path.parent / "score_args.yaml").is_file()
+    assert f"scores: {path.parent / 'scores.json'}  plot: {path.parent / 'scores.png'}" in result.stdout
+
+
+def test_stores_sharing_a_folder_keep_their_scores_and_summary_shows_only_current_ones(synthetic, tmp_path):
+    path, _, _ = synthetic
+    shutil.copytree(path, tmp_path / "features.zarr")
+    shutil.copytree(path, tmp_path / "other.zarr")
+    run_cli("score", tmp_path, "--top-k", "1")
+    standard = (tmp_path / "scores.json").read_bytes()
+    result = run_cli("score", tmp_path / "other.zarr", "--top-k", "2")
+    assert f"scores: {tmp_path / 'other.scores.json'}  plot: {tmp_path / 'other.scores.png'}" in result.stdout
+    assert (tmp_path / "other.score_args.yaml").is_file() and (tmp_path / "scores.json").read_bytes() == standard
+    assert run_cli("summary", tmp_path).stdout.count("taps     top-") == 2
+    FeatureStore.open(tmp_path / "other.zarr", mode="r+").update_meta(config_hash="rebuilt")
+    old = {k: v for k, v in json.loads(standard).items() if k != "config_hash"}  # as older kdpipe wrote it
+    (tmp_path / "scores.json").write_text(json.dumps(old))
+    stale = "taps     {} is stale ({}); rerun kdpipe score"
+    assert run_cli("summary", tmp_path).stdout.splitlines() == [
+        stale.format(tmp_path / "other.scores.json", "its store was rebuilt with another configuration since"),
+        stale.format(tmp_path / "scores.json", "written before kdpipe recorded which store it scored"),
+    ]
+    shutil.rmtree(tmp_path / "features.zarr")
+    reason = f"its store cannot be read: no feature store at {tmp_path / 'features.zarr'}"
+    assert run_cli("summary", tmp_path).stdout.splitlines()[1] == stale.format(tmp_path / "scores.json", reason)
 
 
 def test_deterministic_and_seeded(synthetic):

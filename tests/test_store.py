@@ -103,8 +103,10 @@ def test_open_rejects_foreign_and_newer_stores(tmp_path):
     with pytest.raises(StoreError, match="newer than this kdpipe reads"):
         FeatureStore.open(tmp_path / "new.zarr")
     (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match="not a Zarr store; refusing"):
         FeatureStore.create(tmp_path / "dir", {}, overwrite=True)
+    assert (tmp_path / "dir" / "notes.txt").read_text() == "mine"
 
 
 def test_writer_refuses_float16_overflow(tmp_path):

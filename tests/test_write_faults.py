@@ -62,9 +62,11 @@ def outputs(digits_teacher, scored_store, tmp_path_factory):
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` but the disk's ballast, with its bytes."""
+    """Every file under `folder` but the disk's ballast and the writers' lock files (cache.lock), with its bytes."""
     return {
-        str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "ballast"
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != "ballast" and not p.name.endswith(".lock")
     }
 
 
@@ -173,9 +175,12 @@ def test_a_non_finite_loss_names_the_epoch_and_that_no_checkpoint_exists_yet(sco
         distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "run"), **STUDENT))
 
 
-def test_extract_on_a_disk_that_fills_resumes_when_space_is_freed(digits_teacher, tmp_path, disk):
+def test_extract_on_a_disk_that_fills_resumes_when_space_is_freed(digits_teacher, tmp_path, disk, monkeypatch):
+    """A disk another writer fills during the extraction (the size check before it saw enough room)."""
     if not disk.real:
         pytest.skip("needs a real small disk (mount); test_reliability injects the same fault into zarr's writes")
+    roomy = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(importlib.import_module("pipeline.extract").shutil, "disk_usage", lambda path: roomy)
     args = ["extract", "--checkpoint", digits_teacher["checkpoint"], "--layers", "layer3.2", "--splits", "test"]
     args += ["--device", "cpu"]
     run_cli(*args, "--out", tmp_path / "whole")

@@ -1,0 +1,83 @@
+"""One writer per output: the exclusive lock every writing kdpipe command holds on its output while it runs.
+
+The lock is an flock(2) on a sidecar file, taken through `filelock` without waiting, so a second writer fails at
+once and is told who holds the output. The operating system drops an flock when the process holding it ends,
+however it ends, so the lock of a killed process (SIGKILL, the OOM killer, a lost session) is simply taken over by
+the next writer: there is no stale lock to clean up. While held, the lock file holds its holder's PID, host, command
+and start time as JSON; it is emptied on release and stays on disk between runs.
+
+A store's lock is beside it (`features.zarr.lock` next to `features.zarr`), never inside: the store stays a plain
+Zarr group (zarr warns about foreign files in a group; `kdpipe verify` reads arrays only) that `--overwrite` can
+delete whole while the lock is held. A run folder's lock is inside the folder (`pipeline.layout.FOLDER_LOCK`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+_held: list[str] = []  # the commands of the locks this process holds, outermost first
+
+
+class LockError(Exception):
+    """An output another process is writing, or one that cannot be locked at all."""
+
+
+def store_lock(store: Path) -> Path:
+    """A store's lock file: beside the store, named after it."""
+    return store.with_name(store.name + ".lock")
+
+
+class OutputLock:
+    """`with OutputLock(output, lock_file, "extract"):` holds `output`'s lock for the block; LockError at once when
+    another process holds it. A lock taken inside another (a report's runs) records the outer command."""
+
+    def __init__(self, output: str | Path, lock_file: str | Path, command: str) -> None:
+        self.output, self.lock_file = Path(output), Path(lock_file)
+        self.command = _held[0] if _held else command
+        self._lock = FileLock(self.lock_file, timeout=0, on_acquired=self._write_record)
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        try:
+            self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except Timeout:
+            raise LockError(f"{self.output} is in use by {_holder(self.lock_file)}") from None
+        except OSError as err:  # a read-only folder, a file system without flock
+            raise LockError(f"cannot write {self.lock_file} to lock {self.output}: {err.strerror or err}") from None
+        _held.append(self.command)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _held.pop()
+        try:
+            os.ftruncate(self._fd, 0)  # the record goes with the hold
+        finally:
+            self._lock.release()
+
+    def _write_record(self, fd: int) -> None:
+        """Called by filelock with the locked file's descriptor, before `acquire` returns."""
+        self._fd = fd
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+
+
+def _holder(lock_file: Path) -> str:
+    """Who holds a lock, from its record: `PID N on HOST (kdpipe COMMAND) since TIME`."""
+    try:
+        record = json.loads(lock_file.read_text())
+        return f"PID {record['pid']} on {record['host']} (kdpipe {record['command']}) since {record['since']}"
+    except (OSError, ValueError, TypeError, KeyError):  # taken a moment ago, its record not written yet
+        return f"another process (its lock {lock_file} holds no record yet)"
