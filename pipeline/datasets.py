@@ -20,6 +20,7 @@ import torchvision
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from .cifar import CifarLayout, read_cifar
 from .errors import UserError, first_line
 from .registry import Registry
 
@@ -220,45 +221,35 @@ def synthetic(split: str = "train", root: str | None = None, input_size: int | N
     return _array_split("synthetic", split, images, labels, [str(c) for c in range(10)], prep)
 
 
-def _cifar(name: str, tv_class: type, mean, std, split: str, root: str | None, input_size: int | None, download: bool):
+CIFAR10_LAYOUT = CifarLayout.of(torchvision.datasets.CIFAR10, label_key="labels")
+CIFAR100_LAYOUT = CifarLayout.of(torchvision.datasets.CIFAR100, label_key="fine_labels")
+
+
+def _cifar(name: str, layout: CifarLayout, mean, std, split: str, root: str | None, input_size: int | None, download):
+    """A CIFAR split read by `pipeline.cifar` (no code in the batch files runs). No per-file md5 is checked (kdpipe
+    fingerprints and records the data itself), so any copy in torchvision's layout loads."""
     _check_split(name, split)
     if root is None:
-        raise UserError(f"dataset {name!r} needs --data-root (the folder holding {tv_class.base_folder}/)")
+        raise UserError(f"dataset {name!r} needs --data-root (the folder holding {layout.folder}/)")
     if not Path(root).is_dir() and not download:
         raise UserError(f"data root not found: {root}")
-
-    class Local(tv_class):
-        # No per-file md5 (kdpipe fingerprints and records the data itself): torchvision then only checks that
-        # the files exist, so any copy in the standard layout loads. Downloads still verify the archive.
-        train_list = [[f, None] for f, _ in tv_class.train_list]
-        test_list = [[f, None] for f, _ in tv_class.test_list]
-        meta = {**tv_class.meta, "md5": None}
-
-    try:
-        data = Local(root, train=split == "train", download=download)
-    except RuntimeError as err:
-        raise UserError(
-            f"{name} not found under {root} (expected {tv_class.base_folder}/); --download fetches it"
-        ) from err
-    images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
+    images, labels, classes = read_cifar(name, layout, split, root, download)
     prep = Preprocessing(input_size or 32, mean, std)
-    return _array_split(name, split, images, data.targets, data.classes, prep)
+    return _array_split(name, split, images, labels, classes, prep)
 
 
 @register_dataset
 @with_splits("train", "test")
 def cifar10(split: str = "train", root: str | None = None, input_size: int | None = None, download: bool = False):
     """CIFAR-10 from torchvision's python batches under `root`."""
-    return _cifar("cifar10", torchvision.datasets.CIFAR10, CIFAR10_MEAN, CIFAR10_STD, split, root, input_size, download)
+    return _cifar("cifar10", CIFAR10_LAYOUT, CIFAR10_MEAN, CIFAR10_STD, split, root, input_size, download)
 
 
 @register_dataset
 @with_splits("train", "test")
 def cifar100(split: str = "train", root: str | None = None, input_size: int | None = None, download: bool = False):
     """CIFAR-100 (fine labels) from torchvision's python batches under `root`."""
-    return _cifar(
-        "cifar100", torchvision.datasets.CIFAR100, CIFAR100_MEAN, CIFAR100_STD, split, root, input_size, download
-    )
+    return _cifar("cifar100", CIFAR100_LAYOUT, CIFAR100_MEAN, CIFAR100_STD, split, root, input_size, download)
 
 
 @register_dataset

@@ -55,6 +55,16 @@ def small_chunks():
         yield
 
 
+class TouchOnLoad:
+    """Pickles as a call that creates `path` when unpickled (code run from an input file, with no shell)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """A distill run's student weights."""
     return load_file(str(Path(run_dir) / STUDENT_WEIGHTS))
