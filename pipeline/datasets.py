@@ -1,14 +1,15 @@
 """Dataset registry: `digits` (embedded default), `cifar10`, `cifar100`, `imagefolder`.
 
 Each entry returns one split as a `SplitData`: preprocessed images and integer labels, sample i always being the
-same image (its stable index), a recorded `Preprocessing`, and a fingerprint of the data. Preprocessing is
-deterministic (resize, centre crop, normalise): no random augmentation anywhere in extraction.
+same image (its stable index), a recorded `Preprocessing`, and a fingerprint of the data (`pipeline.fingerprint`).
+Preprocessing is deterministic (resize, centre crop, normalise): no random augmentation anywhere in extraction.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from torchvision.transforms import v2
 
 from .cifar import CifarLayout, read_cifar
 from .errors import UserError, first_line
+from .fingerprint import ArrayContent, FileContent
 from .registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -31,7 +33,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-FINGERPRINT_SAMPLES = 32
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class Preprocessing:
 
 
 class SplitData(Dataset):
-    """One split of a registered dataset. `ds[i]` is `(image, label)`; i is the sample's stable index."""
+    """One split of a registered dataset. `ds[i]` is `(image, label)`; i is the sample's stable index; `content`
+    (an `ArrayContent` or `FileContent`) is what its fingerprint hashes."""
 
     def __init__(
         self,
@@ -77,14 +79,15 @@ class SplitData(Dataset):
         labels: np.ndarray,
         classes: Sequence[str],
         preprocessing: Preprocessing,
-        raw_sample: Callable[[int], bytes],
+        content: ArrayContent | FileContent,
     ) -> None:
         self.name, self.split = name, split
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = list(classes)
         self.preprocessing = preprocessing
-        self._raw_sample = raw_sample
+        self.content = content
+        self._fingerprints: dict[str, str] = {}  # by scheme; shared with the copies serving other preprocessing
 
     @property
     def num_classes(self) -> int:
@@ -108,25 +111,29 @@ class SplitData(Dataset):
         """The same samples served with another preprocessing (a model's, or a recorded one)."""
         images = copy.copy(self.images)
         images.transform = preprocessing.transform()  # the in-memory images' and torchvision datasets' transform
-        return SplitData(self.name, self.split, images, self.labels, self.classes, preprocessing, self._raw_sample)
+        data = SplitData(self.name, self.split, images, self.labels, self.classes, preprocessing, self.content)
+        data._fingerprints = self._fingerprints
+        return data
 
-    def fingerprint(self) -> str:
-        """sha256 of the split size, all labels and the raw bytes of evenly spaced samples."""
-        digest = hashlib.sha256(f"{self.name}/{self.split}/{len(self)}".encode())
-        digest.update(self.labels.tobytes())
-        for i in np.linspace(0, len(self) - 1, num=min(FINGERPRINT_SAMPLES, len(self)), dtype=np.int64):
-            digest.update(self._raw_sample(int(i)))
-        return digest.hexdigest()
+    def fingerprint(self, scheme: str | None = None) -> str:
+        """sha256 of the split's name, size, classes and labels and of its samples' content as `scheme` covers it
+        (default: the scheme `--fingerprint auto` takes for this split)."""
+        scheme = scheme or self.fingerprint_scheme()
+        if scheme not in self._fingerprints:
+            digest = hashlib.sha256(json.dumps([self.name, self.split, len(self), self.classes, scheme]).encode())
+            digest.update(self.labels.tobytes())
+            self.content.update(digest, scheme)
+            self._fingerprints[scheme] = digest.hexdigest()
+        return self._fingerprints[scheme]
 
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "split": self.split,
-            "num_samples": len(self),
-            "num_classes": self.num_classes,
-            "fingerprint": self.fingerprint(),
-            "preprocessing": self.preprocessing.to_dict(),
-        }
+    def fingerprint_scheme(self, mode: str = "auto") -> str:
+        """The scheme `--fingerprint MODE` takes for this split (`pipeline.fingerprint`)."""
+        return self.content.scheme(mode)
+
+    def fingerprint_record(self, mode: str = "auto") -> dict[str, str]:
+        """The fingerprint and its scheme, as a store or a summary records them."""
+        scheme = self.fingerprint_scheme(mode)
+        return {"fingerprint": self.fingerprint(scheme), "fingerprint_scheme": scheme}
 
 
 class UInt8Images(Dataset):
@@ -155,7 +162,7 @@ def _array_split(name: str, split: str, images: torch.Tensor, labels, classes, p
         np.asarray(labels),
         classes,
         prep,
-        raw_sample=lambda i: images[i].numpy().tobytes(),
+        ArrayContent(images),
     )
 
 
@@ -298,7 +305,7 @@ def imagefolder(split: str = "train", root: str | None = None, input_size: int |
         np.array(data.targets),
         classes,
         prep,
-        raw_sample=lambda i: Path(data.samples[i][0]).read_bytes(),
+        FileContent(split_dir, [path for path, _ in data.samples]),
     )
 
 

@@ -50,7 +50,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     dev = resolve_device(config.device)
     method = get_method(config.method).configured(config.losses or {})
     feature_store, part = open_complete_store(config.store)
-    data = load_matching_split(feature_store, "train", config.dataset, config.data_root)
+    data = load_matching_split(feature_store, "train", config.dataset, config.data_root, fingerprint=config.fingerprint)
     input_size = data.preprocessing.input_size
     seed_everything(config.seed)
     net = create_model(config.student, data.num_classes, input_size=input_size, model_kwargs=config.model_kwargs)

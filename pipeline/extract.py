@@ -52,6 +52,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         split: load_split(config.dataset, split, config.data_root, config.input_size, config.download)
         for split in config.splits
     }
+    fingerprints = {split: d.fingerprint_record(config.fingerprint) for split, d in data.items()}
     first = data[config.splits[0]]
     input_size, num_classes = first.preprocessing.input_size, first.num_classes
     model, built = load_teacher(
@@ -89,7 +90,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
             "num_classes": num_classes,
             "classes": first.classes,
             "preprocessing": preprocessing.to_dict(),
-            "splits": {s: {"fingerprint": d.fingerprint(), "size": len(d)} for s, d in data.items()},
+            "splits": {s: {**fingerprints[s], "size": len(d)} for s, d in data.items()},
         },
         "taps": [t.record() for t in taps],
         "feature_dtype": FEATURE_DTYPE,
@@ -105,7 +106,8 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         return _summary(store, {}, out)
     timings = {}
     for split, d in data.items():
-        part = _split_store(store, split, d, rows[split], taps, logits, num_classes, config.compression)
+        attrs = {"split": split, "dataset_size": len(d), **fingerprints[split]}
+        part = _split_store(store, split, attrs, rows[split], taps, logits, num_classes, config.compression)
         timings[split] = _extract_split(
             model, d, part, rows[split], taps, logits, config.batch_size, config.workers, dev
         )
@@ -170,7 +172,7 @@ def _open_or_create(path: Path, identity: dict[str, Any], checkpoint: str | None
 def _split_store(
     store: FeatureStore,
     split: str,
-    data: SplitData,
+    attrs: dict[str, Any],
     rows: np.ndarray,
     taps: list[Tap],
     logits: bool,
@@ -185,7 +187,6 @@ def _split_store(
     specs += [ArraySpec("labels", (), "int64", sets_block=False), ArraySpec("indices", (), "int64", sets_block=False)]
     if logits:
         specs.append(ArraySpec("logits", (num_classes,), "float32", sets_block=False))
-    attrs = {"split": split, "dataset_size": len(data), "fingerprint": data.fingerprint()}
     return store.create_split(split, len(rows), specs, [t.name for t in taps], attrs, compression)
 
 

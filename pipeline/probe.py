@@ -86,7 +86,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     )
     load_checkpoint(backbone, run_dir / STUDENT_WEIGHTS)
     tap = list_taps(backbone, spec["input_size"], names=[config.tap or _default_tap(backbone, spec)])[0]
-    train, test = _probe_data(spec, config.data_root)
+    train, test = _probe_data(spec, config.data_root, config.fingerprint)
     # Only the labelled subset of a --label-fraction run trains the head (the whole train split otherwise).
     labelled = _labelled_indices(run_dir, spec, len(train))
     write_args(run_dir, config)
@@ -146,7 +146,7 @@ def _labelled_indices(run_dir: Path, spec: dict[str, Any], num_train: int) -> np
     return np.arange(num_train)  # runs from before the file existed: the whole train split
 
 
-def _probe_data(spec: dict[str, Any], data_root: str | None) -> tuple[SplitData, SplitData]:
+def _probe_data(spec: dict[str, Any], data_root: str | None, fingerprint: str) -> tuple[SplitData, SplitData]:
     """Train split checked against the store the student was distilled from (when it is still there), else served
     with the preprocessing the run recorded; the test split served as the train split."""
     try:
@@ -154,7 +154,7 @@ def _probe_data(spec: dict[str, Any], data_root: str | None) -> tuple[SplitData,
     except StoreError:
         store = None
     if store is not None and store.meta["config_hash"] == spec["store_config_hash"]:
-        train = load_matching_split(store, "train", spec["dataset"], data_root)
+        train = load_matching_split(store, "train", spec["dataset"], data_root, fingerprint=fingerprint)
     else:
         recorded = spec.get("preprocessing")  # runs distilled before it was recorded: the dataset's own
         preprocessing = Preprocessing.from_dict(recorded) if recorded else None

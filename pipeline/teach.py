@@ -36,6 +36,7 @@ def teach(config: TeachConfig) -> dict[str, Any]:
     where = (config.data_root, config.input_size, config.download)
     train = load_split(config.dataset, "train", *where)
     held_out = load_split(config.dataset, held_out_split(config.dataset), *where)
+    fingerprint = train.fingerprint_record(config.fingerprint)
     if len(train) < config.batch_size:
         raise UserError(f"--batch-size {config.batch_size} exceeds the {len(train)} training samples")
     input_size = train.preprocessing.input_size
@@ -105,7 +106,8 @@ def teach(config: TeachConfig) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "seed": config.seed,
         "device": str(dev),
-        "dataset_fingerprint": train.fingerprint(),
+        "dataset_fingerprint": fingerprint["fingerprint"],
+        "dataset_fingerprint_scheme": fingerprint["fingerprint_scheme"],
     }
     write_json(out_dir / TEACH_SUMMARY, summary)
     return summary
