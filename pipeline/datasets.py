@@ -135,6 +135,23 @@ class SplitData(Dataset):
         scheme = self.fingerprint_scheme(mode)
         return {"fingerprint": self.fingerprint(scheme), "fingerprint_scheme": scheme}
 
+    def check_classes(self, rows: np.ndarray | None = None, subset: str | None = None) -> None:
+        """The dataset check of every stage, before any work, on the split or on the samples of it (`rows`, which
+        `subset` names) that the stage trains on or caches: at least two classes, and a sample of every class the
+        split should hold (a training split every class of the label map, a held-out split those it has)."""
+        counts = np.bincount(self.labels if rows is None else self.labels[rows], minlength=self.num_classes)
+        where = f"dataset {self.name!r} {self.split} split" + (f" ({subset})" if subset else "")
+        present = np.flatnonzero(counts)
+        if len(present) < 2:
+            named = ", ".join(repr(self.classes[c]) for c in present)
+            raise UserError(f"{where} holds {len(present)} class ({named}); a classifier needs at least 2")
+        held_out = self.split == held_out_split(self.name)
+        required = np.flatnonzero(np.bincount(self.labels)) if held_out else range(self.num_classes)
+        empty = [self.classes[c] for c in required if counts[c] == 0]
+        if empty:
+            named = ", ".join(map(repr, empty[:3])) + (", ..." if len(empty) > 3 else "")
+            raise UserError(f"{where} has no sample of class{'es' if len(empty) > 1 else ''} {named}")
+
 
 class UInt8Images(Dataset):
     """Images held in memory as a uint8 (N, C, H, W) tensor, transformed on access."""
@@ -313,10 +330,12 @@ def list_datasets(pattern: str = "*") -> list[str]:
     return DATASETS.names(pattern)
 
 
-def stratified_subset(labels: np.ndarray, size: float | int, seed: int) -> np.ndarray:
+def stratified_subset(
+    labels: np.ndarray, size: float | int, seed: int, classes: Sequence[str] | None = None
+) -> np.ndarray:
     """Sorted positions of a seeded, class-stratified subset of `labels`: a fraction (float) or a count (int) of
     them, every class keeping its share. The one sampler behind --max-samples, --label-fraction and the probe's
-    validation split."""
+    validation split; a refusal names a class too small to stratify (by `classes`' name where given)."""
     from sklearn.model_selection import train_test_split
 
     positions = np.arange(len(labels))
@@ -325,9 +344,18 @@ def stratified_subset(labels: np.ndarray, size: float | int, seed: int) -> np.nd
     except ValueError as err:
         raise UserError(
             f"cannot draw a class-stratified {size:g} of {len(labels)} samples of {len(np.unique(labels))} "
-            f"classes ({str(err).splitlines()[0]})"
+            f"classes ({_stratify_refusal(labels, classes, err)})"
         ) from err
     return np.sort(picked)
+
+
+def _stratify_refusal(labels: np.ndarray, classes: Sequence[str] | None, err: ValueError) -> str:
+    """Why scikit-learn refused: a class with a single sample (which it cannot split), named; else its words."""
+    single = np.flatnonzero(np.bincount(labels) == 1)
+    if not len(single):
+        return first_line(err)
+    name = classes[single[0]] if classes is not None else int(single[0])
+    return f"class {name!r} has a single sample"
 
 
 def held_out_split(name: str) -> str:

@@ -52,6 +52,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         split: load_split(config.dataset, split, config.data_root, config.input_size, config.download)
         for split in config.splits
     }
+    rows = {split: _select_rows(d, config.max_samples, config.seed) for split, d in data.items()}
     fingerprints = {split: d.fingerprint_record(config.fingerprint) for split, d in data.items()}
     first = data[config.splits[0]]
     input_size, num_classes = first.preprocessing.input_size, first.num_classes
@@ -74,7 +75,6 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     preprocessing = served_preprocessing(config.teacher, model, first.preprocessing, config.normalization)
     _warn_if_trained_otherwise(config.checkpoint, config.pretrained, model, preprocessing)
     data = {split: d.with_preprocessing(preprocessing) for split, d in data.items()}
-    rows = {split: _select_rows(d, config.max_samples, config.seed) for split, d in data.items()}
     identity = {
         "teacher": {
             "name": config.teacher,
@@ -132,12 +132,19 @@ def _warn_if_trained_otherwise(
 
 
 def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndarray:
-    """Dataset indices to cache: all of them, or a seeded class-stratified subset, in ascending order."""
+    """Dataset indices to cache: all of them, or a seeded class-stratified subset, in ascending order; either must
+    pass the dataset check."""
+    data.check_classes()
     if max_samples is None or max_samples >= len(data):
         return np.arange(len(data))
     if max_samples < data.num_classes:
         raise UserError(f"--max-samples {max_samples} is below the number of classes ({data.num_classes})")
-    return stratified_subset(data.labels, max_samples, seed)
+    try:
+        rows = stratified_subset(data.labels, max_samples, seed, data.classes)
+    except UserError as err:
+        raise UserError(f"--max-samples {max_samples}: {err}") from None
+    data.check_classes(rows, f"--max-samples {max_samples}")
+    return rows
 
 
 def config_hash(identity: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ decay is chosen on a stratified held-out part of the train split, never on the t
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from .provenance import load_matching_split
 from .recipe import make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_json
 from .taps import STEM, Tap, TapRecorder, list_taps, pool_embedding, stage_ends
+
+log = logging.getLogger(__name__)
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 FALLBACK_WEIGHT_DECAY = 1e-3
@@ -89,6 +92,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     train, test = _probe_data(spec, config.data_root, config.fingerprint)
     # Only the labelled subset of a --label-fraction run trains the head (the whole train split otherwise).
     labelled = _labelled_indices(run_dir, spec, len(train))
+    train.check_classes(labelled, None if len(labelled) == len(train) else f"the {len(labelled)} labelled samples")
     write_args(run_dir, config)
     backbone.to(dev).eval()
     x_train = _embed(backbone, tap, Subset(train, labelled.tolist()), "train", config, dev)
@@ -96,7 +100,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     y_train, y_test = torch.from_numpy(train.labels[labelled]), torch.from_numpy(test.labels)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     z_train, z_test = (x_train - mean) / std, (x_test - mean) / std
-    val_scores = _choose_weight_decay(z_train, y_train, train.num_classes, max_iter, seed)
+    val_scores = _choose_weight_decay(z_train, y_train, train.classes, max_iter, seed)
     # Ties go to the stronger regularisation; with too few labels to hold any out, the middle of the grid.
     weight_decay = max(val_scores, key=lambda wd: (val_scores[wd], wd)) if val_scores else FALLBACK_WEIGHT_DECAY
     head = fit_linear(z_train, y_train, train.num_classes, weight_decay, max_iter)
@@ -207,21 +211,32 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
     return head.requires_grad_(False)
 
 
-def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_iter: int, seed: int):
+def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, classes: list[str], max_iter: int, seed: int):
     """Validation top-1 per weight decay, on a seeded stratified 20 % of the (labelled) train images; empty when
     there are too few of them to hold out every class."""
     try:
         fit_idx = stratified_subset(y.numpy(), 1.0 - VALIDATION_FRACTION, seed)
     except UserError:
-        return {}
+        return _no_validation(y.numpy(), classes)
     val_idx = np.setdiff1d(np.arange(len(y)), fit_idx)
     if len(np.unique(y.numpy()[val_idx])) < len(np.unique(y.numpy())):
-        return {}
+        return _no_validation(y.numpy(), classes)
     fit_idx, val_idx = torch.from_numpy(fit_idx), torch.from_numpy(val_idx)
     return {
-        wd: _top1(fit_linear(x[fit_idx], y[fit_idx], num_classes, wd, max_iter)(x[val_idx]), y[val_idx])
+        wd: _top1(fit_linear(x[fit_idx], y[fit_idx], len(classes), wd, max_iter)(x[val_idx]), y[val_idx])
         for wd in WEIGHT_DECAYS
     }
+
+
+def _no_validation(labels: np.ndarray, classes: list[str]) -> dict:
+    """No validation scores (the weight decay falls back), with a warning naming the smallest class."""
+    counts = np.bincount(labels, minlength=len(classes))
+    smallest = min(np.flatnonzero(counts), key=lambda c: counts[c])
+    log.warning(
+        "too few labelled samples to hold out every class for choosing the weight decay (class %r has %d): fixed at %g",
+        *(classes[smallest], counts[smallest], FALLBACK_WEIGHT_DECAY),
+    )
+    return {}
 
 
 def _fold_standardisation(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:

@@ -36,6 +36,7 @@ def teach(config: TeachConfig) -> dict[str, Any]:
     where = (config.data_root, config.input_size, config.download)
     train = load_split(config.dataset, "train", *where)
     held_out = load_split(config.dataset, held_out_split(config.dataset), *where)
+    train.check_classes()
     fingerprint = train.fingerprint_record(config.fingerprint)
     if len(train) < config.batch_size:
         raise UserError(f"--batch-size {config.batch_size} exceeds the {len(train)} training samples")

@@ -1,5 +1,6 @@
-"""Fingerprints cover every sample, so a changed image anywhere is caught when a later stage pairs the data with a
-store."""
+"""Dataset faults in every stage that loads data: a split with fewer than two classes, or a class that a split or
+subset leaves empty, is one line before any work; fingerprints cover every sample, so a changed image anywhere is
+caught when a later stage pairs the data with a store."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from cache.store import FeatureStore
 from helpers import assert_one_line_error, run_cli, write_image_folder, write_png
 from pipeline import fingerprint
 from pipeline.datasets import load_split
-from pipeline.layout import STORE_NAME, TEACH_SUMMARY, TEACHER_WEIGHTS
+from pipeline.layout import LABELLED_INDICES, STORE_NAME, STUDENT_WEIGHTS, TEACH_SUMMARY, TEACHER_WEIGHTS
 
 FOLDER = {"train": {"ant": 30, "bee": 30, "cat": 2}, "val": {"ant": 3, "bee": 3, "cat": 3}}
 OLD_SCHEME_SAMPLES = 32  # the fingerprint before this one hashed 32 evenly spaced samples
@@ -60,6 +61,66 @@ def store_scheme(store) -> str:
 
 def sample_path(root, index: int):
     return load_split("imagefolder", "train", root=str(root)).images.samples[index][0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class checks
+
+
+@pytest.mark.parametrize(
+    "counts,command,fragment",
+    [
+        ({"train": {"cat": 4}, "val": {"cat": 2}}, "teach", "dataset 'imagefolder' train split holds 1 class ('cat')"),
+        ({"train": {"cat": 4}, "val": {"cat": 2}}, "extract", "dataset 'imagefolder' train split holds 1 class"),
+        (
+            {"train": {"ant": 4, "bee": 4, "dog": 0}, "val": {"ant": 2}},
+            "teach",
+            "dataset 'imagefolder' train split has no sample of class 'dog'",
+        ),
+    ],
+)
+def test_a_split_without_two_classes_or_with_an_empty_one_is_refused(tmp_path, counts, command, fragment):
+    root = write_image_folder(tmp_path / "data", counts)
+    args = [command, "--dataset", "imagefolder", "--data-root", root, "--input-size", 16, "--out", tmp_path / "out"]
+    assert_one_line_error(run_cli(*args, "--device", "cpu", expect_ok=False), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_samples_that_empty_a_class_are_refused(taught, tmp_path):
+    """10 of 62 samples, stratified: 'cat' (2 of 62) gets none of them."""
+    root, teacher = taught
+    result = extract_folder(root, teacher / TEACHER_WEIGHTS, tmp_path / "s", "--max-samples", 10, expect_ok=False)
+    assert_one_line_error(result, "dataset 'imagefolder' train split (--max-samples 10) has no sample of class 'cat'")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_class_too_small_to_stratify_is_named(tmp_path, taught):
+    root = write_image_folder(tmp_path / "data", {"train": {"ant": 10, "bee": 10, "cat": 1}, "val": {"ant": 1}})
+    result = extract_folder(root, taught[1] / TEACHER_WEIGHTS, tmp_path / "s", "--max-samples", 10, expect_ok=False)
+    assert_one_line_error(result, "--max-samples 10: cannot draw", "class 'cat' has a single sample")
+
+
+def test_distill_and_probe_check_the_classes_they_train_on(taught, tmp_path):
+    """A label fraction that leaves 'cat' unlabelled, cached rows of one class, and a labelled subset of one class
+    are each refused before training, in one line naming the class."""
+    root, teacher = taught
+    extract_folder(root, teacher / TEACHER_WEIGHTS, tmp_path / "s")
+    result = distill_folder(tmp_path / "s", root, tmp_path / "r", "--label-fraction", 0.1, expect_ok=False)
+    assert_one_line_error(result, "train split (--label-fraction 0.1) has no sample of class 'cat'")
+    assert not (tmp_path / "r").exists()
+
+    distill_folder(tmp_path / "s", root, tmp_path / "r")
+    ants = np.flatnonzero(load_split("imagefolder", "train", root=str(root)).labels == 0)
+    np.save(tmp_path / "r" / LABELLED_INDICES, ants[:5])
+    result = run_cli("probe", tmp_path / "r", "--data-root", root, "--device", "cpu", expect_ok=False)
+    assert_one_line_error(result, "train split (the 5 labelled samples) holds 1 class ('ant')")
+
+    shutil.copytree(tmp_path / "s", tmp_path / "ants")
+    indices = zarr.open_group(str(tmp_path / "ants" / STORE_NAME), mode="r+")["train/indices"]
+    indices[:] = ants[np.arange(indices.shape[0]) % len(ants)]
+    result = distill_folder(tmp_path / "ants", root, tmp_path / "r2", expect_ok=False)
+    assert_one_line_error(result, "dataset 'imagefolder' train split holds 1 class ('ant')")
+    assert not (tmp_path / "r2" / STUDENT_WEIGHTS).exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
