@@ -108,10 +108,10 @@ def _read_weights(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # whatever torch.load meets (pickled objects, junk, a cut-off file): one line
-        refused = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        refused = refused_global(err)
         if refused:
             raise UserError(
-                f"cannot read checkpoint {path}: a torch file of pickled objects ({refused[0]}) that weights_only=True "
+                f"cannot read checkpoint {path}: a torch file of pickled objects ({refused}) that weights_only=True "
                 "refuses, such as a whole model from torch.save(model); save its state_dict() instead"
             ) from err
         with open(path, "rb") as f:
@@ -120,6 +120,12 @@ def _read_weights(path: Path) -> Any:
             "its zip archive is damaged or truncated" if zipped else "not a file torch.save wrote (junk or truncated)"
         )
         raise UserError(f"cannot read checkpoint {path} as a torch file: {reason}") from err
+
+
+def refused_global(err: BaseException) -> str | None:
+    """The pickled global that torch.load(weights_only=True) refused, where that is why it failed."""
+    refused = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return refused[0] if refused else None
 
 
 def _is_state_dict(value: Any) -> bool:

@@ -30,6 +30,7 @@ import yaml
 from cache.store import DEFAULT_COMPRESSION
 
 from .errors import UserError
+from .fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMALL_TREE_FILES
 from .layout import REPORT_PLOT, SCORES_PLOT
 from .losses import LOSSES, loss_parameters
 from .methods import METHODS
@@ -327,6 +328,17 @@ def _data_root(default_from: str = "") -> Any:
     return option(None, f"Folder holding the dataset's files{recorded}.", click.Path(file_okay=False))
 
 
+def _fingerprint() -> Any:
+    return option(
+        "auto",
+        "Dataset fingerprint: auto hashes in-memory datasets whole, and image folders of up to "
+        f"{SMALL_TREE_FILES:,} files and {SMALL_TREE_BYTES // 2**20} MiB by every file's path, size and content "
+        f"(larger ones: every path, size and mtime, and {SAMPLED_FILES:,} files' content); full hashes every file's "
+        "content. A later stage recomputes the scheme its store records, and with full refuses a sampled one.",
+        click.Choice(FINGERPRINT_MODES),
+    )
+
+
 def _model_kwargs(spec: bool = False) -> Any:
     return option(None, "Extra keyword arguments for the model factory, e.g. '{base_width: 8}'.", spec=spec)
 
@@ -378,6 +390,7 @@ class DataOptions(Config):
     data_root: str | None = _data_root()
     input_size: int | None = _input_size()
     download: bool = option(False, "Let torchvision download (needs internet).")
+    fingerprint: str = _fingerprint()
     workers: int = _workers()
 
 
@@ -487,6 +500,7 @@ class DistillConfig(RunOptions):
     model_kwargs: dict | None = _model_kwargs(spec=True)
     dataset: str | None = option(None, "Dataset to pair with the store (default: the one it was extracted from).")
     data_root: str | None = _data_root("STORE")
+    fingerprint: str = _fingerprint()
     out: str = option("runs/distill", "Output folder.", click.Path(file_okay=False))
     epochs: int = option(20, "Epochs (without --steps).", Integer(min=1))
     steps: int | None = option(
@@ -539,6 +553,7 @@ class ProbeConfig(RunOptions):
     run: str = option(help="A distill output folder.", type=click.Path(file_okay=False), argument=True)
     tap: str | None = option(None, "Student tap to probe (default: the last distilled one).")
     data_root: str | None = _data_root("RUN")
+    fingerprint: str = _fingerprint()
     batch_size: int = option(256, "Batch size.", Integer(min=1))
     max_iter: int = option(300, "L-BFGS iterations.", Integer(min=1))
     workers: int = _workers()

@@ -1,14 +1,15 @@
 """Dataset registry: `digits` (embedded default), `cifar10`, `cifar100`, `imagefolder`.
 
 Each entry returns one split as a `SplitData`: preprocessed images and integer labels, sample i always being the
-same image (its stable index), a recorded `Preprocessing`, and a fingerprint of the data. Preprocessing is
-deterministic (resize, centre crop, normalise): no random augmentation anywhere in extraction.
+same image (its stable index), a recorded `Preprocessing`, and a fingerprint of the data (`pipeline.fingerprint`).
+Preprocessing is deterministic (resize, centre crop, normalise): no random augmentation anywhere in extraction.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,7 +21,9 @@ import torchvision
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from .cifar import CifarLayout, read_cifar
 from .errors import UserError, first_line
+from .fingerprint import ArrayContent, FileContent
 from .registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -30,7 +33,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-FINGERPRINT_SAMPLES = 32
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class Preprocessing:
 
 
 class SplitData(Dataset):
-    """One split of a registered dataset. `ds[i]` is `(image, label)`; i is the sample's stable index."""
+    """One split of a registered dataset. `ds[i]` is `(image, label)`; i is the sample's stable index; `content`
+    (an `ArrayContent` or `FileContent`) is what its fingerprint hashes."""
 
     def __init__(
         self,
@@ -76,14 +79,15 @@ class SplitData(Dataset):
         labels: np.ndarray,
         classes: Sequence[str],
         preprocessing: Preprocessing,
-        raw_sample: Callable[[int], bytes],
+        content: ArrayContent | FileContent,
     ) -> None:
         self.name, self.split = name, split
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = list(classes)
         self.preprocessing = preprocessing
-        self._raw_sample = raw_sample
+        self.content = content
+        self._fingerprints: dict[str, str] = {}  # by scheme; shared with the copies serving other preprocessing
 
     @property
     def num_classes(self) -> int:
@@ -107,25 +111,46 @@ class SplitData(Dataset):
         """The same samples served with another preprocessing (a model's, or a recorded one)."""
         images = copy.copy(self.images)
         images.transform = preprocessing.transform()  # the in-memory images' and torchvision datasets' transform
-        return SplitData(self.name, self.split, images, self.labels, self.classes, preprocessing, self._raw_sample)
+        data = SplitData(self.name, self.split, images, self.labels, self.classes, preprocessing, self.content)
+        data._fingerprints = self._fingerprints
+        return data
 
-    def fingerprint(self) -> str:
-        """sha256 of the split size, all labels and the raw bytes of evenly spaced samples."""
-        digest = hashlib.sha256(f"{self.name}/{self.split}/{len(self)}".encode())
-        digest.update(self.labels.tobytes())
-        for i in np.linspace(0, len(self) - 1, num=min(FINGERPRINT_SAMPLES, len(self)), dtype=np.int64):
-            digest.update(self._raw_sample(int(i)))
-        return digest.hexdigest()
+    def fingerprint(self, scheme: str | None = None) -> str:
+        """sha256 of the split's name, size, classes and labels and of its samples' content as `scheme` covers it
+        (default: the scheme `--fingerprint auto` takes for this split)."""
+        scheme = scheme or self.fingerprint_scheme()
+        if scheme not in self._fingerprints:
+            digest = hashlib.sha256(json.dumps([self.name, self.split, len(self), self.classes, scheme]).encode())
+            digest.update(self.labels.tobytes())
+            self.content.update(digest, scheme)
+            self._fingerprints[scheme] = digest.hexdigest()
+        return self._fingerprints[scheme]
 
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "split": self.split,
-            "num_samples": len(self),
-            "num_classes": self.num_classes,
-            "fingerprint": self.fingerprint(),
-            "preprocessing": self.preprocessing.to_dict(),
-        }
+    def fingerprint_scheme(self, mode: str = "auto") -> str:
+        """The scheme `--fingerprint MODE` takes for this split (`pipeline.fingerprint`)."""
+        return self.content.scheme(mode)
+
+    def fingerprint_record(self, mode: str = "auto") -> dict[str, str]:
+        """The fingerprint and its scheme, as a store or a summary records them."""
+        scheme = self.fingerprint_scheme(mode)
+        return {"fingerprint": self.fingerprint(scheme), "fingerprint_scheme": scheme}
+
+    def check_classes(self, rows: np.ndarray | None = None, subset: str | None = None) -> None:
+        """The dataset check of every stage, before any work, on the split or on the samples of it (`rows`, which
+        `subset` names) that the stage trains on or caches: at least two classes, and a sample of every class the
+        split should hold (a training split every class of the label map, a held-out split those it has)."""
+        counts = np.bincount(self.labels if rows is None else self.labels[rows], minlength=self.num_classes)
+        where = f"dataset {self.name!r} {self.split} split" + (f" ({subset})" if subset else "")
+        present = np.flatnonzero(counts)
+        if len(present) < 2:
+            named = ", ".join(repr(self.classes[c]) for c in present)
+            raise UserError(f"{where} holds {len(present)} class ({named}); a classifier needs at least 2")
+        held_out = self.split == held_out_split(self.name)
+        required = np.flatnonzero(np.bincount(self.labels)) if held_out else range(self.num_classes)
+        empty = [self.classes[c] for c in required if counts[c] == 0]
+        if empty:
+            named = ", ".join(map(repr, empty[:3])) + (", ..." if len(empty) > 3 else "")
+            raise UserError(f"{where} has no sample of class{'es' if len(empty) > 1 else ''} {named}")
 
 
 class UInt8Images(Dataset):
@@ -154,7 +179,7 @@ def _array_split(name: str, split: str, images: torch.Tensor, labels, classes, p
         np.asarray(labels),
         classes,
         prep,
-        raw_sample=lambda i: images[i].numpy().tobytes(),
+        ArrayContent(images),
     )
 
 
@@ -220,45 +245,35 @@ def synthetic(split: str = "train", root: str | None = None, input_size: int | N
     return _array_split("synthetic", split, images, labels, [str(c) for c in range(10)], prep)
 
 
-def _cifar(name: str, tv_class: type, mean, std, split: str, root: str | None, input_size: int | None, download: bool):
+CIFAR10_LAYOUT = CifarLayout.of(torchvision.datasets.CIFAR10, label_key="labels")
+CIFAR100_LAYOUT = CifarLayout.of(torchvision.datasets.CIFAR100, label_key="fine_labels")
+
+
+def _cifar(name: str, layout: CifarLayout, mean, std, split: str, root: str | None, input_size: int | None, download):
+    """A CIFAR split read by `pipeline.cifar` (no code in the batch files runs). No per-file md5 is checked (kdpipe
+    fingerprints and records the data itself), so any copy in torchvision's layout loads."""
     _check_split(name, split)
     if root is None:
-        raise UserError(f"dataset {name!r} needs --data-root (the folder holding {tv_class.base_folder}/)")
+        raise UserError(f"dataset {name!r} needs --data-root (the folder holding {layout.folder}/)")
     if not Path(root).is_dir() and not download:
         raise UserError(f"data root not found: {root}")
-
-    class Local(tv_class):
-        # No per-file md5 (kdpipe fingerprints and records the data itself): torchvision then only checks that
-        # the files exist, so any copy in the standard layout loads. Downloads still verify the archive.
-        train_list = [[f, None] for f, _ in tv_class.train_list]
-        test_list = [[f, None] for f, _ in tv_class.test_list]
-        meta = {**tv_class.meta, "md5": None}
-
-    try:
-        data = Local(root, train=split == "train", download=download)
-    except RuntimeError as err:
-        raise UserError(
-            f"{name} not found under {root} (expected {tv_class.base_folder}/); --download fetches it"
-        ) from err
-    images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
+    images, labels, classes = read_cifar(name, layout, split, root, download)
     prep = Preprocessing(input_size or 32, mean, std)
-    return _array_split(name, split, images, data.targets, data.classes, prep)
+    return _array_split(name, split, images, labels, classes, prep)
 
 
 @register_dataset
 @with_splits("train", "test")
 def cifar10(split: str = "train", root: str | None = None, input_size: int | None = None, download: bool = False):
     """CIFAR-10 from torchvision's python batches under `root`."""
-    return _cifar("cifar10", torchvision.datasets.CIFAR10, CIFAR10_MEAN, CIFAR10_STD, split, root, input_size, download)
+    return _cifar("cifar10", CIFAR10_LAYOUT, CIFAR10_MEAN, CIFAR10_STD, split, root, input_size, download)
 
 
 @register_dataset
 @with_splits("train", "test")
 def cifar100(split: str = "train", root: str | None = None, input_size: int | None = None, download: bool = False):
     """CIFAR-100 (fine labels) from torchvision's python batches under `root`."""
-    return _cifar(
-        "cifar100", torchvision.datasets.CIFAR100, CIFAR100_MEAN, CIFAR100_STD, split, root, input_size, download
-    )
+    return _cifar("cifar100", CIFAR100_LAYOUT, CIFAR100_MEAN, CIFAR100_STD, split, root, input_size, download)
 
 
 @register_dataset
@@ -307,7 +322,7 @@ def imagefolder(split: str = "train", root: str | None = None, input_size: int |
         np.array(data.targets),
         classes,
         prep,
-        raw_sample=lambda i: Path(data.samples[i][0]).read_bytes(),
+        FileContent(split_dir, [path for path, _ in data.samples]),
     )
 
 
@@ -315,10 +330,12 @@ def list_datasets(pattern: str = "*") -> list[str]:
     return DATASETS.names(pattern)
 
 
-def stratified_subset(labels: np.ndarray, size: float | int, seed: int) -> np.ndarray:
+def stratified_subset(
+    labels: np.ndarray, size: float | int, seed: int, classes: Sequence[str] | None = None
+) -> np.ndarray:
     """Sorted positions of a seeded, class-stratified subset of `labels`: a fraction (float) or a count (int) of
     them, every class keeping its share. The one sampler behind --max-samples, --label-fraction and the probe's
-    validation split."""
+    validation split; a refusal names a class too small to stratify (by `classes`' name where given)."""
     from sklearn.model_selection import train_test_split
 
     positions = np.arange(len(labels))
@@ -327,9 +344,18 @@ def stratified_subset(labels: np.ndarray, size: float | int, seed: int) -> np.nd
     except ValueError as err:
         raise UserError(
             f"cannot draw a class-stratified {size:g} of {len(labels)} samples of {len(np.unique(labels))} "
-            f"classes ({str(err).splitlines()[0]})"
+            f"classes ({_stratify_refusal(labels, classes, err)})"
         ) from err
     return np.sort(picked)
+
+
+def _stratify_refusal(labels: np.ndarray, classes: Sequence[str] | None, err: ValueError) -> str:
+    """Why scikit-learn refused: a class with a single sample (which it cannot split), named; else its words."""
+    single = np.flatnonzero(np.bincount(labels) == 1)
+    if not len(single):
+        return first_line(err)
+    name = classes[single[0]] if classes is not None else int(single[0])
+    return f"class {name!r} has a single sample"
 
 
 def held_out_split(name: str) -> str:

@@ -53,7 +53,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     method = get_method(config.method).configured(config.losses or {})
     feature_store, part = open_complete_store(config.store)
     data_root = recorded_data_root(config.data_root, feature_store.meta.get("data_root"), feature_store.path)
-    data = load_matching_split(feature_store, "train", config.dataset, data_root)
+    data = load_matching_split(feature_store, "train", config.dataset, data_root, fingerprint=config.fingerprint)
+    indices = part.read("indices")
+    rows, labelled = _training_rows(part, method, config, data.classes)
+    _check_classes(data, feature_store, indices, labelled, config.label_fraction)
     input_size = data.preprocessing.input_size
     seed_everything(config.seed)
     net = create_model(config.student, data.num_classes, input_size=input_size, model_kwargs=config.model_kwargs)
@@ -61,7 +64,6 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         method, feature_store, part, net, input_size, config.teacher_layers, config.student_layers
     )
     distiller = Distiller(net, method, student_taps, teacher_taps).to(dev)
-    rows, labelled = _training_rows(part, method, config.label_fraction, config.unlabelled_distill, config.seed)
     teacher = None
     if config.online_teacher and teacher_taps:
         names = [t.name for t in teacher_taps]
@@ -112,7 +114,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         if first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file():
             return json.loads((out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
         write_args(out_dir, config)
-        images = RowImages(data, part.read("indices"))
+        images = RowImages(data, indices)
         trainer = Trainer(
             distiller,
             optimizer,
@@ -199,17 +201,27 @@ def _step_budget(num_rows: int, batch_size: int, epochs: int, steps: int | None)
 
 
 def _training_rows(
-    part: SplitStore, method: Method, label_fraction: float, unlabelled_distill: bool, seed: int
+    part: SplitStore, method: Method, config: DistillConfig, classes: list[str]
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(rows trained on, labelled rows): None means all. Label methods, and every method with
     `unlabelled_distill` off, see only the labelled subset; feature methods otherwise distill on every row."""
-    if label_fraction >= 1.0:
+    if config.label_fraction >= 1.0:
         return None, None
     try:
-        labelled = stratified_subset(part.read("labels"), label_fraction, seed)
+        labelled = stratified_subset(part.read("labels"), config.label_fraction, config.seed, classes)
     except UserError as err:
-        raise UserError(f"--label-fraction {label_fraction:g}: {err}") from None
-    return (labelled if method.uses_labels or not unlabelled_distill else None), labelled
+        raise UserError(f"--label-fraction {config.label_fraction:g}: {err}") from None
+    return (labelled if method.uses_labels or not config.unlabelled_distill else None), labelled
+
+
+def _check_classes(
+    data: SplitData, store: FeatureStore, indices: np.ndarray, labelled: np.ndarray | None, label_fraction: float
+) -> None:
+    """The dataset check on the samples the store caches and on the labelled subset of them."""
+    cached = None if len(indices) == len(data) else f"the {len(indices)} samples cached in {store.path}"
+    data.check_classes(indices, cached)
+    if labelled is not None:
+        data.check_classes(indices[labelled], f"--label-fraction {label_fraction:g}")
 
 
 def _evaluate_classifier(net, data: SplitData, data_root: str | None, config: DistillConfig, dev) -> dict[str, Any]:

@@ -66,6 +66,8 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         split: load_split(config.dataset, split, config.data_root, config.input_size, config.download)
         for split in config.splits
     }
+    rows = {split: _select_rows(d, config.max_samples, config.seed) for split, d in data.items()}
+    fingerprints = {split: d.fingerprint_record(config.fingerprint) for split, d in data.items()}
     first = data[config.splits[0]]
     input_size, num_classes = first.preprocessing.input_size, first.num_classes
     model, built = load_teacher(
@@ -87,7 +89,6 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     preprocessing = served_preprocessing(config.teacher, model, first.preprocessing, config.normalization)
     _warn_if_trained_otherwise(config.checkpoint, config.pretrained, model, preprocessing)
     data = {split: d.with_preprocessing(preprocessing) for split, d in data.items()}
-    rows = {split: _select_rows(d, config.max_samples, config.seed) for split, d in data.items()}
     identity = {
         "teacher": {
             "name": config.teacher,
@@ -103,7 +104,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
             "num_classes": num_classes,
             "classes": first.classes,
             "preprocessing": preprocessing.to_dict(),
-            "splits": {s: {"fingerprint": d.fingerprint(), "size": len(d)} for s, d in data.items()},
+            "splits": {s: {**fingerprints[s], "size": len(d)} for s, d in data.items()},
         },
         "taps": [t.record() for t in taps],
         "feature_dtype": FEATURE_DTYPE,
@@ -131,7 +132,8 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
             if intact.get(split):
                 part = store.split(split)
             else:
-                part = _new_split(store, split, d, rows[split], specs, taps, config.compression)
+                attrs = {"split": split, "dataset_size": len(d), **fingerprints[split]}
+                part = _new_split(store, split, attrs, rows[split], specs, taps, config.compression)
             timings[split] = _extract_split(
                 model, d, part, rows[split], taps, logits, config.batch_size, config.workers, dev
             )
@@ -156,12 +158,19 @@ def _warn_if_trained_otherwise(
 
 
 def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndarray:
-    """Dataset indices to cache: all of them, or a seeded class-stratified subset, in ascending order."""
+    """Dataset indices to cache: all of them, or a seeded class-stratified subset, in ascending order; either must
+    pass the dataset check."""
+    data.check_classes()
     if max_samples is None or max_samples >= len(data):
         return np.arange(len(data))
     if max_samples < data.num_classes:
         raise UserError(f"--max-samples {max_samples} is below the number of classes ({data.num_classes})")
-    return stratified_subset(data.labels, max_samples, seed)
+    try:
+        rows = stratified_subset(data.labels, max_samples, seed, data.classes)
+    except UserError as err:
+        raise UserError(f"--max-samples {max_samples}: {err}") from None
+    data.check_classes(rows, f"--max-samples {max_samples}")
+    return rows
 
 
 def config_hash(identity: dict[str, Any]) -> str:
@@ -253,7 +262,9 @@ def _check_size(path: Path, specs: list[ArraySpec], rows: int, rows_left: int, m
 
 
 def _size(num_bytes: int) -> str:
-    unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 0)) if num_bytes >= s)
+    unit, scale = next(
+        (u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)) if num_bytes >= s or u == "B"
+    )
     return f"{num_bytes / scale:.1f} {unit}"
 
 
@@ -286,7 +297,7 @@ def _array_specs(taps: list[Tap], logits: bool, num_classes: int) -> list[ArrayS
 def _new_split(
     store: FeatureStore,
     split: str,
-    data: SplitData,
+    attrs: dict[str, Any],
     rows: np.ndarray,
     specs: list[ArraySpec],
     taps: list[Tap],
@@ -294,7 +305,6 @@ def _new_split(
 ) -> SplitStore:
     """Creates the split, replacing what is left of it (a creation interrupted, damaged metadata)."""
     store.remove_split(split)
-    attrs = {"split": split, "dataset_size": len(data), "fingerprint": data.fingerprint()}
     return store.create_split(split, len(rows), specs, [t.name for t in taps], attrs, compression)
 
 

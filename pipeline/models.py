@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from timm.models.resnet import BasicBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .checkpoints import load_checkpoint, load_state, read_model_spec
+from .checkpoints import load_checkpoint, load_state, read_model_spec, refused_global
 from .datasets import Preprocessing
 from .errors import UserError, first_line
 from .registry import Registry
@@ -287,14 +288,22 @@ def _timm_pretrained_head(model: nn.Module, name: str, num_classes: int) -> str:
 
 
 def _load_torchvision_weights(model: nn.Module, name: str, num_classes: int) -> str:
-    """Loads torchvision's default weights for `name` from the torch hub cache (or downloads them), dropping a head
-    of another class count; returns the head's fate. Weights that cannot be had are a UserError."""
+    """Loads torchvision's default weights for `name` from the torch hub cache (or downloads them), read with
+    weights_only=True, dropping a head of another class count; returns the head's fate. Weights that cannot be had
+    are a UserError."""
     import torch.hub
     import torchvision
 
     weights = torchvision.models.get_model_weights(name[3:]).DEFAULT
     try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
+        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the cached file
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        refused = f" ({refused_global(err)})" if refused_global(err) else ""
+        raise UserError(
+            f"cannot load the pretrained weights of {name!r} ({weights}): {cached} is not plain weights that "
+            f"weights_only=True reads{refused}; delete it to download it again"
+        ) from err
     except Exception as err:  # offline and not cached, a broken download, ...
         raise UserError(
             f"cannot load the pretrained weights of {name!r} ({weights}): not in the torch hub cache "

@@ -9,6 +9,7 @@ decay is chosen on a stratified held-out part of the train split, never on the t
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from .provenance import load_matching_split, recorded_data_root
 from .recipe import make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_json
 from .taps import STEM, Tap, TapRecorder, list_taps, pool_embedding, stage_ends
+
+log = logging.getLogger(__name__)
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 FALLBACK_WEIGHT_DECAY = 1e-3
@@ -93,9 +96,12 @@ def _probe(config: ProbeConfig, run_dir: Path) -> dict[str, Any]:
     )
     load_checkpoint(backbone, run_dir / STUDENT_WEIGHTS)
     tap = list_taps(backbone, spec["input_size"], names=[config.tap or _default_tap(backbone, spec)])[0]
-    train, test = _probe_data(spec, recorded_data_root(config.data_root, spec.get("data_root"), run_dir))
+    train, test = _probe_data(
+        spec, recorded_data_root(config.data_root, spec.get("data_root"), run_dir), config.fingerprint
+    )
     # Only the labelled subset of a --label-fraction run trains the head (the whole train split otherwise).
     labelled = _labelled_indices(run_dir, spec, len(train))
+    train.check_classes(labelled, None if len(labelled) == len(train) else f"the {len(labelled)} labelled samples")
     write_args(run_dir, config)
     backbone.to(dev).eval()
     x_train = _embed(backbone, tap, Subset(train, labelled.tolist()), "train", config, dev)
@@ -103,7 +109,7 @@ def _probe(config: ProbeConfig, run_dir: Path) -> dict[str, Any]:
     y_train, y_test = torch.from_numpy(train.labels[labelled]), torch.from_numpy(test.labels)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     z_train, z_test = (x_train - mean) / std, (x_test - mean) / std
-    val_scores = _choose_weight_decay(z_train, y_train, train.num_classes, max_iter, seed)
+    val_scores = _choose_weight_decay(z_train, y_train, train.classes, max_iter, seed)
     # Ties go to the stronger regularisation; with too few labels to hold any out, the middle of the grid.
     weight_decay = max(val_scores, key=lambda wd: (val_scores[wd], wd)) if val_scores else FALLBACK_WEIGHT_DECAY
     head = fit_linear(z_train, y_train, train.num_classes, weight_decay, max_iter)
@@ -152,7 +158,7 @@ def _labelled_indices(run_dir: Path, spec: dict[str, Any], num_train: int) -> np
     return np.arange(num_train)  # runs from before the file existed: the whole train split
 
 
-def _probe_data(spec: dict[str, Any], data_root: str | None) -> tuple[SplitData, SplitData]:
+def _probe_data(spec: dict[str, Any], data_root: str | None, fingerprint: str) -> tuple[SplitData, SplitData]:
     """Train split checked against the store the student was distilled from (when it is still there), else served
     with the preprocessing the run recorded; the test split served as the train split."""
     try:
@@ -160,7 +166,7 @@ def _probe_data(spec: dict[str, Any], data_root: str | None) -> tuple[SplitData,
     except StoreError:
         store = None
     if store is not None and store.meta["config_hash"] == spec["store_config_hash"]:
-        train = load_matching_split(store, "train", spec["dataset"], data_root)
+        train = load_matching_split(store, "train", spec["dataset"], data_root, fingerprint=fingerprint)
     else:
         recorded = spec.get("preprocessing")  # runs distilled before it was recorded: the dataset's own
         preprocessing = Preprocessing.from_dict(recorded) if recorded else None
@@ -213,21 +219,32 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
     return head.requires_grad_(False)
 
 
-def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_iter: int, seed: int):
+def _choose_weight_decay(x: torch.Tensor, y: torch.Tensor, classes: list[str], max_iter: int, seed: int):
     """Validation top-1 per weight decay, on a seeded stratified 20 % of the (labelled) train images; empty when
     there are too few of them to hold out every class."""
     try:
         fit_idx = stratified_subset(y.numpy(), 1.0 - VALIDATION_FRACTION, seed)
     except UserError:
-        return {}
+        return _no_validation(y.numpy(), classes)
     val_idx = np.setdiff1d(np.arange(len(y)), fit_idx)
     if len(np.unique(y.numpy()[val_idx])) < len(np.unique(y.numpy())):
-        return {}
+        return _no_validation(y.numpy(), classes)
     fit_idx, val_idx = torch.from_numpy(fit_idx), torch.from_numpy(val_idx)
     return {
-        wd: _top1(fit_linear(x[fit_idx], y[fit_idx], num_classes, wd, max_iter)(x[val_idx]), y[val_idx])
+        wd: _top1(fit_linear(x[fit_idx], y[fit_idx], len(classes), wd, max_iter)(x[val_idx]), y[val_idx])
         for wd in WEIGHT_DECAYS
     }
+
+
+def _no_validation(labels: np.ndarray, classes: list[str]) -> dict:
+    """No validation scores (the weight decay falls back), with a warning naming the smallest class."""
+    counts = np.bincount(labels, minlength=len(classes))
+    smallest = min(np.flatnonzero(counts), key=lambda c: counts[c])
+    log.warning(
+        "too few labelled samples to hold out every class for choosing the weight decay (class %r has %d): fixed at %g",
+        *(classes[smallest], counts[smallest], FALLBACK_WEIGHT_DECAY),
+    )
+    return {}
 
 
 def _fold_standardisation(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:

@@ -45,6 +45,7 @@ def teach(config: TeachConfig) -> dict[str, Any]:
     where = (config.data_root, config.input_size, config.download)
     train = load_split(config.dataset, "train", *where)
     held_out = load_split(config.dataset, held_out_split(config.dataset), *where)
+    train.check_classes()
     if len(train) < config.batch_size:
         raise UserError(f"--batch-size {config.batch_size} exceeds the {len(train)} training samples")
     input_size = train.preprocessing.input_size
@@ -68,8 +69,14 @@ def teach(config: TeachConfig) -> dict[str, Any]:
     epochs = config.epochs
     optimizer, schedule = adamw_onecycle(model.parameters(), config.lr, config.weight_decay, epochs * len(train_loader))
     run = RunState(model, optimizer, schedule, generator)
-    fingerprint = train.fingerprint()
-    spec = {"kdpipe_version": __version__, **config.run_settings(), **model_spec, "dataset_fingerprint": fingerprint}
+    fingerprint = train.fingerprint_record(config.fingerprint)
+    spec = {
+        "kdpipe_version": __version__,
+        **config.run_settings(),
+        **model_spec,
+        "dataset_fingerprint": fingerprint["fingerprint"],
+        "dataset_fingerprint_scheme": fingerprint["fingerprint_scheme"],
+    }
     with OutputLock(out_dir, folder_lock(out_dir), config.command):
         if config.overwrite and not config.resume:
             discard_run(out_dir, out_dir / TEACH_SUMMARY)
@@ -97,7 +104,8 @@ def teach(config: TeachConfig) -> dict[str, Any]:
                 "seconds": round(time.perf_counter() - start, 2),
                 "seed": config.seed,
                 "device": str(dev),
-                "dataset_fingerprint": fingerprint,
+                "dataset_fingerprint": fingerprint["fingerprint"],
+                "dataset_fingerprint_scheme": fingerprint["fingerprint_scheme"],
             }
             write_json(out_dir / TEACH_SUMMARY, summary)
         return summary

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.cli import cli
@@ -156,6 +157,33 @@ def locked_elsewhere(command: str, *locks: tuple[Path, Path]):
 def tree_bytes(*folders: Path) -> dict[str, bytes]:
     """Every file under the folders, by path, with its bytes."""
     return {str(p): p.read_bytes() for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+class TouchOnLoad:
+    """Pickles as a call that creates `path` when unpickled (code run from an input file, with no shell)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def write_image_folder(root, counts: dict[str, dict[str, int]], size: int = 8, seed: int = 0) -> Path:
+    """A class-per-folder image tree: `counts[split][class]` random-pixel PNGs named 000.png, 001.png, ..., stored
+    uncompressed so that every image of one size has the same byte count."""
+    rng = np.random.default_rng(seed)
+    for split, classes in counts.items():
+        for name, count in classes.items():
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                write_png(folder / f"{k:03d}.png", rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return Path(root)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    Image.fromarray(pixels).save(path, compress_level=0)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

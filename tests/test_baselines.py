@@ -17,7 +17,7 @@ from cache.reader import CachedTargets
 from cache.store import ATTR_KEY, STORE_NAME, FeatureStore
 from helpers import STUDENT, assert_one_line_error, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, probe
-from pipeline.datasets import stratified_subset
+from pipeline.datasets import load_split, stratified_subset
 from pipeline.layout import DISTILL_LOG, LABELLED_INDICES, PROBE_SUMMARY, REPORT_SUMMARY, REPORT_TEXT, STUDENT_WEIGHTS
 from pipeline.report import recipe_differences
 from pipeline.training import Trainer
@@ -200,13 +200,21 @@ def test_baseline_bad_input(scored_store, tmp_path, extra, fragment):
     assert not (tmp_path / "r").exists()
 
 
-def test_tiny_label_budget_probe_falls_back_to_a_fixed_weight_decay(scored_store, tmp_path):
-    """12 labelled images of 10 classes cannot spare a stratified validation part: the probe still fits."""
+def test_tiny_label_budget_probe_falls_back_to_a_fixed_weight_decay(scored_store, tmp_path, caplog):
+    """12 labelled images of 10 classes cannot spare a stratified validation part: the probe still fits, warning
+    with the smallest class named."""
     run = tmp_path / "feature"
     distill(DistillConfig(store=str(scored_store), out=str(run), **{**BUDGET, "label_fraction": 0.03, "steps": 2}))
     summary = probe(ProbeConfig(run=str(run), device="cpu"))
     assert summary["num_train"] == 12 and summary["validation_top1_by_weight_decay"] == {}
     assert summary["weight_decay"] == 1e-3
+    labels = np.load(run / LABELLED_INDICES)
+    counts = np.bincount(load_split("digits", "train").labels[labels], minlength=10)
+    smallest = min(np.flatnonzero(counts), key=lambda c: counts[c])
+    assert (
+        f"to hold out every class for choosing the weight decay (class '{smallest}' has {counts[smallest]})"
+        in caplog.text
+    )
     (run / LABELLED_INDICES).unlink()
     assert_one_line_error(run_cli("probe", run, "--device", "cpu", expect_ok=False), "labelled subset", "unknown")
 

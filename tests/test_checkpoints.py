@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cache.store import STORE_NAME, FeatureStore
-from helpers import assert_one_line_error, run_cli
+from helpers import TouchOnLoad, assert_one_line_error, run_cli
 from pipeline.checkpoints import LoadedWeights, load_checkpoint, save_checkpoint
 from pipeline.datasets import load_split
 from pipeline.errors import UserError
@@ -238,6 +238,22 @@ def test_torchvision_weights_not_to_be_had_are_one_line(tmp_path, no_torchvision
     args = ["extract", "--teacher", "tv:resnet18", "--pretrained", "--max-samples", 20, "--layers", "layer4"]
     result = run_cli(*args, "--device", "cpu", "--out", tmp_path / "out", expect_ok=False)
     assert_one_line_error(result, "pretrained weights of 'tv:resnet18' (ResNet18_Weights.IMAGENET1K_V1)", "cache")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the payload's protocol 4
+def test_a_cached_torchvision_file_that_would_run_code_is_refused(tmp_path, no_torchvision_download):
+    """torch hub's loader unpickles whatever its cache holds unless told weights_only=True: a cached weights file
+    that creates a file when unpickled is refused in one line, and nothing of it ran."""
+    import torchvision
+
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(pickle.dumps(TouchOnLoad(tmp_path / "ran")))
+    args = ["extract", "--teacher", "tv:resnet18", "--pretrained", "--max-samples", 20, "--layers", "layer4"]
+    result = run_cli(*args, "--device", "cpu", "--out", tmp_path / "out", expect_ok=False)
+    assert_one_line_error(result, "pretrained weights of 'tv:resnet18'", f"{cached} is not plain weights", "delete it")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_torchvision_pretrained_weights_fit_the_dataset_s_class_count(monkeypatch, no_torchvision_download):

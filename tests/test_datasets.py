@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import re
+import struct
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
+from helpers import TouchOnLoad, assert_one_line_error, run_cli
 from pipeline.datasets import Preprocessing, held_out_split, load_split
 from pipeline.errors import UserError
 
@@ -50,40 +56,130 @@ def test_crop_pct_resizes_larger_then_centre_crops():
     assert timm_eval.transforms[0].size == 36 and timm_eval.transforms[1].size == (32, 32)
 
 
-def _write_cifar(
-    root, base: str, train_files: list[str], test_file: str, meta: tuple[str, str], label_key: str, n: int
-):
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2's str (SHORT_BINSTRING / BINSTRING), as the real CIFAR batches hold their keys,
+    class names and array data."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj: bytes) -> None:
+        size = len(obj)
+        opcode = pickle.SHORT_BINSTRING + bytes([size]) if size < 256 else pickle.BINSTRING + struct.pack("<i", size)
+        self.write(opcode + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def py2_pickle(obj) -> bytes:
+    """`obj` pickled as Python 2's cPickle (protocol 2) pickled the CIFAR batches: keys and names as byte strings,
+    numpy's array reconstruction under its old module name."""
+    buffer = io.BytesIO()
+    Py2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta"),
+    "cifar100": ("cifar-100-python", ["train"], "test", "meta"),
+}
+KEYS = {"cifar10": ("labels", "label_names"), "cifar100": ("fine_labels", "fine_label_names")}
+
+
+def write_cifar(root, name: str, style: str, data: dict | None = None, per_file: int = 7):
+    """A fake CIFAR folder in torchvision's layout, pickled as Python 2 did (`py2`) or Python 3 does, with str keys
+    and names (`py3`) or bytes ones (`py3-bytes`); `data` replaces a file's batch. Returns {file: (pixels (N, 3072),
+    labels)} and the class names."""
+    base, train_files, test_file, meta = CIFAR[name]
+    label_key, names_key = KEYS[name]
     folder = root / base
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in train_files + [test_file]:
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: list(rng.integers(0, 10, n))}
-        (folder / name).write_bytes(pickle.dumps(entry))
-    (folder / meta[0]).write_bytes(pickle.dumps({meta[1]: [f"class{i}" for i in range(10)]}))
+    dump = py2_pickle if style == "py2" else lambda obj: pickle.dumps(obj, protocol=4)
+    key = (lambda k: k) if style == "py3" else (lambda k: k.encode())
+    rng = np.random.default_rng(len(name))
+    written = {}
+    for file in train_files + [test_file]:
+        pixels = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_file).tolist()
+        entry = {key("data"): pixels, key(label_key): labels, key("batch_label"): key(f"batch {file}")}
+        (folder / file).write_bytes(dump((data or {}).get(file, entry)))
+        written[file] = (pixels, labels)
+    classes = [f"class{i}" for i in range(10)]
+    (folder / meta).write_bytes(dump({key(names_key): [key(c) for c in classes]}))
+    return written, classes
+
+
+@pytest.mark.parametrize("style", ["py2", "py3", "py3-bytes"])
+@pytest.mark.parametrize("name", list(CIFAR))
+def test_cifar_reads_the_batches_as_written(tmp_path, name, style):
+    """Every pixel, label and class name as written; the images as torchvision's own reader lays them out."""
+    written, classes = write_cifar(tmp_path, name, style)
+    _, train_files, test_file, _ = CIFAR[name]
+    for split, files in (("train", train_files), ("test", [test_file])):
+        data = load_split(name, split, root=str(tmp_path))
+        pixels = np.concatenate([written[f][0] for f in files]).reshape(-1, 3, 32, 32)
+        assert np.array_equal(data.images.images.numpy(), pixels)
+        assert data.labels.tolist() == [label for f in files for label in written[f][1]]
+        assert data.classes == classes and data[1][0].shape == (3, 32, 32)
+        if style == "py3":  # torchvision unpickles the same files: the same images in the same order
+            reference = torchvision_cifar(name, tmp_path, split)
+            assert np.array_equal(data.images.images.permute(0, 2, 3, 1).numpy(), reference.data)
+            assert data.labels.tolist() == reference.targets and data.classes == reference.classes
+
+
+def torchvision_cifar(name: str, root, split: str):
+    """torchvision's own reader (pickle.load) on trusted files, without its md5 checks (the files are fakes)."""
+    tv_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+
+    class Reference(tv_class):
+        train_list = [[f, None] for f, _ in tv_class.train_list]
+        test_list = [[f, None] for f, _ in tv_class.test_list]
+        meta = {**tv_class.meta, "md5": None}
+
+    return Reference(str(root), train=split == "train")
+
+
+def test_a_batch_file_that_would_run_code_is_refused(tmp_path):
+    """The payload is live (plain pickle.load creates its file), yet `kdpipe extract` refuses the batch in one line
+    naming the file and the global, and nothing of it ran."""
+    pickle.loads(pickle.dumps(TouchOnLoad(tmp_path / "plain-pickle-ran")))
+    assert (tmp_path / "plain-pickle-ran").exists()
+    marker = tmp_path / "kdpipe-ran"
+    write_cifar(tmp_path / "data", "cifar10", "py3", data={"data_batch_2": {"data": TouchOnLoad(marker), "labels": []}})
+    args = ["extract", "--dataset", "cifar10", "--data-root", tmp_path / "data", "--out", tmp_path / "out"]
+    result = run_cli(*args, "--device", "cpu", expect_ok=False)
+    assert_one_line_error(result, "cifar-10-batches-py/data_batch_2", "it names pathlib.Path.touch")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def _replace(file: str, entry) -> Callable:
+    return lambda folder: (folder / file).write_bytes(pickle.dumps(entry, protocol=4))
 
 
 @pytest.mark.parametrize(
-    "name,base,train_files,test_file,meta,label_key",
+    "damage,fragment",
     [
+        (_replace("data_batch_1", {"data": np.zeros((3, 100), np.uint8), "labels": [0, 1, 2]}), "'data' is not an"),
+        (_replace("data_batch_1", {"data": np.zeros((3, 3072), np.uint8), "labels": [0, 10, 2]}), "labels in 0..9"),
+        (_replace("data_batch_1", {"data": np.zeros((3, 3072), np.uint8), "labels": [0.0, 1.0, 2.0]}), "'labels'"),
+        (_replace("batches.meta", {"label_names": "not a list"}), "'label_names' is not a list of class names"),
+        (_replace("data_batch_1", [1, 2, 3]), "holds a list, not a CIFAR batch's dict"),
+        (lambda folder: (folder / "data_batch_1").write_bytes(b"\x80\x04junk"), "as a CIFAR python batch"),
         (
-            "cifar10",
-            "cifar-10-batches-py",
-            [f"data_batch_{i}" for i in range(1, 6)],
-            "test_batch",
-            ("batches.meta", "label_names"),
-            "labels",
+            lambda folder: (folder / "data_batch_1").write_bytes(
+                pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0]}, protocol=5)
+            ),
+            "it names numpy._core.numeric._frombuffer",
         ),
-        ("cifar100", "cifar-100-python", ["train"], "test", ("meta", "fine_label_names"), "fine_labels"),
+        (lambda folder: (folder / "data_batch_3").unlink(), "data_batch_3 is missing"),
     ],
 )
-def test_cifar_reads_local_batches(tmp_path, name, base, train_files, test_file, meta, label_key):
-    _write_cifar(tmp_path, base, train_files, test_file, meta, label_key, n=4)
-    train = load_split(name, "train", root=str(tmp_path))
-    test = load_split(name, "test", root=str(tmp_path))
-    assert len(train) == 4 * len(train_files) and len(test) == 4
-    image, label = train[1]
-    assert image.shape == (3, 32, 32) and 0 <= label < 10
-    assert train.classes[3] == "class3"
+def test_damaged_cifar_files_are_named(tmp_path, damage, fragment):
+    write_cifar(tmp_path, "cifar10", "py3")
+    damage(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(UserError, match=re.escape(fragment)) as refused:
+        load_split("cifar10", "train", root=str(tmp_path))
+    assert "cifar-10-batches-py/" in str(refused.value)
 
 
 def test_cifar_missing_root_is_a_user_error(tmp_path):
