@@ -173,21 +173,27 @@ class SplitStore:
         return values
 
     def check(self, path: str, values: np.ndarray, positions: np.ndarray) -> None:
-        """Refuses values the writer never stores: non-finite floats, labels outside the classes, indices outside
-        the dataset. A missing chunk reads as NaN or -1 (its fill value), so it is refused here too."""
-        if values.dtype.kind == "f":
-            bad, what = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1), "NaN or Inf"
-        elif path in ("labels", "indices"):
-            upper = self.num_classes if path == "labels" else self.group.attrs.get("dataset_size")
-            bad, what = (values < 0) | (values >= (upper or np.iinfo(values.dtype).max)), "out of range"
-        else:
-            return
-        if bad.any():
-            row = int(positions[np.flatnonzero(bad)[0]])
+        """Refuses values the writer never stores (see `first_bad_row`), naming the array and row."""
+        bad = self.first_bad_row(path, values)
+        if bad is not None:
+            row, what = bad
             raise StoreError(
-                f"{self.name}/{path} row {row} holds a value {what} (a missing or damaged chunk reads so); "
+                f"{self.name}/{path} row {int(positions[row])} holds {what} (a missing or damaged chunk reads so); "
                 "`kdpipe verify --repair` marks it for recomputation by the same kdpipe extract"
             )
+
+    def first_bad_row(self, path: str, values: np.ndarray) -> tuple[int, str] | None:
+        """(position in `values`, what is wrong) of the first row no writer stores: non-finite floats, labels outside
+        the classes, indices outside the dataset; None when all are sound. A missing chunk reads as NaN or -1 (its
+        fill value), so it is caught here too."""
+        if values.dtype.kind == "f":
+            row = first_non_finite_row(values)
+            return None if row is None else (row, "a value NaN or Inf")
+        if path not in ("labels", "indices"):
+            return None
+        upper = self.num_classes if path == "labels" else self.group.attrs.get("dataset_size")
+        bad = (values < 0) | (values >= (upper or np.iinfo(values.dtype).max))
+        return (int(np.flatnonzero(bad)[0]), "a value out of range") if bad.any() else None
 
     @property
     def num_blocks(self) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .lock import OutputLock, store_lock
-from .store import PROGRESS, FeatureStore, SplitStore, StoreError, first_non_finite_row
+from .store import PROGRESS, FeatureStore, SplitStore, StoreError
 
 SOUND, DAMAGED, INCOMPLETE = 0, 1, 2
 
@@ -71,9 +71,9 @@ def verify_split(
                 problems.append(f"{where}: damaged ({str(err).splitlines()[0]})")
                 bad_blocks |= blocks
                 continue
-            row = first_non_finite_row(values) if values.dtype.kind == "f" else None
-            if row is not None:
-                problems.append(f"{where}: not finite (NaN or infinite) from row {start + row}")
+            bad = part.first_bad_row(path, values)
+            if bad is not None:
+                problems.append(f"{where}: {bad[1]} at row {start + bad[0]}")
                 bad_blocks |= blocks
     return problems, bad_blocks, checked
 

@@ -289,10 +289,12 @@ def verify(config: VerifyConfig) -> None:
         click.echo(problem)
     if verdict.problems:  # exit status 1 (cache.verify.DAMAGED)
         hint = "marked for recomputation: rerun the same kdpipe extract" if config.repair else "--repair marks them"
-        raise UserError(f"{len(verdict.problems)} problems in {verdict.store.path}; {hint}")
+        count = len(verdict.problems)
+        more = f" (and {count - 1} more, listed above)" if count > 1 else ""
+        raise UserError(f"{verdict.store.path}: {verdict.problems[0]}{more}; {hint}")
     state = "complete" if verdict.status == SOUND else "incomplete (resume with the same kdpipe extract)"
     click.echo(
-        f"{verdict.store.path}: {verdict.checked} chunks read, all checksums good, all floats finite; store {state}"
+        f"{verdict.store.path}: {verdict.checked} chunks read, all checksums good, all values sound; store {state}"
     )
     click.get_current_context().exit(verdict.status)
 
