@@ -67,8 +67,9 @@ def zarr_bytes_equal(first: Path, second: Path) -> int:
 
 def soak_teach(tmp: Path, kills: int, rng: random.Random) -> tuple[int, int]:
     """Teaches tmp/teacher (the teacher the extract soak uses) uninterrupted, then again under kills spread over
-    as long as the uninterrupted run took; returns (kills, bytes of weights compared)."""
-    args = ["--teacher", "resnet20", "--epochs", "2", "--device", "cpu", "--checkpoint-seconds", "0"]
+    three quarters of the time the uninterrupted run took, so they land in resumed runs too; returns (kills,
+    bytes compared)."""
+    args = ["--teacher", "resnet20", "--epochs", "4", "--device", "cpu", "--checkpoint-seconds", "0"]
     start = time.perf_counter()
     run(["teach", *args, "--out", str(tmp / "teacher")])
     seconds = time.perf_counter() - start
@@ -78,7 +79,7 @@ def soak_teach(tmp: Path, kills: int, rng: random.Random) -> tuple[int, int]:
         resume = ["--resume"] if checkpoint_epochs(out) else []
         return ["teach", *args, "--out", str(out), *resume]
 
-    killed = killed_runs(command, lambda: (out / TEACH_SUMMARY).exists(), kills, rng, (2.0, max(3.0, seconds)))
+    killed = killed_runs(command, lambda: (out / TEACH_SUMMARY).exists(), kills, rng, (2.0, max(3.0, 0.75 * seconds)))
     whole, cut = (tmp / "teacher" / TEACHER_WEIGHTS).read_bytes(), (out / TEACHER_WEIGHTS).read_bytes()
     assert whole == cut, "the resumed teacher's weights differ"
     return killed, len(whole)

@@ -26,6 +26,7 @@ from pipeline.layout import (
     epoch_weights,
 )
 from pipeline.methods import Distiller
+from pipeline.runtime import write_json
 from pipeline.training import Trainer
 
 SMALL = ["--student", "resnet8", "--model-kwargs", "{base_width: 8}", "--epochs", 1, "--batch-size", 64]
@@ -97,6 +98,16 @@ def test_summary_reads_a_read_only_folder(outputs):
         assert "top-2 by Q" in run_cli("summary", disk.path).output
     finally:
         disk.restore()
+
+
+def test_a_file_rewritten_on_a_full_disk_keeps_its_old_contents(disk):
+    path = disk.path / "distill.json"
+    write_json(path, {"epoch": 1})
+    disk.fill()
+    with pytest.raises(UserError, match=f"cannot write {path}: No space left on device"):
+        write_json(path, {"epoch": 2, "log": ["x" * 100_000]})
+    assert json.loads(path.read_text()) == {"epoch": 1}
+    assert sorted(p.name for p in disk.path.iterdir()) == sorted(["distill.json", *["ballast"] * disk.real])
 
 
 TEACH = ["teach", "--teacher", "resnet8", "--model-kwargs", "{base_width: 4}", "--batch-size", 256]
