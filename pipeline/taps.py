@@ -427,7 +427,7 @@ def list_taps(
     keep = set(layers + extra + asked + _feature_modules(model))
     trace = dry_forward(model, input_size, keep, set(layers), num_classes, in_chans)
     plain_stack = all(isinstance(modules[n], _ACTIVATIONS) for n in layers)  # VGG: its first ReLU is layer 0
-    stem = declared_stem or (None if plain_stack else _stem(model, trace, layers))
+    stem = declared_stem or (None if plain_stack else _stem(model, trace, layers, named_stem))
     shapes = _tap_shapes(trace.outputs, names or ())
     hints = _probed_hints(LayoutHints.of(model), shapes.values())
     described = {name: Tap(0, name, shape, *infer_layout(shape, hints)) for name, shape in shapes.items()}
@@ -473,16 +473,14 @@ def _not_a_tap(output: Any) -> str | None:
     return None
 
 
-def _stem(model: nn.Module, trace: _Trace, layers: list[str]) -> str | None:
+def _stem(model: nn.Module, trace: _Trace, layers: list[str], named_stem: str | None) -> str | None:
     """The stem: the first `feature_info` entry when it runs before any block and lies outside them (timm's
     `act1`, `bn1`), else the model's `stem` module, else the module whose output enters the first block."""
     first = next(iter(_feature_modules(model)), None)
     if first and first in trace.outputs and not any(_inside(first, b) or _inside(b, first) for b in layers):
         if any(p[0] == first for p in trace.producers):  # it finished before the first block started
             return first
-    if STEM_NAME in dict(model.named_children()):
-        return STEM_NAME
-    return trace.stem()
+    return named_stem or trace.stem()
 
 
 def _roles(model: nn.Module, taps: list[Tap], stem: str | None, flatten: str | None, trace: _Trace) -> dict[str, str]:
