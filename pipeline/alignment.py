@@ -60,13 +60,12 @@ class FeatureAlignment(nn.Module):
         """(kept prefix tokens as (B, C, P) or None, the body: (B, C, H, W), or (B, C, L) on the token axis)."""
         if self.vector:
             return None, _as_vector(x, tap)[:, :, None, None]
+        if not self.sequence:
+            prefix, grid = grid_parts(x, tap)
+            return (prefix if self.keep_prefix else None), grid
         if tap.layout in ("NCHW", "NHWC"):
-            grid = x.permute(0, 3, 1, 2) if tap.layout == "NHWC" else x
-            return None, grid.flatten(2) if self.sequence else grid
-        tokens = x.transpose(1, 2)  # (B, C, T)
-        patches = tokens[:, :, tap.prefix_tokens :]
-        body = patches if self.sequence else patches.reshape(*patches.shape[:2], *tap.grid)
-        return (tokens[:, :, : tap.prefix_tokens] if self.keep_prefix else None), body
+            return None, (x.permute(0, 3, 1, 2) if tap.layout == "NHWC" else x).flatten(2)
+        return None, x.transpose(1, 2)[:, :, tap.prefix_tokens :]
 
     def _align(self, x: torch.Tensor, tap: Tap, size: tuple[int, ...] | None) -> torch.Tensor:
         prefix, body = self._body(x, tap)
@@ -82,6 +81,16 @@ class FeatureAlignment(nn.Module):
         projected = self.projector(self._align(student, self.student, self.student_size))
         target = self._align(teacher.float(), self.teacher, self.teacher_size)
         return projected, target
+
+
+def grid_parts(x: torch.Tensor, tap: Tap) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix tokens (B, C, P), the image grid (B, C, H, W)) of a map or of tokens on a patch grid; a map has P = 0."""
+    if tap.layout in ("NCHW", "NHWC"):
+        grid = x.permute(0, 3, 1, 2) if tap.layout == "NHWC" else x
+        return grid.new_zeros(*grid.shape[:2], 0), grid
+    tokens = x.transpose(1, 2)  # (B, C, T)
+    patches = tokens[:, :, tap.prefix_tokens :]
+    return tokens[:, :, : tap.prefix_tokens], patches.reshape(*patches.shape[:2], *tap.grid)
 
 
 def _as_vector(x: torch.Tensor, tap: Tap) -> torch.Tensor:

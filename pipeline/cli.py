@@ -238,7 +238,8 @@ def distill(config: DistillConfig) -> None:
         click.echo(f"{summary['method']}: {summary['student']}{_pairs(summary)}, {summary['steps']} steps: settings ok")
         return
     final = summary["final"]
-    losses = "  ".join(f"{k} {final[k]:.5f}" for k in summary["losses"])
+    logged = [k for k in final if k.split(".")[0] in summary["losses"]]  # a term, or its parts (block_kd.task)
+    losses = "  ".join(f"{k} {final[k]:.5f}" for k in logged)
     accuracy = f"  {summary['test_split']} top-1 {summary['test_top1']:.2f}%" if "test_top1" in summary else ""
     click.echo(
         f"{summary['method']}: {summary['student']}{_pairs(summary)}, epoch {final['epoch']}  {losses}{accuracy} -> "

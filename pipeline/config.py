@@ -199,6 +199,8 @@ def type_of(annotation: Any, default: Any = None) -> click.ParamType:
         tuple: CommaList(),
         dict: MappingType(),
     }
+    if origin is tuple and typing.get_args(annotation)[:1] == (int,):
+        return CommaList(Integer())
     if origin not in kinds:
         raise TypeError(f"no option type for {annotation!r}")
     return kinds[origin]
@@ -534,7 +536,7 @@ class DistillConfig(RunOptions):
     )
     teacher_checkpoint: str | None = option(
         None,
-        "Teacher weights for --online-teacher (default: the path recorded in the store).",
+        "Teacher weights for --online-teacher and block-kd (default: the path recorded in the store).",
         click.Path(dir_okay=False),
     )
     workers: int = _workers()

@@ -29,13 +29,14 @@ from .config import DistillConfig
 from .datasets import SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError
 from .layout import DISTILL_LOG, DISTILL_SUMMARY, LABELLED_INDICES, STUDENT_WEIGHTS, folder_lock
-from .methods import Distiller, Method, get_method
+from .methods import Distiller, Method, cached_inputs, get_method, teacher_targets
 from .models import create_model
-from .pairing import pair_taps
+from .pairing import pair_taps, stage_taps
 from .provenance import load_matching_split, open_complete_store, recorded_data_root
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import resolve_device, seed_everything, write_args, write_csv, write_json, write_npy
-from .training import OnlineTeacher, RowImages, Trainer
+from .stones import SteppingStones
+from .training import OnlineTeacher, RowImages, Trainer, store_teacher
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +64,25 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     student_taps, teacher_taps = pair_taps(
         method, feature_store, part, net, input_size, config.teacher_layers, config.student_layers
     )
-    distiller = Distiller(net, method, student_taps, teacher_taps).to(dev)
     teacher = None
     if config.online_teacher and teacher_taps:
         names = [t.name for t in teacher_taps]
         teacher = OnlineTeacher.from_store(
             feature_store, names, config.teacher_checkpoint, data.num_classes, input_size
         )
-        teacher.to(dev)
     # Online, the teacher supplies the features; labels and logits still come from the cache.
-    paths = [p for p in distiller.inputs if not (teacher and p in distiller.teacher_targets)]
+    online = teacher_targets(teacher_taps) if teacher else []
+    paths = [p for p in cached_inputs(method, teacher_targets(teacher_taps)) if p not in online]
     missing = [p for p in paths if p not in part.group.attrs["arrays"]]
     if missing:
         raise UserError(
             f"--method {config.method} reads {missing[0]}, which {feature_store.path} does not hold"
             + _why_not_cached(feature_store, missing[0])
         )
+    stones = _stepping_stones(method, feature_store, net, config, data.num_classes, input_size)
+    distiller = Distiller(net, method, student_taps, teacher_taps, stones).to(dev)
+    if teacher:
+        teacher.to(dev)
     targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=rows)
     num_rows = targets.num_rows
     steps_per_epoch, total_steps, epochs = _step_budget(num_rows, config.batch_size, config.epochs, config.steps)
@@ -94,6 +98,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "store_config_hash": feature_store.meta["config_hash"],
         "student_taps": [t.name for t in student_taps],
         "teacher_taps": [t.name for t in teacher_taps],
+        **({"stones": stones.describe()} if stones else {}),
         "epochs": epochs,
         "steps": total_steps,
         "num_labelled": len(labelled) if labelled is not None else part.num_samples,
@@ -169,6 +174,27 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             }
             write_json(out_dir / DISTILL_SUMMARY, summary)
         return summary
+
+
+def _stepping_stones(
+    method: Method, store: FeatureStore, net, config: DistillConfig, num_classes: int, input_size: int
+) -> SteppingStones | None:
+    """Block-KD's stones from the method's stepping-stone term: the store's teacher, frozen, and the student's
+    stages paired with the teacher's (METHOD.md §6); None for every other method."""
+    term = method.stones_term
+    if term is None:
+        return None
+    settings = term.settings()
+    teacher = store_teacher(store, config.teacher_checkpoint, num_classes, input_size, f"--method {config.method}")
+    name = store.meta["identity"]["teacher"]["name"]
+    student_stages, teacher_stages = stage_taps(
+        store, teacher, net, config.student, input_size, config.teacher_layers, config.student_layers
+    )
+    n = len(teacher_stages)
+    stones = list(range(1, n + 1)) if settings["stones"] is None else sorted(settings["stones"])
+    if stones[-1] > n:
+        raise UserError(f"--losses {term.loss}.stones: there is no stage {stones[-1]}; the stages are 1..{n}")
+    return SteppingStones(teacher, name, student_stages, teacher_stages, stones, settings["connector"], input_size)
 
 
 def _why_not_cached(store: FeatureStore, path: str) -> str:

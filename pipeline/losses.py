@@ -22,6 +22,7 @@ from torch import nn
 from .alignment import FeatureAlignment
 from .errors import UserError
 from .registry import Registry
+from .stones import CONNECTORS
 
 LOSSES: Registry = Registry("loss")
 TEACHER_FEATURES = "teacher features"  # a loss input meaning "the cached features of the paired teacher taps"
@@ -34,6 +35,8 @@ class StudentOutput:
     features: dict[str, torch.Tensor]  # the student's distilled taps
     logits: torch.Tensor | None  # None when the forward pass stopped after the last tap
     pairs: list[tuple[FeatureAlignment, str, torch.Tensor]] = field(default_factory=list)  # (alignment, tap, target)
+    stones: list[torch.Tensor] = field(default_factory=list)  # Block-KD's stepping stones' logits (pipeline.stones)
+    stone_weights: list[float] = field(default_factory=list)  # their weights w_i
     _aligned: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
@@ -45,19 +48,22 @@ class StudentOutput:
 
 
 class Loss(nn.Module):
-    """Base of the loss terms: `forward(output, batch)` returns a scalar."""
+    """Base of the loss terms: `forward(output, batch)` returns a scalar, or named parts ({part: scalar}) that the
+    distiller logs as `loss.part`. A loss with `stepping_stones` has the distiller build Block-KD's stones from its
+    `connector` and `stones` settings."""
 
     inputs: ClassVar[tuple[str, ...]] = ()
     student_logits: ClassVar[bool] = True
+    stepping_stones: ClassVar[bool] = False
 
-    def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
 def loss_parameters(loss: type[Loss]) -> dict[str, inspect.Parameter]:
     """The loss's hyperparameters: its constructor's named arguments, each with a default."""
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = inspect.signature(loss.__init__).parameters.items()
+    params = inspect.signature(loss.__init__, eval_str=True).parameters.items()
     return {n: p for n, p in params if n != "self" and p.kind in named and p.default is not inspect.Parameter.empty}
 
 
@@ -93,10 +99,72 @@ class KLDivergence(Loss):
         self.temperature = _positive("kd", "temperature", temperature)
 
     def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        t = self.temperature
-        log_student = F.log_softmax(output.logits / t, dim=1)
-        teacher = F.softmax(batch["logits"].float() / t, dim=1)
-        return t * t * F.kl_div(log_student, teacher, reduction="batchmean")
+        return kd_loss(output.logits, batch["logits"], self.temperature)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(teacher / T) ‖ softmax(student / T)), summed over classes and averaged over the batch."""
+    log_student = F.log_softmax(student / temperature, dim=1)
+    target = F.softmax(teacher.float() / temperature, dim=1)
+    return temperature * temperature * F.kl_div(log_student, target, reduction="batchmean")
+
+
+@LOSSES.register(name="block_kd")
+class BlockKD(Loss):
+    """Block-KD: α·L_task + β·L_distill + γ·L_cross over the student and its stepping stones (METHOD.md §6).
+
+    With stone weights w_i = 1/2^(n−i): L_task = CE(y_S) + Σ w_i CE(y_Ni); L_distill = KD(y_S, y_T) + Σ w_i KD(y_Ni,
+    y_T), KD as in `kd` at `temperature`; L_cross = KD(y_S, y_ens) + Σ KD(y_Ni, y_ens) with y_ens the stones' mean
+    logits, detached. `connector` (`pipeline.stones.CONNECTORS`) and `stones` (stage numbers 1..n; None: all n) shape
+    the stones. A part with weight 0 is not computed.
+    """
+
+    inputs = ("labels", "logits")
+    stepping_stones = True
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        gamma: float = 0.0,
+        temperature: float = 4.0,
+        connector: str = "conv1x1_bn",
+        stones: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+            if not value >= 0:
+                raise UserError(f"loss 'block_kd': {name} must be >= 0, not {value}")
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.temperature = _positive("block_kd", "temperature", temperature)
+        if connector not in CONNECTORS:
+            raise UserError(f"loss 'block_kd': unknown connector {connector!r}; known: {', '.join(CONNECTORS.names())}")
+        if stones is not None:
+            stones = tuple(stones)
+            if not (stones and all(i >= 1 for i in stones) and len(set(stones)) == len(stones)):
+                raise UserError(f"loss 'block_kd': stones must be distinct stage numbers from 1, not {list(stones)}")
+        self.connector, self.stones = connector, stones
+
+    def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        student, stones, weights, t = output.logits, output.stones, output.stone_weights, self.temperature
+        parts = {}
+        if self.alpha:
+            labels = batch["labels"]
+            ce = [F.cross_entropy(y, labels) for y in stones]
+            parts["task"] = self.alpha * (F.cross_entropy(student, labels) + _weighted(weights, ce))
+        if self.beta:
+            teacher = batch["logits"]
+            kd = [kd_loss(y, teacher, t) for y in stones]
+            parts["distill"] = self.beta * (kd_loss(student, teacher, t) + _weighted(weights, kd))
+        if self.gamma:
+            ensemble = torch.stack(stones).mean(0).detach()
+            cross = [kd_loss(y, ensemble, t) for y in [student, *stones]]
+            parts["cross"] = self.gamma * torch.stack(cross).sum()
+        return parts
+
+
+def _weighted(weights: list[float], losses: list[torch.Tensor]) -> torch.Tensor | float:
+    return sum((w * loss for w, loss in zip(weights, losses, strict=True)), 0.0)
 
 
 class FeatureLoss(Loss):

@@ -25,6 +25,7 @@ from .alignment import FeatureAlignment
 from .errors import UserError
 from .losses import LOSSES, TEACHER_FEATURES, StudentOutput, loss_defaults
 from .registry import Registry
+from .stones import SteppingStones
 from .taps import Tap, TapRecorder
 
 METHODS: Registry = Registry("method")
@@ -105,6 +106,11 @@ class Method:
         return any(LOSSES.get(loss).student_logits for loss in self.losses)
 
     @property
+    def stones_term(self) -> Term | None:
+        """The term whose loss trains Block-KD's stepping stones (its settings shape them), if any."""
+        return next((t for t in self.terms if LOSSES.get(t.loss).stepping_stones), None)
+
+    @property
     def evaluated_with(self) -> str:
         """How a run of the method is evaluated: its own classifier when its losses trained one."""
         return "own classifier" if self.needs_logits else "linear probe"
@@ -131,14 +137,36 @@ def register_method(method: Method) -> Method:
     return METHODS.register(method, name=method.name)
 
 
+def cached_inputs(method: Method, teacher_targets: list[str]) -> list[str]:
+    """The cached arrays (store paths) `method` reads with these teacher targets, in a fixed order."""
+    names = []
+    for loss in method.losses:
+        for name in LOSSES.get(loss).inputs:
+            names.extend(teacher_targets if name == TEACHER_FEATURES else [name])
+    return list(dict.fromkeys(names))
+
+
+def teacher_targets(teacher_taps: list[Tap]) -> list[str]:
+    """The store paths of the teacher taps' cached features."""
+    return [f"features/{t.name}" for t in teacher_taps]
+
+
 class Distiller(nn.Module):
-    """A student, the `FeatureAlignment`s of its tap pairs (if any) and the weighted losses of one method.
+    """A student, the `FeatureAlignment`s of its tap pairs (if any), Block-KD's stepping stones (if the method has
+    them) and the weighted losses of one method.
 
     Feature-only methods stop the forward pass after the last student tap: later layers get no gradient and
     are left untouched (the probe replaces them). Methods with a label or logit loss run the whole student.
     """
 
-    def __init__(self, student: nn.Module, method: Method, student_taps: list[Tap], teacher_taps: list[Tap]) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        method: Method,
+        student_taps: list[Tap],
+        teacher_taps: list[Tap],
+        stones: SteppingStones | None = None,
+    ) -> None:
         super().__init__()
         if len(student_taps) != len(teacher_taps):
             raise UserError(
@@ -148,25 +176,32 @@ class Distiller(nn.Module):
             raise ValueError("teacher taps are given exactly to the methods with a feature loss")
         self.student, self.method = student, method
         self.pairs = nn.ModuleList(FeatureAlignment(s, t) for s, t in zip(student_taps, teacher_taps, strict=True))
+        if (method.stones_term is None) != (stones is None):
+            raise ValueError("stepping stones are given exactly to the methods with a stepping-stone loss")
+        self.stones = stones  # its connectors train with the student; the frozen teacher is not a parameter
         self.student_taps = [t.name for t in student_taps]
-        self.teacher_targets = [f"features/{t.name}" for t in teacher_taps]
+        self.teacher_targets = teacher_targets(teacher_taps)
         self._losses = {t.loss: (t.weight, t.build()) for t in method.terms}  # no parameters: not in state_dict
-        self._recorder = TapRecorder(student, self.student_taps, stop_after_last=not method.needs_logits).attach()
+        recorded = list(dict.fromkeys(self.student_taps + (stones.student_taps if stones else [])))
+        self._recorder = TapRecorder(student, recorded, stop_after_last=not method.needs_logits).attach()
 
     @property
     def inputs(self) -> list[str]:
         """The cached arrays (store paths) this method reads, in a fixed order."""
-        names = []
-        for loss in self.method.losses:
-            for name in LOSSES.get(loss).inputs:
-                names.extend(self.teacher_targets if name == TEACHER_FEATURES else [name])
-        return list(dict.fromkeys(names))
+        return cached_inputs(self.method, self.teacher_targets)
 
     def forward(self, images: torch.Tensor, batch: dict[str, torch.Tensor]):
         features = self._recorder.run(images)  # no taps: just the logits
         pairs = list(zip(self.pairs, self.student_taps, (batch[t] for t in self.teacher_targets), strict=False))
         output = StudentOutput(features, self._recorder.logits, pairs)
-        return output, {name: weight * loss(output, batch) for name, (weight, loss) in self._losses.items()}
+        if self.stones is not None:
+            output.stones, output.stone_weights = self.stones(features), self.stones.weights
+        losses = {}
+        for name, (weight, loss) in self._losses.items():
+            value = loss(output, batch)
+            parts = value.items() if isinstance(value, dict) else [(None, value)]
+            losses.update({name if part is None else f"{name}.{part}": weight * v for part, v in parts})
+        return output, losses
 
 
 register_method(
@@ -203,5 +238,12 @@ register_method(
         '"Base FKD": cross entropy, T²·KL to the cached logits and feature MSE on the stage-end taps.',
         (Term("ce"), Term("kd"), Term("feature_mse")),
         teacher_taps="standard",
+    )
+)
+register_method(
+    Method(
+        "block-kd",
+        "Block-KD (Yu et al. 2024): CE and KD on the student and on stepping stones through the frozen teacher's tail.",
+        (Term("block_kd"),),
     )
 )

@@ -82,10 +82,7 @@ def picked_taps(store: FeatureStore, part: SplitStore, k: int | None) -> list[Ta
 def standard_taps(store: FeatureStore, k: int | None) -> list[Tap]:
     """The teacher's k deepest stage ends (as many as score picks by default, fewer for fewer stages), which extract
     recorded from the teacher; they must be cached."""
-    teacher = store.meta["identity"]["teacher"]
-    ends = teacher["stage_ends"] if "stage_ends" in teacher else _rebuilt_stage_ends(store)
-    if not ends:
-        raise UserError(f"teacher {teacher['name']} has no stage ends (no stages found); pass --teacher-layers")
+    teacher, ends = store.meta["identity"]["teacher"], teacher_stage_ends(store)
     k = k or min(DEFAULT_PAIRS, len(ends))
     if k > len(ends):
         raise UserError(
@@ -93,6 +90,40 @@ def standard_taps(store: FeatureStore, k: int | None) -> list[Tap]:
             "pass --teacher-layers or fewer --student-layers"
         )
     return recorded_taps(store, ends[-k:], " (a stage end of the teacher)")
+
+
+def teacher_stage_ends(store: FeatureStore) -> list[str]:
+    """The names of the teacher's stage ends, as extract recorded them (or read off its architecture)."""
+    teacher = store.meta["identity"]["teacher"]
+    ends = teacher["stage_ends"] if "stage_ends" in teacher else _rebuilt_stage_ends(store)
+    if not ends:
+        raise UserError(f"teacher {teacher['name']} has no stage ends (no stages found); pass --teacher-layers")
+    return ends
+
+
+def stage_taps(
+    store: FeatureStore,
+    teacher: nn.Module,
+    student: nn.Module,
+    student_name: str,
+    input_size: int,
+    teacher_layers: tuple[str, ...],
+    student_layers: tuple[str, ...],
+) -> tuple[list[Tap], list[Tap]]:
+    """(student stages, teacher stages) for Block-KD's stepping stones: the stage ends of both models (or the named
+    taps), paired one to one in depth order; the live teacher gives the shapes, as it may cache none of them."""
+    teacher_names = list(teacher_layers) or teacher_stage_ends(store)
+    teacher_stages = list_taps(teacher, input_size, names=teacher_names)
+    student_stages = list_taps(student, input_size, names=list(student_layers)) if student_layers else None
+    student_stages = student_stages or stage_ends(list_taps(student, input_size))
+    if len(student_stages) != len(teacher_stages):
+        named = store.meta["identity"]["teacher"]["name"]
+        raise UserError(
+            f"teacher {named} has {len(teacher_stages)} stages ({', '.join(t.name for t in teacher_stages)}) and "
+            f"student {student_name} {len(student_stages)} ({', '.join(t.name for t in student_stages) or 'none'}); "
+            "name as many stage taps on both sides with --teacher-layers and --student-layers"
+        )
+    return student_stages, teacher_stages
 
 
 def _rebuilt_stage_ends(store: FeatureStore) -> list[str]:

@@ -63,29 +63,7 @@ class OnlineTeacher:
     def from_store(
         cls, store: FeatureStore, taps: list[str], checkpoint: str | None, num_classes: int, input_size: int
     ) -> OnlineTeacher:
-        """Rebuilds the store's teacher as recorded (model kwargs, checkpoint entry); its weights must be the ones
-        the store was extracted with."""
-        teacher = store.meta["identity"]["teacher"]
-        checkpoint = checkpoint or store.meta.get("checkpoint_path")
-        if teacher["checkpoint_sha256"] and (not checkpoint or not Path(checkpoint).is_file()):
-            raise UserError(f"--online-teacher: teacher weights not found at {checkpoint}; pass --teacher-checkpoint")
-        if checkpoint and file_sha256(checkpoint) != teacher["checkpoint_sha256"]:
-            raise UserError(f"--online-teacher: {checkpoint} is not the checkpoint {store.path} was extracted with")
-        try:
-            model, _ = load_teacher(
-                teacher["name"],
-                checkpoint,
-                teacher.get("pretrained", False),
-                teacher.get("model_kwargs") or None,
-                num_classes,
-                input_size,
-                teacher.get("checkpoint_key"),
-            )
-        except UserError as err:
-            raise UserError(
-                f"--online-teacher: cannot rebuild teacher {teacher['name']!r} of {store.path}: {err}"
-            ) from err
-        return cls(model, taps)
+        return cls(store_teacher(store, checkpoint, num_classes, input_size, "--online-teacher"), taps)
 
     def to(self, device: torch.device) -> OnlineTeacher:
         self.model.to(device)
@@ -95,6 +73,33 @@ class OnlineTeacher:
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
         features = self._recorder.run(images)
         return [features[t] for t in self.taps]
+
+
+def store_teacher(
+    store: FeatureStore, checkpoint: str | None, num_classes: int, input_size: int, purpose: str
+) -> torch.nn.Module:
+    """Rebuilds the store's teacher as recorded (model kwargs, checkpoint entry) for `purpose` (an option named in
+    errors); its weights must be the ones the store was extracted with (the recorded sha256)."""
+    teacher = store.meta["identity"]["teacher"]
+    checkpoint = checkpoint or store.meta.get("checkpoint_path")
+    if teacher["checkpoint_sha256"] and (not checkpoint or not Path(checkpoint).is_file()):
+        raise UserError(f"{purpose}: teacher weights not found at {checkpoint}; pass --teacher-checkpoint")
+    if checkpoint and file_sha256(checkpoint) != teacher["checkpoint_sha256"]:
+        raise UserError(f"{purpose}: {checkpoint} is not the checkpoint {store.path} was extracted with")
+    try:
+        with torch.random.fork_rng():  # building the teacher must not move the student's random stream
+            model, _ = load_teacher(
+                teacher["name"],
+                checkpoint,
+                teacher.get("pretrained", False),
+                teacher.get("model_kwargs") or None,
+                num_classes,
+                input_size,
+                teacher.get("checkpoint_key"),
+            )
+    except UserError as err:
+        raise UserError(f"{purpose}: cannot rebuild teacher {teacher['name']!r} of {store.path}: {err}") from err
+    return model
 
 
 @dataclass

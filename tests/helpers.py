@@ -293,3 +293,22 @@ def naive_quality(x: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarra
             H.append(-sum(v * math.log(v) for v in q))
     I = (1 - np.mean(list(m_c.values()))) * np.mean(H) / math.log(5)  # noqa: E741 (METHOD.md's name)
     return {"S": S, "I": I, "E": E, "Q": S + math.sqrt(I * E)}
+
+
+@contextlib.contextmanager
+def interrupted_in_epoch(monkeypatch, epoch: int):
+    """Within the block, a distill run is interrupted (KeyboardInterrupt) as its epoch `epoch` starts."""
+    from pipeline.training import Trainer
+
+    real_epoch = Trainer.run_epoch
+
+    def dies(self, at, *rest):
+        if at == epoch:
+            raise KeyboardInterrupt
+        return real_epoch(self, at, *rest)
+
+    monkeypatch.setattr(Trainer, "run_epoch", dies)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Trainer, "run_epoch", real_epoch)

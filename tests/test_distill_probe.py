@@ -12,14 +12,13 @@ import zarr
 
 from cache.reader import CachedTargets
 from cache.store import STORE_NAME, FeatureStore
-from helpers import STUDENT, assert_one_line_error, run_cli, weights
+from helpers import STUDENT, assert_one_line_error, interrupted_in_epoch, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, load_classifier, probe
 from pipeline.checkpoints import read_model_spec, save_checkpoint
 from pipeline.datasets import Preprocessing, load_split
 from pipeline.errors import UserError
 from pipeline.layout import DISTILL_LOG, DISTILL_SUMMARY, STUDENT_WEIGHTS
 from pipeline.models import create_model
-from pipeline.training import Trainer
 
 LABEL_BUDGET = {"label_fraction": 0.25, "steps": 10}
 
@@ -73,19 +72,10 @@ def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path, meth
 def test_resume_after_interruption_is_exact(scored_store, tmp_path, monkeypatch):
     args = {**STUDENT, "epochs": 3, "cache_memory_gb": 0.0, "checkpoint_seconds": 0.0}  # streamed, every epoch
     distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "whole"), **args))
-    real_epoch = Trainer.run_epoch
-
-    def dies_in_epoch_3(self, epoch, *rest):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch, *rest)
-
-    monkeypatch.setattr(Trainer, "run_epoch", dies_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_in_epoch(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "cut"), **args))
     assert not (tmp_path / "cut" / STUDENT_WEIGHTS).exists()
     assert len((tmp_path / "cut" / DISTILL_LOG).read_text().splitlines()) == 1 + 2  # written every epoch
-    monkeypatch.setattr(Trainer, "run_epoch", real_epoch)
     summary = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "cut"), resume=True, **args))
     assert summary["final"]["epoch"] == 3 and summary["targets"] == "cache streamed"
     whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")

@@ -12,7 +12,7 @@ import yaml
 from helpers import assert_one_line_error, run_cli
 from pipeline.config import DistillConfig, resolve
 from pipeline.errors import UserError
-from pipeline.methods import METHODS, Distiller, get_method
+from pipeline.methods import METHODS, Distiller, cached_inputs, get_method
 from pipeline.models import create_model
 from pipeline.taps import Tap, list_taps
 
@@ -77,7 +77,7 @@ def _hand_ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def test_what_each_method_reads():
     """Feature-only methods are never handed a label or logit; ce is never handed anything from the teacher."""
-    reads = {name: _identity_pair_distiller(name).inputs for name in METHODS.names()}
+    reads = {name: cached_inputs(get_method(name), ["features/t"]) for name in METHODS.names()}
     assert reads == {
         "feature": ["features/t"],
         "feature-standard": ["features/t"],
@@ -85,7 +85,9 @@ def test_what_each_method_reads():
         "kd": ["labels", "logits"],
         "fitnet": ["labels", "features/t"],
         "fitnet-kd": ["labels", "logits", "features/t"],
+        "block-kd": ["labels", "logits"],
     }
+    assert _identity_pair_distiller("fitnet").inputs == reads["fitnet"]
 
 
 def test_ce_by_hand_and_never_touches_the_teacher():
