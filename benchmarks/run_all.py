@@ -1,4 +1,4 @@
-"""Runs every benchmark (P1-P6) in turn and prints each one's last line, the figure it exists for.
+"""Runs every benchmark (P1-P7) in turn and prints each one's last line, the figure it exists for.
 
 python benchmarks/run_all.py        # `make bench`; about 20 minutes on 2 cores
 """
@@ -17,6 +17,7 @@ SCRIPTS = [
     "p4_score.py",
     "p5_storage.py",
     "p6_report_time.py",
+    "p7_block_kd_cost.py",
 ]
 
 
