@@ -91,8 +91,14 @@ class CachedTargets:
                 self._ram.append(values)
         return self._ram
 
-    def epoch_order(self, rng: np.random.Generator) -> list[np.ndarray]:
-        """The epoch's rows as windows (one window when in RAM); concatenated they are the sample order."""
+    def epoch_order(self, rng: np.random.Generator, at_least: int = 1) -> list[np.ndarray]:
+        """The epoch's rows as windows (one window per pass when in RAM); concatenated they are the sample order.
+        Fewer rows than `at_least` (a labelled subset smaller than a batch) are served in as many shuffled passes
+        as fill it, as semi-supervised recipes cycle a small labelled set (FixMatch's 40 labels, batch 64)."""
+        passes = -(-at_least // self.num_rows)
+        return [window for _ in range(passes) for window in self._one_pass(rng)]
+
+    def _one_pass(self, rng: np.random.Generator) -> list[np.ndarray]:
         if self.in_memory:
             return [rng.permutation(self.rows)]
         blocks = rng.permutation(self._blocks)

@@ -85,7 +85,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         teacher.to(dev)
     targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=rows)
     num_rows = targets.num_rows
-    steps_per_epoch, total_steps, epochs = _step_budget(num_rows, config.batch_size, config.epochs, config.steps)
+    steps_per_epoch, total_steps, epochs = _step_budget(
+        num_rows, config.batch_size, config.epochs, config.steps, subset=rows is not None
+    )
     optimizer, schedule = adamw_onecycle(distiller.parameters(), config.lr, config.weight_decay, total_steps)
     spec = {
         "kdpipe_version": __version__,
@@ -217,11 +219,18 @@ def _recorded_settings(config: DistillConfig, method: Method, label_budget: bool
     return {k: v for k, v in config.run_settings().items() if k not in ignored}
 
 
-def _step_budget(num_rows: int, batch_size: int, epochs: int, steps: int | None) -> tuple[int, int, int]:
-    """(steps per epoch, total steps, epochs): `steps` when given, the last epoch then cut short; else whole epochs."""
+def _step_budget(
+    num_rows: int, batch_size: int, epochs: int, steps: int | None, subset: bool
+) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, epochs): `steps` when given, the last epoch then cut short; else whole epochs.
+    A labelled `subset` smaller than a batch makes epochs of one batch, its rows repeated to fill it
+    (`CachedTargets.epoch_order`); a whole split smaller than a batch is an error."""
     steps_per_epoch = num_rows // batch_size
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and not subset:
         raise UserError(f"--batch-size {batch_size} exceeds the {num_rows} training samples")
+    if steps_per_epoch == 0:
+        log.info("the %d labelled rows are fewer than a batch of %d: each batch repeats them", num_rows, batch_size)
+        steps_per_epoch = 1
     total_steps = steps or epochs * steps_per_epoch
     return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
 

@@ -120,7 +120,7 @@ class Trainer:
     def run_epoch(self, epoch: int, epochs: int, num_batches: int) -> dict[str, Any]:
         """Trains `num_batches` batches of epoch `epoch` (of `epochs`); returns its log row (mean losses, LR, speed)."""
         self.distiller.train()
-        windows = self.targets.epoch_order(np.random.default_rng([self.seed, epoch]))
+        windows = self.targets.epoch_order(np.random.default_rng([self.seed, epoch]), at_least=self.batch_size)
         order = np.concatenate(windows)
         row_batches = order[: num_batches * self.batch_size].reshape(-1, self.batch_size).tolist()
         loader = make_loader(self.images, workers=self.workers, batch_sampler=row_batches)

@@ -47,6 +47,29 @@ def test_cached_targets_serve_only_the_given_rows(scored_store):
         assert sorted(np.concatenate(served).tolist()) == rows.tolist()
 
 
+def test_a_labelled_subset_smaller_than_a_batch_is_cycled_to_fill_it(scored_store, tmp_path):
+    part = FeatureStore.open(scored_store).split("train")
+    labels = part.array("labels")[:]
+    rows = stratified_subset(labels, 0.03, seed=0)  # 12 labelled rows
+    for memory in (1 << 40, 0):
+        targets = CachedTargets(part, ["labels"], memory, window=2, rows=rows)
+        windows = targets.epoch_order(np.random.default_rng(0), at_least=20)
+        order = np.concatenate(windows)
+        assert len(order) == 24 and sorted(order[:12]) == sorted(order[12:]) == rows.tolist()  # two shuffled passes
+        ((batch_rows, (batch_labels,)),) = list(targets.batches(windows, 20))
+        np.testing.assert_array_equal(batch_labels, labels[batch_rows])
+        assert set(batch_rows.tolist()) == set(rows.tolist())
+    summary = distill(
+        DistillConfig(
+            store=str(scored_store),
+            out=str(tmp_path / "kd"),
+            method="kd",
+            **{**BUDGET, "label_fraction": 0.03, "steps": 3},
+        )
+    )
+    assert summary["num_training_rows"] == 12 and summary["steps"] == 3 and summary["epochs"] == 3
+
+
 def test_label_and_step_budget(scored_store, tmp_path):
     """ce trains on the labelled quarter for exactly 10 steps; feature distills on every row, and its probe is
     fitted on the same labelled quarter; --no-unlabelled-distill restricts the feature method to it."""
