@@ -219,9 +219,7 @@ def _recorded_settings(config: DistillConfig, method: Method, label_budget: bool
     return {k: v for k, v in config.run_settings().items() if k not in ignored}
 
 
-def _step_budget(
-    num_rows: int, batch_size: int, epochs: int, steps: int | None, subset: bool
-) -> tuple[int, int, int]:
+def _step_budget(num_rows: int, batch_size: int, epochs: int, steps: int | None, subset: bool) -> tuple[int, int, int]:
     """(steps per epoch, total steps, epochs): `steps` when given, the last epoch then cut short; else whole epochs.
     A labelled `subset` smaller than a batch makes epochs of one batch, its rows repeated to fill it
     (`CachedTargets.epoch_order`); a whole split smaller than a batch is an error."""
