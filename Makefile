@@ -38,8 +38,8 @@ $(DEMO)/distill/student.safetensors: $(DEMO)/extract/scores.json
 $(DEMO)/distill/probe.json: $(DEMO)/distill/student.safetensors
 	$(KD) probe --config configs/digits.yaml $(DEMO)/distill
 
-# The paper's comparison: every method over 5 seeds against the demo's store (runs/digits-report); finished runs
-# are reused, so an interrupted report continues.
+# The paper's comparison: every method over 5 seeds against the demo's store (runs/digits-report), at the main label
+# fraction and across the label budget sweep; finished runs are reused, so an interrupted report continues.
 report: $(DEMO)/extract/scores.json
 	$(KD) report --config configs/digits-report.yaml
 

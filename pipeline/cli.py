@@ -261,7 +261,7 @@ def probe(config: ProbeConfig) -> None:
 @command(ReportConfig)
 def report(config: ReportConfig) -> None:
     from .layout import REPORT_TEXT
-    from .report import format_table
+    from .report import format_budget_table, format_table
     from .report import report as run
 
     summary = run(config)
@@ -269,6 +269,9 @@ def report(config: ReportConfig) -> None:
     click.echo(format_table(summary["methods"]))
     if summary["note"]:
         click.echo(summary["note"])
+    if "sweep" in summary:
+        click.echo("top-1 % by label fraction (mean ± std over seeds):")
+        click.echo(format_budget_table(summary["sweep"]["fractions"]))
     click.echo(f"report: {Path(config.out) / REPORT_TEXT}")
 
 

@@ -31,7 +31,7 @@ from cache.store import DEFAULT_COMPRESSION
 
 from .errors import UserError
 from .fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMALL_TREE_FILES
-from .layout import REPORT_PLOT, SCORES_PLOT
+from .layout import REPORT_BUDGET_PLOT, REPORT_PLOT, SCORES_PLOT
 from .losses import LOSSES, loss_parameters
 from .methods import METHODS
 
@@ -107,21 +107,36 @@ class CommaList(click.ParamType):
         return tuple(self.item.convert(v, param, ctx) for v in items)
 
 
-class SeedList(CommaList):
+class ItemList(CommaList):
+    """A list of at least one `item`; a bad or missing item is refused naming what the list must hold."""
+
+    def __init__(self, item: click.ParamType, holds: str) -> None:
+        super().__init__(item)
+        self.holds = holds
+
+    def convert(self, value: Any, param, ctx) -> tuple:
+        try:
+            items = super().convert(value, param, ctx)
+        except click.BadParameter:
+            items = ()
+        if not items:
+            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            self.fail(f"{shown!r} is not a comma-separated list of {self.holds}", param, ctx)
+        return items
+
+
+class SeedList(ItemList):
     """Seeds >= 0, at least one."""
 
     def __init__(self) -> None:
-        super().__init__(Integer(min=0))
+        super().__init__(Integer(min=0), "seeds >= 0")
 
-    def convert(self, value: Any, param, ctx) -> tuple[int, ...]:
-        try:
-            seeds = super().convert(value, param, ctx)
-        except click.BadParameter:
-            seeds = ()
-        if not seeds:
-            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            self.fail(f"{shown!r} is not a comma-separated list of seeds >= 0", param, ctx)
-        return seeds
+
+class FractionList(ItemList):
+    """Fractions in (0, 1], at least one (label fractions)."""
+
+    def __init__(self) -> None:
+        super().__init__(Number(min=0, max=1, min_open=True), "fractions in (0, 1]")
 
 
 class MappingType(click.ParamType):
@@ -576,6 +591,13 @@ class ReportConfig(Config):
         "(feature+no-unlabelled-distill); ce is the baseline of the gains.",
     )
     seeds: tuple[int, ...] = option((0, 1, 2), "Seeds, one run each per method.", SeedList())
+    label_fractions: tuple[float, ...] | None = option(
+        None,
+        "Label budget sweep: every method and seed also runs at each of these fractions of labelled train images, "
+        "e.g. 0.05,0.1,1 (at the distill section's own label fraction, the main runs serve); a table per fraction "
+        f"and {REPORT_BUDGET_PLOT}.",
+        FractionList(),
+    )
     out: str = option("runs/report", "Output folder.", click.Path(file_okay=False))
     device: str | None = option(
         None, "Device for every run (default: the distill and probe sections' own).", click.Choice(DEVICE_NAMES)

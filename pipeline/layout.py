@@ -7,8 +7,9 @@ extract OUT/    features.zarr/  features.zarr.lock  extract.json  extract_args.y
 distill OUT/    student.safetensors  distill.json  distill_log.csv  distill_args.yaml  labelled_indices.npy
                 epoch-NNN.safetensors + epoch-NNN.state.pt     (the two latest checkpoints)
                 probe.json  classifier.safetensors  probe_args.yaml  (written by kdpipe probe)  kdpipe.lock
-report OUT/     report.md  report.json  report.png  report_args.yaml  kdpipe.lock
-                <method entry>/seed-<s>/                       (a distill OUT)
+report OUT/     report.md  report.json  report.png  report_budget.png  report_args.yaml  kdpipe.lock
+                <method entry>/seed-<s>/                       (a distill OUT, at the distill section's label fraction)
+                <method entry>/labels-<fraction>/seed-<s>/     (a distill OUT, at another fraction of --label-fractions)
 
 A store with another name than features.zarr (DIR/NAME.zarr) has its own DIR/NAME.zarr.lock and kdpipe score's
 DIR/NAME.scores.json, NAME.scores.png and NAME.score_args.yaml, so that stores sharing a folder keep theirs apart.
@@ -48,6 +49,7 @@ CLASSIFIER = "classifier.safetensors"
 REPORT_TEXT = "report.md"
 REPORT_SUMMARY = "report.json"
 REPORT_PLOT = "report.png"
+REPORT_BUDGET_PLOT = "report_budget.png"  # top-1 against the label fraction, with --label-fractions
 
 
 def args_name(command: str) -> str:
@@ -93,6 +95,8 @@ def checkpoint_epochs(folder: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def report_run(folder: str | Path, entry: str, seed: int) -> Path:
-    """The distill folder of one report run."""
-    return Path(folder) / entry / f"seed-{seed}"
+def report_run(folder: str | Path, entry: str, seed: int, label_fraction: float | None = None) -> Path:
+    """The distill folder of one report run: at the main label fraction (None) OUT/<entry>/seed-<s>, at another
+    fraction of the sweep OUT/<entry>/labels-<fraction>/seed-<s> (the fraction as Python writes it: labels-0.05)."""
+    entry_dir = Path(folder) / entry
+    return (entry_dir if label_fraction is None else entry_dir / f"labels-{label_fraction!r}") / f"seed-{seed}"

@@ -1,12 +1,14 @@
 """`kdpipe report`: every method over several seeds against one feature store, as in the paper's comparison.
 
 A compared entry is a method, optionally with distill flags joined by `+`: `feature+no-unlabelled-distill` is the
-feature method distilled on the labelled subset only. Runs live in OUT/<entry>/seed-<s>. A run with checkpoints
+feature method distilled on the labelled subset only. Runs live in OUT/<entry>/seed-<s>; with `label_fractions`
+(a label budget sweep) every entry and seed also runs at each fraction, in OUT/<entry>/labels-<fraction>/seed-<s>
+except at the distill section's own fraction, whose runs are the main table's. A run with checkpoints
 is resumed, which reuses a finished run as it is (and refuses one made with other settings); a probe is refitted
 when its student is newer or its settings changed. Every run takes the config's distill and probe settings, with
-the report's store, the entry's method and flags, the seed, its own folder and (when given) the report's device on
-top. Accuracy is each run's last-epoch top-1 on the held-out split (METHOD.md §7): the student's own classifier for
-methods whose losses trained it (ce, kd), the linear probe for feature-only methods.
+the report's store, the entry's method and flags, the seed, its label fraction, its own folder and (when given) the
+report's device on top. Accuracy is each run's last-epoch top-1 on the held-out split (METHOD.md §7): the student's
+own classifier for methods whose losses trained it (ce, kd), the linear probe for feature-only methods.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .errors import UserError
 from .layout import (
     DISTILL_SUMMARY,
     PROBE_SUMMARY,
+    REPORT_BUDGET_PLOT,
     REPORT_PLOT,
     REPORT_SUMMARY,
     REPORT_TEXT,
@@ -46,13 +49,19 @@ RECIPE = ("student", "steps", "batch_size", "lr", "label_fraction", "num_labelle
 
 @dataclass(frozen=True)
 class Run:
-    """One (entry, seed) of a report: its folder and the distill and probe configs it runs with."""
+    """One (entry, seed) of a report at one label fraction: its folder and the distill and probe configs it runs
+    with. `main`: at the distill section's label fraction (the main table's run)."""
 
     entry: str
     seed: int
     folder: Path
     distill: DistillConfig
     probe: ProbeConfig
+    main: bool = True
+
+    @property
+    def label_fraction(self) -> float:
+        return self.distill.label_fraction
 
 
 def report(config: ReportConfig) -> dict[str, Any]:
@@ -67,12 +76,12 @@ def report(config: ReportConfig) -> dict[str, Any]:
 
 def _report(config: ReportConfig, runs: list[Run], out: Path) -> dict[str, Any]:
     for run in progress(runs, desc="check", unit="run", leave=False):
-        distill(replace(run.distill, check=True))
+        _check(run)
     write_args(out, config)
     results = []
     bar = progress(runs, desc="report", unit="run")
     for run in bar:
-        bar.set_postfix(method=run.entry, seed=run.seed)
+        bar.set_postfix(method=run.entry, seed=run.seed, labels=f"{run.label_fraction:g}")
         trained = distill(run.distill)
         if trained["evaluated_with"] == "linear probe" and not _probe_is_current(run.folder, run.probe):
             probe(run.probe)
@@ -80,28 +89,54 @@ def _report(config: ReportConfig, runs: list[Run], out: Path) -> dict[str, Any]:
         result = results[-1]
         on_tap = f" on {result['probe_tap']}" if result["probe_tap"] else ""
         log.info(
-            "%s seed %d: top-1 %.2f%% (%s%s)", run.entry, run.seed, result["top1"], result["evaluated_with"], on_tap
+            "%s seed %d, label fraction %g: top-1 %.2f%% (%s%s)",
+            *(run.entry, run.seed, run.label_fraction, result["top1"], result["evaluated_with"], on_tap),
         )
-    return write_report(out, results, list(dict.fromkeys(config.methods)), config.plot)
+    main = [r for run, r in zip(runs, results, strict=True) if run.main]
+    swept = [r for run, r in zip(runs, results, strict=True) if run.label_fraction in sweep_fractions(config)]
+    return write_report(out, main, list(dict.fromkeys(config.methods)), config.plot, swept)
+
+
+def _check(run: Run) -> None:
+    """The run's settings against the store and its folder, without training; a run of the sweep that fails is
+    named by its --label-fractions value, entry and seed."""
+    try:
+        distill(replace(run.distill, check=True))
+    except UserError as err:
+        if run.main:
+            raise
+        reason = str(err).removeprefix(f"--label-fraction {run.label_fraction:g}: ")
+        raise UserError(f"--label-fractions {run.label_fraction:g} ({run.entry}, seed {run.seed}): {reason}") from None
+
+
+def sweep_fractions(config: ReportConfig) -> list[float]:
+    """The label fractions of the sweep, ascending (none without `label_fractions`)."""
+    return sorted(set(config.label_fractions or ()))
 
 
 def plan(config: ReportConfig) -> list[Run]:
     """Every run of the report, each entry's method and flags checked: the config's distill and probe settings,
-    with the report's store, device, the entry's method and flags, the seed and the run's folder on top. A run with
-    checkpoints is resumed (a finished one is returned as it is; one made with other settings is refused)."""
+    with the report's store, device, the entry's method and flags, the seed, the label fraction and the run's folder
+    on top. The main runs (at the distill section's label fraction) come first, then those of each other fraction of
+    the sweep. A run with checkpoints is resumed (a finished one is returned as it is; one made with other settings
+    is refused)."""
     if not config.methods:
         raise UserError("--methods names no method")
+    settings = {**(config.distill or {}), "store": config.store}
+    main_fraction = DistillConfig(**settings).label_fraction
     runs = []
-    for entry in dict.fromkeys(config.methods):  # an entry or seed given twice is one run
-        method, flags = split_entry(entry)
-        for seed in dict.fromkeys(config.seeds):
-            folder = report_run(config.out, entry, seed)
-            shared = {"seed": seed, **({"device": config.device} if config.device else {})}
-            own = {"store": config.store, "method": method, "out": str(folder), "check": False}
-            resume = bool(checkpoint_epochs(folder))
-            distill_config = DistillConfig(**{**(config.distill or {}), **flags, **shared, **own, "resume": resume})
-            probe_config = ProbeConfig(**{**(config.probe or {}), **shared, "run": str(folder)})
-            runs.append(Run(entry, seed, folder, distill_config, probe_config))
+    for fraction in [main_fraction, *(f for f in sweep_fractions(config) if f != main_fraction)]:
+        for entry in dict.fromkeys(config.methods):  # an entry or seed given twice is one run
+            method, flags = split_entry(entry)
+            for seed in dict.fromkeys(config.seeds):
+                main = fraction == main_fraction
+                folder = report_run(config.out, entry, seed, None if main else fraction)
+                shared = {"seed": seed, **({"device": config.device} if config.device else {})}
+                own = {"method": method, "label_fraction": fraction, "out": str(folder), "check": False}
+                resume = bool(checkpoint_epochs(folder))
+                distill_config = DistillConfig(**{**settings, **flags, **shared, **own, "resume": resume})
+                probe_config = ProbeConfig(**{**(config.probe or {}), **shared, "run": str(folder)})
+                runs.append(Run(entry, seed, folder, distill_config, probe_config, main))
     return runs
 
 
@@ -219,8 +254,12 @@ def tap_overlap_note(rows: list[dict[str, Any]]) -> str | None:
     )
 
 
-def write_report(out: Path, results: list[dict], methods: list[str], plot: bool = True) -> dict[str, Any]:
-    """report.md, report.json (and report.png) in `out`; returns the JSON summary."""
+def write_report(
+    out: Path, results: list[dict], methods: list[str], plot: bool = True, swept: list[dict] | None = None
+) -> dict[str, Any]:
+    """report.md, report.json (and report.png) in `out` from the main runs' `results`; with the runs of a label
+    budget sweep (`swept`, every fraction's), its section, its JSON and report_budget.png too. Returns the JSON
+    summary."""
     rows = aggregate(results, methods)
     first = results[0]
     seeds = sorted({r["seed"] for r in results})
@@ -242,10 +281,71 @@ def write_report(out: Path, results: list[dict], methods: list[str], plot: bool 
     if plot:
         plot_report(rows, out / REPORT_PLOT)
         parts += [f"![top-1 relative to the CE-only student]({REPORT_PLOT})", ""]
-    write_bytes(out / REPORT_TEXT, "\n".join(parts).encode())
     summary = {"stage": "report", "setting": setting, "seeds": seeds, "methods": rows, "runs": results, "note": note}
+    if swept:
+        tables = budget_tables(swept, methods)
+        main_fraction = first["label_fraction"]
+        parts += ["## Label budget", "", budget_setting(tables, main_fraction), "", format_budget_table(tables), ""]
+        for table in tables:
+            parts += [f"### {_fraction_heading(table)}", ""]
+            parts += [f"**Not one recipe: {table['differing']}.**", ""] if table["differing"] else []
+            parts += [format_table(table["methods"]), ""]
+        if plot:
+            plot_budget(tables, out / REPORT_BUDGET_PLOT)
+            parts += [f"![top-1 against the label fraction]({REPORT_BUDGET_PLOT})", ""]
+        summary["sweep"] = {
+            "label_fractions": [t["label_fraction"] for t in tables],
+            "main_label_fraction": main_fraction,
+            "fractions": tables,
+            "runs": swept,
+        }
+    write_bytes(out / REPORT_TEXT, "\n".join(parts).encode())
     write_json(out / REPORT_SUMMARY, summary)
     return summary
+
+
+def budget_tables(swept: list[dict], methods: list[str]) -> list[dict[str, Any]]:
+    """Per label fraction of the sweep, ascending: its labelled image count, the recipe settings its runs do not
+    share ("" when none) and its method rows (`aggregate`: top-1 mean ± std, gain over ce)."""
+    tables = []
+    for fraction in sorted({r["label_fraction"] for r in swept}):
+        results = [r for r in swept if r["label_fraction"] == fraction]
+        tables.append(
+            {
+                "label_fraction": fraction,
+                "num_labelled": results[0]["num_labelled"],
+                "differing": recipe_differences(results),
+                "methods": aggregate(results, methods),
+            }
+        )
+    return tables
+
+
+def budget_setting(tables: list[dict[str, Any]], main_fraction: float) -> str:
+    """What the sweep's tables hold, and which of its runs are the main table's."""
+    fractions = ", ".join(f"{t['label_fraction']:g}" for t in tables)
+    shared = any(t["label_fraction"] == main_fraction for t in tables)
+    return (
+        f"Every method and seed at each label fraction of the train split ({fractions}), the recipe otherwise as "
+        "above (the same number of optimizer steps at every fraction); cells are top-1 % mean ± std over seeds."
+        + (f" The runs at {main_fraction:g} are the main table's." if shared else "")
+    )
+
+
+def format_budget_table(tables: list[dict[str, Any]]) -> str:
+    """Methods by label fraction: one row per method, one column per fraction, cells top-1 mean ± std."""
+    methods = [r["method"] for r in tables[0]["methods"]]
+    cells = {(t["label_fraction"], r["method"]): r for t in tables for r in t["methods"]}
+    header = " | ".join(f"{t['label_fraction']:g} ({t['num_labelled']} labelled)" for t in tables)
+    lines = [f"| method | {header} |", "|---|" + "---|" * len(tables)]
+    for method in methods:
+        row = [cells[t["label_fraction"], method] for t in tables]
+        lines.append(f"| {method} | " + " | ".join(f"{r['mean']:.2f} ± {r['std']:.2f}" for r in row) + " |")
+    return "\n".join(lines)
+
+
+def _fraction_heading(table: dict[str, Any]) -> str:
+    return f"Label fraction {table['label_fraction']:g}: {table['num_labelled']} labelled train images"
 
 
 def per_seed_table(results: list[dict], methods: list[str], seeds: list[int]) -> str:
@@ -278,7 +378,7 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
     values = [r["gain"] if relative else r["mean"] for r in shown]
     errors = [r["gain_std"] if relative else r["std"] for r in shown]
     fig, ax = plt.subplots(figsize=(1.4 * len(shown) + 2, 3.5))
-    colors = ["tab:green" if r["method"].startswith("feature") else "tab:gray" for r in shown]
+    colors = ["tab:green" if feature_only(r["method"]) else "tab:gray" for r in shown]
     ax.bar([r["method"] for r in shown], values, yerr=errors, capsize=4, color=colors)
     if relative:
         baseline = next(r for r in rows if r["method"] == BASELINE)
@@ -287,6 +387,53 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
     else:
         ax.set_ylabel("top-1 (%)")
     ax.set_title("feature-only (green) vs logit-based students, mean ± std over seeds")
+    fig.tight_layout()
+    write_png(path, fig)
+    plt.close(fig)
+
+
+def feature_only(entry: str) -> bool:
+    """Drawn in green in the plots: the feature methods' entries (no label or logit in the backbone)."""
+    return entry.startswith("feature")
+
+
+def plot_budget(tables: list[dict[str, Any]], path: Path) -> None:
+    """Top-1 (mean ± std over seeds) against the label fraction on a log axis, one line per method entry: feature-only
+    entries in greens, the others in grays, each with its own marker and set a little to the side of the others."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = [t["label_fraction"] for t in tables]
+    methods = [r["method"] for r in tables[0]["methods"]]
+    cells = {(t["label_fraction"], r["method"]): r for t in tables for r in t["methods"]}
+    greens = [m for m in methods if feature_only(m)]
+    grays = [m for m in methods if not feature_only(m)]
+    shade = {m: plt.cm.Greens(0.5 + 0.4 * k / max(1, len(greens) - 1)) for k, m in enumerate(greens)}
+    shade |= {m: plt.cm.Greys(0.4 + 0.45 * k / max(1, len(grays) - 1)) for k, m in enumerate(grays)}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, method in enumerate(methods):
+        rows = [cells[f, method] for f in fractions]
+        dodge = 10 ** (0.012 * (k - (len(methods) - 1) / 2))  # side by side, so that error bars do not hide others
+        ax.errorbar(
+            [f * dodge for f in fractions],
+            [r["mean"] for r in rows],
+            yerr=[r["std"] for r in rows],
+            label=method,
+            color=shade[method],
+            marker="osD^vP*X"[k % 8],
+            capsize=3,
+            linewidth=1.5,
+        )
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(fractions, [f"{t['label_fraction']:g}\n({t['num_labelled']})" for t in tables])
+    ax.set_xlabel("label fraction (labelled train images)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("top-1 against the label budget, mean ± std over seeds\nfeature-only (green) vs logit-based (gray)")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     write_png(path, fig)
     plt.close(fig)
