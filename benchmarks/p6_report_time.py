@@ -5,11 +5,13 @@ Measured in one run from nothing: the demo's teacher, store and scores are built
 `kdpipe report` runs every method over every seed at every label fraction (the main table's runs and the sweep's).
 Target: report time / 1,800 s <= 1 on 2 cores. The budget leaves room for one more method costing 2-3 kd runs.
 
-    python benchmarks/p6_report_time.py
+    python benchmarks/p6_report_time.py [--keep DIR]   # --keep: build and report in DIR and keep them there
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -23,7 +25,11 @@ BUDGET_SECONDS = 30 * 60
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=Path, help="Build and report in this folder and keep it (for README figures).")
+    args = parser.parse_args()
+    folder = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()
+    with folder as tmp:
         tmp = Path(tmp)
         with Timer() as setup:
             kdpipe("teach", "--config", DEMO_CONFIG, "--out", str(tmp / "teacher"))
