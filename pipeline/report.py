@@ -188,6 +188,8 @@ def run_result(run_dir: Path, entry: str) -> dict[str, Any]:
     return {
         "method": entry,
         **{k: run[k] for k in keys},
+        # Block-KD joins its stones at teacher taps it runs through online rather than reads from the cache
+        "teacher_taps": run["teacher_taps"] or [stone["teacher"] for stone in run.get("stones", [])],
         "top1": evaluation["test_top1"],
         "test_split": evaluation["test_split"],
         "num_test": evaluation["num_test"],
