@@ -131,6 +131,7 @@ def _report_config(tmp_path, scored_store, steps: int = 6) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # a report of several runs, reused and refused: CI only, to keep `make test-fast` under a minute
 def test_report_runs_then_reuses_and_refuses_changed_settings(scored_store, tmp_path, monkeypatch):
     config = _report_config(tmp_path, scored_store)
     result = run_cli("report", "--config", config, "--seeds", "0,1")

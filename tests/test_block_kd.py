@@ -267,6 +267,7 @@ def test_the_run_records_its_stones(scored_store, tmp_path):
     json.dumps(spec)
 
 
+@pytest.mark.slow  # three distill runs; test_distill_probe covers resume in the fast suite
 def test_an_interrupted_run_resumes_exactly(scored_store, tmp_path, monkeypatch):
     """The connectors and their optimizer state are checkpointed with the student (the teacher is not)."""
     settings = {"epochs": 3, "batch_size": 100, "checkpoint_seconds": 0.0}

@@ -148,6 +148,7 @@ def test_a_second_writer_fails_at_once_and_changes_nothing(digits_teacher, score
     assert store_lock(features).read_text() == ""  # the record goes with the hold
 
 
+@pytest.mark.slow  # two teacher processes racing: CI only, to keep `make test-fast` under a minute
 def test_two_extracts_at_once_one_writes_the_store(digits_teacher, tmp_path):
     """Started together on one output: exactly one runs, the other exits at once with one line naming it, and the
     store verifies and reopens."""
