@@ -212,7 +212,8 @@ class SteppingStones(nn.Module):
     def _check_tails(self, teacher: nn.Module, name: str, input_size: int) -> None:
         """Each tail, fed the teacher's own stage output on a dry batch, must return the teacher's own logits."""
         device = next(teacher.parameters()).device
-        with torch.no_grad(), torch.random.fork_rng(), TapRecorder(teacher, self.teacher_taps) as recorder:
+        forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with torch.no_grad(), forked, TapRecorder(teacher, self.teacher_taps) as recorder:
             torch.manual_seed(0)
             images = torch.randn(DRY_BATCH, 3, input_size, input_size, device=device)
             features = recorder.run(images)
