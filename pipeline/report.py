@@ -380,7 +380,7 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
     values = [r["gain"] if relative else r["mean"] for r in shown]
     errors = [r["gain_std"] if relative else r["std"] for r in shown]
     fig, ax = plt.subplots(figsize=(1.4 * len(shown) + 2, 3.5))
-    colors = ["tab:green" if feature_only(r["method"]) else "tab:gray" for r in shown]
+    colors = ["tab:green" if feature_only(r) else "tab:gray" for r in shown]
     ax.bar([r["method"] for r in shown], values, yerr=errors, capsize=4, color=colors)
     if relative:
         baseline = next(r for r in rows if r["method"] == BASELINE)
@@ -394,9 +394,10 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def feature_only(entry: str) -> bool:
-    """Drawn in green in the plots: the feature methods' entries (no label or logit in the backbone)."""
-    return entry.startswith("feature")
+def feature_only(row: dict[str, Any]) -> bool:
+    """Drawn in green in the plots: entries whose losses train no classifier (no label or logit in the backbone),
+    so a linear probe evaluates them; by the losses a run was configured with, not by the method's name."""
+    return row["evaluated_with"] == "linear probe"
 
 
 def plot_budget(tables: list[dict[str, Any]], path: Path) -> None:
@@ -410,8 +411,9 @@ def plot_budget(tables: list[dict[str, Any]], path: Path) -> None:
     fractions = [t["label_fraction"] for t in tables]
     methods = [r["method"] for r in tables[0]["methods"]]
     cells = {(t["label_fraction"], r["method"]): r for t in tables for r in t["methods"]}
-    greens = [m for m in methods if feature_only(m)]
-    grays = [m for m in methods if not feature_only(m)]
+    first = tables[0]["methods"]
+    greens = [r["method"] for r in first if feature_only(r)]
+    grays = [r["method"] for r in first if not feature_only(r)]
     shade = {m: plt.cm.Greens(0.5 + 0.4 * k / max(1, len(greens) - 1)) for k, m in enumerate(greens)}
     shade |= {m: plt.cm.Greys(0.4 + 0.45 * k / max(1, len(grays) - 1)) for k, m in enumerate(grays)}
     fig, ax = plt.subplots(figsize=(7, 4.5))
