@@ -71,8 +71,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             feature_store, names, config.teacher_checkpoint, data.num_classes, input_size
         )
     # Online, the teacher supplies the features; labels and logits still come from the cache.
-    online = teacher_targets(teacher_taps) if teacher else []
-    paths = [p for p in cached_inputs(method, teacher_targets(teacher_taps)) if p not in online]
+    features = teacher_targets(teacher_taps)
+    paths = [p for p in cached_inputs(method, features) if not (teacher and p in features)]
     missing = [p for p in paths if p not in part.group.attrs["arrays"]]
     if missing:
         raise UserError(

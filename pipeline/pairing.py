@@ -114,8 +114,10 @@ def stage_taps(
     taps), paired one to one in depth order; the live teacher gives the shapes, as it may cache none of them."""
     teacher_names = list(teacher_layers) or teacher_stage_ends(store)
     teacher_stages = list_taps(teacher, input_size, names=teacher_names)
-    student_stages = list_taps(student, input_size, names=list(student_layers)) if student_layers else None
-    student_stages = student_stages or stage_ends(list_taps(student, input_size))
+    if student_layers:
+        student_stages = list_taps(student, input_size, names=list(student_layers))
+    else:
+        student_stages = stage_ends(list_taps(student, input_size))
     if len(student_stages) != len(teacher_stages):
         named = store.meta["identity"]["teacher"]["name"]
         raise UserError(

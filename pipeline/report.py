@@ -93,7 +93,8 @@ def _report(config: ReportConfig, runs: list[Run], out: Path) -> dict[str, Any]:
             *(run.entry, run.seed, run.label_fraction, result["top1"], result["evaluated_with"], on_tap),
         )
     main = [r for run, r in zip(runs, results, strict=True) if run.main]
-    swept = [r for run, r in zip(runs, results, strict=True) if run.label_fraction in sweep_fractions(config)]
+    fractions = sweep_fractions(config)
+    swept = [r for run, r in zip(runs, results, strict=True) if run.label_fraction in fractions]
     return write_report(out, main, list(dict.fromkeys(config.methods)), config.plot, swept)
 
 
@@ -336,14 +337,18 @@ def budget_setting(tables: list[dict[str, Any]], main_fraction: float) -> str:
 
 def format_budget_table(tables: list[dict[str, Any]]) -> str:
     """Methods by label fraction: one row per method, one column per fraction, cells top-1 mean ± std."""
-    methods = [r["method"] for r in tables[0]["methods"]]
-    cells = {(t["label_fraction"], r["method"]): r for t in tables for r in t["methods"]}
+    methods, cells = [r["method"] for r in tables[0]["methods"]], _cells(tables)
     header = " | ".join(f"{t['label_fraction']:g} ({t['num_labelled']} labelled)" for t in tables)
     lines = [f"| method | {header} |", "|---|" + "---|" * len(tables)]
     for method in methods:
         row = [cells[t["label_fraction"], method] for t in tables]
         lines.append(f"| {method} | " + " | ".join(f"{r['mean']:.2f} ± {r['std']:.2f}" for r in row) + " |")
     return "\n".join(lines)
+
+
+def _cells(tables: list[dict[str, Any]]) -> dict[tuple[float, str], dict[str, Any]]:
+    """The sweep's method rows by (label fraction, method entry)."""
+    return {(t["label_fraction"], r["method"]): r for t in tables for r in t["methods"]}
 
 
 def _fraction_heading(table: dict[str, Any]) -> str:
@@ -408,12 +413,10 @@ def plot_budget(tables: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fractions = [t["label_fraction"] for t in tables]
+    fractions, cells = [t["label_fraction"] for t in tables], _cells(tables)
     methods = [r["method"] for r in tables[0]["methods"]]
-    cells = {(t["label_fraction"], r["method"]): r for t in tables for r in t["methods"]}
-    first = tables[0]["methods"]
-    greens = [r["method"] for r in first if feature_only(r)]
-    grays = [r["method"] for r in first if not feature_only(r)]
+    greens = [r["method"] for r in tables[0]["methods"] if feature_only(r)]
+    grays = [m for m in methods if m not in greens]
     shade = {m: plt.cm.Greens(0.5 + 0.4 * k / max(1, len(greens) - 1)) for k, m in enumerate(greens)}
     shade |= {m: plt.cm.Greys(0.4 + 0.45 * k / max(1, len(grays) - 1)) for k, m in enumerate(grays)}
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -87,7 +87,8 @@ def store_teacher(
     if checkpoint and file_sha256(checkpoint) != teacher["checkpoint_sha256"]:
         raise UserError(f"{purpose}: {checkpoint} is not the checkpoint {store.path} was extracted with")
     try:
-        with torch.random.fork_rng():  # building the teacher must not move the student's random stream
+        # building the teacher (on the CPU) must not move the student's random stream
+        with torch.random.fork_rng(devices=[]):
             model, _ = load_teacher(
                 teacher["name"],
                 checkpoint,
