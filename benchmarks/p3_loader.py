@@ -45,16 +45,17 @@ def build_store(path: Path, num_images: int):
 def loader_rate(part, data, memory_bytes: int) -> tuple[float, bool]:
     """Samples/s of one epoch of paired image + target batches, exactly as distill iterates them."""
     from cache.reader import CachedTargets
+    from pipeline.augment import ViewImages
     from pipeline.recipe import make_loader
-    from pipeline.training import RowImages
 
     targets = CachedTargets(part, [f"features/{t}" for t in TAP_SHAPES], memory_bytes)
     windows = targets.epoch_order(np.random.default_rng(0))
     order = np.concatenate(windows)
-    batches = order[: len(order) - len(order) % BATCH].reshape(-1, BATCH).tolist()
-    images = make_loader(RowImages(data, part.array("indices")[:]), batch_sampler=batches)
+    keys = np.stack([order, np.zeros_like(order)], 1)  # every row under view 0, the plain image
+    batches = keys[: len(order) - len(order) % BATCH].reshape(-1, BATCH, 2).tolist()
+    images = make_loader(ViewImages(data, indices=part.array("indices")[:]), batch_sampler=batches)
     with Timer() as timer:
-        for (_, rows), (target_rows, values) in zip(images, targets.batches(windows, BATCH), strict=True):
+        for (_, _, rows, _), (target_rows, _, values) in zip(images, targets.batches(windows, BATCH), strict=True):
             assert np.array_equal(rows.numpy(), target_rows)
             [torch.from_numpy(v) for v in values]
     return len(batches) * BATCH / timer.seconds, targets.in_memory

@@ -6,11 +6,16 @@
         labels, indices            (N,) int64
         logits                     (N, num_classes) float32
         progress                   (num_blocks,) uint8, one chunk per block: 1 once the block is fully written
+        views/<v>/                 v = 1..views-1, augmented views (`pipeline.augment`); attrs as the split's
+          features/<tap>, logits   the teacher on view v of each row, chunked as view 0's (the split's own)
+          params                   (N, 5) int32: the view's crop box on its canvas and flip (attrs["columns"])
+          progress                 the view's own block flags: a view resumes block by block like view 0
 
 Rows are written in *blocks*: every array's chunk length divides the block length, so a block is a
 chunk-aligned region of every array and can be written by any process independently (the torchrun shards of
 the future). A block is marked done only after all its chunks are written; a split, and then the store, is
-marked complete only when every block is done. Plain `zarr.open_group` / `dask.array.from_zarr` read it all.
+marked complete only when every block of every view is done. Plain `zarr.open_group` / `dask.array.from_zarr` read it
+all: view 0 is the split's own arrays (what score reads), view v the same paths under `views/<v>/`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ STORE_NAME = "features.zarr"  # the store's name inside an extract output folder
 ATTR_KEY = "kdpipe"
 FEATURES = "features"
 PROGRESS = "progress"
+VIEWS = "views"
+PARAMS_ARRAY = "params"  # an augmented view's replay parameters (`pipeline.augment.PARAMS`)
 MIN_CHUNK_BYTES = 4 << 20  # feature chunks hold at least 4 MiB where N allows (fewer, cheaper writes)
 MAX_CHUNK_ROWS = 4096  # bounds the block, hence the resume and sharding granularity
 UNREADABLE = (ValueError, TypeError, KeyError)  # what zarr raises for metadata that is not JSON or not Zarr's
@@ -57,6 +64,7 @@ class ArraySpec:
     shape: tuple[int, ...]
     dtype: str
     sets_block: bool = True  # per-sample metadata (labels, indices) follows the features' block instead
+    attributes: dict[str, Any] | None = None  # the array's own attributes (a view's parameter columns)
 
     @property
     def row_bytes(self) -> int:
@@ -152,9 +160,9 @@ class SplitStore:
     `num_classes` bounds the labels `read` accepts (None: only that they are not negative).
     """
 
-    def __init__(self, group: zarr.Group, path: Path, num_classes: int | None = None) -> None:
+    def __init__(self, group: zarr.Group, path: Path, num_classes: int | None = None, name: str | None = None) -> None:
         self.group, self.path, self.num_classes = group, path, num_classes
-        self.name = group.basename
+        self.name = name or group.basename
         if "arrays" not in group.attrs:
             raise StoreError(
                 f"split {self.name!r} of {path.parent} was never finished (its creation was interrupted); "
@@ -221,21 +229,48 @@ class SplitStore:
         self.array(PROGRESS)[block] = 1
 
     @property
+    def num_views(self) -> int:
+        """View 0 (the split's own arrays) and the augmented views under views/ (1 for a store without)."""
+        return int(self.group.attrs.get("views", 1))
+
+    def view(self, view: int) -> SplitStore:
+        """View `view`'s arrays and block flags: the split itself for view 0."""
+        if view == 0:
+            return self
+        if not 0 < view < self.num_views:
+            raise StoreError(f"split {self.name!r} has views 0..{self.num_views - 1}, not view {view}")
+        group = _member(self.group, self.path, f"{VIEWS}/{view}", self.name)
+        return SplitStore(group, self.path / VIEWS / str(view), self.num_classes, f"{self.name}/{VIEWS}/{view}")
+
+    def views(self) -> list[SplitStore]:
+        return [self.view(v) for v in range(self.num_views)]
+
+    @property
     def complete(self) -> bool:
         return bool(self.group.attrs.get("complete", False))
 
     def mark_complete(self) -> None:
-        if self.missing_blocks():
-            raise StoreError(f"split {self.name!r} still has {len(self.missing_blocks())} unwritten blocks")
+        """Marks every view complete (its flag is the split's), once every block of every view is written."""
+        views = self.views()
+        missing = sum(len(v.missing_blocks()) for v in views)
+        if missing:
+            raise StoreError(f"split {self.name!r} still has {missing} unwritten blocks")
+        for view in views[1:]:
+            view.group.attrs["complete"] = True
         self.group.attrs["complete"] = True
+
+    def mark_incomplete(self) -> None:
+        for view in self.views():
+            view.group.attrs["complete"] = False
 
     def arrays(self) -> dict[str, zarr.Array]:
         return {path: self.array(path) for path in self.group.attrs["arrays"]}
 
     def check_metadata(self) -> None:
-        """Reads every array's metadata, progress flags included: StoreError names the first unreadable one."""
-        self.arrays()
-        self.array(PROGRESS)
+        """Reads every view's arrays' metadata, progress flags included: StoreError names the first unreadable one."""
+        for view in self.views():
+            view.arrays()
+            view.array(PROGRESS)
 
 
 class FeatureStore:
@@ -347,33 +382,49 @@ class FeatureStore:
         taps: list[str],
         attrs: dict[str, Any],
         compression: str = DEFAULT_COMPRESSION,
+        view_specs: list[ArraySpec] | None = None,
+        views: int = 1,
     ) -> SplitStore:
-        """Creates the split's arrays (empty) and its progress flags, all blocks pending."""
+        """Creates the split's arrays (empty) and its progress flags, all blocks pending; with `views` > 1 also the
+        augmented views' groups, each holding `view_specs`. The split's attributes are written last: they say its
+        creation finished."""
         rows, block = plan_chunks(specs, num_samples)
         group = self.group.create_group(name)
-        for spec in specs:
-            group.create_array(
-                spec.path,
-                shape=(num_samples, *spec.shape),
-                chunks=(rows[spec.path], *spec.shape),
-                dtype=spec.dtype,
-                compressors=compressors(compression),
-                fill_value=_missing_value(spec.dtype),
-                config={"write_empty_chunks": True},  # skips zarr's per-chunk "all fill value?" scan (a third of
-                # the write cost); every chunk written holds real rows anyway
-            )
-        group.create_array(PROGRESS, shape=(math.ceil(num_samples / block),), chunks=(1,), dtype="uint8", fill_value=0)
-        group.attrs.update(
-            {
-                **attrs,
-                "num_samples": num_samples,
-                "block_rows": block,
-                "taps": taps,
-                "arrays": [s.path for s in specs],
-                "complete": False,
-            }
-        )
+        _create_arrays(group, specs, rows, block, num_samples, compression)
+        layout = {"num_samples": num_samples, "block_rows": block, "taps": taps, "complete": False}
+        for view in range(1, views):
+            view_rows, view_block = plan_chunks(view_specs, num_samples)
+            if view_block != block:  # the blocks of every view must coincide (one flag per block and view)
+                raise ValueError(f"view block {view_block} differs from the split's {block}")
+            view_group = group.create_group(f"{VIEWS}/{view}")
+            _create_arrays(view_group, view_specs, view_rows, block, num_samples, compression)
+            view_group.attrs.update({**layout, "view": view, "arrays": [s.path for s in view_specs]})
+        group.attrs.update({**attrs, **layout, "views": views, "arrays": [s.path for s in specs]})
         return SplitStore(group, self.path / name, self._num_classes())
+
+
+def _create_arrays(
+    group: zarr.Group, specs: list[ArraySpec], rows: dict[str, int], block: int, num_samples: int, compression: str
+) -> None:
+    """One group's per-sample arrays (empty) and its block flags, all pending."""
+    for spec in specs:
+        group.create_array(
+            spec.path,
+            shape=(num_samples, *spec.shape),
+            chunks=(rows[spec.path], *spec.shape),
+            dtype=spec.dtype,
+            compressors=compressors(compression),
+            fill_value=_missing_value(spec.dtype),
+            config={"write_empty_chunks": True},  # skips zarr's per-chunk "all fill value?" scan (a third of
+            # the write cost); every chunk written holds real rows anyway
+            attributes=spec.attributes,
+        )
+    group.create_array(PROGRESS, shape=(math.ceil(num_samples / block),), chunks=(1,), dtype="uint8", fill_value=0)
+
+
+def view_path(view: int, path: str) -> str:
+    """An array's path inside its split: `path` for view 0, `views/<v>/path` for an augmented view."""
+    return path if view == 0 else f"{VIEWS}/{view}/{path}"
 
 
 def _zarr_files_only(path: Path) -> bool:

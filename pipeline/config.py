@@ -29,6 +29,7 @@ import yaml
 
 from cache.store import DEFAULT_COMPRESSION
 
+from .augment import POLICIES
 from .errors import UserError
 from .fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMALL_TREE_FILES
 from .layout import REPORT_BUDGET_PLOT, REPORT_PLOT, SCORES_PLOT
@@ -377,6 +378,18 @@ def _normalization() -> Any:
     )
 
 
+def _augment(purpose: str) -> Any:
+    return option(None, f"Augmentation policy ({', '.join(POLICIES.names())}) {purpose}.")
+
+
+def _augment_kwargs() -> Any:
+    return option(
+        None,
+        "The policy's settings, e.g. '{padding: 2, flip: 0.5}', plus interpolation and antialias (default: the "
+        "preprocessing's interpolation, antialiased).",
+    )
+
+
 def _layers(help: str) -> Any:
     return option((), help)
 
@@ -457,6 +470,14 @@ class ExtractConfig(DataOptions, RunOptions):
     splits: tuple[str, ...] = option(("train",), "Splits to cache, e.g. train,test.")
     layers: tuple[str, ...] = _layers("Taps to cache by module path (default: all).")
     logits: bool = option(True, "Also cache the teacher's logits.")
+    views: int = option(
+        1,
+        "Views cached per training image: view 0 the plain image, views 1..K-1 drawn from --augment (their "
+        "parameters stored, seeded per image and view).",
+        Integer(min=1),
+    )
+    augment: str | None = _augment("the augmented views are drawn from")
+    augment_kwargs: dict | None = _augment_kwargs()
     max_samples: int | None = option(None, "Cache a seeded class-stratified subset per split.", Integer(min=1))
     out: str = option("runs/extract", "Folder for features.zarr and extract.json.", click.Path(file_okay=False))
     batch_size: int = option(64, "Batch size.", Integer(min=1))
@@ -554,6 +575,16 @@ class DistillConfig(RunOptions):
         "Teacher weights for --online-teacher and block-kd (default: the path recorded in the store).",
         click.Path(dir_okay=False),
     )
+    views: int | None = option(
+        None,
+        "Cached views to draw from: each epoch every image is seen under one of the store's first V views "
+        "(default: all of them).",
+        Integer(min=1),
+    )
+    augment: str | None = _augment(
+        "for fresh views every epoch, with --online-teacher (the reference a cache of views is measured against)"
+    )
+    augment_kwargs: dict | None = _augment_kwargs()
     workers: int = _workers()
     resume: bool = _resume()
     checkpoint_seconds: float = _checkpoint_seconds()

@@ -2,7 +2,8 @@
 
 Each entry returns one split as a `SplitData`: preprocessed images and integer labels, sample i always being the
 same image (its stable index), a recorded `Preprocessing`, and a fingerprint of the data (`pipeline.fingerprint`).
-Preprocessing is deterministic (resize, centre crop, normalise): no random augmentation anywhere in extraction.
+Preprocessing is deterministic (resize, centre crop, normalise); augmented views are `pipeline.augment`'s, replayed from
+parameters stored with the cached targets.
 """
 
 from __future__ import annotations
@@ -52,16 +53,22 @@ class Preprocessing:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
 
     def transform(self) -> Callable:
+        return v2.Compose([self.geometry(), self.normalize()])
+
+    def geometry(self) -> Callable:
+        """The eval geometry on uint8 pixels: what every view but an augmented one is (`pipeline.augment`)."""
         resize = math.floor(self.input_size / self.crop_pct)
         return v2.Compose(
             [
                 v2.ToImage(),
                 v2.Resize(resize, interpolation=v2.InterpolationMode(self.interpolation), antialias=True),
                 v2.CenterCrop(self.input_size),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(list(self.mean), list(self.std)),
             ]
         )
+
+    def normalize(self) -> Callable:
+        """uint8 pixels of the served size to the normalised float32 input."""
+        return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))])
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -109,8 +116,16 @@ class SplitData(Dataset):
 
     def with_preprocessing(self, preprocessing: Preprocessing) -> SplitData:
         """The same samples served with another preprocessing (a model's, or a recorded one)."""
+        return self._with_transform(preprocessing.transform(), preprocessing)
+
+    def decoded(self) -> SplitData:
+        """The same samples as decoded uint8 pixels at their own size, before any geometry (`pipeline.augment`
+        makes every view from these); `preprocessing` stays the one the views are served with."""
+        return self._with_transform(v2.ToImage(), self.preprocessing)
+
+    def _with_transform(self, transform: Callable, preprocessing: Preprocessing) -> SplitData:
         images = copy.copy(self.images)
-        images.transform = preprocessing.transform()  # the in-memory images' and torchvision datasets' transform
+        images.transform = transform  # the in-memory images' and torchvision datasets' transform
         data = SplitData(self.name, self.split, images, self.labels, self.classes, preprocessing, self.content)
         data._fingerprints = self._fingerprints
         return data

@@ -21,9 +21,10 @@ import numpy as np
 
 from cache.lock import OutputLock
 from cache.reader import CachedTargets
-from cache.store import FeatureStore, SplitStore
+from cache.store import PARAMS_ARRAY, FeatureStore, SplitStore
 
 from . import __version__
+from .augment import Augmentation, ViewImages
 from .checkpoints import RunState, resumable, save_checkpoint, save_epoch, start_or_resume
 from .config import DistillConfig
 from .datasets import SplitData, held_out_split, load_split, stratified_subset
@@ -36,7 +37,7 @@ from .provenance import load_matching_split, open_complete_store, recorded_data_
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import resolve_device, seed_everything, write_args, write_csv, write_json, write_npy
 from .stones import SteppingStones
-from .training import OnlineTeacher, RowImages, Trainer, store_teacher
+from .training import OnlineTeacher, Trainer, store_teacher
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,15 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         method, feature_store, part, net, input_size, config.teacher_layers, config.student_layers
     )
     teacher = None
-    if config.online_teacher and teacher_taps:
+    if config.online_teacher and method.reads_teacher:
         names = [t.name for t in teacher_taps]
         teacher = OnlineTeacher.from_store(
-            feature_store, names, config.teacher_checkpoint, data.num_classes, input_size
+            feature_store, names, config.teacher_checkpoint, data.num_classes, input_size, "logits" in method.inputs
         )
-    # Online, the teacher supplies the features; labels and logits still come from the cache.
+    fresh, views, augmentation = _views(config, method, feature_store, part, data)
+    # Online, the teacher supplies what it outputs (features, logits); labels still come from the cache.
     features = teacher_targets(teacher_taps)
-    paths = [p for p in cached_inputs(method, features) if not (teacher and p in features)]
+    paths = [p for p in cached_inputs(method, features) if not (teacher and p in teacher.paths)]
     missing = [p for p in paths if p not in part.group.attrs["arrays"]]
     if missing:
         raise UserError(
@@ -83,7 +85,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     distiller = Distiller(net, method, student_taps, teacher_taps, stones).to(dev)
     if teacher:
         teacher.to(dev)
-    targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=rows)
+    targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=rows, views=views)
     num_rows = targets.num_rows
     steps_per_epoch, total_steps, epochs = _step_budget(
         num_rows, config.batch_size, config.epochs, config.steps, subset=rows is not None
@@ -101,6 +103,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "student_taps": [t.name for t in student_taps],
         "teacher_taps": [t.name for t in teacher_taps],
         **({"stones": stones.describe()} if stones else {}),
+        **({"augmentation": augmentation} if augmentation else {}),
         "epochs": epochs,
         "steps": total_steps,
         "num_labelled": len(labelled) if labelled is not None else part.num_samples,
@@ -121,7 +124,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         if first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file():
             return json.loads((out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
         write_args(out_dir, config)
-        images = RowImages(data, indices)
+        images = _view_images(data, indices, feature_store, part, fresh, views, config.seed)
         trainer = Trainer(
             distiller,
             optimizer,
@@ -133,6 +136,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             config.seed,
             dev,
             config.workers,
+            fresh_views=fresh is not None,
         )
         start = last_save = time.perf_counter()
         with resumable(out_dir):
@@ -197,6 +201,57 @@ def _stepping_stones(
     if stones[-1] > n:
         raise UserError(f"--losses {term.loss}.stones: there is no stage {stones[-1]}; the stages are 1..{n}")
     return SteppingStones(teacher, name, student_stages, teacher_stages, stones, settings["connector"], input_size)
+
+
+def _views(
+    config: DistillConfig, method: Method, store: FeatureStore, part: SplitStore, data: SplitData
+) -> tuple[Augmentation | None, int, dict[str, Any] | None]:
+    """(the policy of fresh views, the number of cached views drawn from, what the spec records of either: None
+    without augmentation). Fresh views (`--augment`) have no cached targets: the method must read no teacher
+    output, or have the online teacher compute them."""
+    if config.augment is None:
+        if config.augment_kwargs:
+            raise UserError("--augment-kwargs: there is no --augment policy to configure")
+        views = config.views or part.num_views
+        if views > part.num_views:
+            raise UserError(
+                f"--views {views}: {store.path} holds {part.num_views} view{'s' * (part.num_views > 1)} per image "
+                "(extract --views K --augment POLICY caches more)"
+            )
+        recorded = store.meta["identity"].get("augment")
+        return None, views, {"source": "cache", **recorded, "views": views} if views > 1 else None
+    if config.views is not None:
+        raise UserError(f"--views {config.views} and --augment: fresh views replace the cached ones; pass one")
+    if method.reads_teacher and not config.online_teacher:
+        raise UserError(
+            f"--augment {config.augment}: no cache holds the teacher's outputs on fresh views; pass --online-teacher, "
+            "or cache views (kdpipe extract --views K --augment POLICY) and train on them"
+        )
+    try:
+        fresh = Augmentation.create(config.augment, config.augment_kwargs, data.preprocessing)
+    except UserError as err:
+        raise UserError(f"--augment {config.augment}: {err}") from None
+    return fresh, 1, {"source": "fresh", **fresh.record(), "seed": config.seed}
+
+
+def _view_images(
+    data: SplitData,
+    indices: np.ndarray,
+    store: FeatureStore,
+    part: SplitStore,
+    fresh: Augmentation | None,
+    views: int,
+    seed: int,
+) -> ViewImages:
+    """The training images by store row under their views: fresh ones drawn from the run's seed, or the cached
+    views replayed from the parameters the store holds (never drawn again)."""
+    if fresh is not None:
+        return ViewImages(data, fresh, seed, indices)
+    if views == 1:
+        return ViewImages(data, indices=indices)
+    cached = Augmentation.from_record(store.meta["identity"]["augment"])
+    stored = {v: part.view(v).read(PARAMS_ARRAY) for v in range(1, views)}
+    return ViewImages(data, cached, indices=indices, stored=stored)
 
 
 def _why_not_cached(store: FeatureStore, path: str) -> str:

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from cache.lock import OutputLock
 from cache.store import (
     FEATURES,
+    PARAMS_ARRAY,
     ArraySpec,
     DamagedStoreError,
     FeatureStore,
@@ -34,13 +34,15 @@ from cache.store import (
     StoreError,
     compressors,
     stored_bytes,
+    view_path,
 )
 from cache.writer import SplitWriter
 
 from . import __version__
+from .augment import PARAMS, POLICIES, Augmentation, ViewImages
 from .checkpoints import file_sha256, read_model_spec
 from .config import ExtractConfig
-from .datasets import Preprocessing, SplitData, load_split, stratified_subset
+from .datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError, writing
 from .layout import EXTRACT_SUMMARY, STORE_NAME, derived_files, store_lock
 from .models import load_teacher, served_preprocessing
@@ -89,6 +91,8 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     preprocessing = served_preprocessing(config.teacher, model, first.preprocessing, config.normalization)
     _warn_if_trained_otherwise(config.checkpoint, config.pretrained, model, preprocessing)
     data = {split: d.with_preprocessing(preprocessing) for split, d in data.items()}
+    augmentation = _augmentation(config, preprocessing)
+    views = {split: config.views if split != held_out_split(config.dataset) else 1 for split in data}
     identity = {
         "teacher": {
             "name": config.teacher,
@@ -112,8 +116,10 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         "max_samples": config.max_samples,
         "subset_seed": config.seed if config.max_samples else None,
     }
+    if augmentation:  # absent from a store of plain images, whose identity stays what it always was
+        identity["augment"] = {**augmentation.record(), "views": config.views, "seed": config.seed}
     out = Path(config.out)
-    specs = _array_specs(taps, logits, num_classes)
+    specs, view_specs = _array_specs(taps, logits, num_classes), _view_specs(taps, logits, num_classes)
     # Where the teacher's weights and the data were read from: beside the identity, not in it (the same data and
     # weights may live anywhere); distill and probe find the data there by default.
     places = {
@@ -122,7 +128,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     }
     # zarr's own writes, refused by a full or read-only disk, name the store
     with OutputLock(out / STORE_NAME, store_lock(out / STORE_NAME), config.command), writing(out / STORE_NAME):
-        store, intact = _resume_or_create(out / STORE_NAME, identity, places, config, specs, rows)
+        store, intact = _resume_or_create(out / STORE_NAME, identity, places, config, (specs, view_specs), rows, views)
         write_args(out, config)
         if store.complete:
             log.info("%s is already complete; nothing to do", store.path)
@@ -133,10 +139,13 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
                 part = store.split(split)
             else:
                 attrs = {"split": split, "dataset_size": len(d), **fingerprints[split]}
-                part = _new_split(store, split, attrs, rows[split], specs, taps, config.compression)
-            timings[split] = _extract_split(
-                model, d, part, rows[split], taps, logits, config.batch_size, config.workers, dev
-            )
+                store.remove_split(split)  # what is left of it: a creation interrupted, damaged metadata
+                part = store.create_split(
+                    split, len(rows[split]), specs, [t.name for t in taps], attrs, config.compression,
+                    view_specs, views[split],
+                )  # fmt: skip
+            images = ViewImages(d, augmentation, config.seed, indices=rows[split])
+            timings[split] = _extract_split(model, images, part, taps, logits, config.batch_size, config.workers, dev)
         store.mark_complete()
         return _summary(store, timings, out)
 
@@ -155,6 +164,23 @@ def _warn_if_trained_otherwise(
         log.warning(
             "the pretrained weights were trained at %d px; extracting at %d px", size[-1], preprocessing.input_size
         )
+
+
+def _augmentation(config: ExtractConfig, preprocessing: Preprocessing) -> Augmentation | None:
+    """The policy views 1..K-1 are drawn from; both or neither of --views K > 1 and --augment are given."""
+    if config.augment is None and config.views > 1:
+        raise UserError(f"--views {config.views}: views 1..{config.views - 1} need --augment POLICY "
+                        f"({', '.join(POLICIES.names())})")  # fmt: skip
+    if config.augment is None:
+        if config.augment_kwargs:
+            raise UserError("--augment-kwargs: there is no --augment policy to configure")
+        return None
+    if config.views == 1:
+        raise UserError(f"--augment {config.augment}: --views 1 is the plain image alone; pass --views K (K >= 2)")
+    try:
+        return Augmentation.create(config.augment, config.augment_kwargs, preprocessing)
+    except UserError as err:
+        raise UserError(f"--augment {config.augment}: {err}") from None
 
 
 def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndarray:
@@ -182,8 +208,9 @@ def _resume_or_create(
     identity: dict[str, Any],
     places: dict[str, Any],
     config: ExtractConfig,
-    specs: list[ArraySpec],
+    specs: tuple[list[ArraySpec], list[ArraySpec]],
     rows: dict[str, np.ndarray],
+    views: dict[str, int],
 ) -> tuple[FeatureStore, dict[str, bool]]:
     """The store to write into and which of its splits are intact: the store at `path` when it has this identity,
     else a new one, created once the size check passed. A complete store with a split missing or damaged is marked
@@ -195,8 +222,8 @@ def _resume_or_create(
     intact = {split: _intact(store, split) for split in rows} if store else {}
     if store is not None and store.complete and all(intact.values()):
         return store, intact
-    left = {split: _rows_to_write(store.split(split)) if intact.get(split) else len(r) for split, r in rows.items()}
-    _check_size(path, specs, sum(map(len, rows.values())), sum(left.values()), config.max_store_gb)
+    _check_size(path, specs, rows, views, {split: store.split(split) for split, ok in intact.items() if ok},
+                config.max_store_gb)  # fmt: skip
     if store is None:
         return _create(path, identity, places, config.overwrite), {}
     if store.complete:
@@ -243,14 +270,32 @@ def _rows_to_write(part: SplitStore) -> int:
     return sum(stop - start for start, stop in map(part.block_range, part.missing_blocks()))
 
 
-def _check_size(path: Path, specs: list[ArraySpec], rows: int, rows_left: int, max_gb: float | None) -> None:
-    """Refuses an extraction whose store would exceed `max_gb` GiB, or whose rows still to write exceed the free space
-    of the output's file system. Sizes are raw bytes: compression only makes the store smaller."""
-    row_bytes = sum(s.row_bytes for s in specs)
-    total, left, free = rows * row_bytes, rows_left * row_bytes, shutil.disk_usage(path.parent).free
+def _check_size(
+    path: Path,
+    specs: tuple[list[ArraySpec], list[ArraySpec]],
+    rows: dict[str, np.ndarray],
+    views: dict[str, int],
+    resumed: dict[str, SplitStore],
+    max_gb: float | None,
+) -> None:
+    """Refuses an extraction whose store would exceed `max_gb` GiB, or whose rows still to write (those of the
+    `resumed` splits' missing blocks, every row of the others, per view) exceed the free space of the output's file
+    system. Sizes are raw bytes: compression only makes the store smaller."""
+    plain, view = (sum(s.row_bytes for s in group) for group in specs)
+    total = left = 0
+    for split, split_rows in rows.items():
+        for v in range(views[split]):
+            row_bytes = plain if v == 0 else view
+            total += len(split_rows) * row_bytes
+            left += row_bytes * (_rows_to_write(resumed[split].view(v)) if split in resumed else len(split_rows))
+        if views[split] > 1:
+            log.info("split %s: %d views of %s raw each", split, views[split], _size(len(split_rows) * view))
+    free = shutil.disk_usage(path.parent).free
+    count = sum(map(len, rows.values()))
+    per_view = " a view" if max(views.values()) > 1 else ""
     log.info(
-        "%s: %s raw (%d rows of %s), %s of it to write, %s free; compression only makes it smaller",
-        *(path, _size(total), rows, _size(row_bytes), _size(left), _size(free)),
+        "%s: %s raw (%d rows of %s%s), %s of it to write, %s free; compression only makes it smaller",
+        *(path, _size(total), count, _size(plain), per_view, _size(left), _size(free)),
     )
     fewer = "cache fewer taps (--layers) or samples (--max-samples)"
     if max_gb is not None and total > max_gb * 2**30:
@@ -287,68 +332,86 @@ def _create(path: Path, identity: dict[str, Any], places: dict[str, Any], overwr
 
 
 def _array_specs(taps: list[Tap], logits: bool, num_classes: int) -> list[ArraySpec]:
+    """View 0's arrays, the split's own: the teacher's outputs and each row's label and dataset index."""
     specs = [ArraySpec(f"{FEATURES}/{t.name}", t.shape, FEATURE_DTYPE) for t in taps]
     specs += [ArraySpec("labels", (), "int64", sets_block=False), ArraySpec("indices", (), "int64", sets_block=False)]
-    if logits:
-        specs.append(ArraySpec("logits", (num_classes,), "float32", sets_block=False))
-    return specs
+    return specs + _logits_spec(logits, num_classes)
 
 
-def _new_split(
-    store: FeatureStore,
-    split: str,
-    attrs: dict[str, Any],
-    rows: np.ndarray,
-    specs: list[ArraySpec],
-    taps: list[Tap],
-    compression: str,
-) -> SplitStore:
-    """Creates the split, replacing what is left of it (a creation interrupted, damaged metadata)."""
-    store.remove_split(split)
-    return store.create_split(split, len(rows), specs, [t.name for t in taps], attrs, compression)
+def _view_specs(taps: list[Tap], logits: bool, num_classes: int) -> list[ArraySpec]:
+    """An augmented view's arrays: the teacher's outputs on it and the parameters that replay it."""
+    specs = [ArraySpec(f"{FEATURES}/{t.name}", t.shape, FEATURE_DTYPE) for t in taps]
+    columns = {"columns": list(PARAMS)}
+    specs.append(ArraySpec(PARAMS_ARRAY, (len(PARAMS),), "int32", sets_block=False, attributes=columns))
+    return specs + _logits_spec(logits, num_classes)
+
+
+def _logits_spec(logits: bool, num_classes: int) -> list[ArraySpec]:
+    return [ArraySpec("logits", (num_classes,), "float32", sets_block=False)] if logits else []
 
 
 def _extract_split(
     model,
-    data: SplitData,
+    images: ViewImages,
     part: SplitStore,
-    rows: np.ndarray,
     taps: list[Tap],
     logits: bool,
     batch_size: int,
     workers: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """Feeds the split's missing blocks through the teacher into a background writer; returns timing figures."""
+    """Feeds the missing blocks of every view of the split through the teacher into a background writer, view by
+    view; returns timing figures."""
+    start, done = time.perf_counter(), 0
+    for view in range(part.num_views):
+        done += _extract_view(model, images, part.view(view), view, taps, logits, batch_size, workers, device)
+    part.mark_complete()
+    seconds = time.perf_counter() - start
+    return {"images": done, "seconds": round(seconds, 3), "images_per_second": round(done / max(seconds, 1e-9), 1)}
+
+
+def _extract_view(
+    model,
+    images: ViewImages,
+    part: SplitStore,
+    view: int,
+    taps: list[Tap],
+    logits: bool,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+) -> int:
+    """Writes the missing blocks of one view (`part`, the split itself for view 0); returns the images written."""
     blocks = part.missing_blocks()
     positions = np.concatenate([np.arange(*part.block_range(b)) for b in blocks]) if blocks else np.array([], int)
     if len(positions) == 0:
-        part.mark_complete()
-        return {"images": 0, "seconds": 0.0}
-    loader = make_loader(Subset(data, rows[positions].tolist()), batch_size, workers)
+        return 0
+    keys = [(int(p), view) for p in positions]
+    loader = make_loader(images, workers=workers, batch_sampler=[keys[i : i + batch_size] for i in
+                                                                 range(0, len(keys), batch_size)])  # fmt: skip
     names = [t.name for t in taps]
     slots = HalfSlots({f"{FEATURES}/{t.name}": t.shape for t in taps}, batch_size, count=QUEUE_BATCHES + 2)
-    start, done = time.perf_counter(), 0
-    bar = progress(total=len(positions), desc=f"extract {part.name}", unit="img", unit_scale=True, smoothing=0.1)
+    desc = f"extract {part.name}" if view == 0 else f"extract {part.name} ({view + 1} of {part.num_views})"
+    bar = progress(total=len(positions), desc=desc, unit="img", unit_scale=True, smoothing=0.1)
     with (
         torch.no_grad(),
         TapRecorder(model, names, stop_after_last=not logits) as recorder,
         SplitWriter(part, blocks, queue_size=QUEUE_BATCHES) as writer,
     ):
-        for images, labels in loader:
-            features = recorder.run(images.to(device, non_blocking=True))
+        for pixels, labels, rows, params in loader:
+            features = recorder.run(pixels.to(device, non_blocking=True))
             batch, release = slots.fill({f"{FEATURES}/{n}": f for n, f in features.items()})
-            batch["labels"] = labels.numpy().astype(np.int64)
-            batch["indices"] = rows[positions[done : done + len(labels)]]
+            if view == 0:
+                batch["labels"] = labels.numpy().astype(np.int64)
+                batch["indices"] = images.indices[rows.numpy()]
+            else:
+                batch[PARAMS_ARRAY] = params.numpy()
             if logits:
                 batch["logits"] = recorder.logits.float().cpu().numpy()
             writer.put(batch, on_written=release)
-            done += len(labels)
             bar.update(len(labels))
     bar.close()
-    part.mark_complete()
-    seconds = time.perf_counter() - start
-    return {"images": done, "seconds": round(seconds, 3), "images_per_second": round(done / seconds, 1)}
+    return len(positions)
 
 
 class HalfSlots:
@@ -378,8 +441,9 @@ def _summary(store: FeatureStore, timings: dict[str, dict[str, float]], out: Pat
     splits = {}
     for part in store.splits():
         arrays = {
-            path: {"raw_bytes": int(arr.nbytes), "stored_bytes": stored_bytes(store.path, arr)}
-            for path, arr in part.arrays().items()
+            view_path(v, path): {"raw_bytes": int(arr.nbytes), "stored_bytes": stored_bytes(store.path, arr)}
+            for v, view in enumerate(part.views())
+            for path, arr in view.arrays().items()
         }
         raw = sum(a["raw_bytes"] for a in arrays.values())
         stored = sum(a["stored_bytes"] for a in arrays.values())
@@ -388,6 +452,7 @@ def _summary(store: FeatureStore, timings: dict[str, dict[str, float]], out: Pat
             "raw_bytes": raw,
             "stored_bytes": stored,
             "stored_over_raw": round(stored / raw, 4) if raw else None,
+            "views": part.num_views,
             "arrays": arrays,
             **timings.get(part.name, {}),
         }

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cache.store import FeatureStore, stored_bytes
+from cache.store import PARAMS_ARRAY, VIEWS, FeatureStore, stored_bytes
 
+from .augment import Augmentation
 from .taps import Tap
 
 
@@ -29,6 +30,12 @@ def describe_store(path: str | Path) -> str:
         f"            {t.name:28s} {t.role:10s} {t.describe():26s} {t.shape}"
         for t in map(Tap.from_record, identity["taps"])
     ]
+    augment = identity.get("augment")
+    if augment:
+        lines.append(
+            f"views       {augment['views']} per training image: view 0 plain, 1..{augment['views'] - 1} "
+            f"{Augmentation.from_record(augment).describe()}, seed {augment['seed']}"
+        )
     for name in store.expected_splits():
         if not store.split_created(name):
             lines.append(f"split {name}: not written (rerun the same kdpipe extract)")
@@ -49,9 +56,19 @@ def describe_store(path: str | Path) -> str:
                 f"  {name:32s} {str(arr.shape):22s} {str(arr.dtype):8s} {arr.chunks[0]:>6d} "
                 f"{raw / 2**20:>9.2f} {stored / 2**20:>10.2f}"
             )
-        ratio = stored_total / raw_total if raw_total else float("nan")
-        lines.append(
-            f"  {'total':32s} {'':22s} {'':8s} {'':>6s} {raw_total / 2**20:>9.2f} {stored_total / 2**20:>10.2f}"
-            f"  (stored/raw {ratio:.2f})"
-        )
+        lines.append(_total_line("total" if part.num_views == 1 else "view 0", raw_total, stored_total))
+        for v, view in enumerate(part.views()[1:], start=1):
+            arrays = view.arrays().values()
+            raw, stored = sum(a.nbytes for a in arrays), sum(stored_bytes(store.path, a) for a in arrays)
+            missing = len(view.missing_blocks())
+            state = "" if not missing else f"  {missing}/{view.num_blocks} blocks missing"
+            label = f"view {v} ({VIEWS}/{v}/, with {PARAMS_ARRAY})"
+            lines.append(_total_line(label, raw, stored) + state)
     return "\n".join(lines)
+
+
+def _total_line(label: str, raw: int, stored: int) -> str:
+    ratio = stored / raw if raw else float("nan")
+    return (
+        f"  {label:32s} {'':22s} {'':8s} {'':>6s} {raw / 2**20:>9.2f} {stored / 2**20:>10.2f}  (stored/raw {ratio:.2f})"
+    )

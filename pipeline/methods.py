@@ -97,6 +97,12 @@ class Method:
         return TEACHER_FEATURES in self.inputs
 
     @property
+    def reads_teacher(self) -> bool:
+        """Whether the method reads anything the teacher outputs (features, logits), which `--online-teacher`
+        computes instead of reading the cache."""
+        return self.has_feature_loss or "logits" in self.inputs
+
+    @property
     def uses_labels(self) -> bool:
         return "labels" in self.inputs
 
@@ -117,7 +123,7 @@ class Method:
 
     def ignored_settings(self) -> set[str]:
         """Distill settings that cannot change this method's result; a run spec leaves them out."""
-        ignored = set() if self.has_feature_loss else {"online_teacher"}
+        ignored = set() if self.reads_teacher else {"online_teacher"}
         return ignored | ({"unlabelled_distill"} if self.uses_labels else set())
 
     def spec(self) -> dict[str, dict[str, Any]]:

@@ -15,13 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from cache.reader import CachedTargets
-from cache.store import FeatureStore
+from cache.store import FEATURES, FeatureStore
 
+from .augment import ViewImages
 from .checkpoints import file_sha256
-from .datasets import SplitData
 from .errors import UserError
 from .methods import Distiller
 from .models import load_teacher
@@ -30,49 +29,46 @@ from .runtime import progress
 from .taps import TapRecorder
 
 log = logging.getLogger(__name__)
-
-
-class RowImages(Dataset):
-    """Images addressed by store row: row r is dataset sample `indices[r]`; returns (image, r) to check pairing."""
-
-    def __init__(self, data: SplitData, indices: np.ndarray) -> None:
-        self.data, self.indices = data, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, row: int) -> tuple[torch.Tensor, int]:
-        return self.data[int(self.indices[row])][0], row
-
-    def __getitems__(self, rows: list[int]) -> list[tuple[torch.Tensor, int]]:
-        images = self.data.__getitems__([int(self.indices[r]) for r in rows])
-        return [(image, row) for (image, _), row in zip(images, rows, strict=True)]
+VIEW_STREAM = 1  # the epoch's view draws use their own generator, so a run without views keeps its sample order
 
 
 class OnlineTeacher:
-    """The teacher run on every batch (eval, no grad) instead of reading the cache: same taps, same loss.
+    """The teacher run on every batch (eval, no grad) instead of reading the cache: same taps, same loss; its
+    logits too when `logits` (the method reads them).
 
-    For users who need fresh targets (e.g. with augmentation), and the baseline the cache is measured against.
+    For fresh targets (fresh augmentation every epoch), and the baseline the cache is measured against.
     """
 
-    def __init__(self, model: torch.nn.Module, taps: list[str]) -> None:
-        self.model, self.taps = model.eval(), taps
-        self._recorder = TapRecorder(model, taps, stop_after_last=True).attach()
+    def __init__(self, model: torch.nn.Module, taps: list[str], logits: bool = False) -> None:
+        self.model, self.taps, self.logits = model.eval(), taps, logits
+        self._recorder = TapRecorder(model, taps, stop_after_last=not logits).attach()
 
     @classmethod
     def from_store(
-        cls, store: FeatureStore, taps: list[str], checkpoint: str | None, num_classes: int, input_size: int
+        cls,
+        store: FeatureStore,
+        taps: list[str],
+        checkpoint: str | None,
+        num_classes: int,
+        input_size: int,
+        logits: bool = False,
     ) -> OnlineTeacher:
-        return cls(store_teacher(store, checkpoint, num_classes, input_size, "--online-teacher"), taps)
+        return cls(store_teacher(store, checkpoint, num_classes, input_size, "--online-teacher"), taps, logits)
+
+    @property
+    def paths(self) -> list[str]:
+        """The cached arrays (store paths) it stands in for."""
+        return [f"{FEATURES}/{t}" for t in self.taps] + (["logits"] if self.logits else [])
 
     def to(self, device: torch.device) -> OnlineTeacher:
         self.model.to(device)
         return self
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self._recorder.run(images)
-        return [features[t] for t in self.taps]
+        outputs = [features[t] for t in self.taps] + ([self._recorder.logits.float()] if self.logits else [])
+        return dict(zip(self.paths, outputs, strict=True))
 
 
 def store_teacher(
@@ -111,26 +107,42 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     targets: CachedTargets
-    images: RowImages
+    images: ViewImages
     teacher: OnlineTeacher | None
     batch_size: int
     seed: int
     device: torch.device
     workers: int = 0
+    fresh_views: bool = False  # every epoch a view never cached (`--augment`): epoch e shows each image's view e
+
+    def epoch_plan(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray] | None, np.ndarray]:
+        """Epoch `epoch`'s row windows, the cached view of each row (None with fresh views, whose targets come from
+        the online teacher), and the (row, view) keys of its images in order: a function of (seed, epoch) alone."""
+        windows = self.targets.epoch_order(np.random.default_rng([self.seed, epoch]), at_least=self.batch_size)
+        order = np.concatenate(windows)
+        if self.fresh_views:
+            return windows, None, np.stack([order, np.full(len(order), epoch)], 1)
+        if self.targets.num_views == 1:
+            return windows, None, np.stack([order, np.zeros(len(order), dtype=order.dtype)], 1)
+        views = self.targets.view_draws(windows, np.random.default_rng([self.seed, epoch, VIEW_STREAM]))
+        return windows, views, np.stack([order, np.concatenate(views)], 1)
 
     def run_epoch(self, epoch: int, epochs: int, num_batches: int) -> dict[str, Any]:
         """Trains `num_batches` batches of epoch `epoch` (of `epochs`); returns its log row (mean losses, LR, speed)."""
         self.distiller.train()
-        windows = self.targets.epoch_order(np.random.default_rng([self.seed, epoch]), at_least=self.batch_size)
-        order = np.concatenate(windows)
-        row_batches = order[: num_batches * self.batch_size].reshape(-1, self.batch_size).tolist()
-        loader = make_loader(self.images, workers=self.workers, batch_sampler=row_batches)
+        windows, views, keys = self.epoch_plan(epoch)
+        key_batches = keys[: num_batches * self.batch_size].reshape(-1, self.batch_size, 2).tolist()
+        loader = make_loader(self.images, workers=self.workers, batch_sampler=key_batches)
         sums: dict[str, float] = {}
         start, seen = time.perf_counter(), 0
-        batches = zip(loader, self.targets.batches(windows, self.batch_size), strict=False)  # targets run longer
-        bar = progress(batches, total=len(row_batches), desc=f"distill {epoch}/{epochs}", unit="batch", leave=False)
-        for (images, rows), (target_rows, target_values) in bar:
-            if not np.array_equal(rows.numpy(), target_rows):
+        targets = self.targets.batches(windows, self.batch_size, views)
+        batches = zip(key_batches, loader, targets, strict=False)  # targets run longer
+        bar = progress(batches, total=len(key_batches), desc=f"distill {epoch}/{epochs}", unit="batch", leave=False)
+        for key_batch, (images, _, rows, _), (target_rows, target_views, target_values) in bar:
+            keys_served = np.asarray(key_batch)
+            if not np.array_equal(rows.numpy(), target_rows) or (
+                views is not None and not np.array_equal(keys_served[:, 1], target_views)
+            ):
                 raise RuntimeError("images and cached targets went out of step")
             losses = self._step(images.to(self.device), target_values, epoch)
             for name, value in losses.items():
@@ -155,7 +167,7 @@ class Trainer:
             path: torch.from_numpy(v).to(self.device) for path, v in zip(self.targets.paths, target_values, strict=True)
         }
         if self.teacher:
-            batch.update(zip(self.distiller.teacher_targets, self.teacher(images), strict=True))
+            batch.update(self.teacher(images))
         _, losses = self.distiller(images, batch)
         loss = sum(losses.values())
         require_finite(loss, epoch)

@@ -41,7 +41,7 @@ def test_cached_targets_serve_only_the_given_rows(scored_store):
         targets = CachedTargets(part, ["labels", "logits"], memory, window=2, rows=rows)
         windows = targets.epoch_order(np.random.default_rng(0))
         served = []
-        for batch_rows, (batch_labels, _) in targets.batches(windows, 10):
+        for batch_rows, _, (batch_labels, _) in targets.batches(windows, 10):
             np.testing.assert_array_equal(batch_labels, labels[batch_rows])
             served.append(batch_rows)
         assert sorted(np.concatenate(served).tolist()) == rows.tolist()
@@ -56,7 +56,7 @@ def test_a_labelled_subset_smaller_than_a_batch_is_cycled_to_fill_it(scored_stor
         windows = targets.epoch_order(np.random.default_rng(0), at_least=20)
         order = np.concatenate(windows)
         assert len(order) == 24 and sorted(order[:12]) == sorted(order[12:]) == rows.tolist()  # two shuffled passes
-        ((batch_rows, (batch_labels,)),) = list(targets.batches(windows, 20))
+        ((batch_rows, _, (batch_labels,)),) = list(targets.batches(windows, 20))
         np.testing.assert_array_equal(batch_labels, labels[batch_rows])
         assert set(batch_rows.tolist()) == set(rows.tolist())
     summary = distill(

@@ -32,7 +32,7 @@ def test_cached_targets_in_ram_and_streamed_agree(scored_store):
         assert targets.in_memory == bool(memory)
         windows = targets.epoch_order(np.random.default_rng(0))
         seen = []
-        for rows, values in targets.batches(windows, 50):
+        for rows, _, values in targets.batches(windows, 50):
             for k in range(2):
                 np.testing.assert_array_equal(values[k], full[k][rows])
             seen.append(rows)
@@ -192,7 +192,8 @@ def test_online_teacher_matches_the_cache(scored_store, digits_teacher, tmp_path
     data = load_matching_split(store, "train", None, None)
     rows = np.arange(0, 400, 7)
     images = torch.stack([data[int(i)][0] for i in part.array("indices")[rows]])
-    for online, tap in zip(teacher(images), ["layer2.2", "layer3.2"], strict=True):
+    for tap in ["layer2.2", "layer3.2"]:
+        online = teacher(images)[f"features/{tap}"]
         np.testing.assert_allclose(online.numpy(), part.feature(tap)[rows].astype(np.float32), rtol=1e-3, atol=1e-3)
     cached = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "cached"), **STUDENT))
     online = distill(
