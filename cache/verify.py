@@ -1,6 +1,6 @@
-"""Whole-store integrity check: every chunk of a block flagged written is there, decodes (crc32c) and holds finite
-floats, every split is there and readable, and the completion flags agree with each other. Chunks of blocks not
-yet written are not read: the next `kdpipe extract` writes them whole.
+"""Whole-store integrity check: every chunk of a block flagged written (in every view) is there, decodes (crc32c) and
+holds finite floats, every split is there and readable, and the completion flags agree with each other. Chunks of
+blocks not yet written are not read: the next `kdpipe extract` writes them whole.
 
 The verdict is one of three, the exit status of `kdpipe verify`: SOUND (0), DAMAGED (1: a bad checksum, a non-finite
 value, a chunk missing from a block flagged written, unreadable metadata, a split missing from a store marked
@@ -108,13 +108,19 @@ def _verify_split(verdict: Verdict, name: str, repair: bool, progress: Progress)
     if store.complete and not part.complete:
         verdict.problems.append(f"{name}: not marked complete, though the store is")
     try:
-        found, bad_blocks, count = verify_split(store, part, progress)
-    except StoreError as err:  # an array's metadata
+        views = part.views()
+    except StoreError as err:  # a view's metadata
         verdict.problems.append(f"{name}: {err}")
         return
-    verdict.problems += found
-    verdict.checked += count
-    if repair and bad_blocks:
-        for block in sorted(bad_blocks):
-            part.array(PROGRESS)[block] = 0
-        part.group.attrs["complete"] = False
+    for view in views:  # view 0 is the split itself
+        try:
+            found, bad_blocks, count = verify_split(store, view, progress)
+        except StoreError as err:  # an array's metadata
+            verdict.problems.append(f"{view.name}: {err}")
+            continue
+        verdict.problems += found
+        verdict.checked += count
+        if repair and bad_blocks:
+            for block in sorted(bad_blocks):
+                view.array(PROGRESS)[block] = 0
+            part.mark_incomplete()
