@@ -300,7 +300,30 @@ def verify(config: VerifyConfig) -> None:
     click.echo(
         f"{verdict.store.path}: {verdict.checked} chunks read, all checksums good, all values sound; store {state}"
     )
+    if config.recompute:
+        _recompute(config)
     click.get_current_context().exit(verdict.status)
+
+
+def _recompute(config: VerifyConfig) -> None:
+    """The live teacher against a sample of every view (`pipeline.recompute`): a table, and exit 1 below the bar."""
+    from .recompute import MIN_COSINE, recompute
+
+    found = recompute(config.store, config.recompute, config.teacher_checkpoint, config.data_root, config.device)
+    click.echo(f"{'split':8s} {'view':>4s}  {'array':32s} {'rows':>5s} {'min cosine':>11s} {'mean cosine':>12s}")
+    for a in found:
+        flag = "" if a.agrees else f"  below {MIN_COSINE}"
+        click.echo(
+            f"{a.split:8s} {a.view:>4d}  {a.array:32s} {a.rows:>5d} {a.min_cosine:>11.6f} {a.mean_cosine:>12.6f}{flag}"
+        )
+    failed = [a for a in found if not a.agrees]
+    if failed:
+        worst = min(failed, key=lambda a: a.min_cosine)
+        raise UserError(
+            f"{len(failed)} cached arrays disagree with the live teacher: worst {worst.split} view {worst.view} "
+            f"{worst.array}, cosine {worst.min_cosine:.6f} < {MIN_COSINE}"
+        )
+    click.echo(f"recomputed {found[0].rows if found else 0} rows of every view: every cosine >= {MIN_COSINE}")
 
 
 @command(InfoConfig)

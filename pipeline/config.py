@@ -662,6 +662,18 @@ class VerifyConfig(Config):
         "them.",
         negatable=False,
     )
+    recompute: int = option(
+        0,
+        "Also run the live teacher on this many seeded rows of every split and view, replayed from the store (its "
+        "stored view parameters, preprocessing and teacher), and require a cosine of at least 0.999 to the cached "
+        "values of every tap and the logits.",
+        Integer(min=0),
+    )
+    teacher_checkpoint: str | None = option(
+        None, "Teacher weights for --recompute (default: the path recorded in the store).", click.Path(dir_okay=False)
+    )
+    data_root: str | None = _data_root("STORE")
+    device: str = _device()
 
 
 @command("models")
