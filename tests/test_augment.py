@@ -191,3 +191,15 @@ def test_info_shows_the_views_and_their_sizes(stores):
     text = run_cli("info", stores[0].path).output
     assert "views       3 per training image: view 0 plain, 1..2 crop-flip (padding 4, flip 0.5" in text
     assert "view 1 (views/1/, with params)" in text and "view 2 (views/2/, with params)" in text
+
+
+def test_the_size_check_counts_every_view(stores, digits_teacher, tmp_path):
+    """The raw size extract checks before writing is the views store's, not its view 0's: a cap just below it is
+    refused before anything is written."""
+    viewed = stores[0]
+    raw = sum(a.nbytes for part in viewed.splits() for view in part.views() for a in view.arrays().values())
+    args = ["extract", "--checkpoint", digits_teacher["checkpoint"], "--layers", ",".join(TAPS), "--max-samples", 200]
+    args += ["--views", VIEWS, "--augment", "crop-flip", "--device", "cpu", "--out", tmp_path]
+    refused = run_cli(*args, "--max-store-gb", raw * 0.999 / 2**30, expect_ok=False)
+    assert_one_line_error(refused, "would hold", "above --max-store-gb")
+    assert not (tmp_path / "features.zarr").exists()
