@@ -36,8 +36,9 @@ def build(path: Path, num_images: int, views: int):
 
     store = FeatureStore.create(path / "store.zarr", {"identity": {}, "config_hash": "bench"})
     spec = [ArraySpec(f"features/{TAP}", SHAPE, "float16")]
-    part = store.create_split("train", num_images, spec, [TAP], {"dataset_size": num_images}, view_specs=spec,
-                              views=views)  # fmt: skip
+    part = store.create_split(
+        "train", num_images, spec, [TAP], {"dataset_size": num_images}, view_specs=spec, views=views
+    )
     axis = zarr.create_array(
         str(path / "axis.zarr"),
         shape=(num_images, views, *SHAPE),
@@ -123,13 +124,17 @@ def main() -> None:
         built = built_epoch(part, args.views)
         per_row = per_row_epoch(part, args.views)
         along_axis = axis_epoch(part, axis, args.views)
-    print(f"{args.num_images} images, {args.views} views of {TAP} {SHAPE}, blocks of {part.block_rows} rows, "
-          f"streamed under {STREAM_BUDGET >> 20} MiB")  # fmt: skip
+    print(
+        f"{args.num_images} images, {args.views} views of {TAP} {SHAPE}, blocks of {part.block_rows} rows, "
+        f"streamed under {STREAM_BUDGET >> 20} MiB"
+    )
     print("| layout, draw | s per epoch | MiB read | vs built |")
     print("|---|---|---|---|")
-    for name, (seconds, read) in (("built: group per view, view per block", built),
-                                  ("group per view, view per row", per_row),
-                                  ("view axis in the chunk, view per row", along_axis)):  # fmt: skip
+    for name, (seconds, read) in (
+        ("built: group per view, view per block", built),
+        ("group per view, view per row", per_row),
+        ("view axis in the chunk, view per row", along_axis),
+    ):
         print(f"| {name} | {seconds:.2f} | {read / 2**20:.0f} | {seconds / built[0]:.1f}x |")
     print(f"P9 fastest alternative / built: {min(per_row[0], along_axis[0]) / built[0]:.1f}x (target > 1)")
 

@@ -173,8 +173,12 @@ class Augmentation:
     def record(self) -> dict[str, Any]:
         """Policy, settings and resampling as plain JSON values (a store's identity, a run's spec)."""
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in self.settings.items()}
-        return {"policy": self.policy, "settings": settings, "interpolation": self.interpolation,
-                "antialias": self.antialias}  # fmt: skip
+        return {
+            "policy": self.policy,
+            "settings": settings,
+            "interpolation": self.interpolation,
+            "antialias": self.antialias,
+        }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Augmentation:

@@ -141,9 +141,15 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
                 attrs = {"split": split, "dataset_size": len(d), **fingerprints[split]}
                 store.remove_split(split)  # what is left of it: a creation interrupted, damaged metadata
                 part = store.create_split(
-                    split, len(rows[split]), specs, [t.name for t in taps], attrs, config.compression,
-                    view_specs, views[split],
-                )  # fmt: skip
+                    split,
+                    len(rows[split]),
+                    specs,
+                    [t.name for t in taps],
+                    attrs,
+                    config.compression,
+                    view_specs,
+                    views[split],
+                )
             images = ViewImages(d, augmentation, config.seed, indices=rows[split])
             timings[split] = _extract_split(model, images, part, taps, logits, config.batch_size, config.workers, dev)
         store.mark_complete()
@@ -169,8 +175,9 @@ def _warn_if_trained_otherwise(
 def _augmentation(config: ExtractConfig, preprocessing: Preprocessing) -> Augmentation | None:
     """The policy views 1..K-1 are drawn from; both or neither of --views K > 1 and --augment are given."""
     if config.augment is None and config.views > 1:
-        raise UserError(f"--views {config.views}: views 1..{config.views - 1} need --augment POLICY "
-                        f"({', '.join(POLICIES.names())})")  # fmt: skip
+        raise UserError(
+            f"--views {config.views}: views 1..{config.views - 1} need --augment POLICY ({', '.join(POLICIES.names())})"
+        )
     if config.augment is None:
         if config.augment_kwargs:
             raise UserError("--augment-kwargs: there is no --augment policy to configure")
@@ -222,8 +229,9 @@ def _resume_or_create(
     intact = {split: _intact(store, split) for split in rows} if store else {}
     if store is not None and store.complete and all(intact.values()):
         return store, intact
-    _check_size(path, specs, rows, views, {split: store.split(split) for split, ok in intact.items() if ok},
-                config.max_store_gb)  # fmt: skip
+    _check_size(
+        path, specs, rows, views, {split: store.split(split) for split, ok in intact.items() if ok}, config.max_store_gb
+    )
     if store is None:
         return _create(path, identity, places, config.overwrite), {}
     if store.complete:
@@ -387,8 +395,8 @@ def _extract_view(
     if len(positions) == 0:
         return 0
     keys = [(int(p), view) for p in positions]
-    loader = make_loader(images, workers=workers, batch_sampler=[keys[i : i + batch_size] for i in
-                                                                 range(0, len(keys), batch_size)])  # fmt: skip
+    batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
+    loader = make_loader(images, workers=workers, batch_sampler=batches)
     names = [t.name for t in taps]
     slots = HalfSlots({f"{FEATURES}/{t.name}": t.shape for t in taps}, batch_size, count=QUEUE_BATCHES + 2)
     desc = f"extract {part.name}" if view == 0 else f"extract {part.name} ({view + 1} of {part.num_views})"
