@@ -7,6 +7,7 @@ check the result is byte-identical to an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import signal
 import subprocess
@@ -27,11 +28,21 @@ from pipeline.layout import (
     checkpoint_epochs,
 )
 
-KDPIPE = str(Path(sys.executable).parent / "kdpipe")
+ROOT = Path(__file__).resolve().parents[1]
+# The kdpipe command (its name sets extract's OpenMP wait policy, pipeline/__init__.py) running this checkout's code,
+# which PYTHONPATH puts before an installed kdpipe's (an editable install may point at another worktree).
+KDPIPE = [str(Path(sys.executable).parent / "kdpipe")]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def popen(args: list[str], stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    return subprocess.Popen([*KDPIPE, *args], stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT, env=ENV)
 
 
 def run(args: list[str]) -> None:
-    subprocess.run([KDPIPE, *args], check=True, capture_output=True)
+    result = subprocess.run([*KDPIPE, *args], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    if result.returncode:
+        raise RuntimeError(f"kdpipe {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
 
 
 def killed_runs(make_args, done, kills: int, rng: random.Random, window: tuple[float, float]) -> int:
@@ -39,7 +50,7 @@ def killed_runs(make_args, done, kills: int, rng: random.Random, window: tuple[f
     then runs it to completion. Returns the number of processes killed."""
     killed = 0
     while killed < kills and not done():
-        process = subprocess.Popen([KDPIPE, *make_args()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = popen(make_args())
         time.sleep(rng.uniform(*window))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
