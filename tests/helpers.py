@@ -52,12 +52,12 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 
 @contextlib.contextmanager
-def small_chunks():
-    """A context with 1 MiB chunks, so small test stores span several blocks (resume, streaming)."""
+def small_chunks(min_bytes: int = 1 << 20):
+    """A context with chunks of `min_bytes` (1 MiB), so small test stores span several blocks (resume, streaming)."""
     import cache.store
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cache.store, "MIN_CHUNK_BYTES", 1 << 20)
+        patch.setattr(cache.store, "MIN_CHUNK_BYTES", min_bytes)
         yield
 
 
