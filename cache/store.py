@@ -172,8 +172,9 @@ class SplitStore:
         self.block_rows: int = group.attrs["block_rows"]
 
     def read(self, path: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
-        """`array[rows]`, checked: a damaged chunk, or a value no writer stores, is a StoreError naming the array."""
-        array = self.group[path]
+        """`array[rows]`, checked: a damaged chunk, or a value no writer stores, is a StoreError naming the array (and
+        missing or unreadable metadata one naming its file, as `array` does)."""
+        array = self.array(path)
         with named_read_errors(array):
             values = array[rows] if isinstance(rows, slice) else array.get_orthogonal_selection((rows,))
         positions = np.arange(array.shape[0])[rows]

@@ -1,6 +1,7 @@
 """Augmented views under faults: an extract interrupted inside an augmented view resumes byte-identically, writing only
 the (view, block)s it lacks; a damaged chunk of a view is named by verify, flagged alone by --repair and recomputed
-alone; every misuse of --views and --augment is one `Error:` line that leaves nothing behind.
+alone; a view's missing or unreadable parameters are one line; every misuse of --views and --augment is one `Error:`
+line that leaves nothing behind.
 
 The store is tiny (40 training images, 64 KiB chunks: five 8-row blocks in each of three views), so these stay fast.
 """
@@ -18,7 +19,7 @@ import zarr
 from cache.store import STORE_NAME, FeatureStore
 from cache.verify import DAMAGED
 from helpers import assert_one_line_error, load_script, run_cli, small_chunks
-from pipeline.layout import EXTRACT_SUMMARY
+from pipeline.layout import DISTILL_SUMMARY, EXTRACT_SUMMARY, STUDENT_WEIGHTS
 
 ROWS, BLOCK, BLOCKS = 40, 8, 5  # layer3.2's rows are 8 KiB: 64 KiB chunks of 8 rows make the block
 CHUNK_BYTES = 64 << 10
@@ -157,6 +158,39 @@ def test_a_damaged_chunk_of_a_view_is_named_repaired_and_recomputed_alone(
         _extract(digits_teacher["checkpoint"], out)
     assert writes == _rewritten("train/views/2", [2])
     assert "all values sound; store complete" in run_cli("verify", out).output
+    assert _bytes_equal(views_store, out) > 0
+
+
+def _rm(path: Path) -> None:
+    shutil.rmtree(path)
+
+
+def _truncate(path: Path) -> None:
+    meta = path / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:25])
+
+
+# damage to train/views/1/params, and what info and distill name
+PARAMS_DAMAGE = {
+    "deleted": (_rm, "train/views/1/params/zarr.json is missing"),
+    "metadata unreadable": (_truncate, "train/views/1/params/zarr.json is unreadable"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARAMS_DAMAGE))
+def test_a_view_with_missing_or_unreadable_parameters_is_refused_in_one_line(
+    digits_teacher, views_store, tmp_path, case
+):
+    """info and distill refuse in one line naming the file; nothing of a run is left looking complete, and the same
+    extract writes the split again, byte for byte."""
+    damage, named = PARAMS_DAMAGE[case]
+    out, run = tmp_path / "out", tmp_path / "run"
+    shutil.copytree(views_store, out)
+    damage(out / STORE_NAME / "train" / "views" / "1" / "params")
+    assert_one_line_error(run_cli("info", out, expect_ok=False), str(out / STORE_NAME), named)
+    assert_one_line_error(run_cli("distill", out, *DISTILL, "--out", run, expect_ok=False), named)
+    assert not (run / DISTILL_SUMMARY).exists() and not (run / STUDENT_WEIGHTS).exists()
+    _extract(digits_teacher["checkpoint"], out)
     assert _bytes_equal(views_store, out) > 0
 
 
