@@ -213,7 +213,7 @@ class SplitStore:
         return start, min(start + self.block_rows, self.num_samples)
 
     def array(self, path: str) -> zarr.Array:
-        return _member(self.group, self.path, path, self.name)
+        return _member(self.group, self.path, path, self.name.split("/")[0])  # a view's split is written again whole
 
     @property
     def tap_names(self) -> list[str]:
