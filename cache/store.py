@@ -193,15 +193,18 @@ class SplitStore:
 
     def first_bad_row(self, path: str, values: np.ndarray) -> tuple[int, str] | None:
         """(position in `values`, what is wrong) of the first row no writer stores: non-finite floats, labels outside
-        the classes, indices outside the dataset; None when all are sound. A missing chunk reads as NaN or -1 (its
-        fill value), so it is caught here too."""
+        the classes, indices outside the dataset, a view's parameters negative (its crop box and flip never are);
+        None when all are sound. A missing chunk reads as NaN or -1 (its fill value), so it is caught here too."""
         if values.dtype.kind == "f":
             row = first_non_finite_row(values)
             return None if row is None else (row, "a value NaN or Inf")
-        if path not in ("labels", "indices"):
+        if path == PARAMS_ARRAY:
+            bad = (values < 0).reshape(len(values), -1).any(1)
+        elif path in ("labels", "indices"):
+            upper = self.num_classes if path == "labels" else self.group.attrs.get("dataset_size")
+            bad = (values < 0) | (values >= (upper or np.iinfo(values.dtype).max))
+        else:
             return None
-        upper = self.num_classes if path == "labels" else self.group.attrs.get("dataset_size")
-        bad = (values < 0) | (values >= (upper or np.iinfo(values.dtype).max))
         return (int(np.flatnonzero(bad)[0]), "a value out of range") if bad.any() else None
 
     @property

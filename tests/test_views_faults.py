@@ -170,10 +170,15 @@ def _truncate(path: Path) -> None:
     meta.write_bytes(meta.read_bytes()[:25])
 
 
-# damage to train/views/1/params, and what info and distill name
+def _drop_chunk(path: Path) -> None:
+    (path / "c" / "1" / "0").unlink()
+
+
+# damage to train/views/1/params, and what info (None: it reads no chunk, and shows the store) and distill name
 PARAMS_DAMAGE = {
-    "deleted": (_rm, "train/views/1/params/zarr.json is missing"),
-    "metadata unreadable": (_truncate, "train/views/1/params/zarr.json is unreadable"),
+    "deleted": (_rm, "train/views/1/params/zarr.json is missing", None),
+    "metadata unreadable": (_truncate, "train/views/1/params/zarr.json is unreadable", None),
+    "a chunk deleted": (_drop_chunk, None, "train/views/1/params row 8 holds a value out of range"),
 }
 
 
@@ -181,15 +186,25 @@ PARAMS_DAMAGE = {
 def test_a_view_with_missing_or_unreadable_parameters_is_refused_in_one_line(
     digits_teacher, views_store, tmp_path, case
 ):
-    """info and distill refuse in one line naming the file; nothing of a run is left looking complete, and the same
-    extract writes the split again, byte for byte."""
-    damage, named = PARAMS_DAMAGE[case]
+    """info and distill refuse in one line naming the file, or for a missing chunk distill names the array and row
+    (the chunk reads as -1, which no view's crop box holds, rather than replaying a box of -1s); nothing of a run is
+    left looking complete, and the same extract (after verify --repair, for the chunk) restores the store byte for
+    byte."""
+    damage, named, chunk_named = PARAMS_DAMAGE[case]
     out, run = tmp_path / "out", tmp_path / "run"
     shutil.copytree(views_store, out)
     damage(out / STORE_NAME / "train" / "views" / "1" / "params")
     rewrites = "the same kdpipe extract writes split 'train' again"
-    assert_one_line_error(run_cli("info", out, expect_ok=False), str(out / STORE_NAME), named, rewrites)
-    assert_one_line_error(run_cli("distill", out, *DISTILL, "--out", run, expect_ok=False), named, rewrites)
+    if named:
+        assert_one_line_error(run_cli("info", out, expect_ok=False), str(out / STORE_NAME), named, rewrites)
+        assert_one_line_error(run_cli("distill", out, *DISTILL, "--out", run, expect_ok=False), named, rewrites)
+    else:
+        assert "view 1 (views/1/, with params)" in run_cli("info", out).output
+        assert_one_line_error(run_cli("distill", out, *DISTILL, "--out", run, expect_ok=False), chunk_named)
+        verify = run_cli("verify", out, expect_ok=False).output
+        assert "train/views/1/params chunk 1 (rows 8-15): missing, though its block is marked written" in verify
+        run_cli("verify", out, "--repair", expect_ok=False)
+        assert _flags(out)["train/views/1"] == [1, 0, 1, 1, 1]
     assert not (run / DISTILL_SUMMARY).exists() and not (run / STUDENT_WEIGHTS).exists()
     _extract(digits_teacher["checkpoint"], out)
     assert _bytes_equal(views_store, out) > 0
