@@ -1,7 +1,7 @@
 """Augmented views under faults: an extract interrupted inside an augmented view resumes byte-identically, writing only
 the (view, block)s it lacks; a damaged chunk of a view is named by verify, flagged alone by --repair and recomputed
-alone; a view's missing or unreadable parameters are one line; every misuse of --views and --augment is one `Error:`
-line that leaves nothing behind.
+alone; distill on cached views, interrupted, resumes exactly; a view's missing or unreadable parameters are one line;
+every misuse of --views and --augment is one `Error:` line that leaves nothing behind.
 
 The store is tiny (40 training images, 64 KiB chunks: five 8-row blocks in each of three views), so these stay fast.
 """
@@ -14,11 +14,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import zarr
 
 from cache.store import STORE_NAME, FeatureStore
 from cache.verify import DAMAGED
-from helpers import assert_one_line_error, load_script, run_cli, small_chunks
+from helpers import STUDENT as STUDENT_SETTINGS
+from helpers import assert_one_line_error, interrupted_in_epoch, load_script, run_cli, small_chunks, weights
+from pipeline import DistillConfig, distill
 from pipeline.layout import DISTILL_SUMMARY, EXTRACT_SUMMARY, STUDENT_WEIGHTS
 
 ROWS, BLOCK, BLOCKS = 40, 8, 5  # layer3.2's rows are 8 KiB: 64 KiB chunks of 8 rows make the block
@@ -159,6 +162,22 @@ def test_a_damaged_chunk_of_a_view_is_named_repaired_and_recomputed_alone(
     assert writes == _rewritten("train/views/2", [2])
     assert "all values sound; store complete" in run_cli("verify", out).output
     assert _bytes_equal(views_store, out) > 0
+
+
+@pytest.mark.parametrize("memory_gb, order", [(0.0, "a view per block"), (1.0, "a view per row")])
+def test_distill_on_cached_views_resumes_exactly(views_store, tmp_path, monkeypatch, memory_gb, order):
+    """Interrupted in epoch 3 and resumed, a run drawing each row's view (streamed: each block's) from the store's
+    three views ends with the uninterrupted run's weights, bit for bit."""
+    settings = dict(STUDENT_SETTINGS, epochs=3, batch_size=8, cache_memory_gb=memory_gb, checkpoint_seconds=0.0)
+    config = dict(store=str(views_store), teacher_layers=("layer3.2",), student_layers=("layer3.0",), **settings)
+    whole = distill(DistillConfig(out=str(tmp_path / "whole"), **config))
+    assert order in whole["target_order"] and whole["augmentation"]["views"] == 3
+    with interrupted_in_epoch(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
+        distill(DistillConfig(out=str(tmp_path / "cut"), **config))
+    assert not (tmp_path / "cut" / STUDENT_WEIGHTS).exists()
+    distill(DistillConfig(out=str(tmp_path / "cut"), resume=True, **config))
+    first, second = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def _rm(path: Path) -> None:
