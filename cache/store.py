@@ -172,8 +172,9 @@ class SplitStore:
         self.block_rows: int = group.attrs["block_rows"]
 
     def read(self, path: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
-        """`array[rows]`, checked: a damaged chunk, or a value no writer stores, is a StoreError naming the array."""
-        array = self.group[path]
+        """`array[rows]`, checked: a damaged chunk, or a value no writer stores, is a StoreError naming the array (and
+        missing or unreadable metadata one naming its file, as `array` does)."""
+        array = self.array(path)
         with named_read_errors(array):
             values = array[rows] if isinstance(rows, slice) else array.get_orthogonal_selection((rows,))
         positions = np.arange(array.shape[0])[rows]
@@ -192,15 +193,18 @@ class SplitStore:
 
     def first_bad_row(self, path: str, values: np.ndarray) -> tuple[int, str] | None:
         """(position in `values`, what is wrong) of the first row no writer stores: non-finite floats, labels outside
-        the classes, indices outside the dataset; None when all are sound. A missing chunk reads as NaN or -1 (its
-        fill value), so it is caught here too."""
+        the classes, indices outside the dataset, a view's parameters negative (its crop box and flip never are);
+        None when all are sound. A missing chunk reads as NaN or -1 (its fill value), so it is caught here too."""
         if values.dtype.kind == "f":
             row = first_non_finite_row(values)
             return None if row is None else (row, "a value NaN or Inf")
-        if path not in ("labels", "indices"):
+        if path == PARAMS_ARRAY:
+            bad = (values < 0).reshape(len(values), -1).any(1)
+        elif path in ("labels", "indices"):
+            upper = self.num_classes if path == "labels" else self.group.attrs.get("dataset_size")
+            bad = (values < 0) | (values >= (upper or np.iinfo(values.dtype).max))
+        else:
             return None
-        upper = self.num_classes if path == "labels" else self.group.attrs.get("dataset_size")
-        bad = (values < 0) | (values >= (upper or np.iinfo(values.dtype).max))
         return (int(np.flatnonzero(bad)[0]), "a value out of range") if bad.any() else None
 
     @property
@@ -212,7 +216,7 @@ class SplitStore:
         return start, min(start + self.block_rows, self.num_samples)
 
     def array(self, path: str) -> zarr.Array:
-        return _member(self.group, self.path, path, self.name)
+        return _member(self.group, self.path, path, self.name.split("/")[0])  # a view's split is written again whole
 
     @property
     def tap_names(self) -> list[str]:

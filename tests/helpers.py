@@ -52,12 +52,12 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 
 @contextlib.contextmanager
-def small_chunks():
-    """A context with 1 MiB chunks, so small test stores span several blocks (resume, streaming)."""
+def small_chunks(min_bytes: int = 1 << 20):
+    """A context with chunks of `min_bytes` (1 MiB), so small test stores span several blocks (resume, streaming)."""
     import cache.store
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cache.store, "MIN_CHUNK_BYTES", 1 << 20)
+        patch.setattr(cache.store, "MIN_CHUNK_BYTES", min_bytes)
         yield
 
 
@@ -195,6 +195,7 @@ def load_script(name: str):
     """A module from scripts/ (the soak), imported by path."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
