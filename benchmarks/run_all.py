@@ -1,4 +1,4 @@
-"""Runs every benchmark (P1-P7) in turn and prints each one's last line, the figure it exists for.
+"""Runs every benchmark (P1-P8) in turn and prints each one's last line, the figure it exists for.
 
 python benchmarks/run_all.py        # `make bench`; about 20 minutes on 2 cores
 """
@@ -18,6 +18,7 @@ SCRIPTS = [
     "p5_storage.py",
     "p6_report_time.py",
     "p7_block_kd_cost.py",
+    "p8_augment.py",
 ]
 
 

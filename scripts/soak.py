@@ -28,7 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.layout import (
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's code, here as in every kdpipe the soak starts (ENV below)
+
+from cache.store import PROGRESS, VIEWS  # noqa: E402
+from pipeline.layout import (  # noqa: E402
     DISTILL_SUMMARY,
     EXTRACT_SUMMARY,
     STORE_NAME,
@@ -38,8 +42,6 @@ from pipeline.layout import (
     checkpoint_epochs,
 )
 
-PROGRESS = "progress"
-ROOT = Path(__file__).resolve().parents[1]
 # The kdpipe command (its name sets extract's OpenMP wait policy, pipeline/__init__.py) running this checkout's code,
 # which PYTHONPATH puts before an installed kdpipe's (an editable install may point at another worktree).
 KDPIPE = [str(Path(sys.executable).parent / "kdpipe")]
@@ -67,6 +69,9 @@ def killed_runs(make_args, done, kills: int, rng: random.Random, window: tuple[f
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             killed += 1
+        elif process.returncode:  # failed unkilled: rerun it for its error (a pass then is a failure still)
+            run(args := make_args())
+            raise RuntimeError(f"kdpipe {' '.join(args)} failed ({process.returncode}), then passed when rerun")
         process.wait()
     if not done():
         run(make_args())
@@ -107,8 +112,9 @@ def placed_kills(
 
     `times` is the uninterrupted run's `timeline`: unit u (0-based) took from times[u-1] to times[u], the last entry
     being the work after the last unit. A kill picks unit u among those left (the first kill among `first`, when
-    given), waits for the run to commit unit u-1 and strikes a random part of unit u's time later; a kill of the first
-    unit a run does strikes anywhere in its start-up and that unit."""
+    given), waits for the run to commit unit u-1 and strikes a random part of unit u's time later, or at once should
+    the run commit unit u first (it may go faster than the uninterrupted one did); a kill of the first unit a run does
+    strikes anywhere in its start-up and that unit."""
     landed = []
     while len(landed) < kills and not done():
         committed = units()
@@ -121,12 +127,16 @@ def placed_kills(
             while units() < unit and process.poll() is None:
                 time.sleep(POLL_SECONDS)
             delay = rng.uniform(0, times[unit] - times[unit - 1])
-        time.sleep(delay)
+        strike = time.perf_counter() + delay
+        while time.perf_counter() < strike and units() <= unit and process.poll() is None:
+            time.sleep(POLL_SECONDS)
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             process.wait()
             landed.append(where(wall))
-        process.wait()
+        elif process.returncode:  # failed unkilled: rerun it for its error (a pass then is a failure still)
+            run(args := make_args())
+            raise RuntimeError(f"kdpipe {' '.join(args)} failed ({process.returncode}), then passed when rerun")
     if not done():
         run(make_args())
     return landed
@@ -135,7 +145,7 @@ def placed_kills(
 def block_flags(store: Path) -> list[Path]:
     """The block flags written so far, of every view of every split (a flag's chunk file exists once its block is
     marked done; zarr writes each file whole, under a temporary name first)."""
-    flags = [*store.glob(f"*/{PROGRESS}/c/*"), *store.glob(f"*/views/*/{PROGRESS}/c/*")]  # cheap to poll
+    flags = [*store.glob(f"*/{PROGRESS}/c/*"), *store.glob(f"*/{VIEWS}/*/{PROGRESS}/c/*")]  # cheap to poll
     return [p for p in flags if not p.name.endswith(".partial")]
 
 
@@ -152,7 +162,7 @@ class Landing:
 
     @property
     def in_augmented_view(self) -> bool:
-        return self.started and self.group is not None and "/views/" in self.group
+        return self.started and self.group is not None and f"/{VIEWS}/" in self.group
 
     def __str__(self) -> str:
         where = "after the last block" if self.group is None else f"in {self.group} block {self.block}"
@@ -246,7 +256,9 @@ def soak_extract(tmp: Path, checkpoint: str, kills: int, rng: random.Random) -> 
     times = timeline(["extract", *args, "--out", str(reference.parent)], lambda: len(block_flags(reference)))
     flags = sorted(block_flags(reference), key=lambda p: p.stat().st_mtime)  # in the order they were written
     order = [flag.relative_to(reference) for flag in flags]
-    augmented = [u for u, flag in enumerate(order) if flag.parts[1] == "views"]
+    # The first kill in a block of an augmented view but the last one, so that even landing late (in the next block)
+    # it lands in an augmented view.
+    augmented = [u for u, flag in enumerate(order) if flag.parts[1] == VIEWS][:-1]
     out = tmp / "killed"
     store = out / STORE_NAME
     landed = placed_kills(
@@ -299,7 +311,9 @@ def soak_distill(tmp: Path, kills: int, rng: random.Random) -> tuple[list[int], 
     whole = tmp / "whole"
     times = timeline(["distill", store, *args, "--out", str(whole)], lambda: max(checkpoint_epochs(whole), default=0))
     done = lambda: (out / DISTILL_SUMMARY).exists()  # noqa: E731
-    mid_run = list(range(1, len(times) - 2))  # the first kill in an epoch after the first: the run resumes from it
+    # The first kill in an epoch between the first and the last (late, at the start of the next): --resume resumes
+    # from a checkpoint with epochs left to train.
+    mid_run = list(range(1, len(times) - 2))
     landed = placed_kills(command, done, epochs_done, times, kills, rng, lambda since: epochs_done(), mid_run)
     whole, cut = load_file(str(whole / STUDENT_WEIGHTS)), load_file(str(out / STUDENT_WEIGHTS))
     assert whole.keys() == cut.keys() and all(np.array_equal(whole[k].numpy(), cut[k].numpy()) for k in whole)
