@@ -19,6 +19,7 @@ SCRIPTS = [
     "p6_report_time.py",
     "p7_block_kd_cost.py",
     "p8_augment.py",
+    "p9_view_reads.py",
 ]
 
 
