@@ -1,4 +1,4 @@
-"""Runs every benchmark (P1-P8) in turn and prints each one's last line, the figure it exists for.
+"""Runs every benchmark (P1-P9) in turn and prints each one's last line, the figure it exists for.
 
 python benchmarks/run_all.py        # `make bench`; about 20 minutes on 2 cores
 """
