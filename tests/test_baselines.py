@@ -70,6 +70,7 @@ def test_a_labelled_subset_smaller_than_a_batch_is_cycled_to_fill_it(scored_stor
     assert summary["num_training_rows"] == 12 and summary["steps"] == 3 and summary["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_label_and_step_budget(scored_store, tmp_path):
     """ce trains on the labelled quarter for exactly 10 steps; feature distills on every row, and its probe is
     fitted on the same labelled quarter; --no-unlabelled-distill restricts the feature method to it."""
@@ -91,6 +92,7 @@ def test_label_and_step_budget(scored_store, tmp_path):
     assert strict["num_training_rows"] == 100
 
 
+@pytest.mark.slow
 def test_ce_never_touches_the_teacher(scored_store, tmp_path):
     """Permuting every cached feature and logit changes no weight of the ce student; kd does read the logits."""
     permuted = tmp_path / "permuted"
@@ -257,6 +259,7 @@ def test_report_flags_runs_that_do_not_share_one_recipe():
     assert recipe_differences(results[:1]) == ""
 
 
+@pytest.mark.slow
 def test_evaluation_follows_the_configured_losses(scored_store, tmp_path):
     """kd with its ce term dropped (the paper's KD without CE) still trains, and is evaluated with, the student's own
     head, on every row since no label is read; ce added to the feature method trains its head too. The report

@@ -206,6 +206,7 @@ def test_an_absent_checkpoint_key_is_refused_naming_it(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_kwargs_of_a_taught_teacher_reach_the_store_and_its_stage_ends(tmp_path):
     """The teacher's checkpoint carries its model kwargs; extract without them records them, and feature-standard
     rebuilds that teacher for its stage ends."""

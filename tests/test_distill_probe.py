@@ -45,7 +45,13 @@ def test_cached_targets_in_ram_and_streamed_agree(scored_store):
 
 @pytest.mark.parametrize(
     "method,extra",
-    [("feature", {}), ("feature-standard", {"student_layers": ("layer2.0", "layer3.0")}), ("feature", LABEL_BUDGET)],
+    [
+        ("feature", {}),
+        ("feature-standard", {"student_layers": ("layer2.0", "layer3.0")}),
+        pytest.param(
+            "feature", LABEL_BUDGET, marks=pytest.mark.slow
+        ),  # CI only, to keep `make test-fast` under a minute
+    ],
 )
 def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path, method, extra):
     """Permuting every label and logit of the store changes no weight of a feature-only student (even with a
@@ -69,6 +75,7 @@ def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path, meth
     assert torch.equal(a["fc.weight"], fresh["fc.weight"])  # after the last tap: never trained
 
 
+@pytest.mark.slow  # CI only, to keep `make test-fast` under a minute
 def test_resume_after_interruption_is_exact(scored_store, tmp_path, monkeypatch):
     args = {**STUDENT, "epochs": 3, "cache_memory_gb": 0.0, "checkpoint_seconds": 0.0}  # streamed, every epoch
     distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "whole"), **args))
@@ -129,7 +136,8 @@ def test_pipeline_learns_and_exports_a_classifier(scored_store, tmp_path):
         (["--teacher-layers", "pool"], "teacher tap 'pool' is not in"),
         (["--dataset", "cifar10"], "was extracted from dataset 'digits', not 'cifar10'"),
         (["--batch-size", "1000"], "exceeds the 400 training samples"),
-        (["--student", "resnet9", "--student-layers", "layer1.0,layer2.0"], None),  # fine: only checks it runs
+        # fine, a whole run that only checks it runs: CI only, to keep `make test-fast` under a minute
+        pytest.param(["--student", "resnet9", "--student-layers", "layer1.0,layer2.0"], None, marks=pytest.mark.slow),
     ],
 )
 def test_bad_input(scored_store, tmp_path, extra, fragment):
@@ -181,6 +189,7 @@ def test_unscored_store_needs_teacher_layers(digits_teacher, tmp_path):
     assert_one_line_error(result, "no scores", "--teacher-layers")
 
 
+@pytest.mark.slow
 def test_online_teacher_matches_the_cache(scored_store, digits_teacher, tmp_path):
     """Online targets equal the cached ones to float16 precision, so both modes train alike."""
     from pipeline.provenance import load_matching_split

@@ -122,7 +122,9 @@ def test_early_stop_does_not_run_past_last_tap():
     [
         ("timm:resnet18", "act1", 10),  # stem activation, 8 blocks, global pool
         ("tv:mobilenet_v2", "features.0", 18),  # stem, 17 inverted-residual blocks
-        ("tv:vgg11_bn", "features.2", 11),  # 8 conv ReLUs, avgpool, 2 classifier ReLUs
+        pytest.param(
+            "tv:vgg11_bn", "features.2", 11, marks=pytest.mark.slow
+        ),  # 8 conv ReLUs, avgpool, 2 classifier ReLUs
     ],
 )
 def test_tap_discovery_for_external_models(name, first, count):

@@ -89,6 +89,7 @@ def _own_top1(folder) -> float:
     return json.loads((folder / PROBE_SUMMARY).read_text())["test_top1"]
 
 
+@pytest.mark.slow
 def test_sweep_reuses_the_main_runs_and_tables_the_runs_own_results(scored_store, tmp_path):
     out = tmp_path / "report"
     run_cli("report", "--config", _config(tmp_path, scored_store))  # the main runs, at 0.25

@@ -44,6 +44,7 @@ def test_teach_writes_its_outputs(digits_teacher):
     assert read_model_spec(digits_teacher["checkpoint"])["preprocessing"] == digits_teacher["preprocessing"] == digits
 
 
+@pytest.mark.slow
 def test_teach_check_changes_no_result(tmp_path, monkeypatch):
     """The dry forward before training (eval mode, random state kept) leaves the trained teacher bit-identical."""
     args = dict(teacher="resnet8", model_kwargs={"base_width": 4}, epochs=1, batch_size=256, device="cpu")

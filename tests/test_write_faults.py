@@ -114,6 +114,7 @@ TEACH = ["teach", "--teacher", "resnet8", "--model-kwargs", "{base_width: 4}", "
 TEACH += ["--epochs", 2, "--checkpoint-seconds", 0, "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_teach_on_a_disk_that_fills_keeps_the_last_epoch_and_resumes_exactly(tmp_path, disk, monkeypatch):
     run_cli(*TEACH, "--out", tmp_path / "whole")
     teach_module = importlib.import_module("pipeline.teach")
@@ -149,6 +150,7 @@ def test_teach_on_a_disk_that_fills_keeps_the_last_epoch_and_resumes_exactly(tmp
     assert checkpoint_epochs(out) == [1] and json.loads((out / TEACH_SUMMARY).read_text())["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_distill_on_a_disk_that_fills_loses_at_most_the_epoch_in_progress(scored_store, tmp_path, disk, monkeypatch):
     args = {**STUDENT, "checkpoint_seconds": 0.0}  # two epochs, a checkpoint after each
     distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "whole"), **args))
