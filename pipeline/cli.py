@@ -7,7 +7,9 @@ Library code logs through `logging`; the group's `--quiet` and `-v` set how much
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import sys
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from tqdm import tqdm
 from cache.lock import LockError
 from cache.store import StoreError
 
-from . import __version__
+from . import __version__, distributed
 from .config import (
     Boolean,
     CommaList,
@@ -121,7 +123,14 @@ def command(config: type[Config]) -> Callable:
         def callback(config_file: str | None, **values) -> None:
             ctx = click.get_current_context()
             given = {k: v for k, v in values.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
-            fn(resolve(config, config_file, given))
+            resolved = resolve(config, config_file, given)
+            if not config.several_processes:
+                distributed.refuse_several(config.command)
+                return fn(resolved)
+            with distributed.joined(config.command) as world:
+                # every rank runs the command; rank 0 reports it, the others' lines would repeat it
+                with contextlib.nullcontext() if world.is_main else contextlib.redirect_stdout(io.StringIO()):
+                    fn(resolved)
 
         config_option = click.Option(
             ["--config", "config_file"],
@@ -335,3 +344,7 @@ def info(config: InfoConfig) -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m pipeline.cli extract ...
+    main()

@@ -295,6 +295,7 @@ class Config:
     """Base of the command configs: every field converted and checked by its type on construction."""
 
     command: ClassVar[str]
+    several_processes: ClassVar[bool] = False  # runs as N torchrun processes (`pipeline.distributed`)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -452,6 +453,8 @@ class TeachConfig(DataOptions, RunOptions):
 @dataclass(frozen=True, kw_only=True)
 class ExtractConfig(DataOptions, RunOptions):
     """Run the teacher once over the split(s) and cache tap features, labels and logits in a Zarr store."""
+
+    several_processes: ClassVar[bool] = True
 
     teacher: str = _teacher()
     checkpoint: str | None = option(

@@ -5,10 +5,18 @@ taps, subset); re-running on an incomplete store with the same identity resumes 
 a missing or damaged split again), on a complete one it does nothing, and on a different or unreadable one it
 refuses unless told to overwrite. Everything from the first look at the store on runs under the store's lock, and
 nothing is written before the raw size of what remains to write is checked against the free space.
+
+Under torchrun (`pipeline.distributed`) rank 0 holds the lock, creates or resumes the store and its splits, and
+fixes the plan: the blocks each view still misses. Every rank then computes and writes its own share of those
+blocks (whole blocks, so whole chunks: no two ranks ever write one chunk, and only rank 0 writes metadata) and
+flags each block done after its chunks; after a barrier every rank checks that no block is missing and rank 0
+marks the store complete. A block is computed from its rows alone, so the store is the same, byte for byte,
+whatever the number of processes, and an interrupted run resumes with any number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,7 +46,7 @@ from cache.store import (
 )
 from cache.writer import SplitWriter
 
-from . import __version__
+from . import __version__, distributed
 from .augment import PARAMS, POLICIES, Augmentation, ViewImages
 from .checkpoints import file_sha256, read_model_spec
 from .config import ExtractConfig
@@ -59,7 +67,8 @@ QUEUE_BATCHES = 8  # batches the writer may lag behind the teacher
 
 def extract(config: ExtractConfig) -> dict[str, Any]:
     """Extracts every requested split into `out/features.zarr` and writes `out/extract.json`; returns that summary."""
-    dev = resolve_device(config.device)
+    world = distributed.current()
+    dev = world.device(resolve_device(config.device))
     compressors(config.compression)  # a bad codec string fails before anything is written
     if not config.splits:
         raise UserError("--splits names no split")
@@ -126,34 +135,74 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         "checkpoint_path": str(config.checkpoint) if config.checkpoint else None,
         "data_root": absolute_root(config.data_root),
     }
+    path = out / STORE_NAME
+    layout = (specs, view_specs, [t.name for t in taps])
     # zarr's own writes, refused by a full or read-only disk, name the store
-    with OutputLock(out / STORE_NAME, store_lock(out / STORE_NAME), config.command), writing(out / STORE_NAME):
-        store, intact = _resume_or_create(out / STORE_NAME, identity, places, config, (specs, view_specs), rows, views)
-        write_args(out, config)
-        if store.complete:
+    with contextlib.ExitStack() as held, writing(path):
+        plan = world.from_main(
+            lambda: _prepare(held, path, identity, places, config, layout, data, rows, views, fingerprints)
+        )
+        store = FeatureStore.open(path, mode="r+")
+        if plan is None:
             log.info("%s is already complete; nothing to do", store.path)
-            return _summary(store, {}, out)
+            return _summary(store, {}, out, world)
         timings = {}
-        for split, d in data.items():
-            if intact.get(split):
-                part = store.split(split)
-            else:
-                attrs = {"split": split, "dataset_size": len(d), **fingerprints[split]}
-                store.remove_split(split)  # what is left of it: a creation interrupted, damaged metadata
-                part = store.create_split(
-                    split,
-                    len(rows[split]),
-                    specs,
-                    [t.name for t in taps],
-                    attrs,
-                    config.compression,
-                    view_specs,
-                    views[split],
-                )
-            images = ViewImages(d, augmentation, config.seed, indices=rows[split])
-            timings[split] = _extract_split(model, images, part, taps, logits, config.batch_size, config.workers, dev)
-        store.mark_complete()
-        return _summary(store, timings, out)
+        for split, missing in plan.items():
+            images = ViewImages(data[split], augmentation, config.seed, indices=rows[split])
+            part = store.split(split)
+            timings[split] = _extract_split(model, images, part, missing, taps, logits, config, dev, world)
+        world.barrier()
+        for split in plan:  # every rank checks that all the blocks are written, rank 0 says so
+            _check_written(store.split(split))
+        world.from_main(lambda: _mark_complete(store, list(plan)))
+        return _summary(store, _combined(world.gather(timings)), out, world)
+
+
+def _check_written(part: SplitStore) -> None:
+    missing = sum(len(view.missing_blocks()) for view in part.views())
+    if missing:
+        raise StoreError(f"split {part.name!r} of {part.path.parent} still has {missing} unwritten blocks")
+
+
+def _mark_complete(store: FeatureStore, splits: list[str]) -> None:
+    for split in splits:
+        store.split(split).mark_complete()
+    store.mark_complete()
+
+
+def _prepare(
+    held: contextlib.ExitStack,
+    path: Path,
+    identity: dict[str, Any],
+    places: dict[str, Any],
+    config: ExtractConfig,
+    layout: tuple[list[ArraySpec], list[ArraySpec], list[str]],
+    data: dict[str, SplitData],
+    rows: dict[str, np.ndarray],
+    views: dict[str, int],
+    fingerprints: dict[str, dict[str, Any]],
+) -> dict[str, list[list[int]]] | None:
+    """Rank 0's part before any feature is computed: takes the store's lock (held by `held`), resumes or creates
+    the store and creates every split not intact; returns the plan, each split's missing blocks per view (None:
+    the store is complete). The plan is fixed before any rank writes, so every rank shares the same one."""
+    specs, view_specs, tap_names = layout
+    held.enter_context(OutputLock(path, store_lock(path), config.command))
+    store, intact = _resume_or_create(path, identity, places, config, (specs, view_specs), rows, views)
+    write_args(path.parent, config)
+    if store.complete:
+        return None
+    plan = {}
+    for split, d in data.items():
+        if intact.get(split):
+            part = store.split(split)
+        else:
+            attrs = {"split": split, "dataset_size": len(d), **fingerprints[split]}
+            store.remove_split(split)  # what is left of it: a creation interrupted, damaged metadata
+            part = store.create_split(
+                split, len(rows[split]), specs, tap_names, attrs, config.compression, view_specs, views[split]
+            )
+        plan[split] = [view.missing_blocks() for view in part.views()]
+    return plan
 
 
 def _warn_if_trained_otherwise(
@@ -362,18 +411,19 @@ def _extract_split(
     model,
     images: ViewImages,
     part: SplitStore,
+    missing: list[list[int]],
     taps: list[Tap],
     logits: bool,
-    batch_size: int,
-    workers: int,
+    config: ExtractConfig,
     device: torch.device,
+    world: distributed.World,
 ) -> dict[str, float]:
-    """Feeds the missing blocks of every view of the split through the teacher into a background writer, view by
-    view; returns timing figures."""
+    """Feeds this rank's share of the `missing` blocks of every view of the split through the teacher into a
+    background writer, view by view; returns timing figures."""
     start, done = time.perf_counter(), 0
-    for view in range(part.num_views):
-        done += _extract_view(model, images, part.view(view), view, taps, logits, batch_size, workers, device)
-    part.mark_complete()
+    for view, blocks in enumerate(missing):
+        part_view = part.view(view)
+        done += _extract_view(model, images, part_view, view, world.shard(blocks), taps, logits, config, device)
     seconds = time.perf_counter() - start
     return {"images": done, "seconds": round(seconds, 3), "images_per_second": round(done / max(seconds, 1e-9), 1)}
 
@@ -383,20 +433,20 @@ def _extract_view(
     images: ViewImages,
     part: SplitStore,
     view: int,
+    blocks: list[int],
     taps: list[Tap],
     logits: bool,
-    batch_size: int,
-    workers: int,
+    config: ExtractConfig,
     device: torch.device,
 ) -> int:
-    """Writes the missing blocks of one view (`part`, the split itself for view 0); returns the images written."""
-    blocks = part.missing_blocks()
+    """Writes `blocks` of one view (`part`, the split itself for view 0); returns the images written."""
+    batch_size = config.batch_size
     positions = np.concatenate([np.arange(*part.block_range(b)) for b in blocks]) if blocks else np.array([], int)
     if len(positions) == 0:
         return 0
     keys = [(int(p), view) for p in positions]
     batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
-    loader = make_loader(images, workers=workers, batch_sampler=batches)
+    loader = make_loader(images, workers=config.workers, batch_sampler=batches)
     names = [t.name for t in taps]
     slots = HalfSlots({f"{FEATURES}/{t.name}": t.shape for t in taps}, batch_size, count=QUEUE_BATCHES + 2)
     desc = f"extract {part.name}" if view == 0 else f"extract {part.name} ({view + 1} of {part.num_views})"
@@ -444,8 +494,26 @@ class HalfSlots:
         return arrays, lambda: self._free.put(slot)
 
 
-def _summary(store: FeatureStore, timings: dict[str, dict[str, float]], out: Path) -> dict[str, Any]:
-    """Throughput and raw vs stored bytes per split and array; written to `out/extract.json`."""
+def _combined(timings: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The ranks' timing figures of each split as one run's: their images summed over the slowest rank's time."""
+    combined = {}
+    for split in timings[0]:
+        images = sum(t[split]["images"] for t in timings)
+        seconds = max(t[split]["seconds"] for t in timings)
+        combined[split] = {
+            "images": images,
+            "seconds": seconds,
+            "images_per_second": round(images / max(seconds, 1e-9), 1),
+        }
+        if len(timings) > 1:
+            combined[split]["processes"] = len(timings)
+    return combined
+
+
+def _summary(
+    store: FeatureStore, timings: dict[str, dict[str, float]], out: Path, world: distributed.World
+) -> dict[str, Any]:
+    """Throughput and raw vs stored bytes per split and array; written to `out/extract.json` by rank 0."""
     splits = {}
     for part in store.splits():
         arrays = {
@@ -471,5 +539,6 @@ def _summary(store: FeatureStore, timings: dict[str, dict[str, float]], out: Pat
         "config_hash": store.meta["config_hash"],
         "splits": splits,
     }
-    write_json(out / EXTRACT_SUMMARY, summary)
+    if world.is_main:
+        write_json(out / EXTRACT_SUMMARY, summary)
     return summary
