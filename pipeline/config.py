@@ -523,6 +523,8 @@ def _method_help() -> str:
 class DistillConfig(RunOptions):
     """Train a student from STORE: its backbone on cached teacher features only (default), or a baseline."""
 
+    several_processes: ClassVar[bool] = True
+
     store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
     student: str = option("resnet9", "Student model (`kdpipe models`).", spec=True)
     method: str = option("feature", _method_help(), spec=True)
@@ -589,6 +591,11 @@ class DistillConfig(RunOptions):
     )
     augment_kwargs: dict | None = _augment_kwargs()
     workers: int = _workers()
+    sync_batchnorm: bool = option(
+        False,
+        "Under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm), not each process's share.",
+        negatable=False,
+    )
     resume: bool = _resume()
     checkpoint_seconds: float = _checkpoint_seconds()
     check: bool = option(

@@ -6,10 +6,14 @@ epoch once `checkpoint_seconds` have passed since the last (and after the last e
 interrupted run and reproduces the uninterrupted one exactly. The run's spec (every setting that shapes the result,
 as the config and the method resolve it) is stored with each checkpoint and must match on resume. The run folder's
 lock is held from the first look at its checkpoints to the end of the run (`check` takes none).
+
+Under torchrun every rank builds the same run, DDP trains it on each rank's share of every batch (`training`), and
+rank 0 alone holds the lock and writes the run folder; every rank resumes from the same checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +27,7 @@ from cache.lock import OutputLock
 from cache.reader import CachedTargets
 from cache.store import PARAMS_ARRAY, FeatureStore, SplitStore
 
-from . import __version__
+from . import __version__, distributed
 from .augment import Augmentation, ViewImages
 from .checkpoints import RunState, resumable, save_checkpoint, save_epoch, start_or_resume
 from .config import DistillConfig
@@ -51,7 +55,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     everything a run would (store, data, taps, cached arrays, budget, an existing run in `out`) and returns the
     run's spec without training or writing.
     """
-    dev = resolve_device(config.device)
+    world = distributed.current()
+    dev = world.device(resolve_device(config.device))
+    _check_processes(config, world, dev)
     method = get_method(config.method).configured(config.losses or {})
     feature_store, part = open_complete_store(config.store)
     data_root = recorded_data_root(config.data_root, feature_store.meta.get("data_root"), feature_store.path)
@@ -83,6 +89,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         )
     stones = _stepping_stones(method, feature_store, net, config, data.num_classes, input_size)
     distiller = Distiller(net, method, student_taps, teacher_taps, stones).to(dev)
+    model = world.parallel(distiller, config.sync_batchnorm)
     if teacher:
         teacher.to(dev)
     targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=rows, views=views)
@@ -119,11 +126,12 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     if config.check:
         start_or_resume(out_dir, config.resume, spec, run, "distill")
         return {"stage": "distill", "checked": True, **spec}
-    with OutputLock(out_dir, folder_lock(out_dir), config.command):
-        log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
+    with contextlib.ExitStack() as held:
+        log_rows, first_epoch = world.from_main(lambda: _take_folder(held, out_dir, config, spec, run))
+        if not world.is_main:  # the checkpoint rank 0 found, read alike
+            log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
         if first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file():
             return json.loads((out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
-        write_args(out_dir, config)
         images = _view_images(data, indices, feature_store, part, fresh, views, config.seed)
         trainer = Trainer(
             distiller,
@@ -137,6 +145,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             dev,
             config.workers,
             fresh_views=fresh is not None,
+            world=world,
+            model=model,
         )
         start = last_save = time.perf_counter()
         with resumable(out_dir):
@@ -145,41 +155,83 @@ def distill(config: DistillConfig) -> dict[str, Any]:
                     trainer.run_epoch(epoch, epochs, min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch))
                 )
                 # Short epochs (a small labelled subset) are not each worth a checkpoint.
-                if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
+                due = epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds
+                if due and world.is_main:
                     save_epoch(out_dir, epoch, spec, run, log_rows)
                     write_csv(out_dir / DISTILL_LOG, log_rows)
                     last_save = time.perf_counter()
-            model_spec = {**spec, "model": config.student, "preprocessing": data.preprocessing.to_dict()}  # as teach's
-            model_spec["data_root"] = data_root  # where probe finds the data by default; not compared on --resume
-            save_checkpoint(net, out_dir / STUDENT_WEIGHTS, model_spec)
-            write_npy(out_dir / LABELLED_INDICES, images.indices[labelled if labelled is not None else slice(None)])
-            summary = {
-                "stage": "distill",
-                **spec,
-                "data_root": data_root,
-                "pairs": [
-                    {
-                        "student": s.name,
-                        "student_shape": list(s.shape),
-                        "teacher": t.name,
-                        "teacher_shape": list(t.shape),
-                    }
-                    for s, t in zip(student_taps, teacher_taps, strict=True)
-                ],
-                "final": log_rows[-1],
-                "evaluated_with": method.evaluated_with,
-                **(
-                    _evaluate_classifier(net, data, data_root, config, dev)
-                    if method.evaluated_with == "own classifier"
-                    else {}
-                ),
-                "targets": "online teacher" if teacher else "cache in RAM" if targets.in_memory else "cache streamed",
-                "device": str(dev),
-                "seconds_this_run": round(time.perf_counter() - start, 2),
-                "weights": str(out_dir / STUDENT_WEIGHTS),
-            }
-            write_json(out_dir / DISTILL_SUMMARY, summary)
+
+            def finish() -> dict[str, Any]:  # rank 0 writes the run's files; every rank returns its summary
+                model_spec = {
+                    **spec,
+                    "model": config.student,
+                    "preprocessing": data.preprocessing.to_dict(),
+                }  # as teach's
+                model_spec["data_root"] = data_root  # where probe finds the data by default; not compared on --resume
+                save_checkpoint(net, out_dir / STUDENT_WEIGHTS, model_spec)
+                write_npy(out_dir / LABELLED_INDICES, images.indices[labelled if labelled is not None else slice(None)])
+                summary = {
+                    "stage": "distill",
+                    **spec,
+                    "data_root": data_root,
+                    "pairs": [
+                        {
+                            "student": s.name,
+                            "student_shape": list(s.shape),
+                            "teacher": t.name,
+                            "teacher_shape": list(t.shape),
+                        }
+                        for s, t in zip(student_taps, teacher_taps, strict=True)
+                    ],
+                    "final": log_rows[-1],
+                    "evaluated_with": method.evaluated_with,
+                    **(
+                        _evaluate_classifier(net, data, data_root, config, dev)
+                        if method.evaluated_with == "own classifier"
+                        else {}
+                    ),
+                    "targets": "online teacher"
+                    if teacher
+                    else "cache in RAM"
+                    if targets.in_memory
+                    else "cache streamed",
+                    "device": str(dev),
+                    # not in the spec: the batches are the same whatever the number, so a run resumes with any
+                    "processes": world.size,
+                    "seconds_this_run": round(time.perf_counter() - start, 2),
+                    "weights": str(out_dir / STUDENT_WEIGHTS),
+                }
+                write_json(out_dir / DISTILL_SUMMARY, summary)
+                return summary
+
+            summary = world.from_main(finish)
         return summary
+
+
+def _take_folder(
+    held: contextlib.ExitStack, out_dir: Path, config: DistillConfig, spec: dict[str, Any], run: RunState
+) -> tuple[list[dict[str, Any]], int]:
+    """Rank 0's look at the run folder, under its lock (held by `held`): the log so far and the first epoch to run,
+    the run's resolved options written (unless the run is finished)."""
+    held.enter_context(OutputLock(out_dir, folder_lock(out_dir), config.command))
+    log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
+    if not (first_epoch > spec["epochs"] and (out_dir / DISTILL_SUMMARY).is_file()):
+        write_args(out_dir, config)
+    return log_rows, first_epoch
+
+
+def _check_processes(config: DistillConfig, world: distributed.World, device) -> None:
+    """Every rank takes an equal share of each batch; SyncBatchNorm is CUDA's only (torch)."""
+    if config.batch_size % world.size:
+        raise UserError(
+            f"--batch-size {config.batch_size} is not divisible by the {world.size} processes; each takes an equal "
+            "share of every batch"
+        )
+    if config.sync_batchnorm and world.distributed and device.type != "cuda":
+        raise UserError(
+            "--sync-batchnorm: torch's SyncBatchNorm runs on CUDA only; on the CPU each process "
+            "normalises its own share of the batch"
+        )
 
 
 def _stepping_stones(

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .errors import UserError
 
@@ -91,6 +92,24 @@ class World:
         if self.distributed:
             dist.all_reduce(total)  # a CPU tensor: gloo carries it, whatever carries the gradients
         return total.tolist()
+
+    def parallel(self, module: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
+        """`module` as DistributedDataParallel trains it across the ranks (itself in one process). Its parameters
+        that a method leaves out of the loss (a feature method stops the student after its last tap) get no
+        gradient, so DDP looks for them each step. With `sync_batchnorm`, BatchNorm layers normalise over the whole
+        global batch (SyncBatchNorm, in place: the parameters stay the ones the optimizer holds)."""
+        if not self.distributed:
+            return module
+        if sync_batchnorm:  # BatchNorm layers replaced inside `module`, keeping their parameters
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        device = next(module.parameters()).device
+        ids = [device] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+    def share(self, batch: T) -> T:
+        """This rank's contiguous share of a global batch (its length divisible by the ranks)."""
+        size = len(batch) // self.size
+        return batch[self.rank * size : (self.rank + 1) * size]
 
     def shard(self, items: list[T]) -> list[T]:
         """This rank's share of `items`: every `size`-th, starting at its rank (balanced to within one item)."""

@@ -145,7 +145,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         store = FeatureStore.open(path, mode="r+")
         if plan is None:
             log.info("%s is already complete; nothing to do", store.path)
-            return _summary(store, {}, out, world)
+            return world.from_main(lambda: _summary(store, {}, out))
         timings = {}
         for split, missing in plan.items():
             images = ViewImages(data[split], augmentation, config.seed, indices=rows[split])
@@ -155,7 +155,8 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         for split in plan:  # every rank checks that all the blocks are written, rank 0 says so
             _check_written(store.split(split))
         world.from_main(lambda: _mark_complete(store, list(plan)))
-        return _summary(store, _combined(world.gather(timings)), out, world)
+        timings = _combined(world.gather(timings))
+        return world.from_main(lambda: _summary(store, timings, out))
 
 
 def _check_written(part: SplitStore) -> None:
@@ -510,10 +511,8 @@ def _combined(timings: list[dict[str, dict[str, float]]]) -> dict[str, dict[str,
     return combined
 
 
-def _summary(
-    store: FeatureStore, timings: dict[str, dict[str, float]], out: Path, world: distributed.World
-) -> dict[str, Any]:
-    """Throughput and raw vs stored bytes per split and array; written to `out/extract.json` by rank 0."""
+def _summary(store: FeatureStore, timings: dict[str, dict[str, float]], out: Path) -> dict[str, Any]:
+    """Throughput and raw vs stored bytes per split and array; written to `out/extract.json`."""
     splits = {}
     for part in store.splits():
         arrays = {
@@ -539,6 +538,5 @@ def _summary(
         "config_hash": store.meta["config_hash"],
         "splits": splits,
     }
-    if world.is_main:
-        write_json(out / EXTRACT_SUMMARY, summary)
+    write_json(out / EXTRACT_SUMMARY, summary)
     return summary

@@ -3,6 +3,12 @@
 Per epoch the cached targets decide the sample order (`cache.reader.CachedTargets`), the matching images are
 loaded by row, the method returns its named losses and AdamW + OneCycle step once per batch. The order of epoch e
 depends only on (seed, e), so a resumed run reproduces the uninterrupted one exactly.
+
+Under torchrun the order is the same, whatever the number of processes: every global batch of the epoch is cut into
+one contiguous share per rank, each rank loads its share's images and reads the targets' whole chunks, and DDP
+averages the ranks' gradients, so N processes take the steps one process takes (up to float summation order, and
+BatchNorm statistics over each share unless --sync-batchnorm). Every rank gets one share of every batch: the same
+number of batches, none padded with repeated samples.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from cache.store import FEATURES, FeatureStore
 
 from .augment import ViewImages
 from .checkpoints import file_sha256
+from .distributed import World
 from .errors import UserError
 from .methods import Distiller
 from .models import load_teacher
@@ -114,6 +121,11 @@ class Trainer:
     device: torch.device
     workers: int = 0
     fresh_views: bool = False  # every epoch a view never cached (`--augment`): epoch e shows each image's view e
+    world: World = World()
+    model: torch.nn.Module | None = None  # what runs the distiller's step: DDP's wrapper of it, or itself
+
+    def __post_init__(self) -> None:
+        self.model = self.model or self.distiller
 
     def epoch_plan(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray] | None, np.ndarray]:
         """Epoch `epoch`'s row windows, the cached view of each row (None with fresh views, whose targets come from
@@ -131,14 +143,16 @@ class Trainer:
         """Trains `num_batches` batches of epoch `epoch` (of `epochs`); returns its log row (mean losses, LR, speed)."""
         self.distiller.train()
         windows, views, keys = self.epoch_plan(epoch)
-        key_batches = keys[: num_batches * self.batch_size].reshape(-1, self.batch_size, 2).tolist()
+        global_batches = keys[: num_batches * self.batch_size].reshape(-1, self.batch_size, 2)
+        key_batches = [self.world.share(batch).tolist() for batch in global_batches]
         loader = make_loader(self.images, workers=self.workers, batch_sampler=key_batches)
         sums: dict[str, float] = {}
         start, seen = time.perf_counter(), 0
         targets = self.targets.batches(windows, self.batch_size, views)
         batches = zip(key_batches, loader, targets, strict=False)  # targets run longer
         bar = progress(batches, total=len(key_batches), desc=f"distill {epoch}/{epochs}", unit="batch", leave=False)
-        for key_batch, (images, _, rows, _), (target_rows, target_views, target_values) in bar:
+        for key_batch, (images, _, rows, _), global_targets in bar:
+            target_rows, target_views, target_values = self._share(*global_targets)
             keys_served = np.asarray(key_batch)
             if not np.array_equal(rows.numpy(), target_rows) or (
                 views is not None and not np.array_equal(keys_served[:, 1], target_views)
@@ -150,9 +164,10 @@ class Trainer:
             seen += len(rows)
             bar.set_postfix(loss=f"{sum(losses.values()):.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
         seconds = time.perf_counter() - start
+        *totals, seen = self.world.all_sum([*sums.values(), seen])  # the epoch's means over every rank's share
         row = {
             "epoch": epoch,
-            **{k: v / seen for k, v in sums.items()},
+            **{k: v / seen for k, v in zip(sums, totals, strict=True)},
             "lr": self.schedule.get_last_lr()[0],
             "seconds": round(seconds, 3),
             "images_per_second": round(seen / seconds, 1),
@@ -161,6 +176,12 @@ class Trainer:
             log.info("epoch %d: %s", epoch, "  ".join(f"{k} {row[k]:.5f}" for k in sums))
         return row
 
+    def _share(
+        self, rows: np.ndarray, views: np.ndarray, values: list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """This rank's share of a global batch of targets."""
+        return self.world.share(rows), self.world.share(views), [self.world.share(v) for v in values]
+
     def _step(self, images: torch.Tensor, target_values: list[np.ndarray], epoch: int) -> dict[str, float]:
         """One optimizer step; returns the batch's losses."""
         batch = {
@@ -168,7 +189,7 @@ class Trainer:
         }
         if self.teacher:
             batch.update(self.teacher(images))
-        _, losses = self.distiller(images, batch)
+        _, losses = self.model(images, batch)
         loss = sum(losses.values())
         require_finite(loss, epoch)
         self.optimizer.zero_grad(set_to_none=True)
