@@ -147,28 +147,14 @@ def _sample_rows(labels: np.ndarray, num_classes: int, max_samples: int | None, 
         raise UserError(f"--max-samples {max_samples}: {err}") from None
 
 
-def score_tap(
-    tap: dict[str, Any],
-    store: Path,
-    split: str,
-    a_rows: np.ndarray,
-    a_labels: np.ndarray,
-    b_rows: np.ndarray,
-    b_labels: np.ndarray,
-    num_classes: int,
-    n_train: int,
-    budget_bytes: int,
-    workers: int,
-    threads: dict[str, int],
-) -> dict[str, Any]:
-    """One tap's entry of the summary, computed on the thread counts `threads`. It opens the store itself (read-only),
-    so it runs the same in this process and as a dask task on a worker that reaches the store by the same path."""
+def score_tap(tap: dict[str, Any], store: Path, split: str, threads: dict[str, int], **inputs: Any) -> dict[str, Any]:
+    """One tap's entry of the summary: `tap_quality` with `inputs` (subsets, sizes, budget), on the thread counts
+    `threads`. It opens the store itself (read-only), so it runs the same in this process and as a dask task on a
+    worker that reaches the store by the same path."""
     start = time.perf_counter()
     part = FeatureStore.open(store, mode="r").split(split)
     with same_threads(threads):
-        result = tap_quality(
-            part, Tap.from_record(tap), a_rows, a_labels, b_rows, b_labels, num_classes, n_train, budget_bytes, workers
-        )
+        result = tap_quality(part, Tap.from_record(tap), **inputs)
     return {
         "index": tap["index"],
         "name": tap["name"],
