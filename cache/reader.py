@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import dask
 import dask.array as da
 import numpy as np
 import zarr
@@ -35,8 +34,8 @@ def gather_rows(
             chunks=(lazy.chunks[0], *sample.shape[1:]),
             drop_axis=list(range(sample.ndim, lazy.ndim)) or None,
         )
-    with dask.config.set(scheduler="threads", num_workers=workers), named_read_errors(array):
-        gathered = lazy.compute()
+    with named_read_errors(array):  # the scheduler named, not set in dask's config, which threads share
+        gathered = lazy.compute(scheduler="threads", num_workers=workers)
     result = np.empty_like(gathered)
     result[order] = gathered
     return result

@@ -509,9 +509,27 @@ class ScoreConfig(Config):
     memory_gb: float = option(
         4.0, "Memory for subset B at a time; larger subsets are read in class groups.", _positive()
     )
-    workers: int = option(2, "Threads reading chunks.", Integer(min=1))
+    workers: int = option(2, "Threads reading chunks (per tap, in each dask worker too).", Integer(min=1))
+    scheduler: str | None = option(
+        None,
+        "Score the taps on a running dask.distributed scheduler (tcp://HOST:8786); its workers must reach the store "
+        "by the same path and have kdpipe installed.",
+    )
+    dask_workers: int | None = option(
+        None,
+        "Score the taps on a local dask.distributed cluster of N workers, started and closed by kdpipe.",
+        Integer(min=1),
+    )
+    dask_processes: bool = option(True, "With --dask-workers: a process per worker (else threads of this process).")
     plot: bool = _plot(SCORES_PLOT)
     seed: int = _seed()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scheduler is not None and self.dask_workers is not None:
+            raise ConfigError(
+                "--scheduler and --dask-workers exclude each other: a running scheduler or a local cluster, not both"
+            )
 
 
 def _method_help() -> str:

@@ -20,6 +20,7 @@ from cache.reader import gather_rows
 from cache.store import FeatureStore, SplitStore
 
 from . import __version__
+from .cluster import dask_client, run_tasks, same_threads, scheduler_kind, thread_counts
 from .config import ScoreConfig
 from .datasets import stratified_subset
 from .errors import UserError, writing
@@ -35,7 +36,7 @@ from .quality import (
     select_top_k,
     subset_a_stats,
 )
-from .runtime import progress, write_config, write_json, write_png
+from .runtime import write_config, write_json, write_png
 from .taps import Tap
 
 
@@ -62,30 +63,24 @@ def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
     budget_bytes = max(1, int(config.memory_gb * 2**30))
     scores_file, plot_file, args_file = score_files(feature_store.path)
     write_config(args_file, config)
-    results = []
-    for tap in progress(taps, desc="score", unit="tap"):
-        start = time.perf_counter()
-        result = tap_quality(
-            part,
-            Tap.from_record(tap),
-            a_rows,
-            labels[a_rows],
-            b_rows,
-            labels[b_rows],
-            num_classes,
-            n_train,
-            budget_bytes,
-            config.workers,
-        )
-        results.append(
-            {
-                "index": tap["index"],
-                "name": tap["name"],
-                "shape": tap["shape"],
-                **result,
-                "seconds": round(time.perf_counter() - start, 3),
-            }
-        )
+    threads = thread_counts()  # dask workers compute with this process's thread counts: the same numbers
+    job = partial(
+        score_tap,
+        store=feature_store.path.absolute(),  # a dask worker opens the store itself, maybe from another folder
+        split=config.split,
+        a_rows=a_rows,
+        a_labels=labels[a_rows],
+        b_rows=b_rows,
+        b_labels=labels[b_rows],
+        num_classes=num_classes,
+        n_train=n_train,
+        budget_bytes=budget_bytes,
+        workers=config.workers,
+        threads=threads,
+    )
+    with dask_client(config.scheduler, config.dask_workers, config.dask_processes) as client:
+        scheduler = {**scheduler_kind(client, config.dask_processes), "threads": threads}
+        results = run_tasks(client, job, taps, desc="score", unit="tap")
     selected, notes = _select(results, config.top_k)
     identity = feature_store.meta["identity"]
     summary = {
@@ -105,6 +100,7 @@ def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
         "n_train": n_train,
         "num_classes": num_classes,
         "subset_sizes": {"A": len(a_rows), "B": len(b_rows)},
+        "scheduler": scheduler,
         "notes": notes,
         "taps": results,
     }
@@ -149,6 +145,23 @@ def _sample_rows(labels: np.ndarray, num_classes: int, max_samples: int | None, 
         return stratified_subset(labels, max_samples, seed)
     except UserError as err:  # a class too small to stratify
         raise UserError(f"--max-samples {max_samples}: {err}") from None
+
+
+def score_tap(tap: dict[str, Any], store: Path, split: str, threads: dict[str, int], **inputs: Any) -> dict[str, Any]:
+    """One tap's entry of the summary: `tap_quality` with `inputs` (subsets, sizes, budget), on the thread counts
+    `threads`. It opens the store itself (read-only), so it runs the same in this process and as a dask task on a
+    worker that reaches the store by the same path."""
+    start = time.perf_counter()
+    part = FeatureStore.open(store, mode="r").split(split)
+    with same_threads(threads):
+        result = tap_quality(part, Tap.from_record(tap), **inputs)
+    return {
+        "index": tap["index"],
+        "name": tap["name"],
+        "shape": tap["shape"],
+        **result,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def tap_quality(
