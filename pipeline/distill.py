@@ -14,12 +14,12 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cache.lock import OutputLock
+from cache.location import absolute, location
+from cache.lock import lock_output
 from cache.reader import CachedTargets
 from cache.store import PARAMS_ARRAY, FeatureStore, SplitStore
 
@@ -98,7 +98,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "num_classes": data.num_classes,
         "input_size": input_size,
         "dataset": data.name,
-        "store": str(feature_store.path.resolve()),
+        "store": absolute(feature_store.path),
         "store_config_hash": feature_store.meta["config_hash"],
         "student_taps": [t.name for t in student_taps],
         "teacher_taps": [t.name for t in teacher_taps],
@@ -114,12 +114,12 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "%s: terms %s; student taps %s -> teacher taps %s; targets %s",
         *(method.name, spec["losses"], spec["student_taps"], spec["teacher_taps"], targets.order),
     )
-    out_dir = Path(config.out)
+    out_dir = location(config.out)
     run = RunState(distiller, optimizer, schedule)
     if config.check:
         start_or_resume(out_dir, config.resume, spec, run, "distill")
         return {"stage": "distill", "checked": True, **spec}
-    with OutputLock(out_dir, folder_lock(out_dir), config.command):
+    with lock_output(out_dir, folder_lock(out_dir), config.command):
         log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
         if first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file():
             return json.loads((out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
