@@ -89,8 +89,15 @@ class ObjectLock:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        with contextlib.suppress(Changed):  # taken over meanwhile: not ours to delete
+        try:
             self._storage.delete(self._etag)
+        except Changed:  # taken over meanwhile: not ours to delete
+            pass
+        except Exception as err:  # the storage unreachable: the lock expires after its lease
+            log.warning(
+                "%s: could not delete the lock %s (%s); it expires after its lease",
+                *(self.output, self.lock_object, remote_message(err)),
+            )
 
     def _payload(self) -> bytes:
         renewed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
