@@ -1,4 +1,4 @@
-"""Runs every benchmark (P1-P9) in turn and prints each one's last line, the figure it exists for.
+"""Runs every benchmark (P1-P10) in turn and prints each one's last line, the figure it exists for.
 
 python benchmarks/run_all.py        # `make bench`; about 20 minutes on 2 cores
 """
@@ -20,6 +20,7 @@ SCRIPTS = [
     "p7_block_kd_cost.py",
     "p8_augment.py",
     "p9_view_reads.py",
+    "p10_object_store.py",
 ]
 
 

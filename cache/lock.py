@@ -9,6 +9,10 @@ and start time as JSON; it is emptied on release and stays on disk between runs.
 A store's lock is beside it (`features.zarr.lock` next to `features.zarr`), never inside: the store stays a plain
 Zarr group (zarr warns about foreign files in a group; `kdpipe verify` reads arrays only) that `--overwrite` can
 delete whole while the lock is held. A run folder's lock is inside the folder (`pipeline.layout.FOLDER_LOCK`).
+
+An output on object storage (`s3://...`) has no flock: its lock is an object at the same place, `ObjectLock`
+(`cache.object_lock`), created with a conditional write and held by a lease its holder renews. `lock_output` picks
+the one that fits the lock's location; both hold the same record and refuse a second writer with the same line.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .location import is_remote, location
+
 _held: list[str] = []  # the commands of the locks this process holds, outermost first
 
 
@@ -31,6 +37,32 @@ class LockError(Exception):
 def store_lock(store: Path) -> Path:
     """A store's lock file: beside the store, named after it."""
     return store.with_name(store.name + ".lock")
+
+
+def lock_output(output, lock_file, command: str):
+    """The lock of `output` for `with`: an flock on a local lock file (`OutputLock`), a leased lock object on object
+    storage (`cache.object_lock.ObjectLock`)."""
+    lock_file = location(lock_file)
+    if is_remote(lock_file):
+        from .object_lock import ObjectLock
+
+        return ObjectLock(location(output), lock_file, command)
+    return OutputLock(output, lock_file, command)
+
+
+def record(command: str) -> dict:
+    """Who holds a lock: this process, running `command`, since now."""
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def describe_holder(record: dict) -> str:
+    """`PID N on HOST (kdpipe COMMAND) since TIME`; KeyError or TypeError for a record that is not one."""
+    return f"PID {record['pid']} on {record['host']} (kdpipe {record['command']}) since {record['since']}"
 
 
 class OutputLock:
@@ -64,20 +96,13 @@ class OutputLock:
     def _write_record(self, fd: int) -> None:
         """Called by filelock with the locked file's descriptor, before `acquire` returns."""
         self._fd = fd
-        record = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": self.command,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.pwrite(fd, json.dumps(record(self.command)).encode(), 0)
 
 
 def _holder(lock_file: Path) -> str:
     """Who holds a lock, from its record: `PID N on HOST (kdpipe COMMAND) since TIME`."""
     try:
-        record = json.loads(lock_file.read_text())
-        return f"PID {record['pid']} on {record['host']} (kdpipe {record['command']}) since {record['since']}"
+        return describe_holder(json.loads(lock_file.read_text()))
     except (OSError, ValueError, TypeError, KeyError):  # taken a moment ago, its record not written yet
         return f"another process (its lock {lock_file} holds no record yet)"

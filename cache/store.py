@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,8 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .location import location, remove_tree, tree_bytes, walk_files, zarr_store
 
 FORMAT_VERSION = 1
 STORE_NAME = "features.zarr"  # the store's name inside an extract output folder
@@ -285,8 +285,8 @@ class FeatureStore:
 
     @staticmethod
     def locate(path: str | Path) -> Path:
-        """The store at `path`, or the one inside `path` when given an extract output folder."""
-        path = Path(path)
+        """The store at `path` (a local path or a URL), or the one inside `path` when given an extract output folder."""
+        path = location(path)
         if not (path / "zarr.json").is_file() and (path / STORE_NAME).is_dir():
             path = path / STORE_NAME
         if not (path / "zarr.json").is_file() and any(path.glob("*/zarr.json")):
@@ -300,7 +300,7 @@ class FeatureStore:
         """Opens the store at `path`, or the one inside `path` when given an extract output folder."""
         path = cls.locate(path)
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            group = zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode)
         except UNREADABLE as err:
             raise DamagedStoreError(f"{path / 'zarr.json'} is unreadable ({_reason(err)}); {REBUILD}") from None
         meta = group.attrs.get(ATTR_KEY)
@@ -315,18 +315,19 @@ class FeatureStore:
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, Any], overwrite: bool = False) -> FeatureStore:
-        path = Path(path)
+        path = location(path)
         if path.exists():
             if not overwrite:
                 raise StoreError(f"{path} already exists")
             if not path.is_dir() or not _zarr_files_only(path):
                 raise StoreError(f"{path} exists and is not a Zarr store; refusing to delete it")
-            shutil.rmtree(path)
+            remove_tree(path)
         try:
-            group = zarr.open_group(str(path), mode="w-")
+            group = zarr.open_group(zarr_store(path, read_only=False), mode="w-")
             group.attrs[ATTR_KEY] = {**meta, "format_version": FORMAT_VERSION, "complete": False}
         except OSError:  # a full disk: no half-made store left for the next run to refuse
-            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_tree(path)
             raise
         return cls(path, group)
 
@@ -366,7 +367,7 @@ class FeatureStore:
 
     def remove_split(self, name: str) -> None:
         if (self.path / name).exists():
-            shutil.rmtree(self.path / name)
+            remove_tree(self.path / name)
 
     def split(self, name: str) -> SplitStore:
         if name not in self.split_names():
@@ -431,12 +432,12 @@ def view_path(view: int, path: str) -> str:
     return path if view == 0 else f"{VIEWS}/{view}/{path}"
 
 
-def _zarr_files_only(path: Path) -> bool:
+def _zarr_files_only(path) -> bool:
     """Whether every file under `path` is Zarr metadata, a chunk (under a `c` folder) or a write zarr left unfinished:
     a store, or what an interrupted deletion or a damaged disk left of one. Only such a folder is ever deleted."""
-    for _, folders, files in os.walk(path):
-        folders[:] = [f for f in folders if f != "c"]  # chunk folders hold chunks only
-        if any(f != "zarr.json" and not f.endswith(".partial") for f in files):
+    for file in walk_files(path):
+        *folders, name = file.split("/")
+        if "c" not in folders and name != "zarr.json" and not name.endswith(".partial"):  # chunk folders: chunks
             return False
     return True
 
@@ -447,6 +448,5 @@ def _missing_value(dtype: str) -> float | int:
 
 
 def stored_bytes(store_path: Path, array: zarr.Array) -> int:
-    """Bytes of an array's chunk files on disk (the store is a local directory; metadata excluded)."""
-    chunk_dir = store_path / array.path / "c"
-    return sum(f.stat().st_size for f in chunk_dir.rglob("*") if f.is_file()) if chunk_dir.is_dir() else 0
+    """Bytes of an array's chunk files (or objects) in the store, metadata excluded."""
+    return tree_bytes(store_path / array.path / "c")

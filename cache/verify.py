@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lock import OutputLock, store_lock
+from .lock import lock_output, store_lock
 from .store import PROGRESS, FeatureStore, SplitStore, StoreError
 
 SOUND, DAMAGED, INCOMPLETE = 0, 1, 2
@@ -33,8 +33,8 @@ class Verdict:
 
 
 def chunk_file(store_path: Path, array, index: int) -> Path:
-    """The file of chunk `index` along the sample axis (default v3 key encoding: c/<i>/0/...)."""
-    return store_path / array.path / "c" / str(index) / Path(*(["0"] * (array.ndim - 1)))
+    """The file (or object) of chunk `index` along the sample axis (default v3 key encoding: c/<i>/0/...)."""
+    return store_path / array.path / "/".join(["c", str(index), *["0"] * (array.ndim - 1)])
 
 
 Progress = Callable[..., Iterable]  # tqdm-like: progress(iterable, desc=...) yields the items
@@ -83,7 +83,7 @@ def verify_store(path: str | Path, repair: bool = False, progress: Progress = _n
     flagged unwritten and the store incomplete, so rerunning the same `kdpipe extract` recomputes exactly those
     blocks (and writes a damaged or missing split again). `progress` wraps the per-chunk loops."""
     path = FeatureStore.locate(path)
-    with OutputLock(path, store_lock(path), "verify") if repair else nullcontext():
+    with lock_output(path, store_lock(path), "verify") if repair else nullcontext():
         store = FeatureStore.open(path, mode="r+" if repair else "r")
         verdict = Verdict(store, [])
         for name in store.expected_splits():

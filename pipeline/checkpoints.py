@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save
+from safetensors.torch import load, load_file, safe_open, save
 from torch import nn
 
+from cache.location import is_remote, location
 from cache.store import StoreError
 
 from .errors import UserError, first_line, writing
@@ -67,14 +68,38 @@ def save_checkpoint(model: nn.Module, path: str | Path, model_spec: dict[str, An
 
 def read_model_spec(path: str | Path) -> dict[str, Any] | None:
     """The model spec that `save_checkpoint` wrote, or None for checkpoints made elsewhere."""
-    if Path(path).suffix != ".safetensors":
+    path = location(path)
+    if path.suffix != ".safetensors":
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            spec = (f.metadata() or {}).get(SPEC_KEY)
+        if is_remote(path):
+            spec = _remote_safetensors_metadata(path).get(SPEC_KEY)
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                spec = (f.metadata() or {}).get(SPEC_KEY)
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read checkpoint {path} as safetensors: {first_line(err)}") from err
     return json.loads(spec) if spec else None
+
+
+def _remote_safetensors_metadata(path) -> dict[str, str]:
+    """A safetensors file's metadata on object storage, from its header alone (8 bytes of length, then JSON)."""
+    length = int.from_bytes(path.fs.cat_file(path.path, start=0, end=8), "little")
+    try:
+        header = json.loads(path.fs.cat_file(path.path, start=8, end=8 + length))
+    except ValueError as err:
+        raise SafetensorError(f"invalid header: {err}") from None
+    return header.get("__metadata__") or {}
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, from a local file or an object."""
+    return load(path.read_bytes()) if is_remote(path) else load_file(str(path))
+
+
+def file_or_bytes(path):
+    """What `torch.load` or `np.load` reads: a local path as it is, an object as its bytes."""
+    return io.BytesIO(path.read_bytes()) if is_remote(path) else path
 
 
 def load_checkpoint(
@@ -88,7 +113,7 @@ def load_checkpoint(
     file itself; DDP and torch.compile prefixes are stripped. With `num_classes`, a classifier head of another class
     count is dropped and the model keeps its fresh one (see `load_state`).
     """
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     contents = _read_weights(path)
@@ -101,12 +126,12 @@ def load_checkpoint(
 def _read_weights(path: Path) -> Any:
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            return read_safetensors(path)
         except (SafetensorError, OSError) as err:
             raise UserError(f"cannot read checkpoint {path} as safetensors: {first_line(err)}") from err
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(file_or_bytes(path), map_location="cpu", weights_only=True)
     except Exception as err:  # whatever torch.load meets (pickled objects, junk, a cut-off file): one line
         refused = refused_global(err)
         if refused:
@@ -114,7 +139,7 @@ def _read_weights(path: Path) -> Any:
                 f"cannot read checkpoint {path}: a torch file of pickled objects ({refused}) that weights_only=True "
                 "refuses, such as a whole model from torch.save(model); save its state_dict() instead"
             ) from err
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format since torch 1.6
         reason = (
             "its zip archive is damaged or truncated" if zipped else "not a file torch.save wrote (junk or truncated)"
@@ -288,12 +313,12 @@ def start_or_resume(out_dir: Path, resume: bool, spec: dict, run: RunState, stag
     if not done:
         raise UserError(f"--resume: {out_dir} holds no checkpoint")
     epoch = done[-1]
-    state = torch.load(epoch_state(out_dir, epoch), map_location="cpu", weights_only=True)
+    state = torch.load(file_or_bytes(epoch_state(out_dir, epoch)), map_location="cpu", weights_only=True)
     compared = [k for k in spec if k != "kdpipe_version"]
     where, was, now = first_difference({k: state["spec"].get(k) for k in compared}, {k: spec[k] for k in compared})
     if where:
         raise UserError(f"--resume: the checkpoint in {out_dir} was made with {where} = {was!r}, not {now!r}")
-    run.module.load_state_dict(load_file(str(epoch_weights(out_dir, epoch))), strict=True)
+    run.module.load_state_dict(read_safetensors(epoch_weights(out_dir, epoch)), strict=True)
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["torch_rng"])

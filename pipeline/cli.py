@@ -12,7 +12,7 @@ import functools
 import io
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import click
 from click.core import ParameterSource
 from tqdm import tqdm
 
+from cache.location import LocationError, is_url, remote_cause, remote_message
 from cache.lock import LockError
 from cache.store import StoreError
 
@@ -79,7 +80,7 @@ def _user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, StoreError, LockError, OSError) as err:
+        except (UserError, StoreError, LockError, LocationError, OSError) as err:
             fault = filesystem_fault(err) if isinstance(err, OSError) else err
             if fault is None:
                 raise
@@ -88,6 +89,21 @@ def _user_errors(fn: Callable) -> Callable:
             raise click.ClickException(str(fault)) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _remote_errors(config: Config) -> Iterator[None]:
+    """A failure of object storage (no such bucket, no credentials, no connection, refused access), met anywhere in
+    the command, as one UserError naming the command's URLs (its store, --out or run) and the storage's reason."""
+    try:
+        yield
+    except (UserError, StoreError, LockError, LocationError, click.exceptions.ClickException, click.exceptions.Exit):
+        raise
+    except Exception as err:
+        urls = [str(getattr(config, f.name)) for f in fields(config) if is_url(getattr(config, f.name))]
+        if not urls or not remote_cause(err):
+            raise
+        raise UserError(f"{', '.join(urls)}: {remote_message(err)}") from err
 
 
 def click_params(config: type[Config]) -> list[click.Parameter]:
@@ -124,13 +140,14 @@ def command(config: type[Config]) -> Callable:
             ctx = click.get_current_context()
             given = {k: v for k, v in values.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
             resolved = resolve(config, config_file, given)
-            if not config.several_processes:
-                distributed.refuse_several(config.command)
-                return fn(resolved)
-            with distributed.joined(config.command) as world:
-                # every rank runs the command; rank 0 reports it, the others' lines would repeat it
-                with contextlib.nullcontext() if world.is_main else contextlib.redirect_stdout(io.StringIO()):
-                    fn(resolved)
+            with _remote_errors(resolved):
+                if not config.several_processes:
+                    distributed.refuse_several(config.command)
+                    return fn(resolved)
+                with distributed.joined(config.command) as world:
+                    # every rank runs the command; rank 0 reports it, the others' lines would repeat it
+                    with contextlib.nullcontext() if world.is_main else contextlib.redirect_stdout(io.StringIO()):
+                        fn(resolved)
 
         config_option = click.Option(
             ["--config", "config_file"],

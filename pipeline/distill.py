@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from cache.lock import OutputLock
+from cache.location import absolute, location
+from cache.lock import lock_output
 from cache.reader import CachedTargets
 from cache.store import PARAMS_ARRAY, FeatureStore, SplitStore
 
@@ -105,7 +106,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "num_classes": data.num_classes,
         "input_size": input_size,
         "dataset": data.name,
-        "store": str(feature_store.path.resolve()),
+        "store": absolute(feature_store.path),
         "store_config_hash": feature_store.meta["config_hash"],
         "student_taps": [t.name for t in student_taps],
         "teacher_taps": [t.name for t in teacher_taps],
@@ -121,7 +122,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "%s: terms %s; student taps %s -> teacher taps %s; targets %s",
         *(method.name, spec["losses"], spec["student_taps"], spec["teacher_taps"], targets.order),
     )
-    out_dir = Path(config.out)
+    out_dir = location(config.out)
     run = RunState(distiller, optimizer, schedule)
     if config.check:
         start_or_resume(out_dir, config.resume, spec, run, "distill")
@@ -213,7 +214,7 @@ def _take_folder(
 ) -> tuple[list[dict[str, Any]], int]:
     """Rank 0's look at the run folder, under its lock (held by `held`): the log so far and the first epoch to run,
     the run's resolved options written (unless the run is finished)."""
-    held.enter_context(OutputLock(out_dir, folder_lock(out_dir), config.command))
+    held.enter_context(lock_output(out_dir, folder_lock(out_dir), config.command))
     log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
     if not (first_epoch > spec["epochs"] and (out_dir / DISTILL_SUMMARY).is_file()):
         write_args(out_dir, config)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache.lock import OutputLock
+from cache.location import is_remote, location
+from cache.lock import lock_output
 from cache.store import (
     FEATURES,
     PARAMS_ARRAY,
@@ -127,7 +128,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     }
     if augmentation:  # absent from a store of plain images, whose identity stays what it always was
         identity["augment"] = {**augmentation.record(), "views": config.views, "seed": config.seed}
-    out = Path(config.out)
+    out = location(config.out)
     specs, view_specs = _array_specs(taps, logits, num_classes), _view_specs(taps, logits, num_classes)
     # Where the teacher's weights and the data were read from: beside the identity, not in it (the same data and
     # weights may live anywhere); distill and probe find the data there by default.
@@ -187,7 +188,7 @@ def _prepare(
     the store and creates every split not intact; returns the plan, each split's missing blocks per view (None:
     the store is complete). The plan is fixed before any rank writes, so every rank shares the same one."""
     specs, view_specs, tap_names = layout
-    held.enter_context(OutputLock(path, store_lock(path), config.command))
+    held.enter_context(lock_output(path, store_lock(path), config.command))
     store, intact = _resume_or_create(path, identity, places, config, (specs, view_specs), rows, views)
     write_args(path.parent, config)
     if store.complete:
@@ -348,17 +349,18 @@ def _check_size(
             left += row_bytes * (_rows_to_write(resumed[split].view(v)) if split in resumed else len(split_rows))
         if views[split] > 1:
             log.info("split %s: %d views of %s raw each", split, views[split], _size(len(split_rows) * view))
-    free = shutil.disk_usage(path.parent).free
+    free = None if is_remote(path) else shutil.disk_usage(path.parent).free  # object storage: no such bound
+    free_text = "unbounded (object storage)" if free is None else _size(free)
     count = sum(map(len, rows.values()))
     per_view = " a view" if max(views.values()) > 1 else ""
     log.info(
         "%s: %s raw (%d rows of %s%s), %s of it to write, %s free; compression only makes it smaller",
-        *(path, _size(total), count, _size(plain), per_view, _size(left), _size(free)),
+        *(path, _size(total), count, _size(plain), per_view, _size(left), free_text),
     )
     fewer = "cache fewer taps (--layers) or samples (--max-samples)"
     if max_gb is not None and total > max_gb * 2**30:
         raise UserError(f"{path} would hold {_size(total)} raw, above --max-store-gb {max_gb:g}; {fewer}")
-    if left > free:
+    if free is not None and left > free:
         raise UserError(
             f"{path} needs {_size(left)} raw but {path.parent} has {_size(free)} free; free space or {fewer}"
         )

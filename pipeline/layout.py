@@ -16,7 +16,10 @@ DIR/NAME.scores.json, NAME.scores.png and NAME.score_args.yaml, so that stores s
 The lock files are the writers' (`cache.lock`): a folder's inside it, a store's beside it.
 
 Every file is written whole or not at all: NAME.tmp, synced, then renamed over NAME (`runtime.write_bytes`; zarr
-writes the store's files alike).
+writes the store's files alike); on object storage each is one PUT of the whole object, atomic as it is.
+
+Any folder here may be a URL (`s3://bucket/runs/digits/extract`): `cache.location.location` makes it a path object of
+its filesystem (a plain Path for a local one), and the names below are the same there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from cache.location import location
 from cache.lock import store_lock as store_lock  # a store's lock, beside it: STORE.lock
 from cache.store import STORE_NAME as STORE_NAME  # an extract folder holds the store under this name
 
@@ -58,11 +62,11 @@ def args_name(command: str) -> str:
 
 
 def args_file(folder: str | Path, command: str) -> Path:
-    return Path(folder) / args_name(command)
+    return location(folder) / args_name(command)
 
 
 def folder_lock(folder: str | Path) -> Path:
-    return Path(folder) / FOLDER_LOCK
+    return location(folder) / FOLDER_LOCK
 
 
 def beside_store(store: Path, name: str) -> Path:
@@ -81,22 +85,22 @@ def derived_files(store: Path) -> list[Path]:
 
 
 def epoch_weights(folder: str | Path, epoch: int) -> Path:
-    return Path(folder) / f"epoch-{epoch:03d}.safetensors"
+    return location(folder) / f"epoch-{epoch:03d}.safetensors"
 
 
 def epoch_state(folder: str | Path, epoch: int) -> Path:
     """Optimizer, schedule, RNG and log after `epoch`; written after its weights, so it commits them."""
-    return Path(folder) / f"epoch-{epoch:03d}.state.pt"
+    return location(folder) / f"epoch-{epoch:03d}.state.pt"
 
 
 def checkpoint_epochs(folder: str | Path) -> list[int]:
     """The epochs with a committed checkpoint in `folder` (none when it does not exist), in order."""
-    found = (_EPOCH_STATE.search(p.name) for p in Path(folder).glob("epoch-*.state.pt"))
+    found = (_EPOCH_STATE.search(p.name) for p in location(folder).glob("epoch-*.state.pt"))
     return sorted(int(m.group(1)) for m in found if m)
 
 
 def report_run(folder: str | Path, entry: str, seed: int, label_fraction: float | None = None) -> Path:
     """The distill folder of one report run: at the main label fraction (None) OUT/<entry>/seed-<s>, at another
     fraction of the sweep OUT/<entry>/labels-<fraction>/seed-<s> (the fraction as Python writes it: labels-0.05)."""
-    entry_dir = Path(folder) / entry
+    entry_dir = location(folder) / entry
     return (entry_dir if label_fraction is None else entry_dir / f"labels-{label_fraction!r}") / f"seed-{seed}"

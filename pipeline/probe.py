@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from cache.lock import OutputLock
+from cache.location import location
+from cache.lock import lock_output
 from cache.store import FeatureStore, StoreError
 
-from .checkpoints import load_checkpoint, read_model_spec, save_checkpoint
+from .checkpoints import file_or_bytes, load_checkpoint, read_model_spec, save_checkpoint
 from .config import ProbeConfig
 from .datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError
@@ -58,7 +59,7 @@ class LinearProbeClassifier(nn.Module):
 
 def load_classifier(path: str | Path) -> LinearProbeClassifier:
     """The exported classifier in eval mode; `.transform` preprocesses a PIL image or uint8 tensor for it."""
-    path = Path(path)
+    path = location(path)
     path = path / CLASSIFIER if path.is_dir() else path
     spec = read_model_spec(path)
     if not spec or "tap" not in spec:
@@ -77,10 +78,10 @@ def load_classifier(path: str | Path) -> LinearProbeClassifier:
 def probe(config: ProbeConfig) -> dict[str, Any]:
     """Fits and evaluates the linear probe of the student in `config.run`, under the run folder's lock; writes
     probe.json and the classifier."""
-    run_dir = Path(config.run)
+    run_dir = location(config.run)
     if not (run_dir / STUDENT_WEIGHTS).is_file():
         raise UserError(f"{run_dir} holds no distilled student ({STUDENT_WEIGHTS}); run kdpipe distill first")
-    with OutputLock(run_dir, folder_lock(run_dir), config.command):
+    with lock_output(run_dir, folder_lock(run_dir), config.command):
         return _probe(config, run_dir)
 
 
@@ -152,7 +153,7 @@ def _labelled_indices(run_dir: Path, spec: dict[str, Any], num_train: int) -> np
     """Dataset indices of the train images the run may use labels of: those its distill run recorded."""
     path = run_dir / LABELLED_INDICES
     if path.is_file():
-        return np.load(path)
+        return np.load(file_or_bytes(path))
     if spec.get("label_fraction", 1.0) < 1.0:
         raise UserError(f"{path} is missing, so the labelled subset of this --label-fraction run is unknown")
     return np.arange(num_train)  # runs from before the file existed: the whole train split

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cache.lock import OutputLock
+from cache.lock import lock_output
 
 from .config import Boolean, DistillConfig, ProbeConfig, ReportConfig, field_types
 from .distill import distill
@@ -70,7 +70,7 @@ def report(config: ReportConfig) -> dict[str, Any]:
     The report holds its folder's lock throughout (each run, its own folder's too)."""
     runs = plan(config)
     out = Path(config.out)
-    with OutputLock(out, folder_lock(out), config.command):
+    with lock_output(out, folder_lock(out), config.command):
         return _report(config, runs, out)
 
 

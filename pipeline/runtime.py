@@ -17,6 +17,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from cache.location import is_remote, location, put_bytes
+
 from .errors import UserError, writing
 from .layout import args_file
 
@@ -45,8 +47,13 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """Writes `data` to `path` whole or not at all: into `path.tmp`, synced to disk, then renamed over `path`, so a
     crash or a full disk leaves the previous file or none, never a truncated one a later run would trust (the sync
     makes a filesystem that reports a full disk late report it here). A write the filesystem refuses (full disk,
-    read-only, no permission) is a UserError naming `path`; its temporary file is removed."""
-    path = Path(path)
+    read-only, no permission) is a UserError naming `path`; its temporary file is removed. On object storage the
+    object is written whole by one PUT (`cache.location.put_bytes`), which is atomic already."""
+    path = location(path)
+    if is_remote(path):
+        with writing(path):
+            put_bytes(path, data)
+        return
     tmp = path.with_name(path.name + ".tmp")
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from cache.lock import OutputLock
+from cache.location import location
+from cache.lock import lock_output
 from cache.reader import gather_rows
 from cache.store import FeatureStore, SplitStore
 
@@ -44,7 +45,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     """Scores the taps of the store's split, records them in the store and beside it (`layout.score_files`), under
     the store's lock; returns the summary."""
     path = FeatureStore.locate(config.store)
-    with OutputLock(path, store_lock(path), config.command):
+    with lock_output(path, store_lock(path), config.command):
         return _score(config, FeatureStore.open(path, mode="r+"))
 
 
@@ -262,9 +263,9 @@ def _record(part: SplitStore, summary: dict[str, Any]) -> None:
             "top_k": summary["top_k"],
             "Q": {t["name"]: t["Q"] for t in summary["taps"]},
         }
-    write_json(Path(summary["scores_file"]), summary)
+    write_json(location(summary["scores_file"]), summary)
     if summary["plot_file"]:
-        plot_scores(summary, Path(summary["plot_file"]))
+        plot_scores(summary, location(summary["plot_file"]))
 
 
 def plot_scores(summary: dict[str, Any], path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache.lock import OutputLock
+from cache.lock import lock_output
 
 from . import __version__
 from .checkpoints import RunState, discard_run, resumable, save_checkpoint, save_epoch, start_or_resume
@@ -77,7 +77,7 @@ def teach(config: TeachConfig) -> dict[str, Any]:
         "dataset_fingerprint": fingerprint["fingerprint"],
         "dataset_fingerprint_scheme": fingerprint["fingerprint_scheme"],
     }
-    with OutputLock(out_dir, folder_lock(out_dir), config.command):
+    with lock_output(out_dir, folder_lock(out_dir), config.command):
         if config.overwrite and not config.resume:
             discard_run(out_dir, out_dir / TEACH_SUMMARY)
         log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "teach")
