@@ -144,6 +144,7 @@ def test_round_trip_equals_a_local_run(s3, digits_teacher, local_store):
     assert json.loads(objects[f"{BUCKET}/runs/extract/extract.json"])["store"] == f"{url}/{STORE_NAME}"
 
 
+@pytest.mark.slow  # CI only, to keep `make test-fast` under a minute
 def test_interrupted_extract_to_s3_resumes_to_the_same_bytes(s3, digits_teacher, local_store, monkeypatch):
     """An extract to S3 that dies mid-split leaves its written blocks flagged; the same command finishes it, every
     array byte-equal to an uninterrupted run's; info describes it, and verify finds a chunk object deleted from it."""
@@ -193,6 +194,7 @@ def test_a_second_writer_is_refused_while_the_lock_is_held(s3, monkeypatch):
         pass
 
 
+@pytest.mark.slow  # CI only, to keep `make test-fast` under a minute
 def test_a_stale_lock_is_taken_over_after_its_lease(s3, monkeypatch):
     """A holder that stops renewing (killed) keeps its output locked for one lease; then the next writer takes the
     lock over, and the old holder can no longer delete it. A live holder renews its lease and keeps its lock."""
