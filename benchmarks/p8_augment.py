@@ -41,6 +41,9 @@ none, at 1,080 only 0.8 and 0.3). Both budgets (`--steps 360,1080`) would take a
 (each run also pays about 14 s of process start-up and probe); 1,080 alone keeps the script near 20.
 
     python benchmarks/p8_augment.py [--keep DIR] [--steps 1080] [--seeds 0,1,2]
+
+With `--keep DIR` a second invocation reuses the teacher and every run an interrupted one finished (each run is
+seeded, so it would be the same), and extracts the stores again to time them.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -81,6 +85,8 @@ def run(tmp: Path, stores: dict[str, Path], variant: str, steps: int, fraction: 
     """One distill + probe; its top-1, training seconds per 100 steps and folder."""
     name, store, flags = next(v for v in VARIANTS if v[0] == variant)
     out = tmp / "runs" / f"steps-{steps}" / name.replace("=", "") / f"labels-{fraction:g}" / f"seed-{seed}"
+    if (out / PROBE_SUMMARY).is_file():  # finished by an earlier, interrupted run of the script (--keep)
+        return measured(out, steps)
     common = ("--config", CONFIG, "--method", "feature", "--steps", str(steps), "--seed", str(seed))
     kdpipe("distill", str(stores[store]), *common, "--label-fraction", str(fraction), "--out", str(out), *flags)
     kdpipe("probe", "--config", CONFIG, str(out))
@@ -176,7 +182,10 @@ def main() -> None:
         tmp = Path(tmp)
         stores = {"plain": tmp / "plain", "views": tmp / f"views-{VIEWS}"}
         with Timer() as teach:
-            kdpipe("teach", "--config", DEMO_CONFIG, "--out", str(tmp / "teacher"))
+            if not (tmp / "teacher" / TEACHER_WEIGHTS).is_file():  # kept from an earlier run: training is seeded
+                kdpipe("teach", "--config", DEMO_CONFIG, "--out", str(tmp / "teacher"))
+        for store in stores.values():  # extracted again, so that their times are measured (the same bytes)
+            shutil.rmtree(store, ignore_errors=True)
         extract = ("extract", "--config", DEMO_CONFIG, "--checkpoint", str(tmp / "teacher" / TEACHER_WEIGHTS))
         with Timer() as plain:
             kdpipe(*extract, "--out", str(stores["plain"]))
