@@ -1,6 +1,6 @@
-"""Runs every benchmark (P1-P10) in turn and prints each one's last line, the figure it exists for.
+"""Runs every benchmark (P1-P11) in turn and prints each one's last line, the figure it exists for.
 
-python benchmarks/run_all.py        # `make bench`; about 20 minutes on 2 cores
+python benchmarks/run_all.py        # `make bench`; about an hour on 2 cores (P6 and P8 take most of it)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ SCRIPTS = [
     "p8_augment.py",
     "p9_view_reads.py",
     "p10_object_store.py",
+    "p11_processes.py",
 ]
 
 
