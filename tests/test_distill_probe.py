@@ -47,10 +47,9 @@ def test_cached_targets_in_ram_and_streamed_agree(scored_store):
     "method,extra",
     [
         ("feature", {}),
-        ("feature-standard", {"student_layers": ("layer2.0", "layer3.0")}),
-        pytest.param(
-            "feature", LABEL_BUDGET, marks=pytest.mark.slow
-        ),  # CI only, to keep `make test-fast` under a minute
+        # the other two CI only, to keep `make test-fast` under a minute
+        pytest.param("feature-standard", {"student_layers": ("layer2.0", "layer3.0")}, marks=pytest.mark.slow),
+        pytest.param("feature", LABEL_BUDGET, marks=pytest.mark.slow),
     ],
 )
 def test_labels_and_logits_never_reach_the_backbone(scored_store, tmp_path, method, extra):

@@ -47,7 +47,13 @@ def _stream(part, blocks, data, batch):
 
 # batches of one row and of more than the whole store: CI only, to keep `make test-fast` under a minute
 @pytest.mark.parametrize(
-    "batch", [pytest.param(1, marks=pytest.mark.slow), 7, 300, pytest.param(2000, marks=pytest.mark.slow)]
+    "batch",
+    [
+        pytest.param(1, marks=pytest.mark.slow),
+        pytest.param(7, marks=pytest.mark.slow),
+        300,
+        pytest.param(2000, marks=pytest.mark.slow),
+    ],
 )
 def test_writer_round_trip_any_batch_size(tmp_path, batch, small_chunks):
     specs = [ArraySpec("features/big", (256, 8, 8), "float16"), ArraySpec("features/mid", (32, 32), "float16")]

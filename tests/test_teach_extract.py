@@ -63,6 +63,7 @@ def _timm_preprocessing(name: str, mean=None, std=None) -> Preprocessing:
     return Preprocessing(32, mean or cfg.mean, std or cfg.std, cfg.interpolation, cfg.crop_pct)
 
 
+@pytest.mark.slow
 def test_teach_serves_and_records_a_timm_models_preprocessing(tmp_path):
     summary = teach(TeachConfig(teacher="timm:test_resnet", epochs=1, batch_size=256, device="cpu", out=str(tmp_path)))
     expected = _timm_preprocessing("test_resnet").to_dict()

@@ -188,6 +188,7 @@ def test_a_non_finite_loss_names_the_epoch_and_that_no_checkpoint_exists_yet(sco
         distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "run"), **STUDENT))
 
 
+@pytest.mark.slow
 def test_extract_on_a_disk_that_fills_resumes_when_space_is_freed(digits_teacher, tmp_path, disk, monkeypatch):
     """A disk another writer fills during the extraction (the size check before it saw enough room)."""
     if not disk.real:
