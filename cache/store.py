@@ -253,12 +253,17 @@ class SplitStore:
     def complete(self) -> bool:
         return bool(self.group.attrs.get("complete", False))
 
-    def mark_complete(self) -> None:
-        """Marks every view complete (its flag is the split's), once every block of every view is written."""
+    def check_written(self) -> list[SplitStore]:
+        """Refuses a split with a block of any view unwritten; returns the views."""
         views = self.views()
         missing = sum(len(v.missing_blocks()) for v in views)
         if missing:
             raise StoreError(f"split {self.name!r} still has {missing} unwritten blocks")
+        return views
+
+    def mark_complete(self) -> None:
+        """Marks every view complete (its flag is the split's), once every block of every view is written."""
+        views = self.check_written()
         for view in views[1:]:
             view.group.attrs["complete"] = True
         self.group.attrs["complete"] = True

@@ -131,7 +131,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         log_rows, first_epoch = world.from_main(lambda: _take_folder(held, out_dir, config, spec, run))
         if not world.is_main:  # the checkpoint rank 0 found, read alike
             log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
-        if first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file():
+        if _finished(out_dir, first_epoch, epochs):
             return json.loads((out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
         images = _view_images(data, indices, feature_store, part, fresh, views, config.seed)
         trainer = Trainer(
@@ -216,9 +216,14 @@ def _take_folder(
     the run's resolved options written (unless the run is finished)."""
     held.enter_context(lock_output(out_dir, folder_lock(out_dir), config.command))
     log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
-    if not (first_epoch > spec["epochs"] and (out_dir / DISTILL_SUMMARY).is_file()):
+    if not _finished(out_dir, first_epoch, spec["epochs"]):
         write_args(out_dir, config)
     return log_rows, first_epoch
+
+
+def _finished(out_dir: Path, first_epoch: int, epochs: int) -> bool:
+    """Whether the run in `out_dir` ran every epoch and wrote its summary (reused, not recomputed)."""
+    return first_epoch > epochs and (out_dir / DISTILL_SUMMARY).is_file()
 
 
 def _check_processes(config: DistillConfig, world: distributed.World, device) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,7 +65,7 @@ class World:
             try:
                 outcome = [("result", step())]
             except Exception as err:  # the others must hear of it, whatever it is
-                error, outcome = err, [("error", _one_line(err))]
+                error, outcome = err, [("error", first_line(err))]
         dist.broadcast_object_list(outcome, src=0)
         if error is not None:
             raise error
@@ -114,11 +114,6 @@ class World:
     def shard(self, items: list[T]) -> list[T]:
         """This rank's share of `items`: every `size`-th, starting at its rank (balanced to within one item)."""
         return items[self.rank :: self.size]
-
-
-def _one_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def current() -> World:

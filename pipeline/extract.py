@@ -154,16 +154,10 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
             timings[split] = _extract_split(model, images, part, missing, taps, logits, config, dev, world)
         world.barrier()
         for split in plan:  # every rank checks that all the blocks are written, rank 0 says so
-            _check_written(store.split(split))
+            store.split(split).check_written()
         world.from_main(lambda: _mark_complete(store, list(plan)))
         timings = _combined(world.gather(timings))
         return world.from_main(lambda: _summary(store, timings, out))
-
-
-def _check_written(part: SplitStore) -> None:
-    missing = sum(len(view.missing_blocks()) for view in part.views())
-    if missing:
-        raise StoreError(f"split {part.name!r} of {part.path.parent} still has {missing} unwritten blocks")
 
 
 def _mark_complete(store: FeatureStore, splits: list[str]) -> None:
