@@ -510,6 +510,7 @@ class ScoreConfig(Config):
         4.0, "Memory for subset B at a time; larger subsets are read in class groups.", _positive()
     )
     workers: int = option(2, "Threads reading chunks (per tap, in each dask worker too).", Integer(min=1))
+    device: str = _device()
     scheduler: str | None = option(
         None,
         "Score the taps on a running dask.distributed scheduler (tcp://HOST:8786); its workers must reach the store "

@@ -1,7 +1,7 @@
 """`kdpipe score`: knowledge quality Q of every cached tap, out of core, and the top-k teacher layers.
 
 Subsets A and B (METHOD.md §1 step 2) are drawn from the cached labels; their rows are gathered chunk by chunk
-through dask (never per sample), pooled and flattened as they are read. Memory holds subset A and at most
+(never per sample), pooled and flattened as they are read. Memory holds subset A and at most
 `--memory-gb` of subset B at a time, whatever the number of cached samples.
 """
 
@@ -37,7 +37,7 @@ from .quality import (
     select_top_k,
     subset_a_stats,
 )
-from .runtime import write_config, write_json, write_png
+from .runtime import resolve_device, write_config, write_json, write_png
 from .taps import Tap
 
 
@@ -61,6 +61,7 @@ def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
         raise UserError(f"{feature_store.path} [{config.split}]: {err}") from err
     a_rows, b_rows = rows[subset_a], rows[subset_b]
     n_train = _train_split_size(feature_store, part)
+    device = resolve_device(config.device)  # refused here, before any work, when CUDA is asked for and absent
     budget_bytes = max(1, int(config.memory_gb * 2**30))
     scores_file, plot_file, args_file = score_files(feature_store.path)
     write_config(args_file, config)
@@ -77,6 +78,7 @@ def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
         n_train=n_train,
         budget_bytes=budget_bytes,
         workers=config.workers,
+        device=str(device),
         threads=threads,
     )
     with dask_client(config.scheduler, config.dask_workers, config.dask_processes) as client:
@@ -102,6 +104,7 @@ def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
         "num_classes": num_classes,
         "subset_sizes": {"A": len(a_rows), "B": len(b_rows)},
         "scheduler": scheduler,
+        "device": str(device),
         "notes": notes,
         "taps": results,
     }
@@ -176,8 +179,9 @@ def tap_quality(
     n_train: int,
     budget_bytes: int,
     workers: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """S, I, E, Q and their parts for one tap.
+    """S, I, E, Q and their parts for one tap, the Gram product on `device`.
 
     Subset A is read with the first class group of subset B in one pass; further groups (only when B exceeds
     `budget_bytes` beyond A) take one pass each.
@@ -195,7 +199,7 @@ def tap_quality(
         if not np.isfinite(block).all():  # missing chunks read as NaN; the writer never stores non-finite values
             raise UserError(f"tap {tap.name} reads non-finite values: a chunk of {array.path} is missing or damaged")
         if group == 0:
-            a_stats = subset_a_stats(block[: len(a_rows)], a_labels, num_classes, n_train)
+            a_stats = subset_a_stats(block[: len(a_rows)], a_labels, num_classes, n_train, resolve_device(device))
             block = block[len(a_rows) :]
         for c in classes:
             spectra.append(class_spectrum(block[block_labels == c]))

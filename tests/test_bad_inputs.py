@@ -73,6 +73,12 @@ CASES = {
         else ["teach", "--device", "tpu", "--out", "{out}"],
         "--device",
     ),
+    "score on absent CUDA": (
+        ["score", "{store}", "--device", "cuda"]
+        if not torch.cuda.is_available()
+        else ["score", "{store}", "--device", "tpu"],
+        "--device",
+    ),
     "missing checkpoint": (
         ["extract", "--checkpoint", "{root}/none.safetensors", "--out", "{out}"],
         "checkpoint not found",

@@ -10,10 +10,12 @@ import pytest
 
 from helpers import naive_quality
 from pipeline.quality import (
+    GRAM_COLUMNS,
     QualityError,
     class_spectrum,
     draw_subsets,
     flatten_features,
+    gram_matrix,
     information,
     knowledge_quality,
     pool_kernel,
@@ -41,9 +43,42 @@ def test_matches_naive_reference(seed, sizes):
     expected = naive_quality(x, labels, a, b, n_train=1000)
     got, _, _ = fast_quality(x, labels, a, b, 1000, len(sizes))
     for key in expected:
-        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9), key
+        assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
     if len(set(sizes)) > 1:
         assert 0 < got["I"]  # padding zeroes the smaller classes' entropies (quirk 3), not the largest's
+
+
+def test_gram_entries_stay_within_their_bound():
+    """Three and a bit column blocks of features on scales 1e-3..1e3: every float32 entry is within the stated
+    bound of the float64 product, the diagonal is the float64 squared norm, and the bound is not vacuous."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((60, 3 * GRAM_COLUMNS + 7)) * np.logspace(-3, 3, 60)[:, None]).astype(np.float32)
+    exact = x.astype(np.float64) @ x.astype(np.float64).T
+    gram = gram_matrix(x)
+    norm = np.sqrt(np.diag(exact))
+    np.testing.assert_allclose(gram.sq_norm, np.diag(exact), rtol=1e-14)
+    assert np.array_equal(np.diag(gram.matrix), gram.sq_norm)
+    assert (np.abs(gram.matrix - exact) <= gram.bound * np.outer(norm, norm)).all()
+    assert gram.bound < 1e-3
+
+
+def test_minima_are_float64_values_where_float32_products_cancel():
+    """Samples 1000 + small offsets: |x|^2 is 1e11 times the squared distances, so a float32 Gram product cannot
+    tell neighbours apart, yet delta_c and m_c equal the float64 loop's (every pair is a candidate)."""
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(3), 12)
+    x = (1000.0 + rng.standard_normal((36, 40)) * 1e-2).astype(np.float32)
+    stats = subset_a_stats(x, labels, 3, 100)
+    x64 = x.astype(np.float64)
+    for c in range(3):
+        inside, outside = x64[labels == c], x64[labels != c]
+        nearest = min(np.linalg.norm(u - v) for u in inside for v in outside)
+        cosines = [abs(u @ v) / np.linalg.norm(u) / np.linalg.norm(v) for u in inside for v in inside]
+        assert stats.nearest_other[c] == pytest.approx(nearest, rel=1e-12)
+        assert stats.min_cos[c] == pytest.approx(min(cosines), rel=1e-15)
+    x32 = x.astype(np.float32)
+    plain = (x32**2).sum(1)[:, None] + (x32**2).sum(1)[None, :] - 2 * (x32 @ x32.T)  # what float32 alone gives
+    assert abs(np.sqrt(max(plain[labels == 0][:, labels != 0].min(), 0)) - stats.nearest_other[0]) > 1e-2
 
 
 def _clusters(rng, spread: float, n: int = 30, dim: int = 64, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
