@@ -45,7 +45,7 @@ from .config import (
     field_types,
     resolve,
 )
-from .errors import UserError, filesystem_fault
+from .errors import UserError, filesystem_fault, user_message
 
 LIBRARY_LOGGERS = ("pipeline", "cache")
 
@@ -86,7 +86,7 @@ def _user_errors(fn: Callable) -> Callable:
                 raise
             for bar in list(getattr(tqdm, "_instances", [])):  # so the error starts its own line
                 bar.close()
-            raise click.ClickException(str(fault)) from None
+            raise click.ClickException(user_message(fault)) from None
 
     return wrapper
 

@@ -291,6 +291,24 @@ def cifar100(split: str = "train", root: str | None = None, input_size: int | No
     return _cifar("cifar100", CIFAR100_LAYOUT, CIFAR100_MEAN, CIFAR100_STD, split, root, input_size, download)
 
 
+class LabelledImageFolder(torchvision.datasets.ImageFolder):
+    """An ImageFolder on a fixed label map (the train split's, even where a class folder is absent) that names an
+    unreadable image. A module-level class, so DataLoader workers (spawned: they unpickle the dataset) can load it."""
+
+    def __init__(self, root: str, classes: list[str], transform: Callable) -> None:
+        self.fixed_classes = list(classes)
+        super().__init__(root, transform=transform, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self.fixed_classes, {c: i for i, c in enumerate(self.fixed_classes)}
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except OSError as err:  # PIL's UnidentifiedImageError is an OSError
+            raise UserError(f"cannot read image {self.samples[index][0]}: {first_line(err)}") from err
+
+
 @register_dataset
 @with_splits("train", "val")
 def imagefolder(split: str = "train", root: str | None = None, input_size: int | None = None, download: bool = False):
@@ -313,19 +331,9 @@ def imagefolder(split: str = "train", root: str | None = None, input_size: int |
     if unknown:
         raise UserError(f"{split_dir} has class folders missing from train/: {', '.join(unknown[:5])}")
 
-    class Fixed(torchvision.datasets.ImageFolder):
-        def find_classes(self, directory):  # the train split's label map, even where a class folder is absent
-            return classes, {c: i for i, c in enumerate(classes)}
-
-        def __getitem__(self, index: int):
-            try:
-                return super().__getitem__(index)
-            except OSError as err:  # PIL's UnidentifiedImageError is an OSError
-                raise UserError(f"cannot read image {self.samples[index][0]}: {first_line(err)}") from err
-
     prep = Preprocessing(input_size or 224, IMAGENET_MEAN, IMAGENET_STD)
     try:
-        data = Fixed(str(split_dir), transform=prep.transform(), allow_empty=True)
+        data = LabelledImageFolder(str(split_dir), classes, transform=prep.transform())
     except (FileNotFoundError, RuntimeError) as err:
         raise UserError(f"cannot read image folder {split_dir}: {err}") from err
     if len(data) == 0:

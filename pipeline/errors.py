@@ -21,6 +21,17 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def user_message(err: BaseException) -> str:
+    """The message for the user. An error raised in a DataLoader worker reaches the main process re-raised by torch
+    with the worker's traceback as its message ("Caught UserError in DataLoader worker process 0. Original
+    Traceback ... pipeline.errors.UserError: MESSAGE"): that is MESSAGE again."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 @contextlib.contextmanager
 def writing(path: str | Path) -> Iterator[None]:
     """A write inside the block that the filesystem refuses (full, over quota, read-only, not permitted) becomes a
