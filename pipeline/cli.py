@@ -203,14 +203,20 @@ def methods(config: MethodsConfig) -> None:
 
 @command(LayersConfig)
 def layers(config: LayersConfig) -> None:
+    from .extract import tap_bytes
     from .models import create_model
     from .taps import list_taps
 
     net = create_model(config.model, config.num_classes, input_size=config.input_size, model_kwargs=config.model_kwargs)
     taps = list_taps(net, config.input_size)
-    click.echo(f"{'index':>5}  {'name':28s} {'role':10s} {'layout':26s} shape")
+    size = f" {'KiB/image':>10s}" if config.bytes else ""
+    click.echo(f"{'index':>5}  {'name':28s} {'role':10s} {'layout':26s}{size} shape")
     for tap in taps:
-        click.echo(f"{tap.index:>5}  {tap.name:28s} {tap.role:10s} {tap.describe():26s} {tuple(tap.shape)}")
+        size = f" {tap_bytes(tap) / 2**10:>10.1f}" if config.bytes else ""
+        click.echo(f"{tap.index:>5}  {tap.name:28s} {tap.role:10s} {tap.describe():26s}{size} {tuple(tap.shape)}")
+    if config.bytes:
+        total = sum(map(tap_bytes, taps))
+        click.echo(f"all {len(taps)} taps: {total / 2**10:.1f} KiB per image, before compression")
 
 
 @command(TeachConfig)

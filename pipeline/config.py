@@ -471,7 +471,10 @@ class ExtractConfig(DataOptions, RunOptions):
     model_kwargs: dict | None = _model_kwargs()
     normalization: str = _normalization()
     splits: tuple[str, ...] = option(("train",), "Splits to cache, e.g. train,test.")
-    layers: tuple[str, ...] = _layers("Taps to cache by module path (default: all).")
+    layers: tuple[str, ...] = _layers(
+        "Taps to cache by module path (default: all); picked:PATH stands for the taps `kdpipe score` picked in the "
+        "store at PATH (a sample of this dataset: the two-pass route), stage-ends for the teacher's stage ends."
+    )
     logits: bool = option(True, "Also cache the teacher's logits.")
     views: int = option(
         1,
@@ -676,6 +679,7 @@ class LayersConfig(Config):
     input_size: int = _input_size(32)
     num_classes: int = option(10, "Classes of the model's head.", Integer(min=1))
     model_kwargs: dict | None = _model_kwargs()
+    bytes: bool = option(False, "Also show what each tap costs a store per image (float16, before compression).")
 
 
 @command("verify")

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import queue
 import shutil
 import time
@@ -55,6 +56,7 @@ from .datasets import Preprocessing, SplitData, held_out_split, load_split, stra
 from .errors import UserError, writing
 from .layout import EXTRACT_SUMMARY, STORE_NAME, derived_files, store_lock
 from .models import load_teacher, served_preprocessing
+from .picks import check_teacher, expand_layers
 from .provenance import absolute_root
 from .recipe import make_loader
 from .runtime import first_difference, progress, resolve_device, seed_everything, short, write_args, write_json
@@ -97,22 +99,26 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         log.info("the teacher's head was dropped, so its logits mean nothing: caching no logits")
     # The whole model's taps, for its stage ends; cached logits must be (batch, num_classes).
     layers = list_taps(model, input_size, num_classes=num_classes if logits else None)
-    taps = list_taps(model, input_size, names=list(config.layers)) if config.layers else layers
+    names, picks = expand_layers(config.layers, layers)
+    taps = list_taps(model, input_size, names=names) if names else layers
     preprocessing = served_preprocessing(config.teacher, model, first.preprocessing, config.normalization)
     _warn_if_trained_otherwise(config.checkpoint, config.pretrained, model, preprocessing)
     data = {split: d.with_preprocessing(preprocessing) for split, d in data.items()}
     augmentation = _augmentation(config, preprocessing)
     views = {split: config.views if split != held_out_split(config.dataset) else 1 for split in data}
+    teacher = {
+        "name": config.teacher,
+        "checkpoint_sha256": file_sha256(config.checkpoint) if config.checkpoint else None,
+        "pretrained": config.pretrained,
+        "model_kwargs": built.model_kwargs,
+        "checkpoint_key": built.checkpoint_key,
+        "head": built.head,
+        "stage_ends": [t.name for t in stage_ends(layers)],
+    }
+    if picks:
+        check_teacher(picks, teacher)
     identity = {
-        "teacher": {
-            "name": config.teacher,
-            "checkpoint_sha256": file_sha256(config.checkpoint) if config.checkpoint else None,
-            "pretrained": config.pretrained,
-            "model_kwargs": built.model_kwargs,
-            "checkpoint_key": built.checkpoint_key,
-            "head": built.head,
-            "stage_ends": [t.name for t in stage_ends(layers)],
-        },
+        "teacher": teacher,
         "dataset": {
             "name": config.dataset,
             "num_classes": num_classes,
@@ -136,6 +142,8 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         "checkpoint_path": str(config.checkpoint) if config.checkpoint else None,
         "data_root": absolute_root(config.data_root),
     }
+    if picks:  # the scores that chose the taps (`pipeline.picks`)
+        places["picked_by"] = picks
     path = out / STORE_NAME
     layout = (specs, view_specs, [t.name for t in taps])
     # zarr's own writes, refused by a full or read-only disk, name the store
@@ -383,6 +391,11 @@ def _create(path: Path, identity: dict[str, Any], places: dict[str, Any], overwr
             stale.unlink()
             log.info("removed %s: it described the store replaced", stale)
     return store
+
+
+def tap_bytes(tap: Tap) -> int:
+    """What one image's output of `tap` takes in a store, before compression."""
+    return math.prod(tap.shape) * np.dtype(FEATURE_DTYPE).itemsize
 
 
 def _array_specs(taps: list[Tap], logits: bool, num_classes: int) -> list[ArraySpec]:

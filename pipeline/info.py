@@ -30,6 +30,9 @@ def describe_store(path: str | Path) -> str:
         f"            {t.name:28s} {t.role:10s} {t.describe():26s} {t.shape}"
         for t in map(Tap.from_record, identity["taps"])
     ]
+    picked = meta.get("picked_by")
+    if picked:
+        lines.append(f"picked by   {picked['scores']}  (top {picked['top_k']}, seed {picked['seed']})")
     augment = identity.get("augment")
     if augment:
         lines.append(

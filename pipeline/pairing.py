@@ -14,6 +14,7 @@ from .config import ScoreConfig
 from .errors import UserError
 from .methods import Method
 from .models import create_model
+from .picks import store_picks
 from .quality import select_top_k
 from .taps import Tap, list_taps, stage_ends
 
@@ -68,13 +69,17 @@ def store_taps(store: FeatureStore) -> list[Tap]:
 
 
 def picked_taps(store: FeatureStore, part: SplitStore, k: int | None) -> list[Tap]:
-    """The store's picks from `kdpipe score`, or the top k by its recorded Q when k differs from its top-k."""
-    scores = part.group.attrs.get("scores")
+    """The store's picks from `kdpipe score` (its own, or those of the sample store that chose what it caches), or
+    the top k of its cached taps by the recorded Q when k differs from the picks' number."""
+    scores = store_picks(store, part.group.attrs.get("scores"))
     if not scores:
         raise UserError(f"{store.path} has no scores; run `kdpipe score` first or pass --teacher-layers")
     if k is None or k == len(scores["selected"]):
         return recorded_taps(store, scores["selected"])
-    scored = recorded_taps(store, list(scores["Q"]))
+    cached = {t.name for t in store_taps(store)}
+    scored = recorded_taps(store, [name for name in scores["Q"] if name in cached])
+    if k > len(scored):
+        raise UserError(f"{store.path} caches {len(scored)} scored taps for {k} pairs; pass --teacher-layers")
     qualities = [math.nan if scores["Q"][t.name] is None else float(scores["Q"][t.name]) for t in scored]
     return [scored[i] for i in select_top_k(qualities, k)]
 
