@@ -319,9 +319,7 @@ def start_or_resume(out_dir: Path, resume: bool, spec: dict, run: RunState, stag
     state = torch.load(file_or_bytes(epoch_state(out_dir, epoch)), map_location="cpu", weights_only=True)
     # a setting recorded only when it is not its default (amp, augmentation) is compared in either direction
     compared = sorted((set(spec) | set(state["spec"])) - {"kdpipe_version"})
-    where, was, now = first_difference(
-        {k: state["spec"].get(k) for k in compared}, {k: spec.get(k) for k in compared}
-    )
+    where, was, now = first_difference({k: state["spec"].get(k) for k in compared}, {k: spec.get(k) for k in compared})
     if where:
         raise UserError(f"--resume: the checkpoint in {out_dir} was made with {where} = {was!r}, not {now!r}")
     run.module.load_state_dict(read_safetensors(epoch_weights(out_dir, epoch)), strict=True)
