@@ -12,59 +12,152 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from pipeline.layout import DISTILL_SUMMARY
-from workload import DATASET, STUDENT, TEACHER, TEACHER_TAPS, Timer, kdpipe, setup_threads, teacher_checkpoint
+from workload import (
+    DATASET,
+    STUDENT,
+    TEACHER,
+    TEACHER_TAPS,
+    Timer,
+    kdpipe,
+    setup_threads,
+    speed_flags,
+    teacher_checkpoint,
+)
 
 BATCH = 128
 IDEAL_BATCHES = 12
 
 
-def ideal_speedup(store: Path, checkpoint: str) -> tuple[float, float, float]:
-    """(teacher forward s/batch, student step s/batch, ideal ratio) on in-memory batches."""
+def ideal_speedup(
+    store: Path,
+    checkpoint: str,
+    device: str = "cpu",
+    amp: str = "off",
+    channels_last: bool = False,
+    batches: int = IDEAL_BATCHES,
+) -> tuple[float, float, float]:
+    """(teacher forward s/batch, student step s/batch, ideal ratio) on `batches` in-memory batches, at the given
+    precision."""
+    import torch
+
     from cache.store import FeatureStore
     from pipeline.methods import Distiller, get_method
     from pipeline.models import create_model, load_teacher
     from pipeline.pairing import student_taps
+    from pipeline.precision import Precision
     from pipeline.recipe import adamw_onecycle
     from pipeline.taps import Tap
     from pipeline.training import OnlineTeacher
 
     setup_threads()
+    precision = Precision(torch.device(device), amp, channels_last, training=True)
     feature_store = FeatureStore.open(store)
     taps = {t["name"]: Tap.from_record(t) for t in feature_store.meta["identity"]["taps"]}
-    teacher = OnlineTeacher(load_teacher(TEACHER, checkpoint, False, None, 10, 32)[0], list(TEACHER_TAPS))
+    teacher_model = precision.model(load_teacher(TEACHER, checkpoint, False, None, 10, 32)[0])
+    teacher = OnlineTeacher(teacher_model, list(TEACHER_TAPS))
     student = create_model(STUDENT, 10)
-    method = Distiller(
-        student,
-        get_method("feature"),
-        student_taps(student, 32, (), len(TEACHER_TAPS)),
-        [taps[t] for t in TEACHER_TAPS],
+    method = precision.model(
+        Distiller(
+            student,
+            get_method("feature"),
+            student_taps(student, 32, (), len(TEACHER_TAPS)),
+            [taps[t] for t in TEACHER_TAPS],
+        )
     )
-    optimizer, schedule = adamw_onecycle(method.parameters(), 0.05, 0.01, 10 * IDEAL_BATCHES)
-    images = [torch.randn(BATCH, 3, 32, 32) for _ in range(IDEAL_BATCHES + 1)]
+    optimizer, schedule = adamw_onecycle(method.parameters(), 0.05, 0.01, 10 * batches)
+    images = [precision.batch(torch.randn(BATCH, 3, 32, 32)) for _ in range(batches + 1)]
     method.train()
     forward_seconds = step_seconds = 0.0
     for i, x in enumerate(images):  # interleaved as in an online epoch; the first pass is an untimed warm-up
-        with Timer() as forward:
-            targets = dict(zip(method.teacher_targets, teacher(x), strict=True))
+        with Timer() as forward, precision.autocast():
+            targets = teacher(x)  # by store path, as the cache would give them
         with Timer() as step:
-            loss = sum(method(x, targets)[1].values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            with precision.autocast():
+                loss = sum(method(x, targets)[1].values())
+            precision.step(loss, optimizer)
             schedule.step()
         if i:
             forward_seconds, step_seconds = forward_seconds + forward.seconds, step_seconds + step.seconds
-    t_forward, t_step = forward_seconds / IDEAL_BATCHES, step_seconds / IDEAL_BATCHES
+    t_forward, t_step = forward_seconds / batches, step_seconds / batches
     return t_forward, t_step, (t_forward + t_step) / t_step
 
 
-def epoch_seconds(run: Path) -> float:
-    return json.loads((run / DISTILL_SUMMARY).read_text())["final"]["seconds"]
+def extract_store(out: Path, checkpoint: str, num_images: int, device: str = "cpu", flags: Sequence[str] = ()) -> None:
+    """The store P1 distills from: the three paired taps, no logits."""
+    subset = ["--max-samples", str(num_images)] if num_images < 10_000 else []
+    kdpipe(
+        "extract",
+        "--teacher",
+        TEACHER,
+        "--dataset",
+        DATASET,
+        "--checkpoint",
+        checkpoint,
+        "--layers",
+        ",".join(TEACHER_TAPS),
+        "--no-logits",
+        "--device",
+        device,
+        "--out",
+        str(out),
+        *subset,
+        *flags,
+    )
+
+
+def distill_epoch(store: Path, out: Path, device: str = "cpu", flags: Sequence[str] = (), online: bool = False) -> dict:
+    """One `kdpipe distill` epoch of the workload's student from `store` (or its teacher online); its log row."""
+    kdpipe(
+        "distill",
+        str(store),
+        "--student",
+        STUDENT,
+        "--teacher-layers",
+        ",".join(TEACHER_TAPS),
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(BATCH),
+        "--device",
+        device,
+        "--out",
+        str(out),
+        *(["--online-teacher"] if online else []),
+        *flags,
+    )
+    return json.loads((out / DISTILL_SUMMARY).read_text())["final"]
+
+
+def cache_speedup(
+    store: Path,
+    checkpoint: str,
+    folder: Path,
+    device: str = "cpu",
+    amp: str = "off",
+    channels_last: bool = False,
+    ideal_batches: int = IDEAL_BATCHES,
+) -> dict[str, float]:
+    """P1's figures: an epoch online and one cached (seconds, img/s), the ideal from in-memory batches, their ratio."""
+    flags = speed_flags(amp, channels_last)
+    cached = distill_epoch(store, folder / "cached", device, flags)
+    online = distill_epoch(store, folder / "online", device, flags, online=True)
+    t_forward, t_step, ideal = ideal_speedup(store, checkpoint, device, amp, channels_last, ideal_batches)
+    measured = online["seconds"] / cached["seconds"]
+    return {
+        "online_seconds": online["seconds"],
+        "cached_seconds": cached["seconds"],
+        "online_images_per_second": online["images_per_second"],
+        "cached_images_per_second": cached["images_per_second"],
+        "speedup": round(measured, 3),
+        "teacher_forward_ms": round(t_forward * 1000, 2),
+        "student_step_ms": round(t_step * 1000, 2),
+        "ideal_speedup": round(ideal, 3),
+        "measured_over_ideal": round(measured / ideal, 3),
+    }
 
 
 def main() -> None:
@@ -74,48 +167,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = teacher_checkpoint(tmp)
-        subset = ["--max-samples", str(args.num_images)] if args.num_images < 10_000 else []
-        kdpipe(
-            "extract",
-            "--teacher",
-            TEACHER,
-            "--dataset",
-            DATASET,
-            "--checkpoint",
-            checkpoint,
-            "--layers",
-            ",".join(TEACHER_TAPS),
-            "--no-logits",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp / "store"),
-            *subset,
-        )
-        common = [
-            "--student",
-            STUDENT,
-            "--teacher-layers",
-            ",".join(TEACHER_TAPS),
-            "--epochs",
-            "1",
-            "--batch-size",
-            str(BATCH),
-            "--device",
-            "cpu",
-        ]
-        kdpipe("distill", str(tmp / "store"), *common, "--out", str(tmp / "cached"))
-        kdpipe("distill", str(tmp / "store"), *common, "--online-teacher", "--out", str(tmp / "online"))
-        cached, online = epoch_seconds(tmp / "cached"), epoch_seconds(tmp / "online")
-        t_forward, t_step, ideal = ideal_speedup(tmp / "store", checkpoint)
-    measured = online / cached
+        extract_store(tmp / "store", checkpoint, args.num_images)
+        p1 = cache_speedup(tmp / "store", checkpoint, tmp)
     print(f"{TEACHER} -> {STUDENT}, taps {', '.join(TEACHER_TAPS)}, {args.num_images} images, batch {BATCH}")
-    print(f"epoch: online teacher {online:.1f} s, cached targets {cached:.1f} s -> speed-up {measured:.2f}x")
     print(
-        f"ideal: (teacher forward {t_forward * 1000:.0f} ms + student step {t_step * 1000:.0f} ms) / student step "
-        f"= {ideal:.2f}x"
+        f"epoch: online teacher {p1['online_seconds']:.1f} s, cached targets {p1['cached_seconds']:.1f} s -> "
+        f"speed-up {p1['speedup']:.2f}x"
     )
-    print(f"P1 measured / ideal speed-up: {measured / ideal:.2f} (target >= 0.9)")
+    print(
+        f"ideal: (teacher forward {p1['teacher_forward_ms']:.0f} ms + student step {p1['student_step_ms']:.0f} ms) "
+        f"/ student step = {p1['ideal_speedup']:.2f}x"
+    )
+    print(f"P1 measured / ideal speed-up: {p1['measured_over_ideal']:.2f} (target >= 0.9)")
 
 
 if __name__ == "__main__":

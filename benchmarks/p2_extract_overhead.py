@@ -14,31 +14,73 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.layout import EXTRACT_SUMMARY
 from workload import DATASET, TEACHER, Timer, kdpipe, setup_threads, teacher_checkpoint
 
 
-def bare_forward_rate(checkpoint: str, num_images: int, batch_size: int) -> float:
-    """Images/s of the teacher forward alone, recording every tap, on the batches extraction sees."""
+def bare_forward_rate(
+    checkpoint: str,
+    num_images: int,
+    batch_size: int,
+    device: str = "cpu",
+    amp: str = "off",
+    channels_last: bool = False,
+) -> float:
+    """Images/s of the teacher forward alone, recording every tap, on the batches extraction sees (loaded, copied to
+    the device and run at the given precision as extraction does)."""
     import torch
     from torch.utils.data import Subset
 
     from pipeline.datasets import load_split
     from pipeline.models import load_teacher
+    from pipeline.precision import Precision
     from pipeline.recipe import make_loader
     from pipeline.taps import TapRecorder, list_taps
 
     setup_threads()
+    precision = Precision(torch.device(device), amp, channels_last)
     data = load_split(DATASET, "train")
-    model = load_teacher(TEACHER, checkpoint, False, None, 10, 32)[0].eval()
+    model = precision.model(load_teacher(TEACHER, checkpoint, False, None, 10, 32)[0]).eval()
     taps = [t.name for t in list_taps(model, 32)]
-    loader = make_loader(Subset(data, list(range(num_images))), batch_size)
-    with torch.no_grad(), TapRecorder(model, taps) as recorder, Timer() as timer:
+    loader = make_loader(Subset(data, list(range(num_images))), batch_size, pin_memory=precision.pin_memory)
+    with torch.no_grad(), precision.autocast(), TapRecorder(model, taps) as recorder, Timer() as timer:
         for images, _ in loader:
-            recorder.run(images)
+            recorder.run(precision.batch(images))
     return num_images / timer.seconds
+
+
+def extract_split(
+    out: Path,
+    checkpoint: str,
+    num_images: int,
+    batch_size: int = 64,
+    device: str = "cpu",
+    flags: Sequence[str] = (),
+) -> dict:
+    """`kdpipe extract` of every tap and the logits into `out`; its summary of the train split (images/s, sizes)."""
+    command = [
+        "extract",
+        "--teacher",
+        TEACHER,
+        "--dataset",
+        DATASET,
+        "--checkpoint",
+        checkpoint,
+        "--batch-size",
+        str(batch_size),
+        "--device",
+        device,
+        "--out",
+        str(out),
+        *flags,
+    ]
+    if num_images < 10_000:
+        command += ["--max-samples", str(num_images)]
+    kdpipe(*command)
+    return json.loads((out / EXTRACT_SUMMARY).read_text())["splits"]["train"]
 
 
 def main() -> None:
@@ -69,28 +111,8 @@ def main() -> None:
                 text=True,
             ).stdout.split()[-1]
         )
-        command = [
-            "extract",
-            "--teacher",
-            TEACHER,
-            "--dataset",
-            DATASET,
-            "--checkpoint",
-            checkpoint,
-            "--batch-size",
-            str(args.batch_size),
-            "--device",
-            "cpu",
-            "--out",
-            str(Path(tmp) / "store"),
-        ]
-        if args.num_images < 10_000:
-            command += ["--max-samples", str(args.num_images)]
-        if args.compression:
-            command += ["--compression", args.compression]
-        kdpipe(*command)
-        summary = json.loads((Path(tmp) / "store" / EXTRACT_SUMMARY).read_text())
-    split = summary["splits"]["train"]
+        codec = ["--compression", args.compression] if args.compression else []
+        split = extract_split(Path(tmp) / "store", checkpoint, args.num_images, args.batch_size, flags=codec)
     rate = split["images_per_second"]
     print(
         f"{TEACHER}, every tap + logits, batch {args.batch_size}, {split['num_samples']} images, "

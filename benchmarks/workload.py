@@ -18,8 +18,15 @@ THREADS = 2
 
 
 def kdpipe(*args: str) -> None:
-    """Runs the installed `kdpipe` command (the real CLI, in its own process); fails loudly."""
-    subprocess.run([str(Path(sys.executable).parent / "kdpipe"), *args], check=True, capture_output=True)
+    """Runs the installed `kdpipe` command (the real CLI, in its own process); fails loudly, with its stderr."""
+    run = subprocess.run([str(Path(sys.executable).parent / "kdpipe"), *args], capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"kdpipe {' '.join(args)} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+
+
+def speed_flags(amp: str = "off", channels_last: bool = False) -> list[str]:
+    """The `pipeline.precision` options of extract and distill, as command-line flags."""
+    return ["--amp", amp] + (["--channels-last"] if channels_last else [])
 
 
 def setup_threads() -> None:
@@ -38,11 +45,18 @@ def teacher_checkpoint(folder: Path) -> str:
 
 
 class Timer:
-    """Wall-clock seconds of a `with` block."""
+    """Wall-clock seconds of a `with` block, CUDA's queued work included."""
 
     def __enter__(self) -> Timer:
+        _synchronize()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
+        _synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()

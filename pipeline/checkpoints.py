@@ -268,12 +268,14 @@ def _check_state_matches(
 @dataclass
 class RunState:
     """What an epoch checkpoint holds besides the log: the trained module, its optimizer and schedule, and the
-    generator a shuffling loader draws its order from (teach's; distill's order follows from seed and epoch)."""
+    generator a shuffling loader draws its order from (teach's; distill's order follows from seed and epoch), and
+    fp16 training's loss scaler (`pipeline.precision`)."""
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator | None = None
+    scaler: torch.amp.GradScaler | None = None
 
 
 def save_epoch(out_dir: Path, epoch: int, spec: dict, run: RunState, log: list) -> None:
@@ -287,6 +289,7 @@ def save_epoch(out_dir: Path, epoch: int, spec: dict, run: RunState, log: list) 
         "schedule": run.schedule.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "generator": run.generator.get_state() if run.generator is not None else None,
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "log": log,
     }
     buffer = io.BytesIO()
@@ -314,8 +317,9 @@ def start_or_resume(out_dir: Path, resume: bool, spec: dict, run: RunState, stag
         raise UserError(f"--resume: {out_dir} holds no checkpoint")
     epoch = done[-1]
     state = torch.load(file_or_bytes(epoch_state(out_dir, epoch)), map_location="cpu", weights_only=True)
-    compared = [k for k in spec if k != "kdpipe_version"]
-    where, was, now = first_difference({k: state["spec"].get(k) for k in compared}, {k: spec[k] for k in compared})
+    # a setting recorded only when it is not its default (amp, augmentation) is compared in either direction
+    compared = sorted((set(spec) | set(state["spec"])) - {"kdpipe_version"})
+    where, was, now = first_difference({k: state["spec"].get(k) for k in compared}, {k: spec.get(k) for k in compared})
     if where:
         raise UserError(f"--resume: the checkpoint in {out_dir} was made with {where} = {was!r}, not {now!r}")
     run.module.load_state_dict(read_safetensors(epoch_weights(out_dir, epoch)), strict=True)
@@ -324,6 +328,8 @@ def start_or_resume(out_dir: Path, resume: bool, spec: dict, run: RunState, stag
     torch.set_rng_state(state["torch_rng"])
     if run.generator is not None:
         run.generator.set_state(state["generator"])
+    if run.scaler is not None:
+        run.scaler.load_state_dict(state["scaler"])
     return list(state["log"]), epoch + 1
 
 

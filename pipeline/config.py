@@ -35,6 +35,7 @@ from .fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMA
 from .layout import REPORT_BUDGET_PLOT, REPORT_PLOT, SCORES_PLOT
 from .losses import LOSSES, loss_parameters
 from .methods import METHODS
+from .precision import AMP_MODES
 
 DEVICE_NAMES = ["auto", "cpu", "cuda"] + [f"cuda:{i}" for i in range(8)]
 
@@ -431,9 +432,32 @@ class RunOptions(Config):
     seed: int = _seed()
 
 
+@dataclass(frozen=True, kw_only=True)
+class SpeedOptions(Config):
+    """How the model's forward (and backward) passes run: their precision and memory layout (`pipeline.precision`)."""
+
+    amp: str = option(
+        "off",
+        "Mixed precision (torch.autocast) for the teacher's and the student's forward passes: bf16, or fp16 (CUDA "
+        "only; training scales its loss). It changes the outputs a little, so a store and a run record it "
+        "(docs/pipeline.md has the measured difference).",
+        click.Choice(AMP_MODES),
+    )
+    channels_last: bool = option(
+        False,
+        "Models and image batches in channels-last memory format (on the CPU, bf16 needs it to be fast).",
+        negatable=False,
+    )
+    cudnn_benchmark: bool = option(
+        True,
+        "On CUDA: let cuDNN time its convolution algorithms per input shape and keep the fastest (the choice, so the "
+        "last bits of a result, may differ run to run); nothing on the CPU.",
+    )
+
+
 @command("teach")
 @dataclass(frozen=True, kw_only=True)
-class TeachConfig(DataOptions, RunOptions):
+class TeachConfig(DataOptions, RunOptions, SpeedOptions):
     """Train a teacher with cross entropy; writes OUT/model.safetensors and OUT/teach.json."""
 
     teacher: str = _teacher(spec=True)
@@ -451,7 +475,7 @@ class TeachConfig(DataOptions, RunOptions):
 
 @command("extract")
 @dataclass(frozen=True, kw_only=True)
-class ExtractConfig(DataOptions, RunOptions):
+class ExtractConfig(DataOptions, RunOptions, SpeedOptions):
     """Run the teacher once over the split(s) and cache tap features, labels and logits in a Zarr store."""
 
     several_processes: ClassVar[bool] = True
@@ -542,7 +566,7 @@ def _method_help() -> str:
 
 @command("distill")
 @dataclass(frozen=True, kw_only=True)
-class DistillConfig(RunOptions):
+class DistillConfig(RunOptions, SpeedOptions):
     """Train a student from STORE: its backbone on cached teacher features only (default), or a baseline."""
 
     several_processes: ClassVar[bool] = True

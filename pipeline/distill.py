@@ -38,6 +38,7 @@ from .layout import DISTILL_LOG, DISTILL_SUMMARY, LABELLED_INDICES, STUDENT_WEIG
 from .methods import Distiller, Method, cached_inputs, get_method, teacher_targets
 from .models import create_model
 from .pairing import pair_taps, stage_taps
+from .precision import Precision
 from .provenance import load_matching_split, open_complete_store, recorded_data_root
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import resolve_device, seed_everything, write_args, write_csv, write_json, write_npy
@@ -59,6 +60,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     world = distributed.current()
     dev = world.device(resolve_device(config.device))
     _check_processes(config, world, dev)
+    precision = Precision.of(config, dev, training=True)
     method = get_method(config.method).configured(config.losses or {})
     feature_store, part = open_complete_store(config.store)
     data_root = recorded_data_root(config.data_root, feature_store.meta.get("data_root"), feature_store.path)
@@ -89,10 +91,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             + _why_not_cached(feature_store, missing[0])
         )
     stones = _stepping_stones(method, feature_store, net, config, data.num_classes, input_size)
-    distiller = Distiller(net, method, student_taps, teacher_taps, stones).to(dev)
+    distiller = precision.model(Distiller(net, method, student_taps, teacher_taps, stones))
     model = world.parallel(distiller, config.sync_batchnorm)
     if teacher:
-        teacher.to(dev)
+        precision.model(teacher.model)
     targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=rows, views=views)
     num_rows = targets.num_rows
     steps_per_epoch, total_steps, epochs = _step_budget(
@@ -102,6 +104,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     spec = {
         "kdpipe_version": __version__,
         **_recorded_settings(config, method, labelled is not None),
+        **precision.record(),
         "losses": method.spec(),
         "num_classes": data.num_classes,
         "input_size": input_size,
@@ -123,7 +126,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         *(method.name, spec["losses"], spec["student_taps"], spec["teacher_taps"], targets.order),
     )
     out_dir = location(config.out)
-    run = RunState(distiller, optimizer, schedule)
+    run = RunState(distiller, optimizer, schedule, scaler=precision.scaler)
     if config.check:
         start_or_resume(out_dir, config.resume, spec, run, "distill")
         return {"stage": "distill", "checked": True, **spec}
@@ -143,7 +146,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             teacher,
             config.batch_size,
             config.seed,
-            dev,
+            precision,
             config.workers,
             fresh_views=fresh is not None,
             world=world,
@@ -187,7 +190,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
                     "final": log_rows[-1],
                     "evaluated_with": method.evaluated_with,
                     **(
-                        _evaluate_classifier(net, data, data_root, config, dev)
+                        _evaluate_classifier(net, data, data_root, config, precision)
                         if method.evaluated_with == "own classifier"
                         else {}
                     ),
@@ -370,11 +373,14 @@ def _check_classes(
         data.check_classes(indices[labelled], f"--label-fraction {label_fraction:g}")
 
 
-def _evaluate_classifier(net, data: SplitData, data_root: str | None, config: DistillConfig, dev) -> dict[str, Any]:
+def _evaluate_classifier(
+    net, data: SplitData, data_root: str | None, config: DistillConfig, precision: Precision
+) -> dict[str, Any]:
     """Last-epoch top-1 of the student's own classifier on the held-out split, evaluated once."""
     held_out = load_split(data.name, held_out_split(data.name), data_root, preprocessing=data.preprocessing)
+    loader = make_loader(held_out, config.batch_size, config.workers, pin_memory=precision.pin_memory)
     return {
         "test_split": held_out.split,
-        "test_top1": evaluate_top1(net, make_loader(held_out, config.batch_size, config.workers), dev),
+        "test_top1": evaluate_top1(net, loader, precision),
         "num_test": len(held_out),
     }

@@ -57,6 +57,7 @@ from .errors import UserError, writing
 from .layout import EXTRACT_SUMMARY, STORE_NAME, derived_files, store_lock
 from .models import load_teacher, served_preprocessing
 from .picks import check_teacher, expand_layers
+from .precision import Precision
 from .provenance import absolute_root
 from .recipe import make_loader
 from .runtime import first_difference, progress, resolve_device, seed_everything, short, write_args, write_json
@@ -93,7 +94,8 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         input_size,
         config.checkpoint_key,
     )
-    model.to(dev).eval()
+    precision = Precision.of(config, dev)
+    precision.model(model).eval()
     logits = config.logits and not built.head_dropped
     if config.logits and not logits:
         log.info("the teacher's head was dropped, so its logits mean nothing: caching no logits")
@@ -131,6 +133,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         "logits": logits,
         "max_samples": config.max_samples,
         "subset_seed": config.seed if config.max_samples else None,
+        **precision.record(),  # absent at float32, whose stores keep the identity they always had
     }
     if augmentation:  # absent from a store of plain images, whose identity stays what it always was
         identity["augment"] = {**augmentation.record(), "views": config.views, "seed": config.seed}
@@ -159,7 +162,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         for split, missing in plan.items():
             images = ViewImages(data[split], augmentation, config.seed, indices=rows[split])
             part = store.split(split)
-            timings[split] = _extract_split(model, images, part, missing, taps, logits, config, dev, world)
+            timings[split] = _extract_split(model, images, part, missing, taps, logits, config, precision, world)
         world.barrier()
         for split in plan:  # every rank checks that all the blocks are written, rank 0 says so
             store.split(split).check_written()
@@ -425,7 +428,7 @@ def _extract_split(
     taps: list[Tap],
     logits: bool,
     config: ExtractConfig,
-    device: torch.device,
+    precision: Precision,
     world: distributed.World,
 ) -> dict[str, float]:
     """Feeds this rank's share of the `missing` blocks of every view of the split through the teacher into a
@@ -433,7 +436,7 @@ def _extract_split(
     start, done = time.perf_counter(), 0
     for view, blocks in enumerate(missing):
         part_view = part.view(view)
-        done += _extract_view(model, images, part_view, view, world.shard(blocks), taps, logits, config, device)
+        done += _extract_view(model, images, part_view, view, world.shard(blocks), taps, logits, config, precision)
     seconds = time.perf_counter() - start
     return {"images": done, "seconds": round(seconds, 3), "images_per_second": round(done / max(seconds, 1e-9), 1)}
 
@@ -447,7 +450,7 @@ def _extract_view(
     taps: list[Tap],
     logits: bool,
     config: ExtractConfig,
-    device: torch.device,
+    precision: Precision,
 ) -> int:
     """Writes `blocks` of one view (`part`, the split itself for view 0); returns the images written."""
     batch_size = config.batch_size
@@ -456,18 +459,19 @@ def _extract_view(
         return 0
     keys = [(int(p), view) for p in positions]
     batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
-    loader = make_loader(images, workers=config.workers, batch_sampler=batches)
+    loader = make_loader(images, workers=config.workers, batch_sampler=batches, pin_memory=precision.pin_memory)
     names = [t.name for t in taps]
     slots = HalfSlots({f"{FEATURES}/{t.name}": t.shape for t in taps}, batch_size, count=QUEUE_BATCHES + 2)
     desc = f"extract {part.name}" if view == 0 else f"extract {part.name} ({view + 1} of {part.num_views})"
     bar = progress(total=len(positions), desc=desc, unit="img", unit_scale=True, smoothing=0.1)
     with (
         torch.no_grad(),
+        precision.autocast(),  # the features come out in bf16/fp16, cast to float16 (and checked) by `slots`
         TapRecorder(model, names, stop_after_last=not logits) as recorder,
         SplitWriter(part, blocks, queue_size=QUEUE_BATCHES) as writer,
     ):
         for pixels, labels, rows, params in loader:
-            features = recorder.run(pixels.to(device, non_blocking=True))
+            features = recorder.run(precision.batch(pixels))
             batch, release = slots.fill({f"{FEATURES}/{n}": f for n, f in features.items()})
             if view == 0:
                 batch["labels"] = labels.numpy().astype(np.int64)

@@ -24,6 +24,7 @@ def describe_store(path: str | Path) -> str:
         f"dataset     {dataset['name']}  {dataset['num_classes']} classes  preprocessing {dataset['preprocessing']}",
         f"created     {meta['created']} by kdpipe {meta['kdpipe_version']}  config {meta['config_hash'][:16]}",
         f"head        {teacher.get('head', 'loaded')}  logits {'cached' if identity.get('logits') else 'none'}",
+        f"forward     {_precision(identity.get('amp', 'off'))}",
         f"taps        {'name':28s} {'role':10s} {'layout':26s} shape",
     ]
     lines += [
@@ -68,6 +69,10 @@ def describe_store(path: str | Path) -> str:
             label = f"view {v} ({VIEWS}/{v}/, with {PARAMS_ARRAY})"
             lines.append(_total_line(label, raw, stored) + state)
     return "\n".join(lines)
+
+
+def _precision(amp: str) -> str:
+    return "float32" if amp == "off" else f"{amp} autocast (--amp {amp}), stored as float16"
 
 
 def _total_line(label: str, raw: int, stored: int) -> str:

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .precision import Precision
+
 
 def make_loader(
     dataset: Dataset,
@@ -15,12 +17,18 @@ def make_loader(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     batch_sampler: list | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader; worker processes are spawned, never forked (fork deadlocks with Blosc/zarr threads).
 
-    `batch_sampler` (lists of indices) fixes the batches and their order instead of batch_size/shuffle.
+    `batch_sampler` (lists of indices) fixes the batches and their order instead of batch_size/shuffle;
+    `pin_memory` pins them for non-blocking copies to CUDA (`Precision.pin_memory`).
     """
-    common = {"num_workers": workers, "multiprocessing_context": "spawn" if workers > 0 else None}
+    common = {
+        "num_workers": workers,
+        "multiprocessing_context": "spawn" if workers > 0 else None,
+        "pin_memory": pin_memory,
+    }
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **common)
     return DataLoader(
@@ -45,12 +53,13 @@ def adamw_onecycle(
 
 
 @torch.no_grad()
-def evaluate_top1(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 accuracy in percent over every sample of `loader` (no dropped batch)."""
+def evaluate_top1(model: nn.Module, loader: DataLoader, precision: Precision) -> float:
+    """Top-1 accuracy in percent over every sample of `loader` (no dropped batch), at the run's precision."""
     model.eval()
     correct = total = 0
     for images, labels in loader:
-        logits = model(images.to(device))
+        with precision.autocast():
+            logits = model(precision.batch(images))
         correct += (logits.argmax(1).cpu() == labels).sum().item()
         total += len(labels)
     return 100.0 * correct / max(total, 1)

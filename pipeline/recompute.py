@@ -1,9 +1,10 @@
 """`kdpipe verify --recompute N`: the live teacher against a sample of the cached targets, in every view.
 
 For each split and view, N seeded rows are replayed from the store alone (the view's stored parameters, the recorded
-preprocessing and augmentation, the teacher as recorded and checked against its sha256) and run through the teacher;
-each tap's and the logits' cosine similarity to the cached values, per sample, must reach MIN_COSINE. It checks what
-checksums cannot: that a cached view holds the teacher's outputs on exactly the pixels distill will show the student.
+preprocessing and augmentation, the teacher as recorded and checked against its sha256) and run through the teacher
+at the store's recorded precision (`--amp`); each tap's and the logits' cosine similarity to the cached values, per
+sample, must reach MIN_COSINE. It checks what checksums cannot: that a cached view holds the teacher's outputs on
+exactly the pixels distill will show the student.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.nn.functional import cosine_similarity
 from cache.store import FEATURES, PARAMS_ARRAY, FeatureStore, SplitStore
 
 from .augment import Augmentation, ViewImages
+from .precision import Precision
 from .provenance import load_matching_split, recorded_data_root
 from .runtime import progress, resolve_device
 from .taps import TapRecorder
@@ -57,8 +59,11 @@ def recompute(
     identity = store.meta["identity"]
     num_classes = identity["dataset"]["num_classes"]
     input_size = identity["dataset"]["preprocessing"]["input_size"]
-    dev = resolve_device(device)
-    teacher = store_teacher(store, checkpoint, num_classes, input_size, "--recompute").to(dev).eval()
+    # the teacher runs at the precision the store was extracted with, as it ran then
+    amp = identity.get("amp", "off")
+    refused_as = f"--recompute ({store.path} was extracted with --amp {amp})"
+    precision = Precision(resolve_device(device), amp, refused_as=refused_as)
+    teacher = precision.model(store_teacher(store, checkpoint, num_classes, input_size, "--recompute")).eval()
     augment = identity.get("augment")
     augmentation = Augmentation.from_record(augment) if augment else None
     root = recorded_data_root(data_root, store.meta.get("data_root"), store.path)
@@ -73,7 +78,7 @@ def recompute(
         for view, view_part in enumerate(part.views()):
             stored = {view: view_part.read(PARAMS_ARRAY)} if view else {}
             images = ViewImages(data, augmentation, indices=indices, stored=stored)
-            found += _agreement(teacher, images, view_part, view, rows, batch_size, dev)
+            found += _agreement(teacher, images, view_part, view, rows, batch_size, precision)
     return found
 
 
@@ -85,7 +90,7 @@ def _agreement(
     view: int,
     rows: np.ndarray,
     batch_size: int,
-    device: torch.device,
+    precision: Precision,
 ) -> list[Agreement]:
     taps = part.tap_names
     arrays = [f"{FEATURES}/{t}" for t in taps] + (["logits"] if "logits" in part.group.attrs["arrays"] else [])
@@ -95,7 +100,8 @@ def _agreement(
         for start in progress(range(0, len(rows), batch_size), desc=f"recompute {part.name}", leave=False):
             batch = rows[start : start + batch_size]
             pixels = torch.stack([image for image, *_ in images.__getitems__([(int(r), view) for r in batch])])
-            live = recorder.run(pixels.to(device))
+            with precision.autocast():
+                live = recorder.run(precision.batch(pixels))
             live = {f"{FEATURES}/{t}": v for t, v in live.items()} | (
                 {"logits": recorder.logits} if "logits" in arrays else {}
             )

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from cache.lock import lock_output
@@ -27,6 +26,7 @@ from .datasets import held_out_split, load_split
 from .errors import UserError
 from .layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS, folder_lock
 from .models import create_model, served_preprocessing
+from .precision import Precision
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_csv, write_json
 from .taps import dry_forward
@@ -50,7 +50,8 @@ def teach(config: TeachConfig) -> dict[str, Any]:
         raise UserError(f"--batch-size {config.batch_size} exceeds the {len(train)} training samples")
     input_size = train.preprocessing.input_size
     model = create_model(config.teacher, train.num_classes, input_size=input_size, model_kwargs=config.model_kwargs)
-    model.to(dev)
+    precision = Precision.of(config, dev, training=True)
+    precision.model(model)
     dry_forward(model, input_size, num_classes=train.num_classes)  # wrong sizes and outputs fail before training
     preprocessing = served_preprocessing(config.teacher, model, train.preprocessing, config.normalization)
     train, held_out = train.with_preprocessing(preprocessing), held_out.with_preprocessing(preprocessing)
@@ -62,17 +63,19 @@ def teach(config: TeachConfig) -> dict[str, Any]:
         "dataset": config.dataset,
         "preprocessing": preprocessing.to_dict(),
     }
+    pin = precision.pin_memory
     train_loader = make_loader(
-        train, config.batch_size, config.workers, shuffle=True, generator=generator, drop_last=True
+        train, config.batch_size, config.workers, shuffle=True, generator=generator, drop_last=True, pin_memory=pin
     )
-    test_loader = make_loader(held_out, config.batch_size, config.workers)
+    test_loader = make_loader(held_out, config.batch_size, config.workers, pin_memory=pin)
     epochs = config.epochs
     optimizer, schedule = adamw_onecycle(model.parameters(), config.lr, config.weight_decay, epochs * len(train_loader))
-    run = RunState(model, optimizer, schedule, generator)
+    run = RunState(model, optimizer, schedule, generator, precision.scaler)
     fingerprint = train.fingerprint_record(config.fingerprint)
     spec = {
         "kdpipe_version": __version__,
         **config.run_settings(),
+        **precision.record(),
         **model_spec,
         "dataset_fingerprint": fingerprint["fingerprint"],
         "dataset_fingerprint_scheme": fingerprint["fingerprint_scheme"],
@@ -87,7 +90,7 @@ def teach(config: TeachConfig) -> dict[str, Any]:
         start = last_save = time.perf_counter()
         with resumable(out_dir):
             for epoch in range(first_epoch, epochs + 1):
-                log_rows.append(_train_epoch(run, train_loader, test_loader, epoch, epochs, dev))
+                log_rows.append(_train_epoch(run, train_loader, test_loader, epoch, epochs, precision))
                 if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
                     save_epoch(out_dir, epoch, spec, run, log_rows)
                     write_csv(out_dir / TEACH_LOG, log_rows)
@@ -111,7 +114,7 @@ def teach(config: TeachConfig) -> dict[str, Any]:
         return summary
 
 
-def _train_epoch(run: RunState, train_loader, test_loader, epoch: int, epochs: int, dev: torch.device) -> dict:
+def _train_epoch(run: RunState, train_loader, test_loader, epoch: int, epochs: int, precision: Precision) -> dict:
     """One epoch of cross entropy, then top-1 on the held-out split; returns the epoch's log row."""
     model, optimizer, schedule = run.module, run.optimizer, run.schedule
     criterion = nn.CrossEntropyLoss()
@@ -119,19 +122,18 @@ def _train_epoch(run: RunState, train_loader, test_loader, epoch: int, epochs: i
     loss_sum = correct = seen = 0.0
     bar = progress(train_loader, desc=f"teach {epoch}/{epochs}", unit="batch", leave=False)
     for images, labels in bar:
-        images, labels = images.to(dev), labels.to(dev)
-        logits = model(images)
-        loss = criterion(logits, labels)
+        images, labels = precision.batch(images), labels.to(precision.device)
+        with precision.autocast():
+            logits = model(images)
+            loss = criterion(logits, labels)
         require_finite(loss, epoch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.step(loss, optimizer)
         schedule.step()
         loss_sum += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    test_top1 = evaluate_top1(model, test_loader, dev)
+    test_top1 = evaluate_top1(model, test_loader, precision)
     log.info("epoch %d: loss %.4f  train %.2f%%  test %.2f%%", epoch, loss_sum / seen, 100 * correct / seen, test_top1)
     return {
         "epoch": epoch,

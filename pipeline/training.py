@@ -31,6 +31,7 @@ from .distributed import World
 from .errors import UserError
 from .methods import Distiller
 from .models import load_teacher
+from .precision import Precision
 from .recipe import make_loader
 from .runtime import progress
 from .taps import TapRecorder
@@ -66,10 +67,6 @@ class OnlineTeacher:
     def paths(self) -> list[str]:
         """The cached arrays (store paths) it stands in for."""
         return [f"{FEATURES}/{t}" for t in self.taps] + (["logits"] if self.logits else [])
-
-    def to(self, device: torch.device) -> OnlineTeacher:
-        self.model.to(device)
-        return self
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -118,7 +115,7 @@ class Trainer:
     teacher: OnlineTeacher | None
     batch_size: int
     seed: int
-    device: torch.device
+    precision: Precision  # the device, and how the forward and backward passes run on it
     workers: int = 0
     fresh_views: bool = False  # every epoch a view never cached (`--augment`): epoch e shows each image's view e
     world: World = World()
@@ -145,7 +142,9 @@ class Trainer:
         windows, views, keys = self.epoch_plan(epoch)
         global_batches = keys[: num_batches * self.batch_size].reshape(-1, self.batch_size, 2)
         key_batches = [self.world.share(batch).tolist() for batch in global_batches]
-        loader = make_loader(self.images, workers=self.workers, batch_sampler=key_batches)
+        loader = make_loader(
+            self.images, workers=self.workers, batch_sampler=key_batches, pin_memory=self.precision.pin_memory
+        )
         sums: dict[str, float] = {}
         start, seen = time.perf_counter(), 0
         targets = self.targets.batches(windows, self.batch_size, views)
@@ -158,7 +157,7 @@ class Trainer:
                 views is not None and not np.array_equal(keys_served[:, 1], target_views)
             ):
                 raise RuntimeError("images and cached targets went out of step")
-            losses = self._step(images.to(self.device), target_values, epoch)
+            losses = self._step(self.precision.batch(images), target_values, epoch)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value * len(rows)
             seen += len(rows)
@@ -184,17 +183,15 @@ class Trainer:
 
     def _step(self, images: torch.Tensor, target_values: list[np.ndarray], epoch: int) -> dict[str, float]:
         """One optimizer step; returns the batch's losses."""
-        batch = {
-            path: torch.from_numpy(v).to(self.device) for path, v in zip(self.targets.paths, target_values, strict=True)
-        }
-        if self.teacher:
-            batch.update(self.teacher(images))
-        _, losses = self.model(images, batch)
-        loss = sum(losses.values())
+        paths, device = self.targets.paths, self.precision.device
+        batch = {path: torch.from_numpy(v).to(device) for path, v in zip(paths, target_values, strict=True)}
+        with self.precision.autocast():
+            if self.teacher:
+                batch.update(self.teacher(images))
+            _, losses = self.model(images, batch)
+            loss = sum(losses.values())
         require_finite(loss, epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.precision.step(loss, self.optimizer)
         self.schedule.step()
         return {name: value.item() for name, value in losses.items()}
 
