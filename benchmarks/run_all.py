@@ -1,4 +1,4 @@
-"""Runs every benchmark (P1-P12) in turn and prints each one's last line, the figure it exists for.
+"""Runs every benchmark (P1-P14) in turn and prints each one's last line, the figure it exists for.
 
 python benchmarks/run_all.py        # `make bench`; about an hour on 2 cores (P6 and P8 take most of it)
 """
@@ -23,6 +23,8 @@ SCRIPTS = [
     "p10_object_store.py",
     "p11_processes.py",
     "p12_amp.py",
+    "p13_loading.py",
+    "p14_two_pass.py",
 ]
 
 
