@@ -20,9 +20,8 @@ from pipeline.layout import EXTRACT_SUMMARY
 from workload import DATASET, TEACHER, Timer, kdpipe, setup_threads, teacher_checkpoint
 
 
-def bare_forward_rate(checkpoint: str, num_images: int, batch_size: int) -> float:
-    """Images/s of the teacher forward alone, recording every tap, on the batches extraction sees."""
-    import torch
+def teacher_forward(checkpoint: str, num_images: int, batch_size: int):
+    """The teacher recording every tap (a TapRecorder to enter) and the loader of the batches extraction sees."""
     from torch.utils.data import Subset
 
     from pipeline.datasets import load_split
@@ -34,8 +33,15 @@ def bare_forward_rate(checkpoint: str, num_images: int, batch_size: int) -> floa
     data = load_split(DATASET, "train")
     model = load_teacher(TEACHER, checkpoint, False, None, 10, 32)[0].eval()
     taps = [t.name for t in list_taps(model, 32)]
-    loader = make_loader(Subset(data, list(range(num_images))), batch_size)
-    with torch.no_grad(), TapRecorder(model, taps) as recorder, Timer() as timer:
+    return TapRecorder(model, taps), make_loader(Subset(data, list(range(num_images))), batch_size)
+
+
+def bare_forward_rate(checkpoint: str, num_images: int, batch_size: int) -> float:
+    """Images/s of the teacher forward alone, recording every tap, on the batches extraction sees."""
+    import torch
+
+    recorder, loader = teacher_forward(checkpoint, num_images, batch_size)
+    with torch.no_grad(), recorder, Timer() as timer:
         for images, _ in loader:
             recorder.run(images)
     return num_images / timer.seconds
