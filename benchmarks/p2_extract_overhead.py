@@ -21,16 +21,16 @@ from pipeline.layout import EXTRACT_SUMMARY
 from workload import DATASET, TEACHER, Timer, kdpipe, setup_threads, teacher_checkpoint
 
 
-def bare_forward_rate(
+def teacher_forward(
     checkpoint: str,
     num_images: int,
     batch_size: int,
     device: str = "cpu",
     amp: str = "off",
     channels_last: bool = False,
-) -> float:
-    """Images/s of the teacher forward alone, recording every tap, on the batches extraction sees (loaded, copied to
-    the device and run at the given precision as extraction does)."""
+):
+    """The teacher recording every tap (a TapRecorder to enter), the loader of the batches extraction sees, and the
+    Precision extraction runs them at (device, autocast, memory layout)."""
     import torch
     from torch.utils.data import Subset
 
@@ -46,7 +46,23 @@ def bare_forward_rate(
     model = precision.model(load_teacher(TEACHER, checkpoint, False, None, 10, 32)[0]).eval()
     taps = [t.name for t in list_taps(model, 32)]
     loader = make_loader(Subset(data, list(range(num_images))), batch_size, pin_memory=precision.pin_memory)
-    with torch.no_grad(), precision.autocast(), TapRecorder(model, taps) as recorder, Timer() as timer:
+    return TapRecorder(model, taps), loader, precision
+
+
+def bare_forward_rate(
+    checkpoint: str,
+    num_images: int,
+    batch_size: int,
+    device: str = "cpu",
+    amp: str = "off",
+    channels_last: bool = False,
+) -> float:
+    """Images/s of the teacher forward alone, recording every tap, on the batches extraction sees (loaded, copied to
+    the device and run at the given precision as extraction does)."""
+    import torch
+
+    recorder, loader, precision = teacher_forward(checkpoint, num_images, batch_size, device, amp, channels_last)
+    with torch.no_grad(), precision.autocast(), recorder, Timer() as timer:
         for images, _ in loader:
             recorder.run(precision.batch(images))
     return num_images / timer.seconds

@@ -13,6 +13,7 @@ from pathlib import Path
 SCRIPTS = [
     "p1_cache_speedup.py",
     "p2_extract_overhead.py",
+    "p2_profile.py",
     "p3_loader.py",
     "p4_score.py",
     "p5_storage.py",

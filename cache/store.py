@@ -425,8 +425,6 @@ def _create_arrays(
             dtype=spec.dtype,
             compressors=compressors(compression),
             fill_value=_missing_value(spec.dtype),
-            config={"write_empty_chunks": True},  # skips zarr's per-chunk "all fill value?" scan (a third of
-            # the write cost); every chunk written holds real rows anyway
             attributes=spec.attributes,
         )
     group.create_array(PROGRESS, shape=(math.ceil(num_samples / block),), chunks=(1,), dtype="uint8", fill_value=0)

@@ -89,6 +89,21 @@ def test_writer_fills_only_missing_blocks(tmp_path, small_chunks):
         part.mark_complete()
 
 
+def test_writer_skips_zarrs_fill_value_scan_on_a_reopened_store(tmp_path, monkeypatch):
+    """zarr scans every chunk written for "all fill value?" unless told not to (half of its write cost), and that
+    switch is a runtime setting an array opened again does not keep; extract writes into a reopened store."""
+    from zarr.core.buffer.core import NDBuffer
+
+    values = np.arange(64 * 8, dtype=np.float16).reshape(64, 8)
+    store, _ = _store(tmp_path, 64, [ArraySpec("features/x", (8,), "float16")])
+    part = FeatureStore.open(store.path, mode="r+").split("train")
+    scanned = []
+    monkeypatch.setattr(NDBuffer, "all_equal", lambda chunk, *args, **kwargs: scanned.append(chunk.shape) or False)
+    _stream(part, [0], {"features/x": values}, batch=16)
+    assert set(scanned) <= {(1,)}  # only the one-byte block flag, not the features' chunk
+    np.testing.assert_array_equal(part.array("features/x")[:], values)
+
+
 def test_writer_failure_leaves_block_pending(tmp_path):
     specs = [ArraySpec("labels", (), "int64")]
     store, part = _store(tmp_path, 10, specs)
