@@ -29,6 +29,7 @@ from .datasets import Preprocessing, SplitData, held_out_split, load_split, stra
 from .errors import UserError
 from .layout import CLASSIFIER, LABELLED_INDICES, PROBE_SUMMARY, STUDENT_WEIGHTS, folder_lock
 from .models import create_model
+from .precision import Precision
 from .provenance import load_matching_split, recorded_data_root
 from .recipe import make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_json
@@ -187,10 +188,12 @@ def _default_tap(backbone: nn.Module, spec: dict[str, Any]) -> str:
 @torch.no_grad()
 def _embed(backbone: nn.Module, tap: Tap, data: Dataset, name: str, config: ProbeConfig, dev) -> torch.Tensor:
     chunks = []
-    loader = make_loader(data, config.batch_size, config.workers)
+    precision = Precision(dev)  # float32 features for the head; on CUDA, pinned batches copied without waiting
+    loader = make_loader(data, config.batch_size, config.workers, pin_memory=precision.pin_memory)
     with TapRecorder(backbone, [tap.name], stop_after_last=True) as recorder:
         for images, _ in progress(loader, desc=f"embed {name}", leave=False):
-            chunks.append(pool_embedding(recorder.run(images.to(dev))[tap.name], tap.layout).float().cpu())
+            features = recorder.run(precision.batch(images))[tap.name]
+            chunks.append(pool_embedding(features, tap.layout).float().cpu())
     return torch.cat(chunks)
 
 
