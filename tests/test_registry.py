@@ -140,6 +140,17 @@ def test_layers_command_prints_taps_in_depth_order():
     assert "blocks.7" in vit and "(65, 192)" in vit
 
 
+def test_layers_bytes_are_float16_bytes_per_image():
+    """resnet8 at 32 px: stem and layer1.0 (16, 32, 32), layer2.0 (32, 16, 16), layer3.0 (64, 8, 8), pool (64,)."""
+    lines = run_cli("layers", "resnet8", "--bytes").output.strip().splitlines()
+    assert lines[0].split()[-2:] == ["KiB/image", "shape"]
+    per_tap = {line.split()[1]: float(line.split(" (")[0].split()[-1]) for line in lines[1:-1]}
+    expected = {"stem": 16 * 32 * 32 * 2, "layer1.0": 16 * 32 * 32 * 2, "layer2.0": 32 * 16 * 16 * 2}
+    expected |= {"layer3.0": 64 * 8 * 8 * 2, "pool": 64 * 2}
+    assert per_tap == {name: round(b / 1024, 1) for name, b in expected.items()}
+    assert lines[-1] == f"all 5 taps: {sum(expected.values()) / 1024:.1f} KiB per image, before compression"
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "pt", "pt-wrapped"])
 def test_checkpoint_formats_load_exactly(tmp_path, fmt):
     from pipeline.checkpoints import load_checkpoint, read_model_spec, save_checkpoint
