@@ -18,6 +18,7 @@ SUBSET_B_PER_CLASS = 500  # subset B: min(500, floor(N / C)) per class
 ENERGY = 0.95  # class embedding dimension: components holding 95 % of the spectrum
 GRAM_COLUMNS = 4096  # feature columns per float32 product of the Gram matrix; the products are summed in float64
 PAIR_BATCH = 256  # sample pairs recomputed in float64 at a time
+MANY_PAIRS = 4096  # beyond this many candidates (ties: sparse features), one float64 product of their rows is cheaper
 
 
 class QualityError(ValueError):
@@ -201,8 +202,7 @@ def _smallest_cosine(x: np.ndarray, members: np.ndarray, cos_abs: np.ndarray, no
         return float("nan")
     i, j = np.nonzero(np.triu(block <= block.min() + 2.0 * bound + 2.0**-40))  # symmetric: one triangle
     left, right = members[i], members[j]
-    dots = _pairwise(x, left, right, lambda a, b: np.einsum("ij,ij->i", a, b))
-    return float((np.abs(dots) / (norm[left] * norm[right])).min())
+    return float((np.abs(_float64_dots(x, left, right)) / (norm[left] * norm[right])).min())
 
 
 def _nearest_other(
@@ -214,8 +214,26 @@ def _nearest_other(
     r_i, r_j = norm[members][:, None], norm[others][None, :]
     slack = 2.0 * bound * r_i * r_j + 2.0**-48 * (r_i**2 + r_j**2)  # the product's bound, then float64 rounding
     i, j = np.nonzero(block - slack <= (block + slack).min())
-    sq = _pairwise(x, members[i], others[j], lambda a, b: np.square(a - b).sum(1))
+    left, right = members[i], others[j]
+    if len(left) <= MANY_PAIRS:
+        sq = _pairwise(x, left, right, lambda a, b: np.square(a - b).sum(1))
+    else:  # as a float64 Gram gives it: within 2^-50 |x|^2 of the difference form
+        sq = np.maximum(norm[left] ** 2 + norm[right] ** 2 - 2.0 * _float64_dots(x, left, right), 0.0)
     return math.sqrt(sq.min())
+
+
+def _float64_dots(x: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """x[left[k]] . x[right[k]] in float64: pair by pair for a few pairs; for many, from float64 products (in
+    GRAM_COLUMNS-wide blocks) of the rows they involve, which costs at most a class's share of the Gram product."""
+    if len(left) <= MANY_PAIRS:
+        return _pairwise(x, left, right, lambda a, b: np.einsum("ij,ij->i", a, b))
+    rows_left, at_left = np.unique(left, return_inverse=True)
+    rows_right, at_right = np.unique(right, return_inverse=True)
+    products = np.zeros((len(rows_left), len(rows_right)))
+    for start in range(0, x.shape[1], GRAM_COLUMNS):
+        columns = slice(start, start + GRAM_COLUMNS)
+        products += x[rows_left, columns].astype(np.float64) @ x[rows_right, columns].astype(np.float64).T
+    return products[at_left, at_right]
 
 
 def _pairwise(x: np.ndarray, left: np.ndarray, right: np.ndarray, pair_value) -> np.ndarray:

@@ -81,6 +81,30 @@ def test_minima_are_float64_values_where_float32_products_cancel():
     assert abs(np.sqrt(max(plain[labels == 0][:, labels != 0].min(), 0)) - stats.nearest_other[0]) > 1e-2
 
 
+def test_many_tied_candidates_take_the_float64_product_route_with_the_same_answers(monkeypatch):
+    """Sparse features (3 of 400 coordinates each) are mostly orthogonal: thousands of pairs tie at |cosine| 0 and
+    all are candidates, so m_c comes from float64 products of their rows. Each route (by default, all pair by pair,
+    all by products) gives the float64 loop's m_c and delta_c."""
+    import pipeline.quality as quality
+
+    rng = np.random.default_rng(6)
+    labels = np.repeat(np.arange(2), 120)
+    x = np.zeros((240, 400), dtype=np.float32)
+    for row in x:
+        row[rng.choice(400, 3, replace=False)] = rng.uniform(0.5, 2.0, 3)
+    routes = {}
+    for name, many_pairs in (("default", quality.MANY_PAIRS), ("pair by pair", 10**9), ("products", 0)):
+        monkeypatch.setattr(quality, "MANY_PAIRS", many_pairs)
+        routes[name] = subset_a_stats(x, labels, 2, 100)
+    x64 = x.astype(np.float64)
+    for c in range(2):
+        inside, outside = x64[labels == c], x64[labels != c]
+        nearest = min(np.linalg.norm(u - v) for u in inside for v in outside)
+        for name, stats in routes.items():
+            assert stats.min_cos[c] == 0.0, name
+            assert stats.nearest_other[c] == pytest.approx(nearest, rel=1e-12), name
+
+
 def _clusters(rng, spread: float, n: int = 30, dim: int = 64, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
     labels = np.repeat(np.arange(classes), n)
     centres = 5.0 * rng.standard_normal((classes, dim))
