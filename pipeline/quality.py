@@ -163,13 +163,13 @@ def gram_matrix(x: np.ndarray, device: torch.device | None = None) -> Gram:
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     sq_norm = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # float64 products and sums, no float64 copy of x
-    matrix = _block_products(x, device) if device is not None and device.type == "cuda" else _block_products_cpu(x)
+    matrix = products_on_device(x, device) if device is not None and device.type == "cuda" else _products_with_syrk(x)
     np.fill_diagonal(matrix, sq_norm)
     n = min(GRAM_COLUMNS, x.shape[1]) * 2.0**-24
     return Gram(matrix, sq_norm, n / (1.0 - n) + math.ceil(x.shape[1] / GRAM_COLUMNS) * 2.0**-52)
 
 
-def _block_products_cpu(x: np.ndarray) -> np.ndarray:
+def _products_with_syrk(x: np.ndarray) -> np.ndarray:
     """numpy's x_b @ x_b.T of a view with its own transpose is one BLAS syrk: half the multiplications of a
     general product, which torch's CPU matmul does not skip."""
     matrix = np.zeros((len(x), len(x)))
@@ -179,7 +179,7 @@ def _block_products_cpu(x: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def _block_products(x: np.ndarray, device: torch.device) -> np.ndarray:
+def products_on_device(x: np.ndarray, device: torch.device) -> np.ndarray:
     """The same products on a GPU: one column block on it at a time, TF32 off (its 10-bit products would void the
     bound)."""
     precision = torch.get_float32_matmul_precision()

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import naive_quality
 from pipeline.quality import (
@@ -19,6 +20,7 @@ from pipeline.quality import (
     information,
     knowledge_quality,
     pool_kernel,
+    products_on_device,
     select_top_k,
     subset_a_stats,
     subset_sizes,
@@ -60,6 +62,10 @@ def test_gram_entries_stay_within_their_bound():
     assert np.array_equal(np.diag(gram.matrix), gram.sq_norm)
     assert (np.abs(gram.matrix - exact) <= gram.bound * np.outer(norm, norm)).all()
     assert gram.bound < 1e-3
+    on_device = products_on_device(x, torch.device("cpu"))  # the CUDA route's code, run where this test can run it
+    off_diagonal = ~np.eye(len(x), dtype=bool)
+    assert (np.abs(on_device - exact) <= gram.bound * np.outer(norm, norm))[off_diagonal].all()
+    assert torch.get_float32_matmul_precision() == "highest"  # restored as it was
 
 
 def test_minima_are_float64_values_where_float32_products_cancel():
