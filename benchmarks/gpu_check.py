@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from p1_cache_speedup import IDEAL_BATCHES, cache_speedup
-from p2_extract_overhead import bare_forward_rate, extract_split
+from p2_extract_overhead import bare_forward_rate
 from p12_amp import target_difference
 from pipeline.layout import SCORES
-from workload import STUDENT, TEACHER, TEACHER_TAPS, Timer, kdpipe, speed_flags, teacher_checkpoint
+from workload import STUDENT, TEACHER, TEACHER_TAPS, Timer, extract_split, kdpipe, speed_flags, teacher_checkpoint
 
 BATCH = 64  # extraction's default batch
 DRY_IMAGES = 256
@@ -42,7 +42,8 @@ def extract_against_bare(folder: Path, checkpoint: str, num_images: int, device:
     """P2 at one precision (channels-last with AMP): bare forward and `kdpipe extract` images/s, and their ratio."""
     channels_last = amp != "off"
     bare = bare_forward_rate(checkpoint, num_images, BATCH, device, amp, channels_last)
-    split = extract_split(folder, checkpoint, num_images, BATCH, device, speed_flags(amp, channels_last))
+    flags = ["--batch-size", str(BATCH), *speed_flags(amp, channels_last)]
+    split = extract_split(folder, checkpoint, num_images, device, flags)
     rate = split["images_per_second"]
     return {
         "amp": amp,

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from p1_cache_speedup import distill_epoch
-from p2_extract_overhead import extract_split
-from workload import STUDENT, TEACHER, speed_flags, teacher_checkpoint
+from workload import STUDENT, TEACHER, extract_split, speed_flags, teacher_checkpoint
 
 REFERENCE = "fp32"
 SETTINGS = {"fp32": ("off", False), "fp32+cl": ("off", True), "bf16": ("bf16", False), "bf16+cl": ("bf16", True)}

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from pipeline.layout import DISTILL_SUMMARY
 from workload import (
-    DATASET,
     STUDENT,
     TEACHER,
     TEACHER_TAPS,
     Timer,
+    extract_split,
     kdpipe,
     setup_threads,
     speed_flags,
@@ -29,6 +29,7 @@ from workload import (
 )
 
 BATCH = 128
+P1_TAPS = ["--layers", ",".join(TEACHER_TAPS), "--no-logits"]  # the store P1 distills from: the paired taps only
 IDEAL_BATCHES = 12
 
 
@@ -84,29 +85,6 @@ def ideal_speedup(
             forward_seconds, step_seconds = forward_seconds + forward.seconds, step_seconds + step.seconds
     t_forward, t_step = forward_seconds / batches, step_seconds / batches
     return t_forward, t_step, (t_forward + t_step) / t_step
-
-
-def extract_store(out: Path, checkpoint: str, num_images: int, device: str = "cpu", flags: Sequence[str] = ()) -> None:
-    """The store P1 distills from: the three paired taps, no logits."""
-    subset = ["--max-samples", str(num_images)] if num_images < 10_000 else []
-    kdpipe(
-        "extract",
-        "--teacher",
-        TEACHER,
-        "--dataset",
-        DATASET,
-        "--checkpoint",
-        checkpoint,
-        "--layers",
-        ",".join(TEACHER_TAPS),
-        "--no-logits",
-        "--device",
-        device,
-        "--out",
-        str(out),
-        *subset,
-        *flags,
-    )
 
 
 def distill_epoch(store: Path, out: Path, device: str = "cpu", flags: Sequence[str] = (), online: bool = False) -> dict:
@@ -167,7 +145,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = teacher_checkpoint(tmp)
-        extract_store(tmp / "store", checkpoint, args.num_images)
+        extract_split(tmp / "store", checkpoint, args.num_images, flags=P1_TAPS)
         p1 = cache_speedup(tmp / "store", checkpoint, tmp)
     print(f"{TEACHER} -> {STUDENT}, taps {', '.join(TEACHER_TAPS)}, {args.num_images} images, batch {BATCH}")
     print(

@@ -10,15 +10,12 @@ writes it through the background writer.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.layout import EXTRACT_SUMMARY
-from workload import DATASET, TEACHER, Timer, kdpipe, setup_threads, teacher_checkpoint
+from workload import DATASET, TEACHER, Timer, extract_split, setup_threads, teacher_checkpoint
 
 
 def teacher_forward(
@@ -68,37 +65,6 @@ def bare_forward_rate(
     return num_images / timer.seconds
 
 
-def extract_split(
-    out: Path,
-    checkpoint: str,
-    num_images: int,
-    batch_size: int = 64,
-    device: str = "cpu",
-    flags: Sequence[str] = (),
-) -> dict:
-    """`kdpipe extract` of every tap and the logits into `out`; its summary of the train split (images/s, sizes)."""
-    command = [
-        "extract",
-        "--teacher",
-        TEACHER,
-        "--dataset",
-        DATASET,
-        "--checkpoint",
-        checkpoint,
-        "--batch-size",
-        str(batch_size),
-        "--device",
-        device,
-        "--out",
-        str(out),
-        *flags,
-    ]
-    if num_images < 10_000:
-        command += ["--max-samples", str(num_images)]
-    kdpipe(*command)
-    return json.loads((out / EXTRACT_SUMMARY).read_text())["splits"]["train"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=10_000)
@@ -128,7 +94,8 @@ def main() -> None:
             ).stdout.split()[-1]
         )
         codec = ["--compression", args.compression] if args.compression else []
-        split = extract_split(Path(tmp) / "store", checkpoint, args.num_images, args.batch_size, flags=codec)
+        flags = ["--batch-size", str(args.batch_size), *codec]
+        split = extract_split(Path(tmp) / "store", checkpoint, args.num_images, flags=flags)
     rate = split["images_per_second"]
     print(
         f"{TEACHER}, every tap + logits, batch {args.batch_size}, {split['num_samples']} images, "

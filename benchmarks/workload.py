@@ -3,9 +3,11 @@ CIFAR-style ResNet-18 teacher (random weights: speed does not depend on them) an
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +24,19 @@ def kdpipe(*args: str) -> None:
     run = subprocess.run([str(Path(sys.executable).parent / "kdpipe"), *args], capture_output=True, text=True)
     if run.returncode:
         sys.exit(f"kdpipe {' '.join(args)} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+
+
+def extract_split(out: Path, checkpoint: str, num_images: int, device: str = "cpu", flags: Sequence[str] = ()) -> dict:
+    """`kdpipe extract` of the workload's teacher on `num_images` of its images (a stratified subset below all 10k)
+    into `out`, `flags` added; extract.json's summary of the train split (images/s, sizes)."""
+    from pipeline.layout import EXTRACT_SUMMARY
+
+    subset = ["--max-samples", str(num_images)] if num_images < 10_000 else []
+    kdpipe(
+        "extract", "--teacher", TEACHER, "--dataset", DATASET, "--checkpoint", checkpoint, "--device", device,
+        "--out", str(out), *subset, *flags,
+    )  # fmt: skip
+    return json.loads((out / EXTRACT_SUMMARY).read_text())["splits"]["train"]
 
 
 def speed_flags(amp: str = "off", channels_last: bool = False) -> list[str]:
