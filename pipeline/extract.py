@@ -56,7 +56,7 @@ from .datasets import Preprocessing, SplitData, held_out_split, load_split, stra
 from .errors import UserError, writing
 from .layout import EXTRACT_SUMMARY, STORE_NAME, derived_files, store_lock
 from .models import load_teacher, served_preprocessing
-from .picks import check_teacher, expand_layers
+from .picks import PICKED_BY, check_teacher, expand_layers
 from .precision import Precision
 from .provenance import absolute_root
 from .recipe import make_loader
@@ -146,7 +146,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
         "data_root": absolute_root(config.data_root),
     }
     if picks:  # the scores that chose the taps (`pipeline.picks`)
-        places["picked_by"] = picks
+        places[PICKED_BY] = picks
     path = out / STORE_NAME
     layout = (specs, view_specs, [t.name for t in taps])
     # zarr's own writes, refused by a full or read-only disk, name the store

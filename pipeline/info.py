@@ -7,6 +7,7 @@ from pathlib import Path
 from cache.store import PARAMS_ARRAY, VIEWS, FeatureStore, stored_bytes
 
 from .augment import Augmentation
+from .picks import PICKED_BY
 from .taps import Tap
 
 
@@ -31,7 +32,7 @@ def describe_store(path: str | Path) -> str:
         f"            {t.name:28s} {t.role:10s} {t.describe():26s} {t.shape}"
         for t in map(Tap.from_record, identity["taps"])
     ]
-    picked = meta.get("picked_by")
+    picked = meta.get(PICKED_BY)
     if picked:
         lines.append(f"picked by   {picked['scores']}  (top {picked['top_k']}, seed {picked['seed']})")
     augment = identity.get("augment")

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 PICKED = "picked:"  # --layers picked:PATH, the taps score picked in the store at PATH (or in its scores file)
 STAGE_ENDS = "stage-ends"  # --layers stage-ends, the teacher's stage ends (what the baselines distill from)
 TEACHER_KEYS = ("name", "checkpoint_sha256", "pretrained", "model_kwargs")  # the weights whose layers were scored
+PICKED_BY = "picked_by"  # the store metadata entry recording the scores that chose its taps
 
 
 def expand_layers(entries: tuple[str, ...], taps: list[Tap]) -> tuple[list[str], dict[str, Any] | None]:
@@ -91,4 +92,4 @@ def check_teacher(picks: dict[str, Any], teacher: dict[str, Any]) -> None:
 
 def store_picks(store: FeatureStore, scores: dict[str, Any] | None) -> dict[str, Any] | None:
     """The scores that pick a store's taps: its own (`scores`, a split's record) or those that chose what it caches."""
-    return scores or store.meta.get("picked_by")
+    return scores or store.meta.get(PICKED_BY)
