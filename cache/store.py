@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .location import location, remove_tree, tree_bytes, walk_files, zarr_store
+from .location import is_remote, location, remove_tree, tree_bytes, walk_files, zarr_store
 
 FORMAT_VERSION = 1
 STORE_NAME = "features.zarr"  # the store's name inside an extract output folder
@@ -42,6 +42,7 @@ VIEWS = "views"
 PARAMS_ARRAY = "params"  # an augmented view's replay parameters (`pipeline.augment.PARAMS`)
 MIN_CHUNK_BYTES = 4 << 20  # feature chunks hold at least 4 MiB where N allows (fewer, cheaper writes)
 MAX_CHUNK_ROWS = 4096  # bounds the block, hence the resume and sharding granularity
+UNFINISHED_WRITE = ".partial"  # zarr's local store writes a file under this suffix, then renames it into place
 UNREADABLE = (ValueError, TypeError, KeyError)  # what zarr raises for metadata that is not JSON or not Zarr's
 
 
@@ -336,6 +337,18 @@ class FeatureStore:
             raise
         return cls(path, group)
 
+    def discard_unfinished_writes(self) -> int:
+        """Deletes the temporary files of writes a killed process never renamed into place; returns how many.
+        What they held is missing from the store (its block is not flagged done), so it is written again; left
+        behind, they would make a resumed store's files differ from an uninterrupted one's. Only a writer holding
+        the store's lock may call this. Object stores write each object whole and leave nothing to discard."""
+        if is_remote(self.path):
+            return 0
+        unfinished = [self.path / name for name in walk_files(self.path) if name.endswith(UNFINISHED_WRITE)]
+        for file in unfinished:
+            file.unlink(missing_ok=True)
+        return len(unfinished)
+
     @property
     def meta(self) -> dict[str, Any]:
         return dict(self.group.attrs[ATTR_KEY])
@@ -440,7 +453,7 @@ def _zarr_files_only(path) -> bool:
     a store, or what an interrupted deletion or a damaged disk left of one. Only such a folder is ever deleted."""
     for file in walk_files(path):
         *folders, name = file.split("/")
-        if "c" not in folders and name != "zarr.json" and not name.endswith(".partial"):  # chunk folders: chunks
+        if "c" not in folders and name != "zarr.json" and not name.endswith(UNFINISHED_WRITE):  # chunk folders: chunks
             return False
     return True
 

@@ -310,6 +310,8 @@ def _resumable(path: Path, identity: dict[str, Any], overwrite: bool) -> Feature
         hint = "" if isinstance(err, DamagedStoreError) else "; choose another --out, or pass --overwrite to replace it"
         raise UserError(f"{err}{hint}") from err
     if store.meta.get("config_hash") == config_hash(identity):
+        if discarded := store.discard_unfinished_writes():
+            log.info("%s: removed %d unfinished chunk writes a killed run left", path, discarded)
         return store
     if not overwrite:
         where, was, now = first_difference(store.meta.get("identity", {}), identity)

@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's code, here as in every kdpipe the soak starts (ENV below)
 
-from cache.store import PROGRESS, VIEWS  # noqa: E402
+from cache.store import PROGRESS, UNFINISHED_WRITE, VIEWS  # noqa: E402
 from pipeline.layout import (  # noqa: E402
     DISTILL_SUMMARY,
     EXTRACT_SUMMARY,
@@ -146,7 +146,7 @@ def block_flags(store: Path) -> list[Path]:
     """The block flags written so far, of every view of every split (a flag's chunk file exists once its block is
     marked done; zarr writes each file whole, under a temporary name first)."""
     flags = [*store.glob(f"*/{PROGRESS}/c/*"), *store.glob(f"*/{VIEWS}/*/{PROGRESS}/c/*")]  # cheap to poll
-    return [p for p in flags if not p.name.endswith(".partial")]
+    return [p for p in flags if not p.name.endswith(UNFINISHED_WRITE)]
 
 
 @dataclass(frozen=True)
