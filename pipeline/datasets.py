@@ -9,6 +9,7 @@ parameters stored with the cached targets.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -223,24 +224,34 @@ def digits(split: str = "train", root: str | None = None, input_size: int | None
     repeated over 3 channels and served at 32×32 so CIFAR-style networks apply unchanged. The normalisation
     statistics are those of the train split at the served size.
     """
+    _check_split("digits", split)
+    pixels, targets, train_idx, test_idx = _digits_arrays()
+    keep = train_idx if split == "train" else test_idx
+    images = torch.from_numpy(pixels[keep])[:, None].expand(-1, 3, -1, -1).contiguous()
+    size = input_size or 32
+    prep = Preprocessing(size, *_digits_train_stats(size))
+    return _array_split("digits", split, images, targets[keep], [str(c) for c in range(10)], prep)
+
+
+@functools.cache
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The digits' pixels (0..255), labels and sorted train and test rows, read once per process (read-only)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    _check_split("digits", split)
     bunch = load_digits()
     pixels = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    order = np.arange(len(pixels))
-    train_idx, test_idx = train_test_split(order, test_size=0.2, stratify=bunch.target, random_state=0)
-    keep = np.sort(train_idx if split == "train" else test_idx)
-    images = torch.from_numpy(pixels[keep])[:, None].expand(-1, 3, -1, -1).contiguous()
-    size = input_size or 32
-    mean, std = _digits_train_stats(pixels[np.sort(train_idx)], size)
-    prep = Preprocessing(size, mean, std)
-    return _array_split("digits", split, images, bunch.target[keep], [str(c) for c in range(10)], prep)
+    train_idx, test_idx = train_test_split(np.arange(len(pixels)), test_size=0.2, stratify=bunch.target, random_state=0)
+    arrays = pixels, bunch.target, np.sort(train_idx), np.sort(test_idx)
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
 
 
-def _digits_train_stats(train_pixels: np.ndarray, size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    resized = v2.functional.resize(torch.from_numpy(train_pixels)[:, None], [size, size], antialias=True)
+@functools.cache
+def _digits_train_stats(size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    pixels, _, train_idx, _ = _digits_arrays()
+    resized = v2.functional.resize(torch.from_numpy(pixels[train_idx])[:, None], [size, size], antialias=True)
     values = resized.double() / 255.0
     mean, std = round(values.mean().item(), 6), round(values.std().item(), 6)
     return (mean,) * 3, (std,) * 3
