@@ -24,7 +24,6 @@ from helpers import (
     run_cli,
     tree_bytes,
 )
-from pipeline import ExtractConfig, extract
 from pipeline.layout import EXTRACT_SUMMARY, STUDENT_WEIGHTS, folder_lock, score_files, store_lock
 
 
@@ -41,17 +40,23 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(digits_teacher, 
     assert epochs and 1 <= epochs[0] < 8 and compared > 0  # the first kill left epochs to resume
 
 
+@pytest.fixture(scope="module")
+def extracted(digits_teacher, tmp_path_factory):
+    """The test split's layer3.2, extracted once: tests take copies (`store`), or compare what they recover with it."""
+    out = tmp_path_factory.mktemp("extracted")
+    run_cli(*_extract_test_split(digits_teacher["checkpoint"], out))
+    return out
+
+
 @pytest.fixture
-def store(digits_teacher, tmp_path):
-    config = ExtractConfig(
-        out=str(tmp_path), checkpoint=digits_teacher["checkpoint"], layers=("layer3.2",), splits=("test",), device="cpu"
-    )
-    extract(config)
+def store(extracted, tmp_path):
+    """An extract output folder of its own (a copy) in `tmp_path`, for a test to damage or extract into."""
+    shutil.copytree(extracted, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 
 def _extract_test_split(checkpoint: str, out: Path) -> list:
-    """The command line the `store` fixture's contents come from."""
+    """The command line the `extracted` fixture's contents come from."""
     return [
         "extract",
         "--teacher",
@@ -90,7 +95,7 @@ def test_verify_reports_damaged_and_missing_chunks(digits_teacher, store):
     assert "all values sound; store complete" in run_cli("verify", store).output
 
 
-def test_failing_write_leaves_the_store_incomplete_and_resumable(digits_teacher, store, tmp_path, monkeypatch):
+def test_failing_write_leaves_the_store_incomplete_and_resumable(digits_teacher, extracted, tmp_path, monkeypatch):
     calls = []
     real_setitem = zarr.Array.__setitem__
 
@@ -109,7 +114,7 @@ def test_failing_write_leaves_the_store_incomplete_and_resumable(digits_teacher,
     unfinished.write_bytes(b"half a chunk")
     monkeypatch.setattr(zarr.Array, "__setitem__", real_setitem)
     run_cli(*args)
-    resumed, reference = (_store_files(out / STORE_NAME) for out in (tmp_path / "full", store))
+    resumed, reference = (_store_files(out / STORE_NAME) for out in (tmp_path / "full", extracted))
     assert resumed.keys() == reference.keys() and resumed == reference  # the unfinished write is gone
 
 
@@ -176,14 +181,6 @@ def test_two_extracts_at_once_one_writes_the_store(digits_teacher, tmp_path):
 # Recovery from damaged or missing metadata
 
 
-@pytest.fixture(scope="module")
-def reference(digits_teacher, tmp_path_factory):
-    """The `store` fixture's store, made once: damaged copies of it are recovered and compared with it."""
-    out = tmp_path_factory.mktemp("reference")
-    run_cli(*_extract_test_split(digits_teacher["checkpoint"], out))
-    return out
-
-
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:25])
 
@@ -207,10 +204,10 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
-def test_damaged_metadata_is_one_line_and_extract_recovers(digits_teacher, reference, tmp_path, case):
+def test_damaged_metadata_is_one_line_and_extract_recovers(digits_teacher, extracted, tmp_path, case):
     damage, named, rerun_recovers = DAMAGE[case]
     out = tmp_path / "out"
-    shutil.copytree(reference, out)
+    shutil.copytree(extracted, out)
     damage(out / STORE_NAME)
     info = run_cli("info", out, expect_ok=case == "split deleted")
     if case == "split deleted":
@@ -225,7 +222,7 @@ def test_damaged_metadata_is_one_line_and_extract_recovers(digits_teacher, refer
         args.append("--overwrite")
     run_cli(*args)
     assert run_cli("verify", out).exit_code == SOUND
-    assert load_script("soak").zarr_bytes_equal(reference / STORE_NAME, out / STORE_NAME) > 0
+    assert load_script("soak").zarr_bytes_equal(extracted / STORE_NAME, out / STORE_NAME) > 0
 
 
 def test_verify_exit_status(tmp_path):
