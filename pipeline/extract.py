@@ -55,7 +55,7 @@ from .config import ExtractConfig
 from .datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError, writing
 from .layout import EXTRACT_SUMMARY, STORE_NAME, derived_files, store_lock
-from .models import load_teacher, served_preprocessing
+from .models import TeacherBuild, load_teacher, served_preprocessing
 from .picks import PICKED_BY, check_teacher, expand_layers
 from .precision import Precision
 from .provenance import absolute_root
@@ -102,23 +102,15 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     # The whole model's taps, for its stage ends; cached logits must be (batch, num_classes).
     layers = list_taps(model, input_size, num_classes=num_classes if logits else None)
     names, picks = expand_layers(config.layers, layers)
+    teacher = _teacher_record(config, built, layers)
+    if picks:  # before the names are looked up: another teacher's picks name taps this one may not have
+        check_teacher(picks, teacher)
     taps = list_taps(model, input_size, names=names) if names else layers
     preprocessing = served_preprocessing(config.teacher, model, first.preprocessing, config.normalization)
     _warn_if_trained_otherwise(config.checkpoint, config.pretrained, model, preprocessing)
     data = {split: d.with_preprocessing(preprocessing) for split, d in data.items()}
     augmentation = _augmentation(config, preprocessing)
     views = {split: config.views if split != held_out_split(config.dataset) else 1 for split in data}
-    teacher = {
-        "name": config.teacher,
-        "checkpoint_sha256": file_sha256(config.checkpoint) if config.checkpoint else None,
-        "pretrained": config.pretrained,
-        "model_kwargs": built.model_kwargs,
-        "checkpoint_key": built.checkpoint_key,
-        "head": built.head,
-        "stage_ends": [t.name for t in stage_ends(layers)],
-    }
-    if picks:
-        check_teacher(picks, teacher)
     identity = {
         "teacher": teacher,
         "dataset": {
@@ -210,6 +202,19 @@ def _prepare(
             )
         plan[split] = [view.missing_blocks() for view in part.views()]
     return plan
+
+
+def _teacher_record(config: ExtractConfig, built: TeacherBuild, layers: list[Tap]) -> dict[str, Any]:
+    """The store identity's teacher: the model, the weights it ran with, and its stage ends among `layers`."""
+    return {
+        "name": config.teacher,
+        "checkpoint_sha256": file_sha256(config.checkpoint) if config.checkpoint else None,
+        "pretrained": config.pretrained,
+        "model_kwargs": built.model_kwargs,
+        "checkpoint_key": built.checkpoint_key,
+        "head": built.head,
+        "stage_ends": [t.name for t in stage_ends(layers)],
+    }
 
 
 def _warn_if_trained_otherwise(

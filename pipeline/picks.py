@@ -48,7 +48,7 @@ def expand_layers(entries: tuple[str, ...], taps: list[Tap]) -> tuple[list[str],
 def read_picks(source: str) -> dict[str, Any]:
     """What score recorded about its picks at `source`: a scored store (or its extract folder) or its scores file."""
     path = location(source)
-    if path.name.endswith(SCORES):
+    if path.is_file() or path.name.endswith(SCORES):  # a store is a folder
         try:
             summary = json.loads(path.read_text())
             return _record(summary["selected"], {t["name"]: t["Q"] for t in summary["taps"]}, summary, str(path))

@@ -81,6 +81,19 @@ def test_picks_from_another_teacher_or_an_unscored_store_are_refused(digits_teac
         "extract", "--checkpoint", other, "--layers", f"picked:{sample}", "--out", tmp_path / "x", expect_ok=False
     )
     assert_one_line_error(result, "scored on another teacher", "checkpoint_sha256")
+    smaller = tmp_path / "resnet8.safetensors"  # another architecture: the picked taps may not exist in it
+    save_checkpoint(create_model("resnet8", 10), smaller, {"model": "resnet8", "num_classes": 10})
+    result = run_cli(
+        "extract", "--teacher", "resnet8", "--checkpoint", smaller, "--layers", f"picked:{sample}",
+        "--out", tmp_path / "z", expect_ok=False,
+    )  # fmt: skip
+    assert_one_line_error(result, "scored on another teacher", "name 'resnet20', here 'resnet8'")
+    broken = tmp_path / "picks.json"  # a scores file by another name, cut short
+    broken.write_text((sample / "scores.json").read_text()[:40])
+    result = run_cli(
+        "extract", "--checkpoint", other, "--layers", f"picked:{broken}", "--out", tmp_path / "b", expect_ok=False
+    )
+    assert_one_line_error(result, f"{broken} is not a readable kdpipe scores file")
     unscored = tmp_path / "unscored"
     extract(ExtractConfig(out=str(unscored), checkpoint=str(other), layers=("layer1.0",), max_samples=40))
     result = run_cli(
