@@ -26,7 +26,7 @@ from torch import nn
 from cache.location import is_remote, location
 from cache.store import StoreError
 
-from .errors import UserError, first_line, writing
+from .errors import UserError, first_line, user_message, writing
 from .layout import checkpoint_epochs, epoch_state, epoch_weights
 from .runtime import first_difference, write_bytes
 
@@ -356,4 +356,4 @@ def resumable(out_dir: Path) -> Iterator[None]:
             if done
             else "no checkpoint exists yet (a rerun starts from epoch 1)"
         )
-        raise UserError(f"{err}; {kept}") from err
+        raise UserError(f"{user_message(err)}; {kept}") from err

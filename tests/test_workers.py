@@ -62,7 +62,14 @@ def test_workers_give_the_main_process_results(jpeg_folder, tmp_path):
         assert torch.equal(tensor, spawned["probe"][name]), name
 
 
-def test_unreadable_image_in_a_worker_is_one_error_line(jpeg_folder, tmp_path):
+COMMANDS = {  # a command that loads the folder with workers, and its arguments
+    "extract": lambda root: ["extract", "--teacher", "resnet8", "--checkpoint", root / "teacher.safetensors"],
+    "teach": lambda root: ["teach", "--teacher", "resnet8", "--epochs", 1, "--batch-size", 31],  # all 31, one batch
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_unreadable_image_in_a_worker_is_one_error_line(jpeg_folder, tmp_path, command):
     bad = tmp_path / "bad"
     (bad / "train" / "bee").mkdir(parents=True)
     (bad / "val").symlink_to(jpeg_folder / "val", target_is_directory=True)
@@ -72,8 +79,7 @@ def test_unreadable_image_in_a_worker_is_one_error_line(jpeg_folder, tmp_path):
             (bad / "train" / c / image.name).symlink_to(image)
     (bad / "train" / "bee" / "zzz.jpg").write_bytes(b"not a jpeg")
     result = run_cli(
-        "extract", "--dataset", "imagefolder", "--data-root", bad, "--input-size", 32, "--workers", 2,
-        "--teacher", "resnet8", "--checkpoint", jpeg_folder / "teacher.safetensors", "--out", tmp_path / "x",
-        expect_ok=False,
+        *COMMANDS[command](jpeg_folder), "--dataset", "imagefolder", "--data-root", bad, "--input-size", 32,
+        "--workers", 2, "--out", tmp_path / "x", expect_ok=False,
     )  # fmt: skip
-    assert_one_line_error(result, "cannot read image", "zzz.jpg")
+    assert_one_line_error(result, "Error: cannot read image", "zzz.jpg")
