@@ -321,7 +321,9 @@ def start_or_resume(out_dir: Path, resume: bool, spec: dict, run: RunState, stag
     compared = sorted((set(spec) | set(state["spec"])) - {"kdpipe_version"})
     where, was, now = first_difference({k: state["spec"].get(k) for k in compared}, {k: spec.get(k) for k in compared})
     if where:
-        raise UserError(f"--resume: the checkpoint in {out_dir} was made with {where} = {was!r}, not {now!r}")
+        raise UserError(
+            f"--resume: the checkpoint in {out_dir} was made with {where} = {_setting(was)}, not {_setting(now)}"
+        )
     run.module.load_state_dict(read_safetensors(epoch_weights(out_dir, epoch)), strict=True)
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["schedule"])
@@ -341,6 +343,11 @@ def discard_run(out_dir: Path, summary: Path) -> None:
         for epoch in checkpoint_epochs(out_dir):
             for path in (epoch_weights(out_dir, epoch), epoch_state(out_dir, epoch)):
                 path.unlink(missing_ok=True)
+
+
+def _setting(value: Any) -> str:
+    """A spec value for a message; absent (None) is a setting at its default, which a spec does not record."""
+    return "its default" if value is None else repr(value)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,10 @@ def expand_layers(entries: tuple[str, ...], taps: list[Tap]) -> tuple[list[str],
     names, picks = [], None
     for entry in entries:
         if entry.startswith(PICKED):
+            if entry == PICKED:
+                raise UserError(
+                    f"--layers: {PICKED} names no path; give {PICKED}PATH, a scored store or its scores file"
+                )
             if picks is not None:
                 raise UserError(f"--layers: {PICKED}PATH is given twice; name one scored store")
             picks = read_picks(entry[len(PICKED) :])
@@ -53,7 +57,7 @@ def read_picks(source: str) -> dict[str, Any]:
             summary = json.loads(path.read_text())
             return _record(summary["selected"], {t["name"]: t["Q"] for t in summary["taps"]}, summary, str(path))
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UserError(f"{PICKED}{source}: {path} is not a readable kdpipe scores file ({err})") from None
+            raise UserError(f"{PICKED}{source}: {path} is not a readable kdpipe scores file ({_reason(err)})") from None
     try:
         store = FeatureStore.open(path)
     except StoreError as err:
@@ -65,6 +69,12 @@ def read_picks(source: str) -> dict[str, Any]:
     teacher = store.meta["identity"]["teacher"]
     context = {"teacher": {k: teacher.get(k) for k in TEACHER_KEYS}, "config_hash": store.meta.get("config_hash")}
     return _record(scores["selected"], scores["Q"], {**scores, **context}, str(score_files(store.path)[0]))
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, KeyError):
+        return f"no {err} entry"
+    return "not the layout kdpipe score writes" if isinstance(err, TypeError) else str(err)
 
 
 def _record(selected: list[str], q: dict[str, float], summary: dict[str, Any], source: str) -> dict[str, Any]:

@@ -155,6 +155,15 @@ CASES = {
         ["teach", "--teacher", "timm:resnet18", "--model-kwargs", "{{depth_of_field: 3}}", "--out", "{out}"],
         "cannot create model 'timm:resnet18'",
     ),
+    "picks without a path": (["extract", "--checkpoint", "{ckpt}", "--layers", "picked:", "--out", "{out}"], "no path"),
+    "picks of an unscored store": (
+        ["extract", "--checkpoint", "{ckpt}", "--layers", "picked:{root}/oneclass", "--out", "{out}"],
+        "was never scored",
+    ),
+    "picks from a broken scores file": (
+        ["extract", "--checkpoint", "{ckpt}", "--layers", "picked:{root}/picks.json", "--out", "{out}"],
+        "picks.json is not a readable kdpipe scores file (no 'selected' entry)",
+    ),
     "extracted teacher returns a list": (
         [
             "extract",
@@ -174,6 +183,7 @@ CASES = {
 def test_bad_input(case, places, tmp_path):
     args, fragment = CASES[case]
     (places["root"] / "bad.yaml").write_text("epoch: 3\n")
+    (places["root"] / "picks.json").write_text('{"taps": []}')
     fill = {"root": places["root"], "store": places["root"] / "store", "ckpt": places["ckpt"], "out": tmp_path / "out"}
     result = (
         run_cli(*[a.format(**fill) for a in args], "--device", "cpu", expect_ok=False)

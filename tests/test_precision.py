@@ -141,7 +141,7 @@ def test_distill_under_bf16_records_it_and_resumes_only_at_it(fp32_and_bf16_stor
     store, args = str(fp32_and_bf16_stores[1]), {**BF16_RUN, "epochs": 1, "channels_last": False}
     summary = distill(DistillConfig(store=store, out=str(tmp_path / "bf16"), **args))
     assert summary["amp"] == "bf16" and np.isfinite(summary["final"]["feature_mse"])
-    with pytest.raises(UserError, match="made with amp = 'bf16', not None"):
+    with pytest.raises(UserError, match="made with amp = 'bf16', not its default"):
         distill(DistillConfig(store=store, out=str(tmp_path / "bf16"), resume=True, **{**args, "amp": "off"}))
     fp32 = distill(DistillConfig(store=store, out=str(tmp_path / "fp32"), **{**args, "amp": "off"}))
     assert "amp" not in fp32  # a float32 run's spec is what it always was
@@ -166,5 +166,5 @@ def test_teach_under_bf16_records_it_and_resumes_only_at_it(tmp_path):
     teach(TeachConfig(out=str(tmp_path / "t"), amp="bf16", channels_last=True, **args))
     losses = [float(row.split(",")[1]) for row in (tmp_path / "t" / TEACH_LOG).read_text().splitlines()[1:]]
     assert np.isfinite(losses).all()
-    with pytest.raises(UserError, match="made with amp = 'bf16', not None"):
+    with pytest.raises(UserError, match="made with amp = 'bf16', not its default"):
         teach(TeachConfig(out=str(tmp_path / "t"), resume=True, **{**args, "epochs": 2}))
