@@ -16,8 +16,9 @@ class UserError(Exception):
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's message, for wrapping library errors into a one-line UserError."""
-    text = str(err).strip()
+    """The first line of an exception's message (a DataLoader worker's own, `user_message`), for wrapping library
+    errors into a one-line UserError."""
+    text = user_message(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 

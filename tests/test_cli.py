@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from helpers import assert_one_line_error, run_cli
 from pipeline.checkpoints import save_checkpoint
+from pipeline.errors import UserError, first_line, user_message
 from pipeline.models import create_model
 
 
@@ -215,3 +217,18 @@ def test_teach_refuses_to_replace_weights(digits_teacher):
     out = Path(digits_teacher["checkpoint"]).parent
     result = run_cli("teach", "--out", out, "--epochs", 1, expect_ok=False)
     assert_one_line_error(result, "exists", "--overwrite")
+
+
+def test_an_error_from_a_dataloader_worker_is_its_own_message():
+    """torch re-raises a worker's exception in the main process with the worker's traceback as its message; what
+    the user reads (and what a wrapper takes as the first line) is the worker's message again."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        raise UserError("cannot read image a/b.jpg: Truncated File Read")
+    except UserError:
+        wrapped = ExceptionWrapper(exc_info=sys.exc_info(), where="in DataLoader worker process 0")
+    with pytest.raises(UserError) as raised:
+        wrapped.reraise()
+    assert "Original Traceback" in str(raised.value)
+    assert user_message(raised.value) == first_line(raised.value) == "cannot read image a/b.jpg: Truncated File Read"
