@@ -26,6 +26,7 @@ from .errors import UserError, first_line
 
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801  # unsigned bytes; 3 dims (N, H, W) and 1 dim (N)
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def read_idx_split(source: IdxSource, split: str, root: str | None, download: bo
     if len(bad):
         raise UserError(
             f"{labels_file}: label {labels[bad[0]]} at position {bad[0]} is out of range for {source.name}'s "
-            f"{num_classes} classes (0..{num_classes - 1})"
+            f"{num_classes} classes (0..{num_classes - 1}); the file is damaged or another dataset's"
         )
     return images, labels
 
@@ -91,23 +92,35 @@ def idx_file(folder: Path, split: str, kind: str, dims: int) -> Path:
     for name in names:
         if (folder / name).is_file():
             return folder / name
-    raise UserError(f"{folder / names[1]} is missing (or {names[0]}); the {split} split needs it")
+    raise UserError(
+        f"{folder / names[1]} is missing (or {names[0]}); the {split} split needs it beside its images "
+        "(copy it from the same download)"
+    )
 
 
 def _read(path: Path, magic: int, reader) -> torch.Tensor:
     """The tensor an IDX file holds, parsed by torchvision after its header and size were checked here."""
     data = _content(path)
-    if len(data) < 4 or int.from_bytes(data[:4], "big") != magic:
-        found = data[:4].hex() if len(data) >= 4 else f"{len(data)} bytes"
+    kind, other = ("image", "label") if magic == IMAGES_MAGIC else ("label", "image")
+    if len(data) < 4:
+        size = "empty" if not data else f"{len(data)} bytes long"
+        raise UserError(f"{path} is {size}, not an IDX {kind} file; get the file again")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        whose = f", that of an IDX {other} file" if found in (IMAGES_MAGIC, LABELS_MAGIC) else ""
         raise UserError(
-            f"{path} is not an IDX {'image' if magic == IMAGES_MAGIC else 'label'} file "
-            f"(magic number {found}, expected {magic:08x})"
+            f"{path} is not an IDX {kind} file (magic number {found:08x}{whose}; expected {magic:08x}); "
+            "check which file has which name, or get the file again"
         )
     dims = magic & 0xFF
     header = 4 + 4 * dims
     if len(data) < header:
-        raise UserError(f"{path} is truncated: {len(data)} bytes, shorter than its {header}-byte header")
+        raise UserError(
+            f"{path} is truncated: {len(data)} bytes, shorter than its {header}-byte header; get the file again"
+        )
     shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    if math.prod(shape) == 0:  # torchvision's reader fails on an empty body with a bare ValueError
+        raise UserError(f"{path} holds no {kind}s (its header says {' x '.join(map(str, shape))}); get the file again")
     expected = header + math.prod(shape)
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "longer than its header says"
@@ -126,14 +139,20 @@ def _read(path: Path, magic: int, reader) -> torch.Tensor:
 def _content(path: Path) -> bytes:
     """The file's bytes, gunzipped when its name ends in .gz."""
     try:
-        if path.suffix != ".gz":
-            return path.read_bytes()
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise UserError(f"{path} is not a complete gzip file ({first_line(err)}); get the file again") from err
+        data = path.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror or first_line(err)}") from err
+    if path.suffix != ".gz" or not data:  # an empty file is named by the header check
+        return data
+    if data[:2] != GZIP_MAGIC:
+        raise UserError(
+            f"{path} is not a gzip file (it starts with {data[:4].hex()}, not {GZIP_MAGIC.hex()}); if it is a plain "
+            "IDX file, remove the .gz from its name, else get the file again"
+        )
+    try:
+        return gzip.decompress(data)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # cut short, or its data or CRC damaged
+        raise UserError(f"{path} is not a complete gzip file ({first_line(err)}); get the file again") from err
 
 
 def _download(source: IdxSource, root: str) -> None:
