@@ -7,8 +7,10 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import random
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,19 +119,26 @@ LOGGED_PROGRESS_SECONDS = 30.0  # off a terminal, a long loop's progress is one 
 
 class LoggedProgress(tqdm):
     """A tqdm bar for a log file: its status (count, rate, time left) as one INFO line of the `pipeline` logger at most
-    every `LOGGED_PROGRESS_SECONDS`, and once at the end, instead of redrawing a bar no file can show."""
+    every `LOGGED_PROGRESS_SECONDS` (a postfix change included), and once at the end, instead of redrawing a bar no
+    file can show."""
 
     def __init__(self, iterable=None, **kwargs) -> None:
+        self._logged_at, self._logged_n, self._closing = -math.inf, None, False
         kwargs.update(mininterval=LOGGED_PROGRESS_SECONDS, maxinterval=LOGGED_PROGRESS_SECONDS, file=io.StringIO())
         super().__init__(iterable, **kwargs)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        now = time.monotonic()
+        due = self._closing or now - self._logged_at >= LOGGED_PROGRESS_SECONDS
         # the empty bar drawn at the start says nothing, and a bar closed with leave=False passes msg ""
-        text = msg or self.__str__()
-        if msg != "" and (self.n or self.total == 0) and text != getattr(self, "_logged", None):
-            logging.getLogger("pipeline.progress").info("%s", text)
-            self._logged = text  # the refresh and the close at the end draw the same status
+        if due and msg != "" and (self.n or self.total == 0):
+            logging.getLogger("pipeline.progress").info("%s", msg or self.__str__())
+            self._logged_at, self._logged_n = now, self.n
         return True
+
+    def close(self) -> None:
+        self._closing = self.n != self._logged_n  # the end, unless that very count was just logged
+        super().close()
 
 
 def progress(iterable=None, **kwargs) -> tqdm:
