@@ -37,8 +37,10 @@ from .config import (
     MethodsConfig,
     ModelsConfig,
     ProbeConfig,
+    QTestConfig,
     ReportConfig,
     ScoreConfig,
+    StudyConfig,
     SummaryConfig,
     TeachConfig,
     VerifyConfig,
@@ -180,8 +182,10 @@ def models(config: ModelsConfig) -> None:
 def datasets(config: DatasetsConfig) -> None:
     from .datasets import DATASETS
 
-    for name in DATASETS.names(config.pattern):
-        click.echo(f"{name:12s} splits: {', '.join(DATASETS.get(name).splits)}")
+    names = DATASETS.names(config.pattern)
+    width = max(map(len, names), default=0)
+    for name in names:
+        click.echo(f"{name:{width}s}  splits: {', '.join(DATASETS.get(name).splits)}")
 
 
 @command(MethodsConfig)
@@ -305,6 +309,27 @@ def report(config: ReportConfig) -> None:
         click.echo("top-1 % by label fraction (mean ± std over seeds):")
         click.echo(format_budget_table(summary["sweep"]["fractions"]))
     click.echo(f"report: {Path(config.out) / REPORT_TEXT}")
+
+
+@command(QTestConfig)
+def q_test(config: QTestConfig) -> None:
+    from .layout import Q_TEST_TEXT
+    from .qtest import format_predictor_table, format_set_table, q_test, verdict
+
+    summary = q_test(config)
+    click.echo(summary["setting"])
+    click.echo(format_predictor_table(summary))
+    click.echo(verdict(summary))
+    click.echo(format_set_table(summary["sets"]))
+    click.echo(f"q-test: {Path(config.out) / Q_TEST_TEXT}")
+
+
+@command(StudyConfig)
+def study(config: StudyConfig) -> None:
+    from .study import study as run
+
+    for stage, done in run(config.file).items():
+        click.echo(f"{stage}: done in {done['seconds']:.0f} s")
 
 
 @command(SummaryConfig)

@@ -60,7 +60,7 @@ def places(digits_teacher, tmp_path_factory):
 CASES = {
     "unknown model": (["layers", "resnet99"], "unknown model 'resnet99'"),
     "unknown timm model": (["layers", "timm:nope_net"], "cannot create model"),
-    "unknown dataset": (["teach", "--dataset", "mnist", "--out", "{out}"], "unknown dataset 'mnist'"),
+    "unknown dataset": (["teach", "--dataset", "svhn", "--out", "{out}"], "unknown dataset 'svhn'"),
     "unknown tap": (["extract", "--checkpoint", "{ckpt}", "--layers", "layer7.7", "--out", "{out}"], "unknown tap"),
     "unknown method": (["distill", "{store}", "--method", "magic", "--out", "{out}"], "unknown method 'magic'"),
     "unknown student tap": (["distill", "{store}", "--student-layers", "nope,nada", "--out", "{out}"], "unknown tap"),
