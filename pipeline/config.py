@@ -32,7 +32,7 @@ from cache.store import DEFAULT_COMPRESSION
 from .augment import POLICIES
 from .errors import UserError
 from .fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMALL_TREE_FILES
-from .layout import REPORT_BUDGET_PLOT, REPORT_PLOT, SCORES_PLOT
+from .layout import Q_TEST_PLOT, REPORT_BUDGET_PLOT, REPORT_PLOT, SCORES_PLOT
 from .losses import LOSSES, loss_parameters
 from .methods import METHODS
 from .precision import AMP_MODES
@@ -692,6 +692,44 @@ class ReportConfig(Config):
     plot: bool = _plot(REPORT_PLOT)
     distill: dict | None = option(None, "kdpipe distill settings for every run.", Settings(DistillConfig), cli=False)
     probe: dict | None = option(None, "kdpipe probe settings for every run.", Settings(ProbeConfig), cli=False)
+
+
+@command("q-test")
+@dataclass(frozen=True, kw_only=True)
+class QTestConfig(Config):
+    """Test Q itself: distill one student per scored teacher tap (that tap alone, into the last of the distill
+    section's student layers, which the probe reads) and per k-tap set (Q's top k, the stage ends, random draws, Q's
+    bottom k), probe each, and rank-correlate Q, S, I, E and depth with the probed top-1."""
+
+    composes: ClassVar[tuple[str, ...]] = ("distill", "probe")
+
+    store: str = option(MISSING, "Scored feature store (extract folder) every run uses.", click.Path())
+    taps: tuple[str, ...] = _layers("Teacher taps to distill one at a time (default: every scored tap).")
+    seeds: tuple[int, ...] = option((0, 1), "Seeds, one run each per tap and per tap set.", SeedList())
+    random_sets: int = option(
+        3, "Random k-tap sets drawn (seeded by the first seed) for the set comparison.", Integer(min=0)
+    )
+    bootstrap: int = option(
+        10_000, "Bootstrap resamples of the taps for the correlations' 95 % intervals.", Integer(min=100)
+    )
+    out: str = option("runs/q-test", "Output folder.", click.Path(file_okay=False))
+    device: str | None = option(
+        None, "Device for every run (default: the distill and probe sections' own).", click.Choice(DEVICE_NAMES)
+    )
+    plot: bool = _plot(Q_TEST_PLOT)
+    distill: dict | None = option(None, "kdpipe distill settings for every run.", Settings(DistillConfig), cli=False)
+    probe: dict | None = option(None, "kdpipe probe settings for every run.", Settings(ProbeConfig), cli=False)
+
+
+@command("study")
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig(Config):
+    """Run every stage FILE has a section for (teach, extract, score, q-test, report) in that order, continuing or
+    reusing what an earlier, interrupted or finished, run of the same FILE left."""
+
+    file: str = option(
+        help="Experiment config (YAML) with a section per stage.", type=click.Path(dir_okay=False), argument=True
+    )
 
 
 @command("layers")

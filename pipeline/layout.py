@@ -7,6 +7,8 @@ extract OUT/    features.zarr/  features.zarr.lock  extract.json  extract_args.y
 distill OUT/    student.safetensors  distill.json  distill_log.csv  distill_args.yaml  labelled_indices.npy
                 epoch-NNN.safetensors + epoch-NNN.state.pt     (the two latest checkpoints)
                 probe.json  classifier.safetensors  probe_args.yaml  (written by kdpipe probe)  kdpipe.lock
+q-test OUT/     q-test.md  q-test.json  q-test.png  q-test_args.yaml  kdpipe.lock
+                tap-<teacher tap>/seed-<s>/  set-<tap set>/seed-<s>/  (distill OUTs)
 report OUT/     report.md  report.json  report.png  report_budget.png  report_args.yaml  kdpipe.lock
                 <method entry>/seed-<s>/                       (a distill OUT, at the distill section's label fraction)
                 <method entry>/labels-<fraction>/seed-<s>/     (a distill OUT, at another fraction of --label-fractions)
@@ -54,6 +56,10 @@ REPORT_TEXT = "report.md"
 REPORT_SUMMARY = "report.json"
 REPORT_PLOT = "report.png"
 REPORT_BUDGET_PLOT = "report_budget.png"  # top-1 against the label fraction, with --label-fractions
+
+Q_TEST_TEXT = "q-test.md"
+Q_TEST_SUMMARY = "q-test.json"
+Q_TEST_PLOT = "q-test.png"  # each predictor (Q, S, I, E, depth) against the probed top-1, one panel each
 
 
 def args_name(command: str) -> str:

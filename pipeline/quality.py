@@ -311,8 +311,12 @@ def knowledge_quality(a: SubsetAStats, info: InformationStats) -> float:
 
 def select_top_k(qualities: list[float], k: int) -> list[int]:
     """Positions of the k best layers by Q (NaN last, ties to the shallower layer), returned in depth order."""
-    ranked = sorted(range(len(qualities)), key=lambda i: (math.isnan(qualities[i]), -_finite(qualities[i]), i))
-    return sorted(ranked[:k])
+    return sorted(rank_by_quality(qualities)[:k])
+
+
+def rank_by_quality(qualities: list[float]) -> list[int]:
+    """Every position, best Q first: NaN last, ties to the shallower layer."""
+    return sorted(range(len(qualities)), key=lambda i: (math.isnan(qualities[i]), -_finite(qualities[i]), i))
 
 
 def _finite(value: float) -> float:

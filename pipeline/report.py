@@ -75,11 +75,25 @@ def report(config: ReportConfig) -> dict[str, Any]:
 
 
 def _report(config: ReportConfig, runs: list[Run], out: Path) -> dict[str, Any]:
+    check_runs(runs)
+    write_args(out, config)
+    results = execute(runs, "report")
+    main = [r for run, r in zip(runs, results, strict=True) if run.main]
+    fractions = sweep_fractions(config)
+    swept = [r for run, r in zip(runs, results, strict=True) if run.label_fraction in fractions]
+    return write_report(out, main, list(dict.fromkeys(config.methods)), config.plot, swept)
+
+
+def check_runs(runs: list[Run]) -> None:
+    """Every run's settings against the store and its folder, before any run trains."""
     for run in progress(runs, desc="check", unit="run", leave=False):
         _check(run)
-    write_args(out, config)
+
+
+def execute(runs: list[Run], desc: str) -> list[dict[str, Any]]:
+    """Runs (or reuses) each run in order, probing the feature-only ones; their `run_result`s."""
     results = []
-    bar = progress(runs, desc="report", unit="run")
+    bar = progress(runs, desc=desc, unit="run")
     for run in bar:
         bar.set_postfix(method=run.entry, seed=run.seed, labels=f"{run.label_fraction:g}")
         trained = distill(run.distill)
@@ -92,10 +106,7 @@ def _report(config: ReportConfig, runs: list[Run], out: Path) -> dict[str, Any]:
             "%s seed %d, label fraction %g: top-1 %.2f%% (%s%s)",
             *(run.entry, run.seed, run.label_fraction, result["top1"], result["evaluated_with"], on_tap),
         )
-    main = [r for run, r in zip(runs, results, strict=True) if run.main]
-    fractions = sweep_fractions(config)
-    swept = [r for run, r in zip(runs, results, strict=True) if run.label_fraction in fractions]
-    return write_report(out, main, list(dict.fromkeys(config.methods)), config.plot, swept)
+    return results
 
 
 def _check(run: Run) -> None:
