@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo report test test-fast lint bench clean
+.PHONY: demo report q-test fashion test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,17 @@ $(DEMO)/distill/probe.json: $(DEMO)/distill/student.safetensors
 # fraction and across the label budget sweep; finished runs are reused, so an interrupted report continues.
 report: $(DEMO)/extract/scores.json
 	$(KD) report --config configs/digits-report.yaml
+
+# Q's own test on digits: one student per teacher tap and per tap set, probed; rank correlations of Q, S, I, E and
+# depth with the outcome (runs/digits-q-test/q-test.md); finished runs are reused.
+q-test: $(DEMO)/extract/scores.json
+	$(KD) q-test --config configs/digits-report.yaml
+
+# The Fashion-MNIST study (docs/fashion-mnist.md): teacher, store, scores, the Q test and the paper's comparison from
+# one config, resumable: run it again after an interruption and it continues where it stopped.
+FASHION_CONFIG ?= configs/fashion-mnist.yaml
+fashion: | $(STAMP)
+	$(KD) study $(FASHION_CONFIG)
 
 # Everything, the crash soak and the full-accuracy teacher included; test-fast skips the tests marked slow.
 test: $(STAMP)
