@@ -40,9 +40,16 @@ def ideal_speedup(
     amp: str = "off",
     channels_last: bool = False,
     batches: int = IDEAL_BATCHES,
+    *,
+    teacher_name: str = TEACHER,
+    teacher_taps: Sequence[str] = TEACHER_TAPS,
+    student_name: str = STUDENT,
+    model_kwargs: dict | None = None,
+    student_layers: Sequence[str] = (),
+    batch_size: int = BATCH,
 ) -> tuple[float, float, float]:
     """(teacher forward s/batch, student step s/batch, ideal ratio) on `batches` in-memory batches, at the given
-    precision."""
+    precision; the workload's models and taps unless told otherwise (10 classes, 32-px images)."""
     import torch
 
     from cache.store import FeatureStore
@@ -58,19 +65,19 @@ def ideal_speedup(
     precision = Precision(torch.device(device), amp, channels_last, training=True)
     feature_store = FeatureStore.open(store)
     taps = {t["name"]: Tap.from_record(t) for t in feature_store.meta["identity"]["taps"]}
-    teacher_model = precision.model(load_teacher(TEACHER, checkpoint, False, None, 10, 32)[0])
-    teacher = OnlineTeacher(teacher_model, list(TEACHER_TAPS))
-    student = create_model(STUDENT, 10)
+    teacher_model = precision.model(load_teacher(teacher_name, checkpoint, False, None, 10, 32)[0])
+    teacher = OnlineTeacher(teacher_model, list(teacher_taps))
+    student = create_model(student_name, 10, model_kwargs=model_kwargs)
     method = precision.model(
         Distiller(
             student,
             get_method("feature"),
-            student_taps(student, 32, (), len(TEACHER_TAPS)),
-            [taps[t] for t in TEACHER_TAPS],
+            student_taps(student, 32, tuple(student_layers), len(teacher_taps)),
+            [taps[t] for t in teacher_taps],
         )
     )
     optimizer, schedule = adamw_onecycle(method.parameters(), 0.05, 0.01, 10 * batches)
-    images = [precision.batch(torch.randn(BATCH, 3, 32, 32)) for _ in range(batches + 1)]
+    images = [precision.batch(torch.randn(batch_size, 3, 32, 32)) for _ in range(batches + 1)]
     method.train()
     forward_seconds = step_seconds = 0.0
     for i, x in enumerate(images):  # interleaved as in an online epoch; the first pass is an untimed warm-up
@@ -87,19 +94,30 @@ def ideal_speedup(
     return t_forward, t_step, (t_forward + t_step) / t_step
 
 
-def distill_epoch(store: Path, out: Path, device: str = "cpu", flags: Sequence[str] = (), online: bool = False) -> dict:
-    """One `kdpipe distill` epoch of the workload's student from `store` (or its teacher online); its log row."""
+def distill_epoch(
+    store: Path,
+    out: Path,
+    device: str = "cpu",
+    flags: Sequence[str] = (),
+    online: bool = False,
+    *,
+    teacher_taps: Sequence[str] = TEACHER_TAPS,
+    student_name: str = STUDENT,
+    batch_size: int = BATCH,
+) -> dict:
+    """One `kdpipe distill` epoch of the workload's student (by default) from `store` (or its teacher online), `flags`
+    added; its log row."""
     kdpipe(
         "distill",
         str(store),
         "--student",
-        STUDENT,
+        student_name,
         "--teacher-layers",
-        ",".join(TEACHER_TAPS),
+        ",".join(teacher_taps),
         "--epochs",
         "1",
         "--batch-size",
-        str(BATCH),
+        str(batch_size),
         "--device",
         device,
         "--out",

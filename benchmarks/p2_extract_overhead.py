@@ -25,9 +25,13 @@ def teacher_forward(
     device: str = "cpu",
     amp: str = "off",
     channels_last: bool = False,
+    *,
+    teacher: str = TEACHER,
+    dataset: str = DATASET,
 ):
-    """The teacher recording every tap (a TapRecorder to enter), the loader of the batches extraction sees, and the
-    Precision extraction runs them at (device, autocast, memory layout)."""
+    """The teacher recording every tap (a TapRecorder to enter), the loader of the batches extraction sees (the first
+    `num_images` of the dataset's train split), and the Precision extraction runs them at (device, autocast, memory
+    layout); the workload's teacher and dataset unless told otherwise."""
     import torch
     from torch.utils.data import Subset
 
@@ -39,8 +43,8 @@ def teacher_forward(
 
     setup_threads()
     precision = Precision(torch.device(device), amp, channels_last)
-    data = load_split(DATASET, "train")
-    model = precision.model(load_teacher(TEACHER, checkpoint, False, None, 10, 32)[0]).eval()
+    data = load_split(dataset, "train")
+    model = precision.model(load_teacher(teacher, checkpoint, False, None, 10, 32)[0]).eval()
     taps = [t.name for t in list_taps(model, 32)]
     loader = make_loader(Subset(data, list(range(num_images))), batch_size, pin_memory=precision.pin_memory)
     return TapRecorder(model, taps), loader, precision
@@ -53,12 +57,17 @@ def bare_forward_rate(
     device: str = "cpu",
     amp: str = "off",
     channels_last: bool = False,
+    *,
+    teacher: str = TEACHER,
+    dataset: str = DATASET,
 ) -> float:
     """Images/s of the teacher forward alone, recording every tap, on the batches extraction sees (loaded, copied to
     the device and run at the given precision as extraction does)."""
     import torch
 
-    recorder, loader, precision = teacher_forward(checkpoint, num_images, batch_size, device, amp, channels_last)
+    recorder, loader, precision = teacher_forward(
+        checkpoint, num_images, batch_size, device, amp, channels_last, teacher=teacher, dataset=dataset
+    )
     with torch.no_grad(), precision.autocast(), recorder, Timer() as timer:
         for images, _ in loader:
             recorder.run(precision.batch(images))

@@ -37,7 +37,7 @@ from cache.store import FEATURES, ArraySpec, FeatureStore, first_non_finite_row 
 from cache.writer import SplitWriter  # noqa: E402
 from p2_extract_overhead import teacher_forward  # noqa: E402
 from pipeline.extract import FEATURE_DTYPE, QUEUE_BATCHES, HalfSlots  # noqa: E402
-from workload import THREADS, teacher_checkpoint  # noqa: E402
+from workload import DATASET, TEACHER, THREADS, teacher_checkpoint  # noqa: E402
 
 KEPT_BATCHES = 4  # distinct batches of real activations the writer cycles through (compression depends on them)
 
@@ -76,9 +76,11 @@ class TimedWriter(SplitWriter):
             self.cpu_seconds = time.thread_time()
 
 
-def forward_and_conversion(checkpoint: str, num_images: int, batch_size: int):
+def forward_and_conversion(
+    checkpoint: str, num_images: int, batch_size: int, teacher: str = TEACHER, dataset: str = DATASET
+):
     """CPU seconds of the forward and of the float16 conversion over the images, and a few converted batches."""
-    recorder, loader, _ = teacher_forward(checkpoint, num_images, batch_size)
+    recorder, loader, _ = teacher_forward(checkpoint, num_images, batch_size, teacher=teacher, dataset=dataset)
     forward = conversion = 0.0
     slots, kept = None, []
     with torch.no_grad(), recorder:
@@ -129,16 +131,13 @@ def write_alone(kept, num_images: int, folder: Path) -> tuple[float, dict[str, t
     return writer.cpu_seconds, zarr_threads, check
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-images", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args()
-    n = args.num_images
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = teacher_checkpoint(Path(tmp))
-        forward, conversion, kept = forward_and_conversion(checkpoint, n, args.batch_size)
-        writer, zarr_threads, check = write_alone(kept, n, Path(tmp))
+def profile(
+    checkpoint: str, num_images: int, batch_size: int, folder: Path, teacher: str = TEACHER, dataset: str = DATASET
+) -> tuple[list[tuple[str, float]], float, float]:
+    """Every part's CPU seconds over `num_images` (label, seconds), the forward's and extraction's on top of it; the
+    writer's store goes in `folder`."""
+    forward, conversion, kept = forward_and_conversion(checkpoint, num_images, batch_size, teacher, dataset)
+    writer, zarr_threads, check = write_alone(kept, num_images, folder)
     loop, pool = zarr_threads.get("zarr_io", (0.0, 0.0)), zarr_threads.get("asyncio", (0.0, 0.0))
     parts = [
         ("teacher forward (bare, both threads)", forward),
@@ -149,7 +148,17 @@ def main() -> None:
         ("zarr pool, user: Blosc compression", pool[0]),
         ("zarr pool, system: file writes", pool[1]),
     ]
-    added = conversion + writer + sum(loop) + sum(pool)
+    return parts, forward, conversion + writer + sum(loop) + sum(pool)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    n = args.num_images
+    with tempfile.TemporaryDirectory() as tmp:
+        parts, forward, added = profile(teacher_checkpoint(Path(tmp)), n, args.batch_size, Path(tmp))
     print(f"CPU ms per image, {n} images, batch {args.batch_size}, {THREADS} torch threads:")
     for label, seconds in parts:
         print(f"  {label:52s} {1000 * seconds / n:6.2f}")
