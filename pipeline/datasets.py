@@ -255,12 +255,20 @@ def _digits_train_stats(size: int) -> tuple[tuple[float, ...], tuple[float, ...]
     return _pixel_stats(torch.from_numpy(pixels[train_idx])[:, None], size)
 
 
+STATS_CHUNK = 4_096  # images resized at a time for the statistics: 60,000 at once held ~1 GiB of float64
+
+
 def _pixel_stats(grey: torch.Tensor, size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std of uint8 grey images (N, 1, H, W) resized to `size`, in [0, 1], repeated over 3 channels."""
-    resized = v2.functional.resize(grey, [size, size], antialias=True)
-    values = resized.double() / 255.0
-    mean, std = round(values.mean().item(), 6), round(values.std().item(), 6)
-    return (mean,) * 3, (std,) * 3
+    """Mean and sample std of uint8 grey images (N, 1, H, W) resized to `size`, in [0, 1], repeated over 3 channels;
+    float64 sums over chunks of images."""
+    total = squares = 0.0
+    for chunk in grey.split(STATS_CHUNK):
+        values = v2.functional.resize(chunk, [size, size], antialias=True).double() / 255.0
+        total, squares = total + values.sum().item(), squares + values.square().sum().item()
+    count = grey.shape[0] * size * size
+    mean = total / count
+    std = math.sqrt(max(squares - count * mean * mean, 0.0) / (count - 1))
+    return (round(mean, 6),) * 3, (round(std, 6),) * 3
 
 
 @register_dataset
