@@ -116,7 +116,7 @@ def test_out_holding_something_else(tmp_path, digits_teacher):
 @pytest.mark.parametrize(
     "args,fragments",
     [
-        (["extract", "--dataset", "mnist"], ("unknown dataset 'mnist'",)),
+        (["extract", "--dataset", "svhn"], ("unknown dataset 'svhn'",)),
         (["teach", "--dataset", "digits", "--batch-size", "0"], ("--batch-size",)),
         (["teach", "--model-kwargs", "[1, 2]"], ("not a mapping",)),
         (["teach", "--device", "tpu"], ("--device",)),
