@@ -301,9 +301,11 @@ def verdict(analysis: dict[str, Any]) -> str:
         else "Q's ranking does not reliably predict the outcome (the interval of ρ includes 0 or lies below it)"
     )
     beats = "beats" if rho["value"] > rho_depth["value"] else "does not beat"
+    picks = "better" if q["regret"] < depth["regret"] else "no better" if q["regret"] == depth["regret"] else "worse"
     return (
         f"**{ranks}: ρ = {rho['value']:+.2f}. Q {beats} the trivial predictor depth (ρ = {rho_depth['value']:+.2f}).** "
-        f"The best tap is {analysis['best_tap']}; Q's top tap {q['top_tap']} is {q['regret']:.2f} points behind it."
+        f"The best tap is {analysis['best_tap']}; Q's top tap {q['top_tap']} is {q['regret']:.2f} points behind it, "
+        f"depth's top tap {depth['top_tap']} {depth['regret']:.2f}: as a pick of one tap, Q is {picks} than depth."
     )
 
 
