@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache.store import MIN_CHUNK_BYTES, ArraySpec, FeatureStore, StoreError, chunk_rows, plan_chunks
+from cache import store
+from cache.store import (
+    MIN_CHUNK_BYTES,
+    ArraySpec,
+    FeatureStore,
+    StoreError,
+    chunk_rows,
+    first_non_finite_row,
+    plan_chunks,
+)
 from cache.writer import SplitWriter
 from helpers import small_chunks as smaller_chunks
 
@@ -141,3 +150,16 @@ def test_writer_refuses_float16_overflow(tmp_path):
         with SplitWriter(part, [0]) as writer:
             writer.put({"features/x": values})
     assert part.missing_blocks() == [0]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("bad_row", [None, 0, 5, 6, 29])
+def test_first_non_finite_row_checked_block_by_block_finds_what_a_whole_array_check_finds(monkeypatch, dtype, bad_row):
+    rows = np.random.default_rng(0).normal(size=(30, 4, 3)).astype(dtype)
+    if bad_row is not None:
+        rows[bad_row, 2, 1] = np.inf if bad_row % 2 else np.nan
+    naive = [i for i in range(len(rows)) if not np.isfinite(rows[i]).all()]
+    monkeypatch.setattr(store, "FINITE_CHECK_BYTES", rows[:6].nbytes)  # blocks of 6 rows: 5 blocks
+    assert first_non_finite_row(rows) == (naive[0] if naive else None)
+    monkeypatch.setattr(store, "FINITE_CHECK_BYTES", 1)  # one row a block
+    assert first_non_finite_row(rows) == (naive[0] if naive else None)
