@@ -727,9 +727,7 @@ class StudyConfig(Config):
     """Run every stage FILE has a section for (teach, extract, score, q-test, report) in that order, continuing or
     reusing what an earlier, interrupted or finished, run of the same FILE left."""
 
-    file: str = option(
-        help="Experiment config (YAML) with a section per stage.", type=click.Path(dir_okay=False), argument=True
-    )
+    file: str = option(help="Experiment config (YAML) with a section per stage.", type=click.Path(), argument=True)
 
 
 @command("layers")

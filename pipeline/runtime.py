@@ -146,15 +146,17 @@ def progress(iterable=None, **kwargs) -> tqdm:
     (a log file, CI); off when the `pipeline` logger is set above INFO (`kdpipe --quiet`)."""
     if logging.getLogger("pipeline").level > logging.INFO:
         return tqdm(iterable, disable=True, **kwargs)
-    if not _stderr_is_terminal():
+    if not _is_terminal(kwargs.get("file")):
         return LoggedProgress(iterable, **kwargs)
     return tqdm(iterable, **kwargs)
 
 
-def _stderr_is_terminal() -> bool:
+def _is_terminal(file=None) -> bool:
+    """Whether the bar's file (stderr unless given) is a terminal."""
     import sys
 
-    return sys.stderr is not None and sys.stderr.isatty()
+    file = sys.stderr if file is None else file
+    return file is not None and file.isatty()
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import io
-import logging
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from pipeline.cli import cli
 from pipeline.config import COMMANDS, CommaList, ConfigError, file_values, resolve
 from pipeline.errors import UserError
 from pipeline.layout import args_file
-from pipeline.runtime import progress
 from pipeline.training import Trainer
 
 STAGES = {"teach": pipeline.teach, "extract": pipeline.extract, "score": pipeline.score}
@@ -147,17 +144,6 @@ def test_library_logs_and_only_the_command_line_prints(scored_store, tmp_path):
     quiet = run_cli("--quiet", *args, "--out", tmp_path / "b")
     assert "epoch" not in quiet.stderr and quiet.stdout.startswith("feature:")
     assert "pipeline.training: epoch 1" in run_cli("-v", *args, "--out", tmp_path / "c").stderr
-
-
-def test_progress_bars_turn_themselves_off(monkeypatch):
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    assert not progress(range(3), file=Terminal()).disable
-    assert progress(range(3), file=io.StringIO()).disable  # a log file
-    monkeypatch.setattr(logging.getLogger("pipeline"), "level", logging.WARNING)  # kdpipe --quiet
-    assert progress(range(3), file=Terminal()).disable
 
 
 def test_report_runs_the_stages_through_the_python_api():

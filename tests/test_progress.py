@@ -3,6 +3,7 @@ plain tqdm bar on a terminal, nothing with --quiet."""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 
@@ -24,7 +25,7 @@ class FakeClock:
 def log_file(monkeypatch, caplog):
     """stderr is not a terminal; the clock moves only when the test says so."""
     clock = FakeClock()
-    monkeypatch.setattr(runtime, "_stderr_is_terminal", lambda: False)
+    monkeypatch.setattr(runtime, "_is_terminal", lambda file=None: False)
     monkeypatch.setattr(runtime.time, "monotonic", clock)
     monkeypatch.setattr(logging.getLogger("pipeline"), "level", logging.INFO)
     caplog.set_level(logging.INFO, logger="pipeline.progress")
@@ -68,11 +69,14 @@ def _messages(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records]
 
 
-def test_a_terminal_gets_the_bar_and_quiet_gets_nothing(monkeypatch, caplog):
-    monkeypatch.setattr(runtime, "_stderr_is_terminal", lambda: True)
+def test_a_terminal_gets_the_bar_a_log_file_the_lines_and_quiet_nothing(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
     monkeypatch.setattr(logging.getLogger("pipeline"), "level", logging.INFO)
-    bar = runtime.progress(range(2))
-    assert type(bar) is tqdm
-    bar.close()
-    monkeypatch.setattr(logging.getLogger("pipeline"), "level", logging.WARNING)
-    assert runtime.progress(range(2)).disable
+    bar = runtime.progress(range(2), file=Terminal())
+    assert type(bar) is tqdm and not bar.disable
+    assert isinstance(runtime.progress(range(2), file=io.StringIO()), runtime.LoggedProgress)  # a log file
+    monkeypatch.setattr(logging.getLogger("pipeline"), "level", logging.WARNING)  # kdpipe --quiet
+    assert runtime.progress(range(2), file=Terminal()).disable

@@ -16,10 +16,19 @@ from pipeline.taps import LAYER, STAGE_END, TapRecorder, candidate_taps, dry_for
 def test_model_and_dataset_listing():
     assert {"resnet8", "resnet20", "resnet32", "resnet9", "vit_et", "vit_tiny_cifar"} <= set(list_models())
     assert list_models("vit*") == ["vit_et", "vit_tiny_cifar"]
-    assert set(list_datasets()) == {"digits", "cifar10", "cifar100", "imagefolder", "synthetic"}
+    assert set(list_datasets()) == {
+        "digits",
+        "mnist",
+        "fashion-mnist",
+        "cifar10",
+        "cifar100",
+        "imagefolder",
+        "synthetic",
+    }
     out = run_cli("models", "resnet*").output.split()
     assert "resnet20" in out and "vit_et" not in out
-    assert "imagefolder" in run_cli("datasets").output
+    listed = run_cli("datasets").output.splitlines()
+    assert "imagefolder" in listed[-3] and len({line.index("splits:") for line in listed}) == 1  # one column
 
 
 def test_models_lists_each_namespace():
