@@ -75,10 +75,14 @@ def _score(path: str, store: str | None) -> dict[str, Any]:
 
 
 def current_scores(config: ScoreConfig) -> dict[str, Any] | None:
-    """The scores beside the store when they were written for its present content with the same settings."""
+    """The scores beside the store when they were written for its present content with the same settings. score
+    writes its settings first and its scores last, so settings newer than the scores are a run that did not finish
+    (the scores beside them an older run's)."""
     store = FeatureStore.locate(config.store)
     scores_file, _, args_file = score_files(store)
     if not scores_file.is_file() or not args_file.is_file():
+        return None
+    if args_file.stat().st_mtime_ns > scores_file.stat().st_mtime_ns:
         return None
     summary = json.loads(scores_file.read_text())
     written_with = yaml.safe_load(args_file.read_text())

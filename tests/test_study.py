@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,10 @@ import yaml
 from torchvision.transforms import v2
 
 from helpers import assert_one_line_error, run_cli
+from pipeline import ExtractConfig, ScoreConfig, extract, score
 from pipeline.datasets import _digits_arrays
-from pipeline.layout import Q_TEST_SUMMARY, REPORT_SUMMARY, SCORES, TEACHER_WEIGHTS
+from pipeline.layout import Q_TEST_SUMMARY, REPORT_SUMMARY, SCORES, TEACHER_WEIGHTS, score_files
+from pipeline.study import current_scores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,3 +158,21 @@ def test_a_config_without_stage_sections_is_refused(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("dataset: digits\n")
     assert_one_line_error(run_cli("study", path, expect_ok=False), f"{path} has no stage section")
+
+
+def test_scores_count_as_current_only_for_the_same_store_settings_and_a_finished_run(digits_teacher, tmp_path):
+    store = tmp_path / "extract"
+    extract(
+        ExtractConfig(out=str(store), checkpoint=digits_teacher["checkpoint"], layers=("layer3.2",), max_samples=100)
+    )
+    config = ScoreConfig(store=str(store), top_k=1, plot=False)
+    written = score(config)
+    assert current_scores(config) == json.loads((store / SCORES).read_text()) and written["selected"] == ["layer3.2"]
+    assert current_scores(replace(config, top_k=2)) is None  # other settings
+    _, _, args = score_files(store / "features.zarr")
+    os.utime(args, ns=(time.time_ns() + 10**9,) * 2)  # settings written after the scores: an unfinished run
+    assert current_scores(config) is None
+    score(config)
+    extract(replace(ExtractConfig(out=str(store), checkpoint=digits_teacher["checkpoint"]), max_samples=120,
+                    layers=("layer3.2",), overwrite=True))  # fmt: skip
+    assert current_scores(config) is None  # another store in the same place
