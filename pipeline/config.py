@@ -663,13 +663,25 @@ class ProbeConfig(RunOptions):
     workers: int = _workers()
 
 
-@command("report")
 @dataclass(frozen=True, kw_only=True)
-class ReportConfig(Config):
-    """Run (or reuse) every method over the seeds against STORE with the config's distill and probe settings;
-    write report.md, report.json and report.png, and print the table."""
+class DistillRunsOptions(Config):
+    """The options of a command that runs distill and probe many times against one store (report, q-test): the
+    config's distill and probe sections for every run, and one device for all of them."""
 
     composes: ClassVar[tuple[str, ...]] = ("distill", "probe")
+
+    device: str | None = option(
+        None, "Device for every run (default: the distill and probe sections' own).", click.Choice(DEVICE_NAMES)
+    )
+    distill: dict | None = option(None, "kdpipe distill settings for every run.", Settings(DistillConfig), cli=False)
+    probe: dict | None = option(None, "kdpipe probe settings for every run.", Settings(ProbeConfig), cli=False)
+
+
+@command("report")
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(DistillRunsOptions):
+    """Run (or reuse) every method over the seeds against STORE with the config's distill and probe settings;
+    write report.md, report.json and report.png, and print the table."""
 
     store: str = option(MISSING, "Feature store (extract folder) every run uses.", click.Path())
     methods: tuple[str, ...] = option(
@@ -686,22 +698,15 @@ class ReportConfig(Config):
         FractionList(),
     )
     out: str = option("runs/report", "Output folder.", click.Path(file_okay=False))
-    device: str | None = option(
-        None, "Device for every run (default: the distill and probe sections' own).", click.Choice(DEVICE_NAMES)
-    )
     plot: bool = _plot(REPORT_PLOT)
-    distill: dict | None = option(None, "kdpipe distill settings for every run.", Settings(DistillConfig), cli=False)
-    probe: dict | None = option(None, "kdpipe probe settings for every run.", Settings(ProbeConfig), cli=False)
 
 
 @command("q-test")
 @dataclass(frozen=True, kw_only=True)
-class QTestConfig(Config):
+class QTestConfig(DistillRunsOptions):
     """Test Q itself: distill one student per scored teacher tap (that tap alone, into the last of the distill
     section's student layers, which the probe reads) and per k-tap set (Q's top k, the stage ends, random draws, Q's
     bottom k), probe each, and rank-correlate Q, S, I, E and depth with the probed top-1."""
-
-    composes: ClassVar[tuple[str, ...]] = ("distill", "probe")
 
     store: str = option(MISSING, "Scored feature store (extract folder) every run uses.", click.Path())
     taps: tuple[str, ...] = _layers("Teacher taps to distill one at a time (default: every scored tap).")
@@ -713,12 +718,7 @@ class QTestConfig(Config):
         10_000, "Bootstrap resamples of the taps for the correlations' 95 % intervals.", Integer(min=100)
     )
     out: str = option("runs/q-test", "Output folder.", click.Path(file_okay=False))
-    device: str | None = option(
-        None, "Device for every run (default: the distill and probe sections' own).", click.Choice(DEVICE_NAMES)
-    )
     plot: bool = _plot(Q_TEST_PLOT)
-    distill: dict | None = option(None, "kdpipe distill settings for every run.", Settings(DistillConfig), cli=False)
-    probe: dict | None = option(None, "kdpipe probe settings for every run.", Settings(ProbeConfig), cli=False)
 
 
 @command("study")

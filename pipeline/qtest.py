@@ -32,20 +32,19 @@ import numpy as np
 from cache.lock import lock_output
 from cache.store import FeatureStore
 
-from .config import DistillConfig, ProbeConfig, QTestConfig
+from .config import DistillConfig, QTestConfig
 from .errors import UserError
 from .layout import (
     Q_TEST_PLOT,
     Q_TEST_SUMMARY,
     Q_TEST_TEXT,
-    checkpoint_epochs,
     folder_lock,
     report_run,
     score_files,
 )
 from .pairing import teacher_stage_ends
 from .quality import rank_by_quality
-from .report import Run, check_runs, execute
+from .report import Run, check_runs, execute, planned_run
 from .runtime import write_args, write_bytes, write_json, write_png
 
 log = logging.getLogger(__name__)
@@ -137,13 +136,8 @@ def tap_sets(scored: list[dict[str, Any]], k: int, stage_ends: list[str], config
 
 
 def _run(config: QTestConfig, entry: str, teacher: tuple[str, ...], student: tuple[str, ...], seed: int) -> Run:
-    folder = report_run(config.out, entry, seed)
-    shared = {"seed": seed, **({"device": config.device} if config.device else {})}
-    own = {"method": METHOD, "teacher_layers": teacher, "student_layers": student, "out": str(folder), "check": False}
-    settings = {**(config.distill or {}), "store": config.store, **shared, **own}
-    distill_config = DistillConfig(**settings, resume=bool(checkpoint_epochs(folder)))
-    probe_config = ProbeConfig(**{**(config.probe or {}), **shared, "run": str(folder)})
-    return Run(entry, seed, folder, distill_config, probe_config)
+    own = {"method": METHOD, "teacher_layers": teacher, "student_layers": student}
+    return planned_run(config, entry, seed, report_run(config.out, entry, seed), own)
 
 
 def _value(x: float | None) -> float:

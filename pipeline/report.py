@@ -143,13 +143,20 @@ def plan(config: ReportConfig) -> list[Run]:
             for seed in dict.fromkeys(config.seeds):
                 main = fraction == main_fraction
                 folder = report_run(config.out, entry, seed, None if main else fraction)
-                shared = {"seed": seed, **({"device": config.device} if config.device else {})}
-                own = {"method": method, "label_fraction": fraction, "out": str(folder), "check": False}
-                resume = bool(checkpoint_epochs(folder))
-                distill_config = DistillConfig(**{**settings, **flags, **shared, **own, "resume": resume})
-                probe_config = ProbeConfig(**{**(config.probe or {}), **shared, "run": str(folder)})
-                runs.append(Run(entry, seed, folder, distill_config, probe_config, main))
+                own = {**flags, "method": method, "label_fraction": fraction}
+                runs.append(planned_run(config, entry, seed, folder, own, main))
     return runs
+
+
+def planned_run(config, entry: str, seed: int, folder: Path, own: dict[str, Any], main: bool = True) -> Run:
+    """One run of a command that runs many against one store (report, q-test: `config` has store, device, distill
+    and probe): the distill and probe sections, with the store, the seed, the device (when given), the run's own
+    settings `own` and its folder on top; resumed when the folder has checkpoints."""
+    shared = {"seed": seed, **({"device": config.device} if config.device else {})}
+    settings = {**(config.distill or {}), "store": config.store, **own, **shared, "out": str(folder), "check": False}
+    distill_config = DistillConfig(**settings, resume=bool(checkpoint_epochs(folder)))
+    probe_config = ProbeConfig(**{**(config.probe or {}), **shared, "run": str(folder)})
+    return Run(entry, seed, folder, distill_config, probe_config, main)
 
 
 def entry_flags() -> dict[str, bool]:
