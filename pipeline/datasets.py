@@ -305,7 +305,9 @@ def _idx(source: IdxSource, split: str, root: str | None, input_size: int | None
     _check_split(source.name, split)
     images, labels = read_idx_split(source, split, root, download)
     size = input_size or 32
-    prep = Preprocessing(size, *_grey_train_stats(source, root, size))
+    # the train split's statistics from the pixels in hand when it is the train split, else read for them (once)
+    stats = _pixel_stats(images[:, None], size) if split == "train" else _grey_train_stats(source, root, size)
+    prep = Preprocessing(size, *stats)
     return _array_split(source.name, split, _grey_to_rgb(images), labels, source.classes, prep)
 
 

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,8 +154,6 @@ def progress(iterable=None, **kwargs) -> tqdm:
 
 def _is_terminal(file=None) -> bool:
     """Whether the bar's file (stderr unless given) is a terminal."""
-    import sys
-
     file = sys.stderr if file is None else file
     return file is not None and file.isatty()
 

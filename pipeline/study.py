@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import yaml
@@ -52,7 +53,7 @@ def _teach(path: str, store: str | None) -> dict[str, Any]:
     from .teach import teach
 
     config = resolve(TeachConfig, path)
-    return teach(resolve(TeachConfig, path, {"resume": bool(checkpoint_epochs(config.out))}))
+    return teach(replace(config, resume=bool(checkpoint_epochs(config.out))))
 
 
 def _extract(path: str, store: str | None) -> dict[str, Any]:
