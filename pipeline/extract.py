@@ -58,7 +58,7 @@ from .layout import EXTRACT_SUMMARY, STORE_NAME, derived_files, store_lock
 from .models import TeacherBuild, load_teacher, served_preprocessing
 from .picks import PICKED_BY, check_teacher, expand_layers
 from .precision import Precision
-from .provenance import absolute_root
+from .provenance import absolute_root, checkpoint_places
 from .recipe import make_loader
 from .runtime import first_difference, progress, resolve_device, seed_everything, short, write_args, write_json
 from .taps import Tap, TapRecorder, list_taps, stage_ends
@@ -133,10 +133,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     specs, view_specs = _array_specs(taps, logits, num_classes), _view_specs(taps, logits, num_classes)
     # Where the teacher's weights and the data were read from: beside the identity, not in it (the same data and
     # weights may live anywhere); distill and probe find the data there by default.
-    places = {
-        "checkpoint_path": str(config.checkpoint) if config.checkpoint else None,
-        "data_root": absolute_root(config.data_root),
-    }
+    places = {**checkpoint_places(config.checkpoint, out), "data_root": absolute_root(config.data_root)}
     if picks:  # the scores that chose the taps (`pipeline.picks`)
         places[PICKED_BY] = picks
     path = out / STORE_NAME

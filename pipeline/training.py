@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,12 +25,12 @@ from cache.reader import CachedTargets
 from cache.store import FEATURES, FeatureStore
 
 from .augment import ViewImages
-from .checkpoints import file_sha256
 from .distributed import World
 from .errors import UserError
 from .methods import Distiller
 from .models import load_teacher
 from .precision import Precision
+from .provenance import recorded_checkpoint
 from .recipe import make_loader
 from .runtime import progress
 from .taps import TapRecorder
@@ -79,13 +78,10 @@ def store_teacher(
     store: FeatureStore, checkpoint: str | None, num_classes: int, input_size: int, purpose: str
 ) -> torch.nn.Module:
     """Rebuilds the store's teacher as recorded (model kwargs, checkpoint entry) for `purpose` (an option named in
-    errors); its weights must be the ones the store was extracted with (the recorded sha256)."""
+    errors); its weights must be the ones the store was extracted with (the recorded sha256): `checkpoint`, else
+    found where the store records them (`provenance.recorded_checkpoint`)."""
     teacher = store.meta["identity"]["teacher"]
-    checkpoint = checkpoint or store.meta.get("checkpoint_path")
-    if teacher["checkpoint_sha256"] and (not checkpoint or not Path(checkpoint).is_file()):
-        raise UserError(f"{purpose}: teacher weights not found at {checkpoint}; pass --teacher-checkpoint")
-    if checkpoint and file_sha256(checkpoint) != teacher["checkpoint_sha256"]:
-        raise UserError(f"{purpose}: {checkpoint} is not the checkpoint {store.path} was extracted with")
+    checkpoint = recorded_checkpoint(store, checkpoint, purpose)
     try:
         # building the teacher (on the CPU) must not move the student's random stream
         with torch.random.fork_rng(devices=[]):
