@@ -15,7 +15,7 @@ report OUT/     report.md  report.json  report.png  report_budget.png  report_ar
 
 A store with another name than features.zarr (DIR/NAME.zarr) has its own DIR/NAME.zarr.lock and kdpipe score's
 DIR/NAME.scores.json, NAME.scores.png and NAME.score_args.yaml, so that stores sharing a folder keep theirs apart.
-The lock files are the writers' (`cache.lock`): a folder's inside it, a store's beside it.
+The lock files are the writers' (`cache.lock`) and exist while one runs: a folder's inside it, a store's beside it.
 
 Every file is written whole or not at all: NAME.tmp, synced, then renamed over NAME (`runtime.write_bytes`; zarr
 writes the store's files alike); on object storage each is one PUT of the whole object, atomic as it is.

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
+from cache.lock import OutputLock, _Removed
 from cache.store import STORE_NAME, FeatureStore
 from cache.verify import DAMAGED, INCOMPLETE, SOUND
 from helpers import (
+    ROOT,
+    STUDENT,
     assert_one_line_error,
     kdpipe_process,
     load_script,
@@ -24,7 +29,8 @@ from helpers import (
     run_cli,
     tree_bytes,
 )
-from pipeline.layout import EXTRACT_SUMMARY, STUDENT_WEIGHTS, folder_lock, score_files, store_lock
+from pipeline import DistillConfig, ProbeConfig, distill, probe
+from pipeline.layout import EXTRACT_SUMMARY, PROBE_SUMMARY, STUDENT_WEIGHTS, folder_lock, score_files, store_lock
 
 
 @pytest.mark.slow
@@ -157,7 +163,70 @@ def test_a_second_writer_fails_at_once_and_changes_nothing(digits_teacher, score
         assert tree_bytes(tmp_path) == before
     assert json.loads(store_lock(features).read_text())["pid"] == holder.pid  # left by the killed holder
     run_cli("score", store, "--split", "test", "--no-plot")
-    assert store_lock(features).read_text() == ""  # the record goes with the hold
+    assert not store_lock(features).exists()  # the record goes with the hold, and the file with it
+
+
+def test_finished_outputs_hold_no_lock_file(digits_teacher, scored_store, tmp_path):
+    """Teach, extract, score, distill and probe each remove their lock file as they release it."""
+    run = tmp_path / "run"
+    distill(DistillConfig(store=str(scored_store), out=str(run), **{**STUDENT, "epochs": 1}))
+    probe(ProbeConfig(run=str(run), max_iter=5))
+    folders = [Path(digits_teacher["checkpoint"]).parent, scored_store, run]
+    assert (run / PROBE_SUMMARY).is_file()
+    assert [p for folder in folders for p in folder.rglob("*.lock")] == []
+
+
+TAKE_IN_TURN = """
+import os, sys, time
+from cache.lock import LockError, OutputLock
+output, marker, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+held = overlaps = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        with OutputLock(output, output + ".lock", "test"):
+            try:  # exclusive creation fails while another holder is inside
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                overlaps += 1
+                continue
+            held += 1
+            os.unlink(marker)
+    except LockError:
+        pass
+print(held, overlaps)
+"""
+
+
+def test_processes_taking_a_lock_in_turn_never_hold_it_together(tmp_path):
+    """Three processes take and release one output's lock as fast as they can, its file removed at every release:
+    each takes it many times, never two at once, and no lock file is left."""
+    output, marker = tmp_path / "out", tmp_path / "inside"
+    script = [sys.executable, "-c", TAKE_IN_TURN, str(output), str(marker), "3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    takers = [subprocess.Popen(script, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    counts = [tuple(map(int, p.communicate(timeout=60)[0].split())) for p in takers]
+    assert all(held > 10 for held, _ in counts), counts
+    assert all(overlaps == 0 for _, overlaps in counts), counts
+    assert not Path(f"{output}.lock").exists()
+
+
+def test_a_lock_won_on_a_removed_file_is_refused(tmp_path):
+    """The case the removal at release must not break: a writer that opened the lock file before its holder removed
+    it, and won the flock after, holds a file nobody else can see. Its record is refused and the next try takes
+    the lock file now at the path."""
+    lock_file = tmp_path / "out.lock"
+    lock_file.touch()
+    stale = os.open(lock_file, os.O_RDWR)
+    lock_file.unlink()
+    lock_file.touch()  # a later writer's file, at the same path
+    taker = OutputLock(tmp_path / "out", lock_file, "test")
+    with pytest.raises(_Removed):
+        taker._write_record(stale)
+    os.close(stale)
+    with taker:
+        assert json.loads(lock_file.read_text())["command"] == "test"
+    assert not lock_file.exists()
 
 
 @pytest.mark.slow  # two teacher processes racing: CI only, to keep `make test-fast` under a minute
