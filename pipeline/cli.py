@@ -47,7 +47,7 @@ from .config import (
     field_types,
     resolve,
 )
-from .errors import UserError, filesystem_fault, user_message
+from .errors import UserError, filesystem_fault, flag_style, user_message
 
 LIBRARY_LOGGERS = ("pipeline", "cache")
 
@@ -81,7 +81,8 @@ def _user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with flag_style():
+                return fn(*args, **kwargs)
         except (UserError, StoreError, LockError, LocationError, OSError) as err:
             fault = filesystem_fault(err) if isinstance(err, OSError) else err
             if fault is None:

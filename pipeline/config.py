@@ -278,6 +278,18 @@ def convert_values(config: type[Config], values: Mapping[str, Any], arguments: b
 # The configs
 
 COMMANDS: dict[str, type[Config]] = {}
+@functools.cache
+def option_kinds() -> dict[str, type]:
+    """Every command's options by field name, as bool, int, float or str: how a user error names one to a Python
+    caller (`pipeline.errors.keywords`)."""
+    kinds = {Boolean: bool, Integer: int, Number: float}
+    return {
+        name: next((kind for base, kind in kinds.items() if isinstance(param, base)), str)
+        for config in COMMANDS.values()
+        for name, param in field_types(config).items()
+    }
+
+
 
 
 def command(name: str):

@@ -87,7 +87,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     missing = [p for p in paths if p not in part.group.attrs["arrays"]]
     if missing:
         raise UserError(
-            f"--method {config.method} reads {missing[0]}, which {feature_store.path} does not hold"
+            f"--method={config.method} reads {missing[0]}, which {feature_store.path} does not hold"
             + _why_not_cached(feature_store, missing[0])
         )
     stones = _stepping_stones(method, feature_store, net, config, data.num_classes, input_size)
@@ -233,7 +233,7 @@ def _check_processes(config: DistillConfig, world: distributed.World, device) ->
     """Every rank takes an equal share of each batch; SyncBatchNorm is CUDA's only (torch)."""
     if config.batch_size % world.size:
         raise UserError(
-            f"--batch-size {config.batch_size} is not divisible by the {world.size} processes; each takes an equal "
+            f"--batch-size={config.batch_size} is not divisible by the {world.size} processes; each takes an equal "
             "share of every batch"
         )
     if config.sync_batchnorm and world.distributed and device.type != "cuda":
@@ -252,7 +252,7 @@ def _stepping_stones(
     if term is None:
         return None
     settings = term.settings()
-    teacher = store_teacher(store, config.teacher_checkpoint, num_classes, input_size, f"--method {config.method}")
+    teacher = store_teacher(store, config.teacher_checkpoint, num_classes, input_size, f"--method={config.method}")
     name = store.meta["identity"]["teacher"]["name"]
     student_stages, teacher_stages = stage_taps(
         store, teacher, net, config.student, input_size, config.teacher_layers, config.student_layers
@@ -276,22 +276,22 @@ def _views(
         views = config.views or part.num_views
         if views > part.num_views:
             raise UserError(
-                f"--views {views}: {store.path} holds {part.num_views} view{'s' * (part.num_views > 1)} per image "
-                "(extract --views K --augment POLICY caches more)"
+                f"--views={views}: {store.path} holds {part.num_views} view{'s' * (part.num_views > 1)} per image "
+                "(`kdpipe extract --views K --augment POLICY` caches more)"
             )
         recorded = store.meta["identity"].get("augment")
         return None, views, {"source": "cache", **recorded, "views": views} if views > 1 else None
     if config.views is not None:
-        raise UserError(f"--views {config.views} and --augment: fresh views replace the cached ones; pass one")
+        raise UserError(f"--views={config.views} and --augment: fresh views replace the cached ones; pass one")
     if method.reads_teacher and not config.online_teacher:
         raise UserError(
-            f"--augment {config.augment}: no cache holds the teacher's outputs on fresh views; pass --online-teacher, "
+            f"--augment={config.augment}: no cache holds the teacher's outputs on fresh views; pass --online-teacher, "
             "or cache views (kdpipe extract --views K --augment POLICY) and train on them"
         )
     try:
         fresh = Augmentation.create(config.augment, config.augment_kwargs, data.preprocessing)
     except UserError as err:
-        raise UserError(f"--augment {config.augment}: {err}") from None
+        raise UserError(f"--augment={config.augment}: {err}") from None
     return fresh, 1, {"source": "fresh", **fresh.record(), "seed": config.seed}
 
 
@@ -341,7 +341,7 @@ def _step_budget(num_rows: int, batch_size: int, epochs: int, steps: int | None,
     (`CachedTargets.epoch_order`); a whole split smaller than a batch is an error."""
     steps_per_epoch = num_rows // batch_size
     if steps_per_epoch == 0 and not subset:
-        raise UserError(f"--batch-size {batch_size} exceeds the {num_rows} training samples")
+        raise UserError(f"--batch-size={batch_size} exceeds the {num_rows} training samples")
     if steps_per_epoch == 0:
         log.info("the %d labelled rows are fewer than a batch of %d: each batch repeats them", num_rows, batch_size)
         steps_per_epoch = 1
@@ -359,7 +359,7 @@ def _training_rows(
     try:
         labelled = stratified_subset(part.read("labels"), config.label_fraction, config.seed, classes)
     except UserError as err:
-        raise UserError(f"--label-fraction {config.label_fraction:g}: {err}") from None
+        raise UserError(f"--label-fraction={config.label_fraction:g}: {err}") from None
     return (labelled if method.uses_labels or not config.unlabelled_distill else None), labelled
 
 
@@ -370,7 +370,7 @@ def _check_classes(
     cached = None if len(indices) == len(data) else f"the {len(indices)} samples cached in {store.path}"
     data.check_classes(indices, cached)
     if labelled is not None:
-        data.check_classes(indices[labelled], f"--label-fraction {label_fraction:g}")
+        data.check_classes(indices[labelled], f"--label-fraction={label_fraction:g}")
 
 
 def _evaluate_classifier(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # only a write meets these
@@ -12,7 +14,67 @@ ACCESS_FAULTS = (errno.EACCES, errno.EPERM)  # a read can meet these too
 
 
 class UserError(Exception):
-    """Bad input from the user (names, paths, shapes, values): reported without a traceback."""
+    """Bad input from the user (names, paths, shapes, values): reported without a traceback.
+
+    Messages name options as command-line flags (`--student-layers`, `--views=K`, `--no-augment`); raised under the
+    Python API they read as the keywords a caller passes (`student_layers=`, `views=K`, `augment=False`), under the
+    command line (`flag_style`) as written.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(styled(message))
+
+
+def styled(message: str) -> str:
+    """The message with its options named as the caller passes them: flags under `flag_style`, else keywords."""
+    return _OPTION_STYLE.get()(message)
+
+
+def flags(message: str) -> str:
+    """Options named as the command line's flags: as written, a value after a space (`--views 2`)."""
+    return _FLAG.sub(lambda match: match[0].replace("=", " ", 1), message)
+
+
+def keywords(message: str) -> str:
+    """Options named as the Python API's keywords: each `--flag` of a config field becomes `field=`, `field=True`
+    (a boolean; `--no-field`: `field=False`) or `field=VALUE` (`--field=VALUE`); a command line quoted in the
+    message (`kdpipe extract --overwrite` in backticks or parentheses) stays one."""
+    pieces = _COMMAND_LINE.split(message)  # odd pieces are quoted command lines
+    return "".join(piece if i % 2 else _FLAG.sub(_keyword, piece) for i, piece in enumerate(pieces))
+
+
+_OPTION_STYLE: ContextVar[Callable[[str], str]] = ContextVar("option_style", default=keywords)
+_COMMAND_LINE = re.compile(r"(`kdpipe [^`]*`|\(kdpipe [^)]*\))")
+_FLAG = re.compile(r"(?<![\w-])--(?P<no>no-)?(?P<name>[a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?:=(?P<value>[^\s`'\"]+))?")
+_VALUE_END = ".,:;)"  # punctuation that ends a sentence or clause after a flag's value, not part of it
+
+
+@contextlib.contextmanager
+def flag_style() -> Iterator[None]:
+    """User errors raised inside the block name options as flags: the command line's own."""
+    token = _OPTION_STYLE.set(flags)
+    try:
+        yield
+    finally:
+        _OPTION_STYLE.reset(token)
+
+
+def _keyword(match: re.Match) -> str:
+    from .config import option_kinds  # config imports this module
+
+    name, value = match["name"].replace("-", "_"), match["value"]
+    kind = option_kinds().get(name)
+    if kind is None:  # not an option of the API (`--config`, torchrun's `--nproc-per-node`)
+        return match[0]
+    if match["no"] and value is None:
+        return f"{name}={False if kind is bool else None}"
+    if kind is bool and value is None:
+        return f"{name}=True"
+    if value is None:  # `--methods: ...` names the option the message is about
+        return name if match.string[match.end() : match.end() + 1] == ":" else f"{name}="
+    stripped = value.rstrip(_VALUE_END)
+    shown = stripped if kind in (int, float) or stripped.isupper() else repr(stripped)
+    return f"{name}={shown}{value[len(stripped) :]}"
 
 
 def first_line(err: BaseException) -> str:

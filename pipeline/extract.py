@@ -234,18 +234,18 @@ def _augmentation(config: ExtractConfig, preprocessing: Preprocessing) -> Augmen
     """The policy views 1..K-1 are drawn from; both or neither of --views K > 1 and --augment are given."""
     if config.augment is None and config.views > 1:
         raise UserError(
-            f"--views {config.views}: views 1..{config.views - 1} need --augment POLICY ({', '.join(POLICIES.names())})"
+            f"--views={config.views}: views 1..{config.views - 1} need --augment=POLICY ({', '.join(POLICIES.names())})"
         )
     if config.augment is None:
         if config.augment_kwargs:
             raise UserError("--augment-kwargs: there is no --augment policy to configure")
         return None
     if config.views == 1:
-        raise UserError(f"--augment {config.augment}: --views 1 is the plain image alone; pass --views K (K >= 2)")
+        raise UserError(f"--augment={config.augment}: --views=1 is the plain image alone; pass --views=K (K >= 2)")
     try:
         return Augmentation.create(config.augment, config.augment_kwargs, preprocessing)
     except UserError as err:
-        raise UserError(f"--augment {config.augment}: {err}") from None
+        raise UserError(f"--augment={config.augment}: {err}") from None
 
 
 def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndarray:
@@ -255,12 +255,12 @@ def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndar
     if max_samples is None or max_samples >= len(data):
         return np.arange(len(data))
     if max_samples < data.num_classes:
-        raise UserError(f"--max-samples {max_samples} is below the number of classes ({data.num_classes})")
+        raise UserError(f"--max-samples={max_samples} is below the number of classes ({data.num_classes})")
     try:
         rows = stratified_subset(data.labels, max_samples, seed, data.classes)
     except UserError as err:
-        raise UserError(f"--max-samples {max_samples}: {err}") from None
-    data.check_classes(rows, f"--max-samples {max_samples}")
+        raise UserError(f"--max-samples={max_samples}: {err}") from None
+    data.check_classes(rows, f"--max-samples={max_samples}")
     return rows
 
 
@@ -368,7 +368,7 @@ def _check_size(
     )
     fewer = "cache fewer taps (--layers) or samples (--max-samples)"
     if max_gb is not None and total > max_gb * 2**30:
-        raise UserError(f"{path} would hold {_size(total)} raw, above --max-store-gb {max_gb:g}; {fewer}")
+        raise UserError(f"{path} would hold {_size(total)} raw, above --max-store-gb={max_gb:g}; {fewer}")
     if free is not None and left > free:
         raise UserError(
             f"{path} needs {_size(left)} raw but {path.parent} has {_size(free)} free; free space or {fewer}"

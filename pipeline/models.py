@@ -365,9 +365,9 @@ def load_teacher(
     if not split_namespace(name)[0]:
         MODELS.get(name)  # an unknown name is reported before anything is read
     if checkpoint is None and not pretrained:
-        raise UserError("the teacher needs weights: pass --checkpoint FILE (or --pretrained for timm/torchvision)")
+        raise UserError("the teacher needs weights: pass --checkpoint=FILE (or --pretrained for timm/torchvision)")
     if checkpoint_key and not checkpoint:
-        raise UserError(f"--checkpoint-key {checkpoint_key}: there is no --checkpoint to read it from")
+        raise UserError(f"--checkpoint-key={checkpoint_key}: there is no --checkpoint to read it from")
     spec = read_model_spec(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
     if spec and spec.get("model") != name:
         raise UserError(f"checkpoint {checkpoint} holds a {spec.get('model')!r}, not a {name!r}")

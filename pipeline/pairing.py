@@ -11,7 +11,7 @@ from torch import nn
 from cache.store import FeatureStore, SplitStore
 
 from .config import ScoreConfig
-from .errors import UserError
+from .errors import UserError, styled
 from .methods import Method
 from .models import create_model
 from .picks import store_picks
@@ -36,22 +36,44 @@ def pair_taps(
 
     The number of pairs k comes from `--teacher-layers`, else `--student-layers`, else the method: the store's
     picks (`feature`) or the teacher's deepest stage ends (`feature-standard`, `fitnet`; as many as `kdpipe score`
-    picks by default, fewer when the teacher has fewer stages). A method without a feature loss pairs nothing and
-    ignores both options (one config can then serve every method of a comparison).
+    picks by default, fewer when the teacher has fewer stages). By default k is capped at the student's pairable
+    layers (METHOD.md §2: k is the number of student layers distilled): a student with fewer layers than the store's
+    picks takes the top k by Q. A method without a feature loss pairs nothing and ignores both options (one config
+    can then serve every method of a comparison).
     """
     if not method.has_feature_loss:
         return [], []
+    student_all = list_taps(net, input_size)
     k = len(teacher_layers) or len(student_layers) or None
     if teacher_layers:
         teacher = recorded_taps(store, teacher_layers)
     elif method.teacher_taps == "picked":
-        teacher = picked_taps(store, part, k)
+        picks = len(_picks(store, part)["selected"])
+        teacher = picked_taps(store, part, k or _fitted(picks, student_all, "top {} by Q"))
     else:
-        teacher = standard_taps(store, k)
-    student = student_taps(net, input_size, student_layers, len(teacher))
+        teacher = standard_taps(store, k or _fitted(_standard_pairs(store), student_all, "{} deepest stage ends"))
+    student = student_taps(net, input_size, student_layers, len(teacher), student_all)
     for s, t in zip(student, teacher, strict=True):
         _warn_if_far_apart(s, t)
     return student, teacher
+
+
+def _fitted(pairs: int, student: list[Tap], teacher_side: str) -> int:
+    """The default number of pairs: the teacher side's (`teacher_side`, formatted with the number), or the
+    student's pairable layers where it has fewer."""
+    layers = sum(t.pairable for t in student)
+    if layers >= pairs:
+        return pairs
+    if not layers:
+        raise UserError("the student has no pairable taps (`kdpipe layers STUDENT` lists them); pass --student-layers")
+    log.warning(
+        styled(
+            "the student has %d pairable layers for %d teacher taps: pairing them with the teacher's %s "
+            "(--teacher-layers and --student-layers choose others)"
+        ),
+        *(layers, pairs, teacher_side.format(layers)),
+    )
+    return layers
 
 
 def recorded_taps(store: FeatureStore, names: list[str] | tuple[str, ...], why: str = "") -> list[Tap]:
@@ -68,13 +90,11 @@ def store_taps(store: FeatureStore) -> list[Tap]:
     return [Tap.from_record(t) for t in store.meta["identity"]["taps"]]
 
 
-def picked_taps(store: FeatureStore, part: SplitStore, k: int | None) -> list[Tap]:
-    """The store's picks from `kdpipe score` (its own, or those of the sample store that chose what it caches), or
+def picked_taps(store: FeatureStore, part: SplitStore, k: int) -> list[Tap]:
+    """The store's k picks from `kdpipe score` (its own, or those of the sample store that chose what it caches), or
     the top k of its cached taps by the recorded Q when k differs from the picks' number."""
-    scores = store_picks(store, part.group.attrs.get("scores"))
-    if not scores:
-        raise UserError(f"{store.path} has no scores; run `kdpipe score` first or pass --teacher-layers")
-    if k is None or k == len(scores["selected"]):
+    scores = _picks(store, part)
+    if k == len(scores["selected"]):
         return recorded_taps(store, scores["selected"])
     cached = {t.name for t in store_taps(store)}
     scored = recorded_taps(store, [name for name in scores["Q"] if name in cached])
@@ -84,17 +104,28 @@ def picked_taps(store: FeatureStore, part: SplitStore, k: int | None) -> list[Ta
     return [scored[i] for i in select_top_k(qualities, k)]
 
 
-def standard_taps(store: FeatureStore, k: int | None) -> list[Tap]:
-    """The teacher's k deepest stage ends (as many as score picks by default, fewer for fewer stages), which extract
-    recorded from the teacher; they must be cached."""
+def _picks(store: FeatureStore, part: SplitStore) -> dict:
+    """The scores that chose the store's picks."""
+    scores = store_picks(store, part.group.attrs.get("scores"))
+    if not scores:
+        raise UserError(f"{store.path} has no scores; run `kdpipe score` first or pass --teacher-layers")
+    return scores
+
+
+def standard_taps(store: FeatureStore, k: int) -> list[Tap]:
+    """The teacher's k deepest stage ends, which extract recorded from the teacher; they must be cached."""
     teacher, ends = store.meta["identity"]["teacher"], teacher_stage_ends(store)
-    k = k or min(DEFAULT_PAIRS, len(ends))
     if k > len(ends):
         raise UserError(
             f"teacher {teacher['name']} has {len(ends)} stage ends for {k} pairs; "
             "pass --teacher-layers or fewer --student-layers"
         )
     return recorded_taps(store, ends[-k:], " (a stage end of the teacher)")
+
+
+def _standard_pairs(store: FeatureStore) -> int:
+    """As many stage ends as score picks, fewer for a teacher with fewer stages."""
+    return min(DEFAULT_PAIRS, len(teacher_stage_ends(store)))
 
 
 def teacher_stage_ends(store: FeatureStore) -> list[str]:
@@ -161,14 +192,20 @@ def default_student_taps(taps: list[Tap], k: int) -> list[Tap]:
     return [layers[round((i + 1) * len(layers) / k) - 1] for i in range(k)]
 
 
-def student_taps(net: nn.Module, input_size: int, requested: tuple[str, ...], k: int) -> list[Tap]:
-    """The requested student taps (as many as the teacher's), or the default ones for k pairs."""
+def student_taps(
+    net: nn.Module, input_size: int, requested: tuple[str, ...], k: int, offered: list[Tap] | None = None
+) -> list[Tap]:
+    """The requested student taps (as many as the teacher's), or the default ones for k pairs among those the
+    student offers."""
     if requested:
         taps = list_taps(net, input_size, names=list(requested))
         if len(taps) != k:
-            raise UserError(f"{len(taps)} student taps for {k} teacher taps; they pair one-to-one in depth order")
+            raise UserError(
+                f"--student-layers names {len(taps)} taps for {k} teacher taps; they pair one-to-one in depth order "
+                "(name as many with --teacher-layers, or leave it out)"
+            )
         return taps
-    return default_student_taps(list_taps(net, input_size), k)
+    return default_student_taps(offered or list_taps(net, input_size), k)
 
 
 def _warn_if_far_apart(student: Tap, teacher: Tap) -> None:

@@ -42,12 +42,12 @@ class Precision:
         channels_last: bool = False,
         cudnn_benchmark: bool = True,
         training: bool = False,
-        refused_as: str = "--amp fp16",
+        refused_as: str = "--amp=fp16",
     ) -> None:
         if amp == "fp16" and device.type != "cuda":
             raise UserError(
                 f"{refused_as}: float16 autocast needs CUDA; on the CPU it runs slower than float32 (bf16 is the "
-                "CPU's mixed precision: --amp bf16)"
+                "CPU's mixed precision: --amp=bf16)"
             )
         self.device, self.amp, self.channels_last = device, amp, channels_last
         self.cuda = device.type == "cuda"

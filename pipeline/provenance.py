@@ -152,8 +152,8 @@ def _recorded_scheme(store: FeatureStore, split: str, expected, mode: str) -> st
     if mode == "full" and scheme not in FULL_SCHEMES:
         held = f"a {scheme} fingerprint" if scheme else "no fingerprint kdpipe recomputes"
         raise UserError(
-            f"--fingerprint full: {store.path} holds {held} of its {split} split, not one of every sample's content; "
-            "extract it again with --fingerprint full"
+            f"--fingerprint=full: {store.path} holds {held} of its {split} split, not one of every sample's content; "
+            "extract it again with --fingerprint=full"
         )
     if expected.get("fingerprint") is not None and scheme is None:
         log.warning(

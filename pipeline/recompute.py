@@ -61,7 +61,7 @@ def recompute(
     input_size = identity["dataset"]["preprocessing"]["input_size"]
     # the teacher runs at the precision the store was extracted with, as it ran then
     amp = identity.get("amp", "off")
-    refused_as = f"--recompute ({store.path} was extracted with --amp {amp})"
+    refused_as = f"--recompute ({store.path} was extracted with --amp={amp})"
     precision = Precision(resolve_device(device), amp, refused_as=refused_as)
     teacher = precision.model(store_teacher(store, checkpoint, num_classes, input_size, "--recompute")).eval()
     augment = identity.get("augment")

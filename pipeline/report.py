@@ -24,7 +24,7 @@ from cache.lock import lock_output
 
 from .config import Boolean, DistillConfig, ProbeConfig, ReportConfig, field_types
 from .distill import distill
-from .errors import UserError
+from .errors import UserError, styled
 from .layout import (
     DISTILL_SUMMARY,
     PROBE_SUMMARY,
@@ -117,8 +117,8 @@ def _check(run: Run) -> None:
     except UserError as err:
         if run.main:
             raise
-        reason = str(err).removeprefix(f"--label-fraction {run.label_fraction:g}: ")
-        raise UserError(f"--label-fractions {run.label_fraction:g} ({run.entry}, seed {run.seed}): {reason}") from None
+        reason = str(err).removeprefix(styled(f"--label-fraction={run.label_fraction:g}: "))
+        raise UserError(f"--label-fractions={run.label_fraction:g} ({run.entry}, seed {run.seed}): {reason}") from None
 
 
 def sweep_fractions(config: ReportConfig) -> list[float]:
@@ -179,7 +179,7 @@ def split_entry(entry: str) -> tuple[str, dict[str, bool]]:
     unknown = [flag for flag in flags if flag not in allowed]
     if unknown:
         raise UserError(
-            f"--methods: --{unknown[0]} is not a flag of kdpipe distill that an entry may add ({', '.join(allowed)})"
+            f"--methods: `kdpipe distill --{unknown[0]}` is not a flag an entry may add ({', '.join(allowed)})"
         )
     return method, {flag.removeprefix("no-").replace("-", "_"): allowed[flag] for flag in flags}
 

@@ -144,11 +144,11 @@ def _sample_rows(labels: np.ndarray, num_classes: int, max_samples: int | None, 
     if max_samples is None or max_samples >= len(labels):
         return np.arange(len(labels))
     if max_samples < 2 * num_classes:
-        raise UserError(f"--max-samples {max_samples}: Q needs at least 2 samples of each of {num_classes} classes")
+        raise UserError(f"--max-samples={max_samples}: Q needs at least 2 samples of each of {num_classes} classes")
     try:
         return stratified_subset(labels, max_samples, seed)
     except UserError as err:  # a class too small to stratify
-        raise UserError(f"--max-samples {max_samples}: {err}") from None
+        raise UserError(f"--max-samples={max_samples}: {err}") from None
 
 
 def score_tap(tap: dict[str, Any], store: Path, split: str, threads: dict[str, int], **inputs: Any) -> dict[str, Any]:
@@ -247,7 +247,7 @@ def _select(results: list[dict[str, Any]], top_k: int) -> tuple[list[int], list[
     qualities = [r["Q"] for r in results]
     notes = []
     if top_k > len(results):
-        notes.append(f"--top-k {top_k} exceeds the {len(results)} scored taps: all are selected")
+        notes.append(f"--top-k={top_k} exceeds the {len(results)} scored taps: all are selected")
     for r in results:
         if math.isnan(r["Q"]):
             notes.append(f"tap {r['name']} has Q = NaN (a zero-norm sample or zero spread); it is ranked last")

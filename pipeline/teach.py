@@ -47,7 +47,7 @@ def teach(config: TeachConfig) -> dict[str, Any]:
     held_out = load_split(config.dataset, held_out_split(config.dataset), *where)
     train.check_classes()
     if len(train) < config.batch_size:
-        raise UserError(f"--batch-size {config.batch_size} exceeds the {len(train)} training samples")
+        raise UserError(f"--batch-size={config.batch_size} exceeds the {len(train)} training samples")
     input_size = train.preprocessing.input_size
     model = create_model(config.teacher, train.num_classes, input_size=input_size, model_kwargs=config.model_kwargs)
     precision = Precision.of(config, dev, training=True)

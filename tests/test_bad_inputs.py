@@ -116,7 +116,7 @@ CASES = {
             "--out",
             "{out}",
         ],
-        "2 student taps for 1 teacher taps",
+        "--student-layers names 2 taps for 1 teacher taps",
     ),
     "resume without checkpoint": (["distill", "{store}", "--resume", "--out", "{out}"], "holds no checkpoint"),
     "probe without run": (["probe", "{root}/images"], "holds no distilled student"),

@@ -185,7 +185,7 @@ def test_report_runs_then_reuses_and_refuses_changed_settings(scored_store, tmp_
         (["--seeds", "0,x"], "not a comma-separated list of seeds >= 0"),
         (["--seeds", "-1"], "not a comma-separated list of seeds >= 0"),
         (["--methods", "ce,dkd"], "unknown method 'dkd'"),
-        (["--methods", "ce,feature+lr"], "--lr is not a flag of kdpipe distill"),
+        (["--methods", "ce,feature+lr"], "`kdpipe distill --lr` is not a flag"),
     ],
 )
 def test_report_bad_input(scored_store, tmp_path, args, fragment):

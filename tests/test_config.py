@@ -178,7 +178,7 @@ def test_report_plan_takes_the_sections_and_owns_only_its_settings(tmp_path):
     assert (ce.distill.device, ce.distill.steps, ce.distill.seed, ce.probe.max_iter) == ("cpu", 5, 3, 7)
     assert ce.distill.out == str(tmp_path / "ce" / "seed-3") and strict.distill.unlabelled_distill is False
     assert plan(replace(config, device="cuda:0"))[0].distill.device == "cuda:0"  # the report's device when given
-    with pytest.raises(UserError, match="--no-online-teacher is not a flag"):
+    with pytest.raises(UserError, match="--no-online-teacher` is not a flag"):
         plan(replace(config, methods=("feature+no-online-teacher",)))
     with pytest.raises(UserError, match="names no method"):
         plan(replace(config, methods=()))

@@ -187,7 +187,7 @@ def test_cifar_missing_root_is_a_user_error(tmp_path):
         load_split("cifar10", "train", root=str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="not found under"):
         load_split("cifar10", "train", root=str(tmp_path))
-    with pytest.raises(UserError, match="needs --data-root"):
+    with pytest.raises(UserError, match="needs data_root="):
         load_split("cifar100", "train")
 
 

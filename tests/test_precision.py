@@ -52,7 +52,7 @@ def test_cudnn_benchmark_is_left_alone_on_the_cpu(monkeypatch):
 
 
 def test_fp16_on_the_cpu_is_refused_in_one_line(digits_teacher, tmp_path):
-    with pytest.raises(UserError, match="--amp fp16: float16 autocast needs CUDA"):
+    with pytest.raises(UserError, match="amp='fp16': float16 autocast needs CUDA"):
         Precision(CPU, "fp16")
     result = run_cli(
         "extract", "--checkpoint", digits_teacher["checkpoint"], "--amp", "fp16", "--device", "cpu",
