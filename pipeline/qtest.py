@@ -44,7 +44,7 @@ from .layout import (
 )
 from .pairing import teacher_stage_ends
 from .quality import rank_by_quality
-from .report import Run, check_runs, execute, planned_run
+from .report import Run, check_runs, execute, planned_run, shown_store
 from .runtime import write_args, write_bytes, write_json, write_png
 
 log = logging.getLogger(__name__)
@@ -232,8 +232,9 @@ def write_q_test(
 ) -> dict[str, Any]:
     analysis = analyse(taps, tap_results, sets, set_results, config)
     first = tap_results[0]
+    store = shown_store(first["store"], out)
     setting = (
-        f"{first['student']} students on `{first['dataset']}` from the store `{first['store']}`, method `{METHOD}`: "
+        f"{first['student']} students on `{first['dataset']}` from the store `{store}`, method `{METHOD}`: "
         f"{first['steps']} optimizer steps of batch {first['batch_size']} (peak LR {first['lr']}); "
         f"{first['num_labelled']} labelled train images for the probe (label fraction {first['label_fraction']:g}); "
         f"seeds {', '.join(map(str, config.seeds))}. Per tap: that teacher tap alone into the student's "

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from cache.location import is_url
 from cache.lock import lock_output
 
 from .config import Boolean, DistillConfig, ProbeConfig, ReportConfig, field_types
@@ -45,6 +50,9 @@ log = logging.getLogger(__name__)
 
 BASELINE = "ce"
 RECIPE = ("student", "steps", "batch_size", "lr", "label_fraction", "num_labelled")  # shared by every run
+REPORT_MIN_WIDTH = 5.5  # inches: report.png's title over a single bar
+DODGE_DECADES = 0.012  # how far apart on the log axis of fractions the budget plot sets its entries
+MARKERS = "osD^vP*X"
 
 
 @dataclass(frozen=True)
@@ -286,7 +294,7 @@ def write_report(
     seeds = sorted({r["seed"] for r in results})
     differing = recipe_differences(results)
     setting = (
-        f"{first['student']} students on `{first['dataset']}` from the store `{first['store']}`: "
+        f"{first['student']} students on `{first['dataset']}` from the store `{shown_store(first['store'], out)}`: "
         f"{first['steps']} optimizer steps of batch {first['batch_size']} (peak LR {first['lr']}) for every "
         f"method; {first['num_labelled']} labelled train images (label fraction {first['label_fraction']:g}); "
         f"seeds {', '.join(map(str, seeds))}. Top-1 is each run's last-epoch accuracy on the `{first['test_split']}` "
@@ -300,7 +308,7 @@ def write_report(
     parts += [note, ""] if note else []
     parts += ["## Per seed (top-1 %)", "", per_seed_table(results, methods, seeds), ""]
     if plot:
-        plot_report(rows, out / REPORT_PLOT)
+        write_png(out / REPORT_PLOT, report_figure(rows))
         parts += [f"![top-1 relative to the CE-only student]({REPORT_PLOT})", ""]
     summary = {"stage": "report", "setting": setting, "seeds": seeds, "methods": rows, "runs": results, "note": note}
     if swept:
@@ -312,7 +320,7 @@ def write_report(
             parts += [f"**Not one recipe: {table['differing']}.**", ""] if table["differing"] else []
             parts += [format_table(table["methods"]), ""]
         if plot:
-            plot_budget(tables, out / REPORT_BUDGET_PLOT)
+            write_png(out / REPORT_BUDGET_PLOT, budget_figure(tables))
             parts += [f"![top-1 against the label fraction]({REPORT_BUDGET_PLOT})", ""]
         summary["sweep"] = {
             "label_fractions": [t["label_fraction"] for t in tables],
@@ -323,6 +331,12 @@ def write_report(
     write_bytes(out / REPORT_TEXT, "\n".join(parts).encode())
     write_json(out / REPORT_SUMMARY, summary)
     return summary
+
+
+def shown_store(store: str, out: Path) -> str:
+    """A run's store (recorded absolute) as a report names it: relative to the report's folder, so that the text
+    names no machine's folders and still leads to the store when both move together; a URL as it is."""
+    return store if is_url(store) else os.path.relpath(store, os.path.realpath(out))
 
 
 def budget_tables(swept: list[dict], methods: list[str]) -> list[dict[str, Any]]:
@@ -391,18 +405,15 @@ def recipe_differences(results: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
-    """Bars of top-1 gain over the CE-only student (±std over seeds), or of top-1 itself without a ce run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def report_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Bars of top-1 gain over the CE-only student (±std over seeds), or of top-1 itself without a ce run; at least
+    REPORT_MIN_WIDTH inches wide, so that the title fits over a single bar."""
     relative = all(r["gain"] is not None for r in rows) and any(r["method"] == BASELINE for r in rows)
     shown = [r for r in rows if r["method"] != BASELINE] if relative else rows
     values = [r["gain"] if relative else r["mean"] for r in shown]
     errors = [r["gain_std"] if relative else r["std"] for r in shown]
-    fig, ax = plt.subplots(figsize=(1.4 * len(shown) + 2, 3.5))
+    figure = Figure(figsize=(max(REPORT_MIN_WIDTH, 1.4 * len(shown) + 2), 3.8), layout="constrained")
+    ax = figure.subplots()
     colors = ["tab:green" if feature_only(r) else "tab:gray" for r in shown]
     ax.bar([r["method"] for r in shown], values, yerr=errors, capsize=4, color=colors)
     if relative:
@@ -411,10 +422,8 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel(f"top-1 gain over ce (points)\nce = {baseline['mean']:.2f}%")
     else:
         ax.set_ylabel("top-1 (%)")
-    ax.set_title("feature-only (green) vs logit-based students, mean ± std over seeds")
-    fig.tight_layout()
-    write_png(path, fig)
-    plt.close(fig)
+    ax.set_title("feature-only (green) vs logit-based students\nmean ± std over seeds")
+    return figure
 
 
 def feature_only(row: dict[str, Any]) -> bool:
@@ -423,31 +432,37 @@ def feature_only(row: dict[str, Any]) -> bool:
     return row["evaluated_with"] == "linear probe"
 
 
-def plot_budget(tables: list[dict[str, Any]], path: Path) -> None:
-    """Top-1 (mean ± std over seeds) against the label fraction on a log axis, one line per method entry: feature-only
-    entries in greens, the others in grays, each with its own marker and set a little to the side of the others."""
-    import matplotlib
+def budget_figure(tables: list[dict[str, Any]]) -> Figure:
+    """Top-1 (mean ± std over seeds) of each method entry at each label fraction of the sweep, feature-only entries
+    in greens, the others in grays, each with its own marker: one line per entry against the fraction on a log axis,
+    or with a single fraction one point per entry, side by side."""
+    rows = tables[0]["methods"]
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = figure.subplots()
+    if len(tables) == 1:
+        _entries_at_one_fraction(ax, tables[0], _shades(rows))
+    else:
+        _entries_against_fractions(ax, tables, _shades(rows))
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    return figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _entries_against_fractions(ax, tables: list[dict[str, Any]], shade: dict[str, Any]) -> None:
+    """One line per entry over the fractions (log axis), entries set a little to the side of each other so that
+    their error bars do not hide one another."""
     fractions, cells = [t["label_fraction"] for t in tables], _cells(tables)
-    methods = [r["method"] for r in tables[0]["methods"]]
-    greens = [r["method"] for r in tables[0]["methods"] if feature_only(r)]
-    grays = [m for m in methods if m not in greens]
-    shade = {m: plt.cm.Greens(0.5 + 0.4 * k / max(1, len(greens) - 1)) for k, m in enumerate(greens)}
-    shade |= {m: plt.cm.Greys(0.4 + 0.45 * k / max(1, len(grays) - 1)) for k, m in enumerate(grays)}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(shade)
     for k, method in enumerate(methods):
-        rows = [cells[f, method] for f in fractions]
-        dodge = 10 ** (0.012 * (k - (len(methods) - 1) / 2))  # side by side, so that error bars do not hide others
+        cell = [cells[f, method] for f in fractions]
+        dodge = 10 ** (DODGE_DECADES * (k - (len(methods) - 1) / 2))
         ax.errorbar(
             [f * dodge for f in fractions],
-            [r["mean"] for r in rows],
-            yerr=[r["std"] for r in rows],
+            [c["mean"] for c in cell],
+            yerr=[c["std"] for c in cell],
             label=method,
             color=shade[method],
-            marker="osD^vP*X"[k % 8],
+            marker=MARKERS[k % len(MARKERS)],
             capsize=3,
             linewidth=1.5,
         )
@@ -455,10 +470,29 @@ def plot_budget(tables: list[dict[str, Any]], path: Path) -> None:
     ax.minorticks_off()
     ax.set_xticks(fractions, [f"{t['label_fraction']:g}\n({t['num_labelled']})" for t in tables])
     ax.set_xlabel("label fraction (labelled train images)")
-    ax.set_ylabel("top-1 (%)")
     ax.set_title("top-1 against the label budget, mean ± std over seeds\nfeature-only (green) vs logit-based (gray)")
     ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    write_png(path, fig)
-    plt.close(fig)
+
+
+def _entries_at_one_fraction(ax, table: dict[str, Any], shade: dict[str, Any]) -> None:
+    """One point per entry at x = 0, 1, ..., named on the axis: a single fraction has no axis of fractions."""
+    for k, row in enumerate(table["methods"]):
+        color, marker = shade[row["method"]], MARKERS[k % len(MARKERS)]
+        ax.errorbar([k], [row["mean"]], yerr=[row["std"]], color=color, marker=marker, capsize=3)
+    crowded = {"rotation": 20, "ha": "right"} if len(shade) > 3 else {}  # long entry names side by side
+    ax.set_xticks(range(len(shade)), list(shade), **crowded)
+    ax.set_xlim(-0.5, len(shade) - 0.5)
+    ax.set_xlabel(f"method entry ({table['num_labelled']} labelled train images)")
+    ax.set_title(
+        f"top-1 at label fraction {table['label_fraction']:g}, mean ± std over seeds\n"
+        "feature-only (green) vs logit-based (gray)"
+    )
+
+
+def _shades(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each entry's color, in the rows' order: feature-only entries in greens, the others in grays."""
+    greens = [r["method"] for r in rows if feature_only(r)]
+    grays = [r["method"] for r in rows if not feature_only(r)]
+    shade = {m: colormaps["Greens"](0.5 + 0.4 * k / max(1, len(greens) - 1)) for k, m in enumerate(greens)}
+    shade |= {m: colormaps["Greys"](0.4 + 0.45 * k / max(1, len(grays) - 1)) for k, m in enumerate(grays)}
+    return {r["method"]: shade[r["method"]] for r in rows}
