@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo report q-test fashion test test-fast lint bench clean
+.PHONY: demo docs-check report q-test fashion test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ $(DEMO)/distill/student.safetensors: $(DEMO)/extract/scores.json
 
 $(DEMO)/distill/probe.json: $(DEMO)/distill/student.safetensors
 	$(KD) probe --config configs/digits.yaml $(DEMO)/distill
+
+# Every bash and python block of README.md and docs/*.md, run in order on the demo's runs/digits (blocks that need
+# more start with a `# needs: ...` line). The script puts its interpreter's bin first on PATH, so blocks get the venv's
+# kdpipe and python; scripts/docs_check.py says how blocks are found and run.
+docs-check: $(DEMO)/distill/probe.json
+	$(BIN)/python scripts/docs_check.py
 
 # The paper's comparison: every method over 5 seeds against the demo's store (runs/digits-report), at the main label
 # fraction and across the label budget sweep; finished runs are reused, so an interrupted report continues.
