@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo docs-check report q-test fashion test test-fast lint bench clean
+.PHONY: demo docs-check measure report q-test fashion test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ $(DEMO)/distill/probe.json: $(DEMO)/distill/student.safetensors
 # kdpipe and python; scripts/docs_check.py says how blocks are found and run.
 docs-check: $(DEMO)/distill/probe.json
 	$(BIN)/python scripts/docs_check.py
+
+# The times and example outputs the docs quote, from a clean runs/digits: demo, docs-check, test-fast and test timed
+# (wall and CPU seconds, load) into docs/measured.md and .json, and the <!-- measured:NAME --> regions regenerated.
+measure: | $(STAMP)
+	$(BIN)/python scripts/measure.py
 
 # The paper's comparison: every method over 5 seeds against the demo's store (runs/digits-report), at the main label
 # fraction and across the label budget sweep; finished runs are reused, so an interrupted report continues.
