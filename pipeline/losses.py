@@ -21,7 +21,7 @@ from torch import nn
 
 from .alignment import FeatureAlignment
 from .errors import UserError
-from .registry import Registry
+from .registry import Registry, UnknownName
 from .stones import CONNECTORS
 
 LOSSES: Registry = Registry("loss")
@@ -137,8 +137,10 @@ class BlockKD(Loss):
                 raise UserError(f"loss 'block_kd': {name} must be >= 0, not {value}")
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.temperature = _positive("block_kd", "temperature", temperature)
-        if connector not in CONNECTORS:
-            raise UserError(f"loss 'block_kd': unknown connector {connector!r}; known: {', '.join(CONNECTORS.names())}")
+        try:
+            CONNECTORS.get(connector)
+        except UnknownName as err:
+            raise UserError(f"loss 'block_kd': {err}") from None
         if stones is not None:
             stones = tuple(stones)
             if not (stones and all(i >= 1 for i in stones) and len(set(stones)) == len(stones)):
@@ -209,11 +211,11 @@ class FeatureCosine(FeatureLoss):
 
 
 def describe(name: str) -> dict[str, Any]:
-    """A loss's summary line, inputs and hyperparameters with their defaults, for `kdpipe methods`."""
+    """A loss's summary, inputs and hyperparameters with their defaults, for `kdpipe methods`."""
     loss = LOSSES.get(name)
     return {
         "name": name,
-        "summary": (loss.__doc__ or "").strip().splitlines()[0],
+        "summary": LOSSES.summary(name),
         "inputs": loss.inputs,
         "parameters": loss_defaults(loss),
     }

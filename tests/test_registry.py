@@ -62,6 +62,29 @@ def test_registry_rejects_duplicates_and_names_unknown():
         reg.get("cog")
 
 
+def test_an_unknown_name_is_told_the_closest_names():
+    """difflib's closest registered names (every one of a tie), none when nothing is close; the summary a listing
+    shows is the docstring's whole first paragraph."""
+    reg = Registry("model")
+    for name in ("resnet20", "resnet32", "vit_et"):
+        reg.register(lambda: None, name=name)
+    with pytest.raises(UnknownName, match=r"'resnet200'; did you mean 'resnet20'\? known: resnet20, resnet32, vit"):
+        reg.get("resnet200")
+    with pytest.raises(UnknownName, match=r"'resnet21'; did you mean 'resnet20' or 'resnet32'\? known"):
+        reg.get("resnet21")
+    with pytest.raises(UnknownName, match=r"^unknown model 'convnext'; known: "):
+        reg.get("convnext")
+
+    @reg.register
+    def described():
+        """First line,
+        continued.
+
+        Details."""
+
+    assert reg.summary("described") == "First line, continued."
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_taps_match_forward(name):
     """Shapes from `list_taps` match a real forward; recording taps leaves the logits unchanged."""
@@ -130,7 +153,7 @@ def test_early_stop_does_not_run_past_last_tap():
     "name,first,count",
     [
         ("timm:resnet18", "act1", 10),  # stem activation, 8 blocks, global pool
-        ("tv:mobilenet_v2", "features.0", 18),  # stem, 17 inverted-residual blocks
+        ("tv:mobilenet_v2", "features.0", 19),  # stem, 17 inverted-residual blocks, the final 1x1 conv
         pytest.param(
             "tv:vgg11_bn", "features.2", 11, marks=pytest.mark.slow
         ),  # 8 conv ReLUs, avgpool, 2 classifier ReLUs
