@@ -1,4 +1,4 @@
-"""Runs every benchmark (P1-P15) in turn and prints each one's last line, the figure it exists for.
+"""Runs every benchmark (P1-P16) in turn and prints each one's last line, the figure it exists for.
 
 python benchmarks/run_all.py        # `make bench`; about an hour on 2 cores (P6 and P8 take most of it)
 """
@@ -27,6 +27,7 @@ SCRIPTS = [
     "p13_loading.py",
     "p14_two_pass.py",
     "p15_real_size.py",  # needs the Fashion-MNIST study's store (`make fashion`); says so when it is absent
+    "p16_cli_start.py",
 ]
 
 

@@ -8,9 +8,12 @@ and checks):
     print(probe(ProbeConfig(run="runs/r8"))["test_top1"])
 """
 
+import importlib
 import os
 import sys
+import types
 from pathlib import Path
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -22,37 +25,38 @@ _command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None) 
 if Path(sys.argv[0]).name == "kdpipe" and _command == "extract":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .config import (  # noqa: E402
-    DistillConfig,
-    ExtractConfig,
-    ProbeConfig,
-    ReportConfig,
-    ScoreConfig,
-    TeachConfig,
-)
-from .distill import distill  # noqa: E402
-from .extract import extract  # noqa: E402
-from .models import create_model, list_models, load_teacher  # noqa: E402
-from .probe import load_classifier, probe  # noqa: E402
-from .report import report  # noqa: E402
-from .score import score  # noqa: E402
-from .teach import teach  # noqa: E402
+# The API is imported on first use (PEP 562), not with the package: the stages import torch, which takes seconds,
+# and `kdpipe --help` needs none of them. Each name maps to the module that defines it.
+_STAGES = ("distill", "extract", "probe", "report", "score", "teach")  # each a function of its own module's name
+_API = {
+    **dict.fromkeys(
+        ["DistillConfig", "ExtractConfig", "ProbeConfig", "ReportConfig", "ScoreConfig", "TeachConfig"], "config"
+    ),
+    **dict.fromkeys(["create_model", "list_models", "load_teacher"], "models"),
+    "load_classifier": "probe",
+    **{stage: stage for stage in _STAGES},
+}
+__all__ = sorted(_API)
 
-__all__ = [
-    "DistillConfig",
-    "ExtractConfig",
-    "ProbeConfig",
-    "ReportConfig",
-    "ScoreConfig",
-    "TeachConfig",
-    "create_model",
-    "distill",
-    "extract",
-    "list_models",
-    "load_classifier",
-    "load_teacher",
-    "probe",
-    "report",
-    "score",
-    "teach",
-]
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})
+
+
+class _Package(types.ModuleType):
+    """Keeps `pipeline.distill` (and each stage) the function, as the API has it: importing the submodule
+    `pipeline.distill` would otherwise bind the module to that name in the package."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _STAGES and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

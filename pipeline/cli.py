@@ -1,7 +1,8 @@
 """The `kdpipe` command line: one click command per config class of `pipeline.config`, options generated from it.
 
 Each command resolves its config (`--config FILE` under the flags given) and calls the Python API; only this module
-prints. The commands import the stage they run under another name, since each command bears its stage's name.
+prints. The commands import the stage they run when they run (under another name, since each command bears its
+stage's name): the stages import torch, which `kdpipe --help` and a usage error should not wait for.
 Library code logs through `logging`; the group's `--quiet` and `-v` set how much of it is shown.
 """
 
@@ -11,6 +12,7 @@ import contextlib
 import functools
 import io
 import logging
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, fields
@@ -24,7 +26,7 @@ from cache.location import LocationError, is_url, remote_cause, remote_message
 from cache.lock import LockError
 from cache.store import StoreError
 
-from . import __version__, distributed
+from . import __version__
 from .config import (
     Boolean,
     CommaList,
@@ -50,6 +52,8 @@ from .config import (
 from .errors import UserError, filesystem_fault, flag_style, user_message
 
 LIBRARY_LOGGERS = ("pipeline", "cache")
+MAX_WIDTH = 120  # of the help and of the listings, on a wider terminal too
+NAME_COLUMN = 18  # where a listing's descriptions start
 
 
 class _TqdmHandler(logging.Handler):
@@ -59,7 +63,7 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": MAX_WIDTH})
 @click.version_option(__version__, prog_name="kdpipe")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only, no progress bars.")
 @click.option("-v", "--verbose", count=True, help="Debug messages too.")
@@ -140,6 +144,8 @@ def command(config: type[Config]) -> Callable:
 
     def bind(fn: Callable[[Config], None]) -> click.Command:
         def callback(config_file: str | None, **values) -> None:
+            from . import distributed  # imports torch: a command's run needs it, its --help does not
+
             ctx = click.get_current_context()
             given = {k: v for k, v in values.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
             resolved = resolve(config, config_file, given)
@@ -189,8 +195,22 @@ def datasets(config: DatasetsConfig) -> None:
         click.echo(f"{name:{width}s}  splits: {', '.join(DATASETS.get(name).splits)}")
 
 
+def _described(name: str, text: str) -> str:
+    """`name`, then `text` beside it from column NAME_COLUMN on, wrapped to the terminal, whole."""
+    width = min(shutil.get_terminal_size().columns, MAX_WIDTH)
+    return click.wrap_text(
+        text, width, initial_indent=f"{name:{NAME_COLUMN - 1}s} ", subsequent_indent=" " * NAME_COLUMN
+    )
+
+
+def _with_settings(summary: str, settings: dict) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return f"{summary} [{shown}]" if shown else summary
+
+
 @command(MethodsConfig)
 def methods(config: MethodsConfig) -> None:
+    from .augment import POLICIES, policy_defaults
     from .losses import LOSSES, describe
     from .methods import METHODS, format_terms
 
@@ -198,12 +218,15 @@ def methods(config: MethodsConfig) -> None:
         method = METHODS.get(name)
         terms = format_terms(method.spec())
         taps = f"  teacher taps: {method.teacher_taps}" if method.teacher_taps else ""
-        click.echo(f"{name:17s} {terms:24s}{taps}".rstrip() + f"\n{'':17s} {method.summary}")
+        click.echo(f"{name:{NAME_COLUMN - 1}s} {terms:24s}{taps}".rstrip())
+        click.echo(_described("", method.summary))
     click.echo("\nlosses (set per run with --losses, e.g. '{kd: {temperature: 2}}'):")
     for name in LOSSES.names():
         loss = describe(name)
-        settings = ", ".join(f"{k}={v}" for k, v in loss["parameters"].items())
-        click.echo(f"{name:17s} {loss['summary']}" + (f" [{settings}]" if settings else ""))
+        click.echo(_described(name, _with_settings(loss["summary"], loss["parameters"])))
+    click.echo("\naugmentation policies (--augment, settings with --augment-kwargs):")
+    for name in POLICIES.names():
+        click.echo(_described(name, _with_settings(POLICIES.summary(name), policy_defaults(name))))
 
 
 @command(LayersConfig)

@@ -17,6 +17,7 @@ Positional arguments (STORE, RUN, MODEL) come from the command line only.
 from __future__ import annotations
 
 import functools
+import importlib
 import types
 import typing
 from collections.abc import Mapping
@@ -29,15 +30,16 @@ import yaml
 
 from cache.store import DEFAULT_COMPRESSION
 
-from .augment import POLICIES
 from .errors import UserError
 from .fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMALL_TREE_FILES
 from .layout import Q_TEST_PLOT, REPORT_BUDGET_PLOT, REPORT_PLOT, SCORES_PLOT
-from .losses import LOSSES, loss_parameters
-from .methods import METHODS
-from .precision import AMP_MODES
+from .registry import UnknownName
+
+# Nothing here imports torch (the registries' modules do, when a name is converted): `kdpipe --help` and the
+# configs' declarations load in a fraction of a second (benchmarks/p16_cli_start.py).
 
 DEVICE_NAMES = ["auto", "cpu", "cuda"] + [f"cuda:{i}" for i in range(8)]
+AMP_MODES = ("off", "bf16", "fp16")  # `pipeline.precision` runs them
 
 
 class ConfigError(UserError):
@@ -159,17 +161,43 @@ class MappingType(click.ParamType):
         return dict(parsed)
 
 
+class Registered(click.ParamType):
+    """A name that a registry holds (`pipeline.registry`), e.g. `Registered("pipeline.methods", "METHODS")`; an
+    unknown one is refused with the closest registered name. The registry's module is imported when a value is
+    converted, not when the option is declared: it imports torch, which `kdpipe --help` should not wait for.
+    `namespaced` lets a name with a library prefix (`timm:resnet18`) through: that library checks it on use."""
+
+    name = "name"
+
+    def __init__(self, module: str, registry: str, namespaced: bool = False) -> None:
+        self.module, self.registry, self.namespaced = module, registry, namespaced
+
+    def convert(self, value: Any, param, ctx) -> str:
+        value = str(value)
+        if self.namespaced and ":" in value:
+            return value
+        try:
+            getattr(importlib.import_module(self.module), self.registry).get(value)
+        except UnknownName as err:
+            self.fail(str(err), param, ctx)
+        return value
+
+
 class LossTerms(MappingType):
     """`{loss: weight}` or `{loss: {weight: w, <hyperparameter>: value}}` per registered loss, checked against the
     loss's constructor; normalised to `{loss: {weight?, **hyperparameters}}`."""
 
     def convert(self, value: Any, param, ctx) -> dict[str, dict[str, Any]]:
+        from .losses import LOSSES, loss_parameters  # imports torch: on use, not when the option is declared
+
         terms = {}
         for loss, settings in super().convert(value, param, ctx).items():
-            if loss not in LOSSES:
-                self.fail(f"unknown loss {loss!r}; known: {', '.join(LOSSES.names())}", param, ctx)
+            try:
+                factory = LOSSES.get(loss)
+            except UnknownName as err:
+                self.fail(str(err), param, ctx)
             settings = {"weight": settings} if not isinstance(settings, dict) else dict(settings)
-            accepted = loss_parameters(LOSSES.get(loss))
+            accepted = loss_parameters(factory)
             checked = {}
             for name, setting in settings.items():
                 if name != "weight" and name not in accepted:
@@ -178,7 +206,7 @@ class LossTerms(MappingType):
                 kind = Number(min=0) if name == "weight" else type_of(accepted[name].annotation, accepted[name].default)
                 checked[name] = kind.convert(setting, param, ctx)
             try:
-                LOSSES.get(loss)(**{k: v for k, v in checked.items() if k != "weight"})
+                factory(**{k: v for k, v in checked.items() if k != "weight"})
             except UserError as err:
                 self.fail(str(err), param, ctx)
             terms[loss] = checked
@@ -342,6 +370,9 @@ def _plain(value: Any) -> Any:
 
 # Options several commands share, each default written once here.
 
+MODEL = Registered("pipeline.models", "MODELS", namespaced=True)
+DATASET = Registered("pipeline.datasets", "DATASETS")
+
 
 def _device() -> Any:
     return option("auto", "Device: auto picks CUDA when present.", click.Choice(DEVICE_NAMES))
@@ -376,7 +407,7 @@ def _model_kwargs(spec: bool = False) -> Any:
 
 
 def _teacher(spec: bool = False) -> Any:
-    return option("resnet20", "Teacher model (`kdpipe models`).", spec=spec)
+    return option("resnet20", "Teacher model (`kdpipe models`).", MODEL, spec=spec)
 
 
 def _input_size(default: int | None = None) -> Any:
@@ -393,7 +424,8 @@ def _normalization() -> Any:
 
 
 def _augment(purpose: str) -> Any:
-    return option(None, f"Augmentation policy ({', '.join(POLICIES.names())}) {purpose}.")
+    policy = Registered("pipeline.augment", "POLICIES")
+    return option(None, f"Augmentation policy (`kdpipe methods` lists them) {purpose}.", policy)
 
 
 def _augment_kwargs() -> Any:
@@ -430,7 +462,7 @@ def _positive() -> click.ParamType:
 
 @dataclass(frozen=True, kw_only=True)
 class DataOptions(Config):
-    dataset: str = option("digits", "Registered dataset (`kdpipe datasets`).")
+    dataset: str = option("digits", "Registered dataset (`kdpipe datasets`).", DATASET)
     data_root: str | None = _data_root()
     input_size: int | None = _input_size()
     download: bool = option(False, "Let torchvision download (needs internet).")
@@ -572,10 +604,6 @@ class ScoreConfig(Config):
             )
 
 
-def _method_help() -> str:
-    return f"Distillation method: {', '.join(METHODS.names())} (`kdpipe methods`)."
-
-
 @command("distill")
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig(RunOptions, SpeedOptions):
@@ -584,8 +612,10 @@ class DistillConfig(RunOptions, SpeedOptions):
     several_processes: ClassVar[bool] = True
 
     store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
-    student: str = option("resnet9", "Student model (`kdpipe models`).", spec=True)
-    method: str = option("feature", _method_help(), spec=True)
+    student: str = option("resnet9", "Student model (`kdpipe models`).", MODEL, spec=True)
+    method: str = option(
+        "feature", "Distillation method (`kdpipe methods`).", Registered("pipeline.methods", "METHODS"), spec=True
+    )
     losses: dict | None = option(
         None,
         "Loss terms' weights and settings, e.g. '{kd: {temperature: 2}}' or '{feature_cosine: 0.5}' (a weight adds "
@@ -599,7 +629,9 @@ class DistillConfig(RunOptions, SpeedOptions):
         "Student taps, paired in depth order (default: the student's k deepest stage ends)."
     )
     model_kwargs: dict | None = _model_kwargs(spec=True)
-    dataset: str | None = option(None, "Dataset to pair with the store (default: the one it was extracted from).")
+    dataset: str | None = option(
+        None, "Dataset to pair with the store (default: the one it was extracted from).", DATASET
+    )
     data_root: str | None = _data_root("STORE")
     fingerprint: str = _fingerprint()
     out: str = option("runs/distill", "Output folder.", click.Path(file_okay=False))
@@ -747,7 +779,7 @@ class StudyConfig(Config):
 class LayersConfig(Config):
     """List MODEL's taps (generalized layers) in depth order: index, module path, per-sample shape."""
 
-    model: str = option(help="Model name (`kdpipe models`).", argument=True)
+    model: str = option(help="Model name (`kdpipe models`).", type=MODEL, argument=True)
     input_size: int = _input_size(32)
     num_classes: int = option(10, "Classes of the model's head.", Integer(min=1))
     model_kwargs: dict | None = _model_kwargs()
@@ -801,7 +833,8 @@ class DatasetsConfig(Config):
 @command("methods")
 @dataclass(frozen=True, kw_only=True)
 class MethodsConfig(Config):
-    """List distillation methods (their weighted loss terms and teacher taps) and the registered losses."""
+    """List distillation methods (their weighted loss terms and teacher taps), the registered losses and the
+    augmentation policies (their settings' defaults)."""
 
 
 @command("summary")

@@ -19,11 +19,14 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # the command line's options read this module's constants, and need no torch
+    import torch
 
 FINGERPRINT_MODES = ("auto", "full")
 FULL_SCHEMES = ("array", "files")  # the schemes that hash every sample's content

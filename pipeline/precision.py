@@ -28,7 +28,6 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-AMP_MODES = ("off", "bf16", "fp16")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import assert_one_line_error, run_cli
+from helpers import ROOT, assert_one_line_error, run_cli
+from pipeline import DistillConfig
 from pipeline.checkpoints import save_checkpoint
 from pipeline.errors import UserError, first_line, user_message
 from pipeline.models import create_model
@@ -232,3 +235,50 @@ def test_an_error_from_a_dataloader_worker_is_its_own_message():
         wrapped.reraise()
     assert "Original Traceback" in str(raised.value)
     assert user_message(raised.value) == first_line(raised.value) == "cannot read image a/b.jpg: Truncated File Read"
+
+
+# In a fresh interpreter: the exit status of `kdpipe --help`, of every `kdpipe CMD --help` and of a mistyped option,
+# then which of the heavy libraries got imported.
+HELP_WITHOUT_TORCH = """
+import json, sys
+from click.testing import CliRunner
+from pipeline.cli import cli
+calls = [["--help"], *([name, "--help"] for name in cli.commands), ["teach", "--epoch", "3"]]
+codes = {" ".join(args): CliRunner().invoke(cli, args).exit_code for args in calls}
+print(json.dumps({"codes": codes, "imported": sorted({"torch", "torchvision", "timm", "dask"} & set(sys.modules))}))
+"""
+
+
+def test_help_and_usage_errors_import_no_torch():
+    """torch (with torchvision, timm, dask) takes seconds and ~900 MB to import: help and a usage error need none."""
+    run = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout)
+    assert found["imported"] == []
+    assert found["codes"].pop("teach --epoch 3") == 2  # no such option: a usage error
+    assert found["codes"]["--help"] == 0 and "distill --help" in found["codes"] and len(found["codes"]) > 15
+    assert set(found["codes"].values()) == {0}
+
+
+@pytest.mark.parametrize(
+    "args,option,guess",
+    [
+        (["distill", "runs/x", "--method", "feture"], "'--method'", "'feature'"),
+        (["distill", "runs/x", "--losses", "{feature_mes: 1}"], "'--losses'", "'feature_mse'"),
+        (["distill", "runs/x", "--student", "resnet200"], "'--student'", "'resnet20'"),
+        (["layers", "resnet200"], "'MODEL'", "'resnet20'"),
+        (["teach", "--dataset", "fasion-mnist"], "'--dataset'", "'fashion-mnist'"),
+        (["extract", "--augment", "crop-flp"], "'--augment'", "'crop-flip'"),
+    ],
+)
+def test_a_mistyped_name_is_a_usage_error_with_a_guess(args, option, guess):
+    """A name no registry holds exits 2 as a mistyped option does, with click's line and the closest name."""
+    result = run_cli(*args, expect_ok=False)
+    assert result.exit_code == 2
+    assert_one_line_error(result, f"Error: Invalid value for {option}: unknown ", f"; did you mean {guess}? known: ")
+
+
+def test_a_mistyped_name_in_the_python_api_gets_the_same_guess():
+    with pytest.raises(UserError, match=r"^method: unknown method 'feture'; did you mean 'feature'\? known: "):
+        DistillConfig(store="runs/x", method="feture")
+

@@ -183,3 +183,20 @@ def test_cosine_feature_criterion_trains_and_refuses_bad_settings(scored_store, 
     path.write_text(yaml.safe_dump({"distill": {"losses": {"feature_cosine": {"per": "pixel"}}}}))
     result = run_cli("distill", scored_store, "--config", path, *args, expect_ok=False)
     assert_one_line_error(result, str(path), "distill.losses", "per must be position or sample")
+
+
+def test_methods_lists_every_description_whole():
+    """Each method's, loss's and augmentation policy's description in full, wrapped within the width, never cut."""
+    from pipeline.augment import POLICIES
+    from pipeline.cli import MAX_WIDTH
+    from pipeline.losses import LOSSES
+
+    output = run_cli("methods").output
+    assert max(map(len, output.splitlines())) <= MAX_WIDTH
+    flowing = " ".join(output.split())
+    descriptions = [METHODS.get(n).summary for n in METHODS.names()]
+    descriptions += [LOSSES.summary(n) for n in LOSSES.names()] + [POLICIES.summary(n) for n in POLICIES.names()]
+    for text in descriptions:
+        assert " ".join(text.split()) in flowing
+    assert "blind to feature scale, unlike the MSE. [per=position, eps=1e-08]" in flowing  # a docstring's 2nd line
+    assert "crop-flip Pad by `padding` zeros" in flowing
