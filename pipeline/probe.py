@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 FALLBACK_WEIGHT_DECAY = 1e-3
 VALIDATION_FRACTION = 0.2
+# Below this the embedding is constant up to float32 rounding (a real one varies by tens of percent of its size).
+NEGLIGIBLE_SPREAD = 1e-4
 
 
 class LinearProbeClassifier(nn.Module):
@@ -109,6 +111,7 @@ def _probe(config: ProbeConfig, run_dir: Path) -> dict[str, Any]:
     x_train = _embed(backbone, tap, Subset(train, labelled.tolist()), "train", config, dev)
     x_test = _embed(backbone, tap, test, test.split, config, dev)
     y_train, y_test = torch.from_numpy(train.labels[labelled]), torch.from_numpy(test.labels)
+    _warn_if_constant(x_train, tap.name)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     z_train, z_test = (x_train - mean) / std, (x_test - mean) / std
     val_scores = _choose_weight_decay(z_train, y_train, train.classes, max_iter, seed)
@@ -197,6 +200,26 @@ def _embed(backbone: nn.Module, tap: Tap, data: Dataset, name: str, config: Prob
     return torch.cat(chunks)
 
 
+def relative_spread(embeddings: torch.Tensor) -> float:
+    """How much the (N, D) embeddings vary across images against their size: the RMS over features of the standard
+    deviation across images, over the RMS of all values; 0 for constant (or all-zero) embeddings."""
+    x = embeddings.double()
+    size = x.pow(2).mean().sqrt().item()
+    return x.std(0).pow(2).mean().sqrt().item() / size if size > 0 else 0.0
+
+
+def _warn_if_constant(embeddings: torch.Tensor, tap: str) -> None:
+    """A student whose eval-mode features do not depend on the image gets a chance-level probe; say so, as the
+    accuracy alone does not say why."""
+    spread = relative_spread(embeddings)
+    if spread < NEGLIGIBLE_SPREAD:
+        log.warning(
+            "embedding at %s barely varies across images (relative spread %.1g): the probe can only reach chance",
+            tap,
+            spread,
+        )
+
+
 def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int) -> nn.Linear:
     """Multinomial logistic regression, full batch: L-BFGS on CE + (weight_decay / 2)·|W|², from zeros."""
     head = nn.Linear(x.shape[1], num_classes)
@@ -261,4 +284,5 @@ def _fold_standardisation(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor
 
 
 def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    """Percent correct, from the integer count: exact in float64 (a float32 mean turns 27 of 30 into 89.9999976)."""
+    return 100 * int((logits.argmax(1) == labels).sum()) / len(labels)

@@ -116,6 +116,8 @@ def test_pipeline_learns_and_exports_a_classifier(scored_store, tmp_path):
     assert "layer2.0->layer2.2" in result.output and "layer3.0->layer3.2" in result.output
     summary = probe(ProbeConfig(run=str(run), device="cpu"))
     assert summary["test_top1"] > 60.0  # chance is 10 %
+    correct = round(summary["test_top1"] * summary["num_test"] / 100)
+    assert summary["test_top1"] == 100 * correct / summary["num_test"]  # a count over the test split, exactly
     classifier = load_classifier(run)
     test = load_split("digits", "test")
     images = torch.stack([test[i][0] for i in range(len(test))])
@@ -292,3 +294,34 @@ def test_distill_and_probe_find_the_data_where_extract_read_it(tmp_path, monkeyp
     assert_one_line_error(run_cli(*probe, expect_ok=False), f"run {gone}")
     run_cli(*distill, "--data-root", "moved", "--out", "run-2")
     assert run_cli(*probe, "--data-root", "moved").exit_code == 0
+
+
+def test_top1_is_exact_from_the_counts():
+    """27 of 30 right is 90.0, not float32's 89.99999761581421."""
+    from pipeline.probe import _top1
+
+    labels = torch.arange(30) % 3
+    logits = torch.nn.functional.one_hot(labels, 3).float()
+    logits[:3] = logits[:3].roll(1, dims=1)  # the first 3 wrong
+    assert _top1(logits, labels) == 90.0
+    assert 100 * (logits.argmax(1) == labels).float().mean().item() != 90.0  # what a float32 mean gives
+
+
+def test_probe_warns_when_the_embedding_is_constant(scored_store, tmp_path, caplog):
+    """A student whose convolutions are all zero computes the same features for every image: the probe says so,
+    naming the tap, and lands at the majority class's share."""
+    run = tmp_path / "run"
+    distill(DistillConfig(store=str(scored_store), out=str(run), **{**STUDENT, "steps": 1}))
+    student = create_model("resnet8", 10, model_kwargs=STUDENT["model_kwargs"])
+    for module in student.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.zeros_(module.weight)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(module.bias)  # constant, but not zero
+    save_checkpoint(student, run / STUDENT_WEIGHTS, read_model_spec(run / STUDENT_WEIGHTS))
+    with caplog.at_level("WARNING", logger="pipeline.probe"):
+        summary = probe(ProbeConfig(run=str(run), device="cpu"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    expected = "barely varies across images (relative spread 0): the probe can only reach chance"
+    assert warnings == [f"embedding at {summary['tap']} {expected}"]
+    assert summary["test_top1"] <= 100 * np.bincount(load_split("digits", "test").labels).max() / summary["num_test"]
