@@ -307,7 +307,8 @@ class FeatureStore:
         if not (path / "zarr.json").is_file() and any(path.glob("*/zarr.json")):
             raise DamagedStoreError(f"{path / 'zarr.json'}, the store's root metadata, is missing; {REBUILD}")
         if not (path / "zarr.json").is_file():
-            raise StoreError(f"no feature store at {path}")
+            out = path.parent if path.name == STORE_NAME else path  # what `kdpipe extract --out` names: the folder
+            raise StoreError(f"no feature store at {path}; `kdpipe extract --out {out}` makes one")
         return path
 
     @classmethod

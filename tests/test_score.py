@@ -82,7 +82,10 @@ def test_stores_sharing_a_folder_keep_their_scores_and_summary_shows_only_curren
         stale.format(tmp_path / "scores.json", "written before kdpipe recorded which store it scored"),
     ]
     shutil.rmtree(tmp_path / "features.zarr")
-    reason = f"its store cannot be read: no feature store at {tmp_path / 'features.zarr'}"
+    reason = (
+        f"its store cannot be read: no feature store at {tmp_path / 'features.zarr'}; "
+        f"`kdpipe extract --out {tmp_path}` makes one"
+    )
     assert run_cli("summary", tmp_path).stdout.splitlines()[1] == stale.format(tmp_path / "scores.json", reason)
 
 
