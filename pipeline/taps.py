@@ -8,7 +8,8 @@ from the model (timm's `output_fmt`, `num_prefix_tokens`, `patch_embed.grid_size
     NC    a vector (D,)
 
 and its role among the model's generalized layers (METHOD.md §1): the stem, a layer (a residual, inverted-residual or
-transformer block; the activations of a plain conv stack), a stage end (the last layer of a stage), the flatten.
+transformer block; the activations of a plain conv stack; the final conv before the global pool), a stage end (the
+last block of a stage), the flatten.
 `TapRecorder` captures tap outputs with forward hooks and stops the forward pass after the last tap when the logits
 are not wanted; `dry_forward` runs a model once on a small zero batch, for the taps and to check its input size and
 logits.
@@ -51,6 +52,7 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d)  # the stem is what feeds these
 _FLATTEN_MODULES = ("global_pool", "head.global_pool", "avgpool", "pool")  # timm, timm heads, torchvision, built-ins
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)  # what pools features for the head, whatever its name
 
 # Isotropic transformers have no stages; METHOD.md §2 gives their "stage ends" by block (layer = block + 1, layer 0
 # being the patch embedding): ViT-B's layers 2, 4, 8, 10 and ViT-ET's layers 1, 3, 5, 7. Other depths follow
@@ -177,17 +179,18 @@ def _token_grid(tokens: int, hints: LayoutHints) -> tuple[int, tuple[int, int] |
 
 
 def candidate_taps(model: nn.Module) -> list[str]:
-    """The model's generalized layers by module path, in no particular order (`list_taps` adds the stem and the
-    flatten, and orders them).
+    """The model's blocks by module path, in no particular order (`list_taps` adds the stem, the final conv before
+    the global pool and the flatten, and orders them).
 
     Layers are the parameterised, non-primitive members of containers (Sequential, ModuleList) at any depth, and of
     stage modules (timm `feature_info` entries of different reductions) that hold blocks: containers of containers
     (EfficientNet's groups of blocks) and such stages (ConvNeXt's, holding `blocks`; RegNet's, holding b1..bn) are
-    opened; a stage entry that is one block (Hiera's, ReXNet's, Inception's) is a layer itself; other modules outside
-    containers (torchvision's ViT encoder) are searched through; a layer's own modules are never layers. Inside a stage
-    that holds a container of blocks only those count (not its downsample layer), and the model's `stem` (timm's name
-    for it) is never opened. A model without containers (Inception) has its own children as layers; a plain conv
-    stack (VGG) falls back to its activations.
+    opened; a stage entry that is one block (Hiera's, ReXNet's, Inception's) is a layer itself, and so is a bare
+    Sequential block in a container (ConvMixer's); other modules outside containers (torchvision's ViT encoder) are
+    searched through; a layer's own modules are never layers. Where blocks come in groups, the members beside the
+    groups are transitions, not layers (a stage's downsample layer, torchvision Swin's patch mergings between its
+    stages), and the model's `stem` (timm's name for it) is never opened. A model without containers (Inception) has
+    its own children as layers; a plain conv stack (VGG) falls back to its activations.
     """
     stages = set(_stage_modules(model))
     blocks = _blocks(model, "", stages, opened=False)
@@ -205,15 +208,34 @@ def _blocks(module: nn.Module, path: str, stages: set[str], opened: bool) -> lis
         child_path = f"{path}.{name}" if path else name
         if not path and name == STEM_NAME:
             continue  # the stem is found by list_taps, never split into layers
-        if _is_container(child) or (child_path in stages and _holds_blocks(child)):
+        if _groups_blocks(child, child_path, stages, opened):
             nested += _blocks(child, child_path, stages, opened=True)
         elif opened or child_path in stages:
             members.append(child_path)
         else:
             nested += _blocks(child, child_path, stages, opened=False)
-    if path in stages and nested:
-        return nested  # a stage holding a container of blocks: its other children (downsample, norms) are not blocks
+    if opened and nested:
+        # Blocks come in groups here (a stage's container of blocks, Swin's stages between its patch mergings): the
+        # members beside the groups (downsample layers, patch mergings, norms) are transitions, not blocks.
+        return nested
     return members + nested
+
+
+def _groups_blocks(child: nn.Module, child_path: str, stages: set[str], parent_opened: bool) -> bool:
+    """Whether `child` is opened for the blocks inside: a container that is not itself a block, or a stage holding
+    blocks."""
+    if _is_container(child):
+        return not (parent_opened and _is_bare_block(child))
+    return child_path in stages and _holds_blocks(child)
+
+
+def _is_bare_block(container: nn.Module) -> bool:
+    """Whether a container is one block rather than a group of blocks: one composite module with weighted layers of
+    its own beside it (ConvMixer's `Sequential(Residual(...), conv, act, norm)`). A group holds several composite
+    modules (a stage's blocks, SqueezeNet's Fires) or composite modules only (a stage of one block)."""
+    composite = [child for _, child in _members(container) if not _is_container(child)]
+    weighted = [c for c in container.children() if isinstance(c, _PRIMITIVES) and _has_parameters(c)]
+    return len(composite) == 1 and bool(weighted)
 
 
 def _members(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -223,6 +245,10 @@ def _members(module: nn.Module) -> list[tuple[str, nn.Module]]:
         for name, child in module.named_children()
         if not isinstance(child, _PRIMITIVES + _ACTIVATIONS) and _has_parameters(child)
     ]
+
+
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
 def _has_parameters(module: nn.Module) -> bool:
@@ -338,12 +364,17 @@ class TapRecorder:
         return {n: self.outputs[n] for n in self.names}
 
 
+_Produced = tuple[str, nn.Module, torch.Tensor, torch.Tensor | None]  # (module path, module, its output, its input)
+
+
 class _Trace:
     """One dry run with a hook on every module: the order modules finish in, the outputs of the modules `keep`
-    names, and the tensors produced before the first block starts (the stem is found among them).
+    names, the tensors produced before the first block starts (the stem is found among them) and those produced
+    after the last block and before the global pool (the head conv is found among them).
 
-    Stops once every module of `keep` has run, unless asked to run `to_the_end` (then `logits` holds the output).
-    Holding the early tensors keeps their ids unique.
+    Stops once every module of `keep` has run and the global pool has started, unless asked to run `to_the_end`
+    (then `logits` holds the output); a model that pools in its forward function runs to the end. Holding the
+    tensors keeps their ids unique.
     """
 
     def __init__(self, model: nn.Module, keep: set[str], blocks: set[str], to_the_end: bool) -> None:
@@ -351,8 +382,10 @@ class _Trace:
         self.logits: Any = None
         self.finished: list[str] = []
         self.outputs: dict[str, Any] = {}
-        self.producers: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor | None]] = []
+        self.producers: list[_Produced] = []
         self.block_input: torch.Tensor | None = None
+        self.tail: list[_Produced] = []  # since the latest block finished, until a global pool starts
+        self.pooled = False
         self._handles: list = []
 
     def run(self, x: torch.Tensor) -> _Trace:
@@ -373,6 +406,8 @@ class _Trace:
         def hook(module, args) -> None:
             if self.block_input is None and name in self.blocks and args and isinstance(args[0], torch.Tensor):
                 self.block_input = args[0]
+            if isinstance(module, _GLOBAL_POOLS) or name in _FLATTEN_MODULES:
+                self.pooled = True
 
         return hook
 
@@ -381,10 +416,15 @@ class _Trace:
             self.finished.append(name)
             if name in self.keep and name not in self.outputs:  # a module called twice keeps its first output
                 self.outputs[name] = output
+            given = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if self.blocks and self.block_input is None and isinstance(output, torch.Tensor):
-                given = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 self.producers.append((name, module, output, given))
-            if not self.to_the_end and self.keep <= self.outputs.keys() and self.block_input is not None:
+            if name in self.blocks:  # a pool inside a block (squeeze-excitation) is not the global pool
+                self.tail, self.pooled = [], False
+            elif self.block_input is not None and not self.pooled and isinstance(output, torch.Tensor):
+                self.tail.append((name, module, output, given))
+            done = self.keep <= self.outputs.keys() and self.block_input is not None and self.pooled
+            if done and not self.to_the_end:
                 raise StopForward
 
         return hook
@@ -403,6 +443,24 @@ class _Trace:
                 return name
             wanted = found[-1][3] if found else None  # through a pooling layer to what fed it
         return None
+
+    def head_conv(self) -> str | None:
+        """The final conv unit before the global pool (torchvision's last 1x1 conv, timm's `conv_head` with `bn2`):
+        the last module after the last block that holds a convolution and no block, followed through the modules
+        that take its output (a norm, an activation) to the last of them."""
+        units = [i for i, (name, module, _, _) in enumerate(self.tail) if _has_conv(module) and not self._holds(name)]
+        if not units:
+            return None
+        name, _, output, _ = self.tail[units[-1]]
+        for later, _, made, given in self.tail[units[-1] + 1 :]:
+            if given is output and not self._holds(later):
+                name, output = later, made
+        self.outputs.setdefault(name, output)
+        return name
+
+    def _holds(self, name: str) -> bool:
+        """Whether module `name` holds a block (a stage, the model's `features`)."""
+        return any(_inside(block, name) for block in self.blocks)
 
 
 def list_taps(
@@ -428,6 +486,7 @@ def list_taps(
     trace = dry_forward(model, input_size, keep, set(layers), num_classes, in_chans)
     plain_stack = all(isinstance(modules[n], _ACTIVATIONS) for n in layers)  # VGG: its first ReLU is layer 0
     stem = declared_stem or (None if plain_stack else _stem(model, trace, layers, named_stem))
+    head_conv = trace.head_conv()  # a layer, but no stage end: it is the head's in METHOD.md §4 and timm's feature_info
     shapes = _tap_shapes(trace.outputs, names or ())
     hints = _probed_hints(LayoutHints.of(model), shapes.values())
     described = {name: Tap(0, name, shape, *infer_layout(shape, hints)) for name, shape in shapes.items()}
@@ -435,7 +494,7 @@ def list_taps(
     if names is None and not any(n in described for n in layers):
         raise UserError("no layer of this model outputs a per-sample tensor (its blocks return tuples?); pass --layers")
     roles = _roles(model, [described[n] for n in order if n in layers or n in (stem, flatten)], stem, flatten, trace)
-    chosen = set(names) if names is not None else set(layers) | ({stem, flatten} - {None})
+    chosen = set(names) if names is not None else set(layers) | ({stem, flatten, head_conv} - {None})
     return [
         replace(described[n], index=i, role=roles.get(n, LAYER)) for i, n in enumerate(o for o in order if o in chosen)
     ]

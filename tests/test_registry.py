@@ -153,7 +153,7 @@ def test_early_stop_does_not_run_past_last_tap():
     "name,first,count",
     [
         ("timm:resnet18", "act1", 10),  # stem activation, 8 blocks, global pool
-        ("tv:mobilenet_v2", "features.0", 18),  # stem, 17 inverted-residual blocks
+        ("tv:mobilenet_v2", "features.0", 19),  # stem, 17 inverted-residual blocks, the final 1x1 conv
         pytest.param(
             "tv:vgg11_bn", "features.2", 11, marks=pytest.mark.slow
         ),  # 8 conv ReLUs, avgpool, 2 classifier ReLUs

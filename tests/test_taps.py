@@ -89,10 +89,10 @@ def test_stages_come_from_the_model_not_from_list_position():
 
 
 def test_blocks_inside_groups_of_blocks_are_layers():
-    """EfficientNet-B0: 16 blocks in 7 groups, the stem activation and the flatten."""
+    """EfficientNet-B0: 16 blocks in 7 groups, the stem activation, the head conv's activation and the flatten."""
     taps = taps_of("timm:efficientnet_b0")
-    assert len(taps) == 18 and taps[0].name == "bn1" and taps[-1].name == "global_pool"
-    assert all(t.name.count(".") == 2 for t in taps[1:-1])
+    assert len(taps) == 19 and taps[0].name == "bn1" and [t.name for t in taps[-2:]] == ["bn2", "global_pool"]
+    assert all(t.name.count(".") == 2 for t in taps[1:-2])
 
 
 def test_channels_last_model_taps_are_recorded_nhwc():
