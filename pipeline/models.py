@@ -10,6 +10,7 @@ import functools
 import inspect
 import logging
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -230,10 +231,10 @@ def create_model(
 ) -> nn.Module:
     """Builds `name`; `timm:x` goes to `timm.create_model`, `tv:x` to `torchvision.models.get_model`.
 
-    `input_size` reaches the models that take `img_size` (built-in and timm ViTs, timm's DeiT, Swin, ...) unless
-    `model_kwargs` sets it; other models get extra arguments from `model_kwargs` only. Pretrained weights fit any
-    class count: a head of another size is replaced by a fresh one. Every timm VisionTransformer gets its layer-0
-    tap (`add_layer0`).
+    `input_size` reaches the models that take `img_size` (built-in and timm ViTs, timm's DeiT, Swin, ...) or
+    `image_size` (torchvision's ViTs) unless `model_kwargs` sets it; other models get extra arguments from
+    `model_kwargs` only. Pretrained weights fit any class count: a head of another size is replaced by a fresh one.
+    Every timm VisionTransformer gets its layer-0 tap (`add_layer0`).
     """
     return _build(name, num_classes, in_chans, input_size, pretrained, model_kwargs)[0]
 
@@ -257,14 +258,20 @@ def _construct(
     prefix, rest = split_namespace(name)
     try:
         if prefix == "timm:":
-            model = _timm_model(
-                rest, input_size, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
-            )
+            import timm
+
+            def build(**kw) -> nn.Module:
+                return timm.create_model(rest, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kw)
+
+            model = _sized(build, "img_size", input_size, kwargs)
             return model, _timm_pretrained_head(model, name, num_classes) if pretrained else "loaded"
         if prefix == "tv:":
             import torchvision
 
-            model = torchvision.models.get_model(rest, weights=None, num_classes=num_classes, **kwargs)
+            def build(**kw) -> nn.Module:
+                return torchvision.models.get_model(rest, weights=None, num_classes=num_classes, **kw)
+
+            model = _sized(build, "image_size", input_size, kwargs)
             return model, _load_torchvision_weights(model, name, num_classes) if pretrained else "loaded"
         factory = MODELS.get(name)
         if pretrained:
@@ -312,22 +319,21 @@ def _load_torchvision_weights(model: nn.Module, name: str, num_classes: int) -> 
     return load_state(model, state, f"torchvision's {weights}", num_classes)
 
 
-def _timm_model(name: str, input_size: int | None, **kwargs) -> nn.Module:
-    """`timm.create_model`, with `img_size=input_size` where the model's class takes it and `kwargs` do not set it.
+def _sized(build: Callable[..., nn.Module], size_kwarg: str, input_size: int | None, kwargs: dict) -> nn.Module:
+    """`build(**kwargs)`, with `size_kwarg=input_size` (timm's `img_size`, torchvision's `image_size`) where the
+    model's class takes it and `kwargs` do not set it.
 
-    timm's entrypoints pass their arguments on to the class, so a class without the parameter refuses it by name;
-    that refusal, and only that, builds the model without it.
+    timm's and torchvision's builders take `**kwargs` and pass them on to the class, so their signatures cannot tell;
+    a class without the parameter refuses it by name, and that refusal, only that, builds the model without it.
     """
-    import timm
-
-    if input_size is None or "img_size" in kwargs:
-        return timm.create_model(name, **kwargs)
+    if input_size is None or size_kwarg in kwargs:
+        return build(**kwargs)
     try:
-        return timm.create_model(name, img_size=input_size, **kwargs)
+        return build(**kwargs, **{size_kwarg: input_size})
     except TypeError as err:  # Python's "unexpected keyword argument 'img_size'", or timm's "... argument(s): [...]"
-        if "img_size" not in str(err):
+        if size_kwarg not in str(err):
             raise
-    return timm.create_model(name, **kwargs)
+    return build(**kwargs)
 
 
 def served_preprocessing(name: str, model: nn.Module, dataset: Preprocessing, normalization: str) -> Preprocessing:

@@ -17,6 +17,7 @@ logits.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass, replace
 from itertools import groupby
@@ -31,6 +32,7 @@ LAYOUTS = ("NCHW", "NHWC", "NLC", "NC")  # timm's names (timm.layers.Format)
 STEM, LAYER, STAGE_END, FLATTEN = "stem", "layer", "stage end", "flatten"
 LAYER0 = "embed"  # the module path of the ViT layer-0 tap that pipeline.models adds
 STEM_NAME = "stem"  # timm's name for a model's stem module
+SIZE_KWARGS = ("img_size", "image_size")  # a model class's argument that fixes its input size: timm's, torchvision's
 MAX_PREFIX_TOKENS = 16  # more leading non-patch tokens than this and the tokens are not read as a patch grid
 
 # Leaf layers never count as blocks, even when they sit in a Sequential.
@@ -608,12 +610,20 @@ def dry_forward(
             except Exception as err:  # shape errors, asserts on the image size, anything a forward may raise
                 raise UserError(
                     f"the model does not accept {input_size}x{input_size} inputs: {first_line(err)}"
+                    f"{_size_hint(model, input_size)}"
                 ) from err
     finally:
         model.train(was_training)
     if num_classes is not None:
         _check_logits(trace.logits, num_classes, input_size)
     return trace
+
+
+def _size_hint(model: nn.Module, input_size: int) -> str:
+    """Where the model's class is built for one input size, the argument that sets it, as a remedy to a refusal."""
+    parameters = inspect.signature(type(model).__init__).parameters
+    kwarg = next((k for k in SIZE_KWARGS if k in parameters), None)
+    return f"; it is built for one size: pass --model-kwargs '{{\"{kwarg}\": {input_size}}}'" if kwarg else ""
 
 
 def _check_logits(logits: Any, num_classes: int, input_size: int) -> None:

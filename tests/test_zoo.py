@@ -1,8 +1,8 @@
 """The model zoo: tiny random-init timm and torchvision models of every layout family at 32 px, each through
 `kdpipe layers`, an extract round trip (cached features equal a live forward, layouts as the model has them), one
 distill step against its own stage ends, and a probe; and the corners of tap discovery, one family of each kind
-(blocks that are bare Sequentials, the final conv before the global pool, downsamplers between stages), checked by
-contract."""
+(blocks that are bare Sequentials, the final conv before the global pool, downsamplers between stages, the input size
+a model is built for), checked by contract."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import nn
 
 from cache.store import FeatureStore
 from helpers import run_cli
+from pipeline.errors import UserError
 from pipeline.models import create_model
 from pipeline.provenance import load_matching_split
 from pipeline.taps import FLATTEN, LAYER, STAGE_END, Tap, TapRecorder, list_taps, stage_ends
@@ -164,6 +165,7 @@ CORNERS = [
         **ZOO["timm:swin_tiny_patch4_window7_224"],
     ),
     corner("timm:efficientvit_m0", ("EfficientVitBlock",), downsampler="PatchMerging"),  # between residual units
+    corner("tv:vit_b_16", ("EncoderBlock",)),
 ]
 
 
@@ -186,3 +188,32 @@ def test_taps_keep_their_contracts(name, kwargs, blocks, head_conv, downsampler)
     assert body[-1].name == (head_conv or block_names[-1])
     if head_conv:
         assert body[-1].role == LAYER and body[-2].name == block_names[-1]
+
+
+def test_torchvision_vit_is_built_for_the_served_size():
+    model = create_model("tv:vit_b_16", 10, input_size=32)
+    assert model.image_size == 32
+    tokens = list_taps(model, 32)[-1]
+    assert (tokens.shape, tokens.prefix_tokens, tokens.grid) == ((5, 768), 1, (2, 2))  # class token + 2x2 patches
+
+
+@pytest.mark.parametrize(
+    "build,kwarg",
+    [
+        (
+            lambda: torchvision_vit(image_size=64, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8),
+            "image_size",
+        ),
+        (lambda: create_model("timm:vit_tiny_patch16_224", 10, model_kwargs={"img_size": 64}), "img_size"),
+    ],
+    ids=["torchvision", "timm"],
+)
+def test_a_model_built_for_another_size_is_told_which_argument_sets_it(build, kwarg):
+    with pytest.raises(UserError, match=f'does not accept 32x32 inputs: .*"{kwarg}": 32'):
+        list_taps(build(), 32)
+
+
+def torchvision_vit(**kwargs) -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(num_classes=10, **kwargs)
