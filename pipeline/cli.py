@@ -80,7 +80,7 @@ def cli(quiet: bool, verbose: int) -> None:
 
 def _user_errors(fn: Callable) -> Callable:
     """Turns the pipeline's user errors, an output in use, and a full disk, read-only filesystem or refused permission
-    met anywhere, into click's one-line `Error: ...` and exit status 1."""
+    met anywhere, into click's one-line `Error: ...` and exit status 1; they name options as flags."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

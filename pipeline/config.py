@@ -278,6 +278,18 @@ def field_types(config: type[Config]) -> dict[str, click.ParamType]:
     return {f.name: f.metadata.get("type") or type_of(hints[f.name], f.default) for f in fields(config)}
 
 
+@functools.cache
+def option_kinds() -> dict[str, type]:
+    """Every command's options by field name, as bool, int, float or str: how a user error names one to a Python
+    caller (`pipeline.errors.keywords`)."""
+    kinds = {Boolean: bool, Integer: int, Number: float}
+    return {
+        name: next((kind for base, kind in kinds.items() if isinstance(param, base)), str)
+        for config in COMMANDS.values()
+        for name, param in field_types(config).items()
+    }
+
+
 def convert_value(config: type[Config], f: Field, value: Any) -> Any:
     kind = field_types(config)[f.name]
     if isinstance(value, (list, tuple, dict)) and not getattr(kind, "collection", False):
@@ -306,18 +318,6 @@ def convert_values(config: type[Config], values: Mapping[str, Any], arguments: b
 # The configs
 
 COMMANDS: dict[str, type[Config]] = {}
-@functools.cache
-def option_kinds() -> dict[str, type]:
-    """Every command's options by field name, as bool, int, float or str: how a user error names one to a Python
-    caller (`pipeline.errors.keywords`)."""
-    kinds = {Boolean: bool, Integer: int, Number: float}
-    return {
-        name: next((kind for base, kind in kinds.items() if isinstance(param, base)), str)
-        for config in COMMANDS.values()
-        for name, param in field_types(config).items()
-    }
-
-
 
 
 def command(name: str):
