@@ -133,7 +133,10 @@ def test_pipeline_learns_and_exports_a_classifier(scored_store, tmp_path):
     "extra,fragment",
     [
         (["--student-layers", "layer9.9"], "unknown tap 'layer9.9'"),
-        (["--student-layers", "layer3.0", "--teacher-layers", "layer2.2,layer3.2"], "--student-layers names 1 taps for 2 teacher"),
+        (
+            ["--student-layers", "layer3.0", "--teacher-layers", "layer2.2,layer3.2"],
+            "--student-layers names 1 taps for 2 teacher",
+        ),
         (["--teacher-layers", "pool"], "teacher tap 'pool' is not in"),
         (["--dataset", "cifar10"], "was extracted from dataset 'digits', not 'cifar10'"),
         (["--batch-size", "1000"], "exceeds the 400 training samples"),
