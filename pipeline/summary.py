@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cache.store import FeatureStore, StoreError
 
-from .layout import PROBE_SUMMARY, SCORES, TEACH_SUMMARY
+from .layout import DISTILL_SUMMARY, PROBE_SUMMARY, SCORES, TEACH_SUMMARY
 
 
 def _load(folder: Path, name: str) -> list[dict]:
@@ -50,9 +50,21 @@ def summarize(folder: str | Path) -> str:
         q = {t["name"]: t["Q"] for t in scores["taps"]}
         picks = ", ".join(f"{name} (Q {q[name]:.3f})" for name in scores["selected"])
         lines.append(f"taps     top-{scores['top_k']} by Q: {picks}")
-    for probe in _load(folder, PROBE_SUMMARY):
-        lines.append(
-            f"student  {probe['model']:16s} {probe['test_split']} top-1 {probe['test_top1']:6.2f}%"
-            f"  (feature-only distillation + linear probe on {probe['tap']})"
-        )
-    return "\n".join(lines) if lines else f"no stage summaries under {folder}"
+    lines += [_student_line(path.parent) for path in sorted(folder.rglob(DISTILL_SUMMARY))]
+    return "\n".join(line for line in lines if line) or f"no stage summaries under {folder}"
+
+
+def _student_line(run: Path) -> str | None:
+    """A distilled student's test top-1: its probe's, or its own classifier's for a method that trained one; None
+    for a feature-only run not probed yet."""
+    trained = json.loads((run / DISTILL_SUMMARY).read_text())
+    method = trained.get("method", "feature")
+    if (run / PROBE_SUMMARY).exists():
+        result = json.loads((run / PROBE_SUMMARY).read_text())
+        how = f"linear probe on {result['tap']}"
+        how = f"feature-only distillation + {how}" if method == "feature" else f"{method}, {how}"
+    elif "test_top1" in trained:
+        result, how = trained, f"{method}, its own classifier"
+    else:
+        return None
+    return f"student  {trained['student']:16s} {result['test_split']} top-1 {result['test_top1']:6.2f}%  ({how})"
