@@ -1,4 +1,4 @@
-"""P4: `kdpipe score` on one (256, 8, 8) tap against a plain numpy implementation of METHOD.md §1, and its memory.
+"""P4: `kdpipe score` on one (256, 8, 8) tap against a plain numpy implementation of docs/method.md §1, and its memory.
 
 Speed: both score the same 5,000-sample store (10 classes, so subsets A and B are every sample) with one thread
 (torch, BLAS, reader), each in its own subprocess, both timed from reading the store to Q; they must agree to 1e-6.
@@ -77,7 +77,7 @@ def build_store(path: Path, num_samples: int, seed: int = 0) -> None:
 
 
 def numpy_quality(path: Path, seed: int = 0) -> dict[str, float]:
-    """METHOD.md §1 in plain vectorised numpy on the store's one tap (no pooling: D = 16,384 <= 262,144)."""
+    """docs/method.md §1 in plain vectorised numpy on the store's one tap (no pooling: D = 16,384 <= 262,144)."""
     import zarr
 
     split = zarr.open_group(str(path), mode="r")["train"]

@@ -1,4 +1,4 @@
-"""Feature alignment of one student tap with one teacher tap: layouts, pooling and the projector (METHOD.md §3).
+"""Feature alignment of one student tap with one teacher tap: layouts, pooling and the projector (docs/method.md §3).
 
 Alignment is separate from the criterion: every feature loss (`pipeline.losses.FeatureLoss`) compares the aligned
 pair this module produces, so a new feature criterion reuses the projection and pooling as they are.
@@ -107,7 +107,7 @@ def _gridless(tap: Tap) -> bool:
 def _pooled_sizes(
     student: Tap, teacher: Tap, s_extent: tuple[int, ...], t_extent: tuple[int, ...]
 ) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
-    """(student pooled to, teacher pooled to): METHOD.md §3's rule, None where a side is left as it is."""
+    """(student pooled to, teacher pooled to): docs/method.md §3's rule, None where a side is left as it is."""
     if s_extent == t_extent:
         return None, None
     if all(s <= t for s, t in zip(s_extent, t_extent, strict=True)):

@@ -247,7 +247,7 @@ def _stepping_stones(
     method: Method, store: FeatureStore, net, config: DistillConfig, num_classes: int, input_size: int
 ) -> SteppingStones | None:
     """Block-KD's stones from the method's stepping-stone term: the store's teacher, frozen, and the student's
-    stages paired with the teacher's (METHOD.md §6); None for every other method."""
+    stages paired with the teacher's (docs/method.md §6); None for every other method."""
     term = method.stones_term
     if term is None:
         return None

@@ -1,4 +1,4 @@
-"""Loss terms (METHOD.md §3, §6): registered classes that own their hyperparameters and declare what they read.
+"""Loss terms (docs/method.md §3, §6): registered classes that own their hyperparameters and declare what they read.
 
 A loss is `loss(output, batch) -> tensor`. `inputs` names the cached arrays it reads from `batch` (store paths such
 as `labels` and `logits`, or `TEACHER_FEATURES` for the paired teacher taps); a method's batch holds nothing else.
@@ -90,7 +90,7 @@ class CrossEntropy(Loss):
 
 @LOSSES.register(name="kd")
 class KLDivergence(Loss):
-    """T²·KL(p_t ‖ p_s) with p = softmax(z / T): summed over classes, averaged over the batch (METHOD.md §6)."""
+    """T²·KL(p_t ‖ p_s) with p = softmax(z / T): summed over classes, averaged over the batch (docs/method.md §6)."""
 
     inputs = ("logits",)
 
@@ -111,7 +111,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 @LOSSES.register(name="block_kd")
 class BlockKD(Loss):
-    """Block-KD: α·L_task + β·L_distill + γ·L_cross over the student and its stepping stones (METHOD.md §6).
+    """Block-KD: α·L_task + β·L_distill + γ·L_cross over the student and its stepping stones (docs/method.md §6).
 
     With stone weights w_i = 1/2^(n−i): L_task = CE(y_S) + Σ w_i CE(y_Ni); L_distill = KD(y_S, y_T) + Σ w_i KD(y_Ni,
     y_T), KD as in `kd` at `temperature`; L_cross = KD(y_S, y_ens) + Σ KD(y_Ni, y_ens) with y_ens the stones' mean
@@ -187,7 +187,7 @@ class FeatureLoss(Loss):
 
 @LOSSES.register(name="feature_mse")
 class FeatureMSE(FeatureLoss):
-    """L_feat: element-wise MSE between projected student features and the raw teacher features (METHOD.md §3)."""
+    """L_feat: element-wise MSE between projected student features and the raw teacher features (docs/method.md §3)."""
 
     def criterion(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(student, teacher)

@@ -1,4 +1,4 @@
-"""Distillation methods (METHOD.md §3, §6): each is a named, weighted sum of registered loss terms.
+"""Distillation methods (docs/method.md §3, §6): each is a named, weighted sum of registered loss terms.
 
 The contract (after mdistiller): `distiller(images, batch) -> (student_output, {"loss_name": weighted tensor})`;
 the training loop sums the dict, logs each entry and trains `distiller.parameters()` (student plus projectors).

@@ -70,7 +70,7 @@ class CifarResNet(nn.Module):
 
 
 def _reference_init(model: nn.Module) -> None:
-    """The reference's ResNet initialisation (METHOD.md §5): Kaiming-normal convolutions (fan-out, ReLU), BatchNorm
+    """The reference's ResNet initialisation (docs/method.md §5): Kaiming-normal convolutions (fan-out, ReLU), BatchNorm
     at weight 1 and bias 0, then each block's last BatchNorm weight at zero so every block starts as the identity."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -133,7 +133,7 @@ def resnet34_cifar(num_classes: int = 10, in_chans: int = 3, base_width: int = 6
 
 
 class PrefixedPatches(nn.Module):
-    """ViT layer 0 (METHOD.md §3): the prefix tokens (class, then distillation or register tokens) before the patch
+    """ViT layer 0 (docs/method.md §3): the prefix tokens (class, then distillation or register tokens) before the patch
     tokens, positions not yet added. An observation point for taps; the model's forward is unchanged."""
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,9 @@ def pair_taps(
     The number of pairs k comes from `--teacher-layers`, else `--student-layers`, else the method: the store's
     picks (`feature`) or the teacher's deepest stage ends (`feature-standard`, `fitnet`; as many as `kdpipe score`
     picks by default, fewer when the teacher has fewer stages). By default k is capped at the student's pairable
-    layers (METHOD.md §2: k is the number of student layers distilled): a student with fewer layers than the store's
-    picks takes the top k by Q. A method without a feature loss pairs nothing and ignores both options (one config
-    can then serve every method of a comparison).
+    layers (docs/method.md §2: k is the number of student layers distilled): a student with fewer layers than the
+    store's picks takes the top k by Q. A method without a feature loss pairs nothing and ignores both options (one
+    config can then serve every method of a comparison).
     """
     if not method.has_feature_loss:
         return [], []
@@ -181,8 +181,8 @@ def _rebuilt_stage_ends(store: FeatureStore) -> list[str]:
 
 
 def default_student_taps(taps: list[Tap], k: int) -> list[Tap]:
-    """The student's k deepest stage ends (METHOD.md §2: ResNet-9 1-4, MobileNetV2 3,6,13,17, VGG-11 1,3,5,7, ViT-ET
-    1,3,5,7), or k layers spread evenly over depth, ending at the last, when it has fewer stages than pairs."""
+    """The student's k deepest stage ends (docs/method.md §2: ResNet-9 1-4, MobileNetV2 3,6,13,17, VGG-11 1,3,5,7,
+    ViT-ET 1,3,5,7), or k layers spread evenly over depth, ending at the last, when it has fewer stages than pairs."""
     ends = stage_ends(taps)
     if len(ends) >= k:
         return ends[-k:]

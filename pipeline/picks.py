@@ -1,7 +1,7 @@
 """The taps `kdpipe score` picked, carried from the store it scored to a store that caches only them.
 
 The two-pass route for a large dataset: `kdpipe extract --max-samples M` caches every tap of a sample, `kdpipe
-score` picks the top k there (K uses the whole training split's size, METHOD.md quirk 8), then `kdpipe extract
+score` picks the top k there (K uses the whole training split's size, docs/method.md quirk 8), then `kdpipe extract
 --layers picked:PATH` caches only those taps, for every image. The second store records which scores chose its
 taps (`picked_by`, beside its identity: the same taps chosen by other scores make the same store), and distill reads
 its picks from there when the store was not scored itself.

@@ -1,7 +1,7 @@
-"""Knowledge quality Q = S + sqrt(I·E) of one layer's features (METHOD.md §1, the paper's released code).
+"""Knowledge quality Q = S + sqrt(I·E) of one layer's features (docs/method.md §1, the paper's released code).
 
 Pure array code, no I/O: `score.py` gathers the subsets from the store and calls these. Step numbers follow
-METHOD.md. Quirks of the reference are reproduced on purpose and marked "quirk".
+docs/method.md. Quirks of the reference are reproduced on purpose and marked "quirk".
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def class_spectrum(x: np.ndarray) -> np.ndarray:
 class InformationStats:
     """Step 4: information I with the per-class embedding dimensions and entropies."""
 
-    I: float  # noqa: E741 (METHOD.md's name)
+    I: float  # noqa: E741 (the method's name)
     mean_entropy: float
     embedding_dims: list[int]
     entropies: list[float]

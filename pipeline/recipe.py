@@ -1,4 +1,4 @@
-"""The training recipe shared by every stage that trains (METHOD.md §5): loaders, AdamW + OneCycle, top-1."""
+"""The training recipe shared by every stage that trains (docs/method.md §5): loaders, AdamW + OneCycle, top-1."""
 
 from __future__ import annotations
 

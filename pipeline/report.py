@@ -7,7 +7,7 @@ except at the distill section's own fraction, whose runs are the main table's. A
 is resumed, which reuses a finished run as it is (and refuses one made with other settings); a probe is refitted
 when its student is newer or its settings changed. Every run takes the config's distill and probe settings, with
 the report's store, the entry's method and flags, the seed, its label fraction, its own folder and (when given) the
-report's device on top. Accuracy is each run's last-epoch top-1 on the held-out split (METHOD.md §7): the student's
+report's device on top. Accuracy is each run's last-epoch top-1 on the held-out split (docs/method.md §7): the student's
 own classifier for methods whose losses trained it (ce, kd), the linear probe for feature-only methods.
 """
 

@@ -1,6 +1,6 @@
 """`kdpipe score`: knowledge quality Q of every cached tap, out of core, and the top-k teacher layers.
 
-Subsets A and B (METHOD.md §1 step 2) are drawn from the cached labels; their rows are gathered chunk by chunk
+Subsets A and B (docs/method.md §1 step 2) are drawn from the cached labels; their rows are gathered chunk by chunk
 (never per sample), pooled and flattened as they are read. Memory holds subset A and at most
 `--memory-gb` of subset B at a time, whatever the number of cached samples.
 """
@@ -122,7 +122,8 @@ def _checked_split(store: FeatureStore, split: str) -> SplitStore:
 
 
 def _train_split_size(store: FeatureStore, part: SplitStore) -> int:
-    """N_train of K: the size of the dataset's whole training split (METHOD.md quirk 8), whatever split is scored."""
+    """N_train of K: the size of the dataset's whole training split (docs/method.md quirk 8), whatever split is
+    scored."""
     train = store.meta["identity"]["dataset"].get("splits", {}).get("train")
     return int(train["size"]) if train else int(part.group.attrs["dataset_size"])
 

@@ -1,4 +1,4 @@
-"""Block-KD's stepping stones (METHOD.md §6): the student's first i stages, a connector, the frozen teacher's tail.
+"""Block-KD's stepping stones (docs/method.md §6): the student's first i stages, a connector, the frozen teacher's tail.
 
 Stone i is `N_i = T_c ∘ T_n ∘ … ∘ T_{i+1} ∘ C_i ∘ S_i ∘ … ∘ S_1`. The student's stage outputs come from its own
 forward pass (the stones share S_1..S_i with the student); a trained connector C_i maps stage i's output onto the
@@ -41,7 +41,7 @@ TAIL_TOLERANCE = 1e-4  # relative: a traced tail reproduces the teacher's logits
 
 
 def stone_weights(stones: Sequence[int], num_stages: int) -> list[float]:
-    """w_i = 1/2^(n−i): the deepest stone weighs most (METHOD.md §6)."""
+    """w_i = 1/2^(n−i): the deepest stone weighs most (docs/method.md §6)."""
     return [0.5 ** (num_stages - i) for i in stones]
 
 
@@ -120,7 +120,7 @@ ChannelMap = Callable[[int, int, bool], nn.Module]
 
 @CONNECTORS.register(name="conv1x1_bn")
 def conv1x1_bn(in_channels: int, out_channels: int, spatial: bool) -> nn.Module:
-    """1×1 convolution + BatchNorm (kdpipe's default: "to align the channel numbers", METHOD.md §6)."""
+    """1×1 convolution + BatchNorm (kdpipe's default: "to align the channel numbers", docs/method.md §6)."""
     conv, norm = (nn.Conv2d, nn.BatchNorm2d) if spatial else (nn.Conv1d, nn.BatchNorm1d)
     return nn.Sequential(conv(in_channels, out_channels, 1, bias=False), norm(out_channels))
 
@@ -143,7 +143,7 @@ class Connector(nn.Module):
     """C_i: a student stage output onto the teacher's stage-i shape and layout.
 
     The student's grid (a map, or tokens on their patch grid) is average-pooled to the teacher's when larger (a
-    smaller grid is an error, as in METHOD.md §3), then its channels are mapped. Teacher maps (NCHW or NHWC) take a
+    smaller grid is an error, as in docs/method.md §3), then its channels are mapped. Teacher maps (NCHW or NHWC) take a
     student map or patch grid (prefix tokens have no image region and are dropped); teacher tokens take student
     tokens with the same number of prefix tokens, or a map when the teacher has none, mapped token by token.
     """

@@ -7,9 +7,9 @@ from the model (timm's `output_fmt`, `num_prefix_tokens`, `patch_embed.grid_size
     NLC   tokens (T, D): `prefix_tokens` (class, distillation, register) then the patches of `grid` in row-major order
     NC    a vector (D,)
 
-and its role among the model's generalized layers (METHOD.md §1): the stem, a layer (a residual, inverted-residual or
-transformer block; the activations of a plain conv stack; the final conv before the global pool), a stage end (the
-last block of a stage), the flatten.
+and its role among the model's generalized layers (docs/method.md): the stem, a layer (a residual, inverted-residual
+or transformer block; the activations of a plain conv stack; the final conv before the global pool), a stage end
+(the last block of a stage), the flatten.
 `TapRecorder` captures tap outputs with forward hooks and stops the forward pass after the last tap when the logits
 are not wanted; `dry_forward` runs a model once on a small zero batch, for the taps and to check its input size and
 logits.
@@ -56,7 +56,7 @@ _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d)  # the ste
 _FLATTEN_MODULES = ("global_pool", "head.global_pool", "avgpool", "pool")  # timm, timm heads, torchvision, built-ins
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)  # what pools features for the head, whatever its name
 
-# Isotropic transformers have no stages; METHOD.md §2 gives their "stage ends" by block (layer = block + 1, layer 0
+# Isotropic transformers have no stages; docs/method.md §2 gives their "stage ends" by block (layer = block + 1, layer 0
 # being the patch embedding): ViT-B's layers 2, 4, 8, 10 and ViT-ET's layers 1, 3, 5, 7. Other depths follow
 # ViT-ET's rule: every other block from the first, the last block left to the classifier.
 ISOTROPIC_STAGE_BLOCKS = {12: (1, 3, 7, 9), 8: (0, 2, 4, 6)}
@@ -488,7 +488,7 @@ def list_taps(
     trace = dry_forward(model, input_size, keep, set(layers), num_classes, in_chans)
     plain_stack = all(isinstance(modules[n], _ACTIVATIONS) for n in layers)  # VGG: its first ReLU is layer 0
     stem = declared_stem or (None if plain_stack else _stem(model, trace, layers, named_stem))
-    head_conv = trace.head_conv()  # a layer, but no stage end: it is the head's in METHOD.md §4 and timm's feature_info
+    head_conv = trace.head_conv()  # a layer, no stage end: the head's in docs/method.md §4 and timm's feature_info
     shapes = _tap_shapes(trace.outputs, names or ())
     hints = _probed_hints(LayoutHints.of(model), shapes.values())
     described = {name: Tap(0, name, shape, *infer_layout(shape, hints)) for name, shape in shapes.items()}
@@ -643,7 +643,7 @@ def stage_ends(taps: list[Tap]) -> list[Tap]:
     return [t for t in taps if t.role == STAGE_END]
 
 
-# Global average pooling per layout: maps over space, tokens over all tokens (class token included, METHOD.md §4).
+# Global average pooling per layout: maps over space, tokens over all tokens (class token included, docs/method.md §4).
 POOLED_AXES = {"NCHW": (2, 3), "NHWC": (1, 2), "NLC": (1,), "NC": ()}
 
 

@@ -248,7 +248,7 @@ def make_store(
 
 
 def naive_quality(x: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarray, n_train: int) -> dict:
-    """METHOD.md §1 steps 3-5 written as plainly as possible: loops over samples and classes."""
+    """docs/method.md §1 (S, E, I and Q) written as plainly as possible: loops over samples and classes."""
     classes = sorted(set(labels.tolist()))
     C = len(classes)
     xa, ya = x[a].astype(np.float64), labels[a]
@@ -292,7 +292,7 @@ def naive_quality(x: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarra
         else:
             q = q / q.sum()
             H.append(-sum(v * math.log(v) for v in q))
-    I = (1 - np.mean(list(m_c.values()))) * np.mean(H) / math.log(5)  # noqa: E741 (METHOD.md's name)
+    I = (1 - np.mean(list(m_c.values()))) * np.mean(H) / math.log(5)  # noqa: E741 (the method's name)
     return {"S": S, "I": I, "E": E, "Q": S + math.sqrt(I * E)}
 
 

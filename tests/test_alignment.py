@@ -1,4 +1,4 @@
-"""Feature alignment between any two tap layouts (METHOD.md §3, docs/pipeline.md): the pooling and projector rules,
+"""Feature alignment between any two tap layouts (docs/method.md §3, docs/pipeline.md): the pooling and projector rules,
 and planted maps whose cells carry unique values, which must reach exactly the positions covering the same image
 region on the other side."""
 
@@ -150,7 +150,7 @@ def test_student_map_averaged_against_a_teacher_vector():
     "s_shape,t_shape",
     [
         ((64, 16, 4), (64, 8, 8)),  # larger in one axis, smaller in the other
-        ((64, 8, 16), (64, 8, 8)),  # equal in one axis and larger in the other (METHOD.md §3: an error)
+        ((64, 8, 16), (64, 8, 8)),  # equal in one axis and larger in the other (docs/method.md §3: an error)
     ],
 )
 def test_mixed_sizes_are_an_error(s_shape, t_shape):

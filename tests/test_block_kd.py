@@ -1,4 +1,4 @@
-"""Block-KD (METHOD.md §6): stepping stones built by shapes, the teacher's tail cut out of its traced graph, the
+"""Block-KD (docs/method.md §6): stepping stones built by shapes, the teacher's tail cut out of its traced graph, the
 frozen teacher, gradients per stone, and the loss against a hand computation."""
 
 from __future__ import annotations

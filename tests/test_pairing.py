@@ -1,4 +1,4 @@
-"""Default pairing: a distill with no layer options fits every student to a store of four picks (METHOD.md §2: k is
+"""Default pairing: a distill with no layer options fits every student to a store of four picks (docs/method.md §2: k is
 the number of student layers distilled, the teacher's top k by Q), and errors name options as the caller passes
 them: keywords in Python, flags on the command line."""
 

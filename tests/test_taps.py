@@ -1,4 +1,4 @@
-"""Generalized layers, layouts and roles read from the models, and the default pairs of METHOD.md §2 for the
+"""Generalized layers, layouts and roles read from the models, and the default pairs of docs/method.md §2 for the
 paper's four teacher -> student pairs."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def indices(taps: list[Tap]) -> list[int]:
     ],
 )
 def test_paper_teachers_layers_and_stage_ends(teacher, kwargs, layers, stem, flatten, standard):
-    """METHOD.md §2's layer numbering of each teacher and its stage-end ("standard") layers."""
+    """docs/method.md §2's layer numbering of each teacher and its stage-end ("standard") layers."""
     taps = taps_of(teacher, kwargs)
     assert len(taps) == layers
     assert [t.name for t in taps if t.role == STEM] == ([stem] if stem else [])
@@ -107,7 +107,7 @@ def test_probe_pooling_follows_the_layout():
     assert torch.equal(pool_embedding(x, "NHWC"), x.mean(dim=(1, 2)))
     assert torch.equal(pool_embedding(x.permute(0, 3, 1, 2), "NCHW"), x.mean(dim=(1, 2)))
     tokens = torch.randn(2, 65, 8)
-    assert torch.equal(pool_embedding(tokens, "NLC"), tokens.mean(1))  # the class token included, METHOD.md §4
+    assert torch.equal(pool_embedding(tokens, "NLC"), tokens.mean(1))  # the class token included, docs/method.md §4
 
 
 def test_ambiguous_maps_follow_the_models_other_maps():
@@ -217,7 +217,7 @@ def test_a_deep_copy_of_a_vit_feeds_its_own_layer0():
 
 
 def test_built_in_resnets_start_as_the_reference_does():
-    """METHOD.md §5: Kaiming-normal convolutions (fan-out, ReLU) and every block's last BatchNorm weight at zero."""
+    """docs/method.md §5: Kaiming-normal convolutions (fan-out, ReLU), every block's last BatchNorm weight zero."""
     torch.manual_seed(0)
     model = create_model("resnet34_cifar", 10)
     for block in (m for m in model.modules() if m.__class__.__name__ == "BasicBlock"):

@@ -266,4 +266,4 @@ def test_info_describes_the_store(small_store):
 
 def test_scoring_another_split_keeps_n_train_of_the_training_split(small_store):
     summary = score(ScoreConfig(store=str(small_store), split="test", top_k=1, plot=False))
-    assert summary["num_samples"] == 300 and summary["n_train"] == 1437  # METHOD.md quirk 8: the whole train split
+    assert summary["num_samples"] == 300 and summary["n_train"] == 1437  # docs/method.md quirk 8: the whole train split

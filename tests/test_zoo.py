@@ -147,7 +147,7 @@ def corner(name: str, blocks: tuple[str, ...], head_conv: str | None = None, dow
 
 
 # One family of each kind: the model, its block classes, its final conv before the global pool and its downsampler
-# class between stages. The final conv is a layer after the last block but no stage end: METHOD.md §4 counts
+# class between stages. The final conv is a layer after the last block but no stage end: docs/method.md §4 counts
 # MobileNetV2's 1x1 conv to 1280 in the head, and §2 gives its stage ends as 3, 6, 13, 17, the last block last.
 CORNERS = [
     corner("tv:mobilenet_v2", ("InvertedResidual",), "features.18", width_mult=0.25),
