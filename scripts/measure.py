@@ -13,7 +13,8 @@ Each step's output goes to runs/measure/STEP.log. It writes
 - docs/measured.md: a generated page with the machine, the load and a table of the steps;
 - in README.md and docs/*.md, the lines between `<!-- measured:NAME -->` and `<!-- /measured:NAME -->` (each marker
   alone on its line), replaced by the output NAME of OUTPUTS: `demo-summary`, `kdpipe summary runs/digits` in a
-  fence, and `times`, the steps' table and the machine in a line. A new output is a function of the measurement
+  fence, `score-table`, the demo store's Q table as `kdpipe score` prints it, and `times`, the steps' table and the
+  machine in a line. A new output is a function of the measurement
   and a line in OUTPUTS.
 
 Markers are checked before anything is measured: one naming no output, or unclosed, stops the run naming file:line.
@@ -163,6 +164,14 @@ def demo_summary(measurement: dict) -> str:
     return f"```\n{summary.stdout.rstrip()}\n```"
 
 
+def score_table(measurement: dict) -> str:
+    """The Q table `kdpipe score` printed for the demo's store, from its scores.json."""
+    from pipeline.score import format_table  # imports torch: only when this output is asked for
+
+    scores = json.loads((DEMO / "extract" / "scores.json").read_text())
+    return f"```\n{format_table(scores)}\n```"
+
+
 def times(measurement: dict) -> str:
     """The steps' wall and CPU seconds, and the machine under them."""
     rows = ["| step | wall | CPU s |", "|---|---|---|"]
@@ -174,6 +183,7 @@ def times(measurement: dict) -> str:
 
 OUTPUTS: dict[str, Callable[[dict], str]] = {
     "demo-summary": demo_summary,
+    "score-table": score_table,
     "times": times,
 }
 
