@@ -12,7 +12,9 @@ A block whose first line is `# needs: <what>` (`# needs: a CUDA GPU`, `# needs: 
 is listed as skipped with that reason, which the reader sees too. A runnable block with a line starting with `$ ` (a
 prompt) is refused: the docs' commands must paste into a shell as they are. Transcripts go in ```console fences.
 
-Blocks of one file run in order, so a later block may use what an earlier one made. A failed block is reported with
+Blocks of one file run in order, so a later block may use what an earlier one made. The docs write what they make
+under runs/tour/ (the demo's runs/digits is only read), and the check clears that folder before it runs any block,
+so a second check meets what a reader meets the first time. A failed block is reported with
 its file and line and the last lines of its output; the remaining blocks still run, and the exit status is 1.
 """
 
@@ -22,6 +24,7 @@ import argparse
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = Path("runs", "tour")  # where the docs' snippets write, relative to the root; cleared before a check
 SHELLS = {"bash", "sh", "shell"}
 RUNNERS = {"bash": ["bash", "-euo", "pipefail", "-c"], "python": [sys.executable, "-c"]}
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
@@ -227,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for block in blocks:
             print(f"{block.where}\t{block.language or '-'}\t{block.verdict()[1]}")
         return 0
+    shutil.rmtree(root / SCRATCH, ignore_errors=True)
     return 1 if check(blocks, root, args.timeout) else 0
 
 
