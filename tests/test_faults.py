@@ -9,12 +9,14 @@ Config faults: a value of the wrong type for every option of every command.
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import shutil
 from dataclasses import fields
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import yaml
@@ -25,7 +27,7 @@ from cache.verify import chunk_file
 from helpers import assert_one_line_error, load_script, run_cli, small_chunks
 from pipeline import ExtractConfig, ScoreConfig, TeachConfig, extract, score, teach
 from pipeline.config import COMMANDS as COMMAND_CONFIGS
-from pipeline.config import MappingType, field_types
+from pipeline.config import MappingType, Registered, field_types
 from pipeline.layout import CLASSIFIER, DISTILL_SUMMARY, PROBE_SUMMARY, SCORES, STUDENT_WEIGHTS
 
 TAPS = ("layer1.0", "layer2.0", "layer3.0")  # resnet8's stage ends, for fitnet
@@ -123,8 +125,8 @@ def test_every_option_of_every_command_refuses_a_wrongly_typed_config_value(comm
     """Config values go through the command line's types: the wrong shape of value for any option of any command
     is one line naming the file and the option, before any work."""
     config = COMMAND_CONFIGS[command]
-    arguments = [str(tmp_path) for f in fields(config) if f.metadata["argument"]]
     kinds = field_types(config)
+    arguments = [_accepted_argument(kinds[f.name], tmp_path) for f in fields(config) if f.metadata["argument"]]
     for f in fields(config):
         if f.metadata["argument"] or not f.metadata["cli"]:
             continue
@@ -132,6 +134,14 @@ def test_every_option_of_every_command_refuses_a_wrongly_typed_config_value(comm
         path.write_text(yaml.safe_dump({command: {f.name: _wrong_value(kinds[f.name])}}))
         result = run_cli(command, *arguments, "--config", path, expect_ok=False)
         assert_one_line_error(result, str(path), f"{command}.{f.name}")
+
+
+def _accepted_argument(kind: click.ParamType, tmp_path: Path) -> str:
+    """A positional argument the command line accepts, so that the config file is what fails: a registered name
+    (`kdpipe layers MODEL`), else a folder."""
+    if isinstance(kind, Registered):
+        return getattr(importlib.import_module(kind.module), kind.registry).names()[0]
+    return str(tmp_path)
 
 
 def _scored(folder: Path) -> tuple[list, list]:
