@@ -31,6 +31,7 @@ def _distill(store, out, **options) -> dict:
     return distill(DistillConfig(store=str(store), out=str(out), steps=1, batch_size=16, device="cpu", **options))
 
 
+@pytest.mark.slow  # 13 students, 15 s: the resnet8 test below keeps the rule in the fast path
 @pytest.mark.parametrize("student", list_models() + EXTERNAL_STUDENTS)
 def test_a_default_distill_fits_every_student(picked_store, tmp_path, student):
     summary = _distill(picked_store, tmp_path, student=student)
