@@ -25,6 +25,7 @@ URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # What kdpipe passes to every object-storage filesystem. No listing cache: zarr writes through a filesystem
 # instance of its own, so a cached listing here would miss the splits and chunks it wrote.
 STORAGE_OPTIONS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}, "gs": {}, "gcs": {}}
+LOCAL_SCHEMES = ("file", "local")  # URLs that name a local path
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 # Modules whose exceptions are object storage's (the network, the service, its credentials), not a local fault.
 REMOTE_MODULES = ("s3fs", "gcsfs", "adlfs", "botocore", "aiobotocore", "aiohttp", "fsspec", "upath")
@@ -46,7 +47,7 @@ def location(text: str | os.PathLike):
     if not is_url(text):
         return Path(text)
     scheme = text.split("://", 1)[0].lower()
-    if scheme in ("file", "local"):
+    if scheme in LOCAL_SCHEMES:
         return Path(unquote(urlparse(text).path))
     import fsspec
     from upath import UPath
@@ -59,6 +60,14 @@ def location(text: str | os.PathLike):
     except ValueError:
         raise LocationError(f"{text}: unknown URL scheme {scheme}://") from None
     return UPath(text.rstrip("/"), **STORAGE_OPTIONS.get(scheme, {}))
+
+
+def local_folder(text: str | os.PathLike, command: str) -> Path:
+    """`text` as a local path, for a command that writes only to a file system (`kdpipe teach`, `report`, ...): a
+    URL of object storage is refused in one line, never taken for a local folder named after its scheme (`s3:`)."""
+    if is_url(text) and str(text).split("://", 1)[0].lower() not in LOCAL_SCHEMES:
+        raise LocationError(f"{text}: kdpipe {command} writes to a local folder only, not to object storage")
+    return location(text)
 
 
 def is_remote(path: Any) -> bool:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from cache.location import local_folder
 from cache.lock import lock_output
 from cache.store import FeatureStore
 
@@ -64,6 +65,7 @@ class TapSet:
 def q_test(config: QTestConfig) -> dict[str, Any]:
     """Plans every run (checked against the store first), runs or reuses each, writes q-test.md, q-test.json (and
     q-test.png) in `config.out` and returns the summary, holding the folder's lock throughout."""
+    out = local_folder(config.out, config.command)
     scored = read_scored_taps(config.store)
     student_layers = _student_layers(config)
     taps = _tested_taps(scored, config.taps)
@@ -71,7 +73,6 @@ def q_test(config: QTestConfig) -> dict[str, Any]:
     seeds, probed = config.seeds, student_layers[-1:]
     tap_runs = [_run(config, f"tap-{tap['name']}", (tap["name"],), probed, s) for tap in taps for s in seeds]
     set_runs = [_run(config, f"set-{ts.name}", ts.taps, student_layers, s) for ts in sets for s in seeds]
-    out = Path(config.out)
     with lock_output(out, folder_lock(out), config.command):
         check_runs(tap_runs + set_runs)
         write_args(out, config)

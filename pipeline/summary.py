@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cache.location import local_folder
 from cache.store import FeatureStore, StoreError
 
 from .layout import DISTILL_SUMMARY, PROBE_SUMMARY, SCORES, TEACH_SUMMARY
@@ -37,7 +38,7 @@ def _stale_reason(scores_file: Path, scores: dict) -> str | None:
 
 
 def summarize(folder: str | Path) -> str:
-    folder = Path(folder)
+    folder = local_folder(folder, "summary")
     lines = []
     for teach in _load(folder, TEACH_SUMMARY):
         lines.append(f"teacher  {teach['model']:16s} {teach['test_split']} top-1 {teach['test_top1']:6.2f}%")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from cache.location import local_folder
 from cache.lock import lock_output
 
 from . import __version__
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def teach(config: TeachConfig) -> dict[str, Any]:
     """Trains the teacher on the train split, evaluating every epoch on the held-out split; returns the summary."""
-    out_dir = Path(config.out)
+    out_dir = local_folder(config.out, config.command)
     if (out_dir / TEACHER_WEIGHTS).exists() and not (config.overwrite or config.resume):
         raise UserError(f"{out_dir / TEACHER_WEIGHTS} exists (stores may record it); pass --overwrite or another --out")
     dev = resolve_device(config.device)

@@ -195,3 +195,21 @@ def test_bad_input(case, places, tmp_path):
     assert not left, f"{case} left {left} behind"
     if case.startswith("teacher"):  # refused before training started
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["teach", "--out", "s3://bucket/teacher", "--epochs", "1"],
+        ["report", "--store", "missing-store", "--out", "s3://bucket/report"],
+        ["q-test", "--store", "missing-store", "--out", "gs://bucket/q-test"],
+    ],
+    ids=["teach", "report", "q-test"],
+)
+def test_commands_that_write_locally_refuse_a_url_instead_of_making_a_scheme_folder(command, tmp_path, monkeypatch):
+    """`teach --out s3://bucket/t` once wrote a local folder named `s3:`: a command that writes to local folders only
+    refuses object storage in one line, before any other check, and creates nothing."""
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(*command, expect_ok=False)
+    assert_one_line_error(result, command[command.index("--out") + 1], "writes to a local folder only")
+    assert list(tmp_path.iterdir()) == []
