@@ -191,6 +191,24 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir) / STUDENT_WEIGHTS))
 
 
+def own_classifier_top1(run_dir: Path) -> float:
+    """The test top-1 of a run's own classifier, recomputed here from its saved weights and recorded preprocessing,
+    image by image in plain eval mode: the oracle for the top-1 that distill reports for a method that trains one."""
+    from pipeline.checkpoints import read_model_spec
+    from pipeline.datasets import Preprocessing, load_split
+    from pipeline.models import create_model
+
+    spec = read_model_spec(Path(run_dir) / STUDENT_WEIGHTS)
+    net = create_model(
+        spec["model"], spec["num_classes"], input_size=spec["input_size"], model_kwargs=spec["model_kwargs"]
+    )
+    net.load_state_dict(weights(run_dir))
+    test = load_split(spec["dataset"], "test", preprocessing=Preprocessing.from_dict(spec["preprocessing"]))
+    with torch.no_grad():
+        correct = sum(int(net.eval()(test[i][0][None]).argmax()) == int(test[i][1]) for i in range(len(test)))
+    return 100 * correct / len(test)
+
+
 def load_script(name: str):
     """A module from scripts/ (the soak), imported by path."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")

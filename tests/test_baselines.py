@@ -15,7 +15,7 @@ import zarr
 
 from cache.reader import CachedTargets
 from cache.store import ATTR_KEY, STORE_NAME, FeatureStore
-from helpers import STUDENT, assert_one_line_error, run_cli, weights
+from helpers import STUDENT, assert_one_line_error, own_classifier_top1, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, probe
 from pipeline.datasets import load_split, stratified_subset
 from pipeline.layout import DISTILL_LOG, LABELLED_INDICES, PROBE_SUMMARY, REPORT_SUMMARY, REPORT_TEXT, STUDENT_WEIGHTS
@@ -77,7 +77,9 @@ def test_label_and_step_budget(scored_store, tmp_path):
     ce = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "ce"), method="ce", **BUDGET))
     assert ce["num_training_rows"] == ce["num_labelled"] == 100 and ce["teacher_taps"] == []
     assert ce["epochs"] == 2 and ce["steps"] == 10  # 5 steps per epoch
-    assert 0.0 <= ce["test_top1"] <= 100.0 and ce["test_split"] == "test"
+    assert ce["test_split"] == "test" and ce["test_top1"] == pytest.approx(
+        own_classifier_top1(tmp_path / "ce"), abs=100 / ce["num_test"]
+    )
     log = (tmp_path / "ce" / DISTILL_LOG).read_text().splitlines()
     assert len(log) == 1 + 2
     feature = distill(DistillConfig(store=str(scored_store), out=str(tmp_path / "feature"), **BUDGET))
