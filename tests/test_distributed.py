@@ -16,6 +16,8 @@ import torch
 from helpers import ROOT, assert_one_line_error, load_script, run_cli
 from pipeline.layout import STORE_NAME
 
+pytestmark = pytest.mark.processes
+
 TAPS = "layer1.0,layer1.1"  # 32 KiB a row: 128-row blocks, a dozen of them over the 1437 training images
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

@@ -30,6 +30,8 @@ from pipeline import DistillConfig, ExtractConfig, ProbeConfig, ScoreConfig, dis
 from pipeline.extract import HalfSlots
 from pipeline.layout import STUDENT_WEIGHTS
 
+pytestmark = pytest.mark.s3
+
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 

@@ -16,6 +16,8 @@ from threadpoolctl import threadpool_info
 from helpers import assert_one_line_error, run_cli
 from pipeline.cluster import same_threads, thread_counts
 
+pytestmark = pytest.mark.dask
+
 NUMBERS = ("D", "S", "I", "E", "Q", "mu", "Delta", "R", "K", "d", "mean_entropy", "per_class")
 
 
