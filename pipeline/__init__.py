@@ -15,7 +15,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 (the package's version, re-exported)
 
 # `kdpipe extract` shares the cores between the teacher and a background writer; OpenMP's spinning waits stall the
 # teacher's parallel regions whenever the writer runs, and passive waiting measured +13 % extraction throughput on

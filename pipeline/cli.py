@@ -26,7 +26,6 @@ from cache.location import LocationError, is_url, remote_cause, remote_message
 from cache.lock import LockError
 from cache.store import StoreError
 
-from . import __version__
 from .config import (
     Boolean,
     CommaList,
@@ -50,6 +49,7 @@ from .config import (
     resolve,
 )
 from .errors import UserError, filesystem_fault, flag_style, user_message
+from .version import __version__
 
 LIBRARY_LOGGERS = ("pipeline", "cache")
 MAX_WIDTH = 120  # of the help and of the listings, on a wider terminal too

@@ -28,7 +28,7 @@ from cache.lock import lock_output
 from cache.reader import CachedTargets
 from cache.store import PARAMS_ARRAY, FeatureStore, SplitStore
 
-from . import __version__, distributed
+from . import distributed
 from .augment import Augmentation, ViewImages
 from .checkpoints import RunState, resumable, save_checkpoint, save_epoch, start_or_resume
 from .config import DistillConfig
@@ -44,6 +44,7 @@ from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import resolve_device, seed_everything, write_args, write_csv, write_json, write_npy
 from .stones import SteppingStones
 from .training import OnlineTeacher, Trainer, store_teacher
+from .version import __version__
 
 log = logging.getLogger(__name__)
 

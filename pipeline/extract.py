@@ -48,7 +48,7 @@ from cache.store import (
 )
 from cache.writer import SplitWriter
 
-from . import __version__, distributed
+from . import distributed
 from .augment import PARAMS, POLICIES, Augmentation, ViewImages
 from .checkpoints import file_sha256, read_model_spec
 from .config import ExtractConfig
@@ -62,6 +62,7 @@ from .provenance import absolute_root, checkpoint_places
 from .recipe import make_loader
 from .runtime import first_difference, progress, resolve_device, seed_everything, short, write_args, write_json
 from .taps import Tap, TapRecorder, list_taps, stage_ends
+from .version import __version__
 
 log = logging.getLogger(__name__)
 

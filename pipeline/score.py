@@ -20,7 +20,6 @@ from cache.lock import lock_output
 from cache.reader import gather_rows
 from cache.store import FeatureStore, SplitStore
 
-from . import __version__
 from .cluster import dask_client, run_tasks, same_threads, scheduler_kind, thread_counts
 from .config import ScoreConfig
 from .datasets import stratified_subset
@@ -39,6 +38,7 @@ from .quality import (
 )
 from .runtime import resolve_device, write_config, write_json, write_png
 from .taps import Tap
+from .version import __version__
 
 
 def score(config: ScoreConfig) -> dict[str, Any]:

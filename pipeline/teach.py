@@ -19,7 +19,6 @@ from torch import nn
 from cache.location import local_folder
 from cache.lock import lock_output
 
-from . import __version__
 from .checkpoints import RunState, discard_run, resumable, save_checkpoint, save_epoch, start_or_resume
 from .config import TeachConfig
 from .datasets import held_out_split, load_split
@@ -31,6 +30,7 @@ from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import progress, resolve_device, seed_everything, write_args, write_csv, write_json
 from .taps import dry_forward
 from .training import require_finite
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
