@@ -21,20 +21,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .holder import LockError, _held, describe_holder, record
 from .location import is_remote, location
 
-_held: list[str] = []  # the commands of the locks this process holds, outermost first
 ATTEMPTS = 3  # tries at a lock whose file its holder may remove between our open and our flock
-
-
-class LockError(Exception):
-    """An output another process is writing, or one that cannot be locked at all."""
 
 
 def store_lock(store: Path) -> Path:
@@ -51,21 +45,6 @@ def lock_output(output, lock_file, command: str):
 
         return ObjectLock(location(output), lock_file, command)
     return OutputLock(output, lock_file, command)
-
-
-def record(command: str) -> dict:
-    """Who holds a lock: this process, running `command`, since now."""
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "command": command,
-        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def describe_holder(record: dict) -> str:
-    """`PID N on HOST (kdpipe COMMAND) since TIME`; KeyError or TypeError for a record that is not one."""
-    return f"PID {record['pid']} on {record['host']} (kdpipe {record['command']}) since {record['since']}"
 
 
 class OutputLock:

@@ -36,8 +36,8 @@ import time
 import uuid
 from typing import Any
 
+from .holder import LockError, _held, describe_holder, record
 from .location import remote_message
-from .lock import LockError, _held, describe_holder, record
 
 log = logging.getLogger(__name__)
 
