@@ -46,7 +46,7 @@ def location(text: str | os.PathLike):
         return text if isinstance(text, Path) or is_remote(text) else Path(text)
     if not is_url(text):
         return Path(text)
-    scheme = text.split("://", 1)[0].lower()
+    scheme = _scheme(text)
     if scheme in LOCAL_SCHEMES:
         return Path(unquote(urlparse(text).path))
     import fsspec
@@ -65,9 +65,13 @@ def location(text: str | os.PathLike):
 def local_folder(text: str | os.PathLike, command: str) -> Path:
     """`text` as a local path, for a command that writes only to a file system (`kdpipe teach`, `report`, ...): a
     URL of object storage is refused in one line, never taken for a local folder named after its scheme (`s3:`)."""
-    if is_url(text) and str(text).split("://", 1)[0].lower() not in LOCAL_SCHEMES:
+    if is_url(text) and _scheme(str(text)) not in LOCAL_SCHEMES:
         raise LocationError(f"{text}: kdpipe {command} writes to a local folder only, not to object storage")
     return location(text)
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower()
 
 
 def is_remote(path: Any) -> bool:

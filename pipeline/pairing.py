@@ -43,16 +43,15 @@ def pair_taps(
     """
     if not method.has_feature_loss:
         return [], []
-    student_all = list_taps(net, input_size)
     k = len(teacher_layers) or len(student_layers) or None
+    offered = None if k else list_taps(net, input_size)  # the student's taps, for a default pairing only
     if teacher_layers:
         teacher = recorded_taps(store, teacher_layers)
     elif method.teacher_taps == "picked":
-        picks = len(_picks(store, part)["selected"])
-        teacher = picked_taps(store, part, k or _fitted(picks, student_all, "top {} by Q"))
+        teacher = picked_taps(store, part, k or _fitted(len(_picks(store, part)["selected"]), offered, "top {} by Q"))
     else:
-        teacher = standard_taps(store, k or _fitted(_standard_pairs(store), student_all, "{} deepest stage ends"))
-    student = student_taps(net, input_size, student_layers, len(teacher), student_all)
+        teacher = standard_taps(store, k or _fitted(_standard_pairs(store), offered, "{} deepest stage ends"))
+    student = student_taps(net, input_size, student_layers, len(teacher), offered)
     for s, t in zip(student, teacher, strict=True):
         _warn_if_far_apart(s, t)
     return student, teacher
