@@ -29,7 +29,8 @@ ROWS_PER_READ = 256  # rows compared at a time: a whole float32 tap of 10k image
 def target_difference(reference: Path, other: Path) -> dict[str, dict[str, float]]:
     """Per array of the train split (every tap, the logits): max and mean relative difference of `other`'s cached
     values from `reference`'s, read a few rows at a time."""
-    from cache.store import FEATURES, STORE_NAME, FeatureStore
+    from cache.schema import FEATURES, STORE_NAME
+    from cache.store import FeatureStore
 
     parts = [FeatureStore.open(s / STORE_NAME).split("train") for s in (reference, other)]
     arrays = [f"{FEATURES}/{t}" for t in parts[0].tap_names] + ["logits"]

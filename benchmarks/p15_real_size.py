@@ -97,7 +97,8 @@ def linked_copy(extract: Path, folder: Path) -> Path:
 
 def storage(extract: Path) -> dict:
     """P5 at real size: each tap's chunk files against its float32 bytes."""
-    from cache.store import FEATURES, FeatureStore, stored_bytes
+    from cache.schema import FEATURES
+    from cache.store import FeatureStore, stored_bytes
 
     store = FeatureStore.open(extract)
     taps = {}

@@ -53,6 +53,7 @@ def ideal_speedup(
     import torch
 
     from cache.store import FeatureStore
+    from pipeline.losses import TermSetup
     from pipeline.methods import Distiller, get_method
     from pipeline.models import create_model, load_teacher
     from pipeline.pairing import student_taps
@@ -72,8 +73,9 @@ def ideal_speedup(
         Distiller(
             student,
             get_method("feature"),
-            student_taps(student, 32, tuple(student_layers), len(teacher_taps)),
-            [taps[t] for t in teacher_taps],
+            TermSetup(
+                student_taps(student, 32, tuple(student_layers), len(teacher_taps)), [taps[t] for t in teacher_taps]
+            ),
         )
     )
     optimizer, schedule = adamw_onecycle(method.parameters(), 0.05, 0.01, 10 * batches)

@@ -33,7 +33,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cache.store import FEATURES, ArraySpec, FeatureStore, first_non_finite_row  # noqa: E402
+from cache.schema import FEATURES  # noqa: E402
+from cache.store import ArraySpec, FeatureStore, first_non_finite_row  # noqa: E402
 from cache.writer import SplitWriter  # noqa: E402
 from p2_extract_overhead import teacher_forward  # noqa: E402
 from pipeline.extract import FEATURE_DTYPE, QUEUE_BATCHES, HalfSlots  # noqa: E402

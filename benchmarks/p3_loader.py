@@ -63,6 +63,7 @@ def loader_rate(part, data, memory_bytes: int) -> tuple[float, bool]:
 
 def student_step_rate(num_batches: int = 8) -> float:
     """Images/s of the feature-distillation training step of the workload's student."""
+    from pipeline.losses import TermSetup
     from pipeline.methods import Distiller, get_method
     from pipeline.models import create_model
     from pipeline.pairing import student_taps
@@ -70,9 +71,8 @@ def student_step_rate(num_batches: int = 8) -> float:
 
     student = create_model(STUDENT, 10)
     teacher_taps = [Tap(i, t, TAP_SHAPES[t]) for i, t in enumerate(TEACHER_TAPS)]
-    method = Distiller(
-        student, get_method("feature"), student_taps(student, 32, (), len(teacher_taps)), teacher_taps
-    ).train()
+    setup = TermSetup(student_taps(student, 32, (), len(teacher_taps)), teacher_taps)
+    method = Distiller(student, get_method("feature"), setup).train()
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
     x = torch.randn(BATCH, 3, 32, 32)
     targets = {

@@ -24,9 +24,9 @@ STUDENT_STAGES = ("layer1.0", "layer2.0", "layer3.0")  # resnet8's three stages,
 
 def distillers():
     """(kd, block-kd) distillers on fresh, identically seeded resnet8 students, and the teacher."""
+    from pipeline.losses import FrozenTeacher, TermSetup
     from pipeline.methods import Distiller, get_method
     from pipeline.models import create_model
-    from pipeline.stones import SteppingStones
     from pipeline.taps import list_taps
 
     torch.manual_seed(0)
@@ -35,11 +35,11 @@ def distillers():
     for method in ("kd", "block-kd"):
         torch.manual_seed(0)
         student = create_model(STUDENT, 10)
-        stones = None
+        setup = TermSetup()
         if method == "block-kd":
             stages = [list_taps(m, 32, names=list(n)) for m, n in ((student, STUDENT_STAGES), (teacher, TEACHER_TAPS))]
-            stones = SteppingStones(teacher, TEACHER, *stages, range(1, len(STUDENT_STAGES) + 1), "conv1x1_bn", 32)
-        built.append(Distiller(student, get_method(method), [], [], stones))
+            setup = TermSetup(teacher=FrozenTeacher(TEACHER, teacher, *stages, 32))
+        built.append(Distiller(student, get_method(method), setup))
     return (*built, teacher)
 
 

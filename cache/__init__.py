@@ -1,5 +1,6 @@
 """The kdpipe feature store: teacher features, labels and logits in a Zarr v3 group, written by chunk."""
 
-from .store import FORMAT_VERSION, ArraySpec, FeatureStore, SplitStore, StoreError
+from .schema import FORMAT_VERSION
+from .store import ArraySpec, FeatureStore, SplitStore, StoreError
 
 __all__ = ["FORMAT_VERSION", "ArraySpec", "FeatureStore", "SplitStore", "StoreError"]

@@ -1,15 +1,6 @@
 """Layout, provenance and completion tracking of the feature store.
 
-    features.zarr/                 attrs["kdpipe"]: format version, provenance, config hash, `complete`
-      <split>/                     attrs: num_samples, block_rows, fingerprint, `complete`
-        features/<tap>             (N, *tap_shape) float16, chunked along N only
-        labels, indices            (N,) int64
-        logits                     (N, num_classes) float32
-        progress                   (num_blocks,) uint8, one chunk per block: 1 once the block is fully written
-        views/<v>/                 v = 1..views-1, augmented views (`pipeline.augment`); attrs as the split's
-          features/<tap>, logits   the teacher on view v of each row, chunked as view 0's (the split's own)
-          params                   (N, 5) int32: the view's crop box on its canvas and flip (attrs["columns"])
-          progress                 the view's own block flags: a view resumes block by block like view 0
+The layout is `cache.schema`'s (docs/store.md has it whole).
 
 Rows are written in *blocks*: every array's chunk length divides the block length, so a block is a
 chunk-aligned region of every array and can be written by any process independently (the torchrun shards of
@@ -32,14 +23,8 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .location import is_remote, location, remove_tree, tree_bytes, walk_files, zarr_store
+from .schema import ATTR_KEY, FORMAT_VERSION, PARAMS_ARRAY, PROGRESS, STORE_NAME, VIEWS, feature_path
 
-FORMAT_VERSION = 1
-STORE_NAME = "features.zarr"  # the store's name inside an extract output folder
-ATTR_KEY = "kdpipe"
-FEATURES = "features"
-PROGRESS = "progress"
-VIEWS = "views"
-PARAMS_ARRAY = "params"  # an augmented view's replay parameters (`pipeline.augment.PARAMS`)
 MIN_CHUNK_BYTES = 4 << 20  # feature chunks hold at least 4 MiB where N allows (fewer, cheaper writes)
 MAX_CHUNK_ROWS = 4096  # bounds the block, hence the resume and sharding granularity
 UNFINISHED_WRITE = ".partial"  # zarr's local store writes a file under this suffix, then renames it into place
@@ -233,7 +218,7 @@ class SplitStore:
         return list(self.group.attrs["taps"])
 
     def feature(self, tap: str) -> zarr.Array:
-        return self.array(f"{FEATURES}/{tap}")
+        return self.array(feature_path(tap))
 
     def missing_blocks(self) -> list[int]:
         done = self.array(PROGRESS)[:]
@@ -451,11 +436,6 @@ def _create_arrays(
             attributes=spec.attributes,
         )
     group.create_array(PROGRESS, shape=(math.ceil(num_samples / block),), chunks=(1,), dtype="uint8", fill_value=0)
-
-
-def view_path(view: int, path: str) -> str:
-    """An array's path inside its split: `path` for view 0, `views/<v>/path` for an augmented view."""
-    return path if view == 0 else f"{VIEWS}/{view}/{path}"
 
 
 def _zarr_files_only(path) -> bool:

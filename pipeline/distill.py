@@ -26,7 +26,8 @@ import numpy as np
 from cache.location import absolute, location
 from cache.lock import lock_output
 from cache.reader import CachedTargets
-from cache.store import PARAMS_ARRAY, FeatureStore, SplitStore
+from cache.schema import PARAMS_ARRAY
+from cache.store import FeatureStore, SplitStore
 
 from . import distributed
 from .augment import Augmentation, ViewImages
@@ -35,6 +36,7 @@ from .config import DistillConfig
 from .datasets import SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError
 from .layout import DISTILL_LOG, DISTILL_SUMMARY, LABELLED_INDICES, STUDENT_WEIGHTS, folder_lock
+from .losses import FrozenTeacher, TermSetup
 from .methods import Distiller, Method, cached_inputs, get_method, teacher_targets
 from .models import create_model
 from .pairing import pair_taps, stage_taps
@@ -42,7 +44,6 @@ from .precision import Precision
 from .provenance import load_matching_split, open_complete_store, recorded_data_root
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
 from .runtime import resolve_device, seed_everything, write_args, write_csv, write_json, write_npy
-from .stones import SteppingStones
 from .training import OnlineTeacher, Trainer, store_teacher
 from .version import __version__
 
@@ -91,8 +92,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             f"--method={config.method} reads {missing[0]}, which {feature_store.path} does not hold"
             + _why_not_cached(feature_store, missing[0])
         )
-    stones = _stepping_stones(method, feature_store, net, config, data.num_classes, input_size)
-    distiller = precision.model(Distiller(net, method, student_taps, teacher_taps, stones))
+    setup = TermSetup(
+        student_taps, teacher_taps, _frozen_teacher(method, feature_store, net, config, data.num_classes, input_size)
+    )
+    distiller = precision.model(Distiller(net, method, setup))
     model = world.parallel(distiller, config.sync_batchnorm)
     if teacher:
         precision.model(teacher.model)
@@ -114,7 +117,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         "store_config_hash": feature_store.meta["config_hash"],
         "student_taps": [t.name for t in student_taps],
         "teacher_taps": [t.name for t in teacher_taps],
-        **({"stones": stones.describe()} if stones else {}),
+        **distiller.record(),
         **({"augmentation": augmentation} if augmentation else {}),
         "epochs": epochs,
         "steps": total_steps,
@@ -244,25 +247,19 @@ def _check_processes(config: DistillConfig, world: distributed.World, device) ->
         )
 
 
-def _stepping_stones(
+def _frozen_teacher(
     method: Method, store: FeatureStore, net, config: DistillConfig, num_classes: int, input_size: int
-) -> SteppingStones | None:
-    """Block-KD's stones from the method's stepping-stone term: the store's teacher, frozen, and the student's
-    stages paired with the teacher's (docs/method.md §6); None for every other method."""
-    term = method.stones_term
-    if term is None:
+) -> FrozenTeacher | None:
+    """The store's teacher, frozen, with both models' stages paired (docs/method.md §6), for a method with a term
+    that runs it (Block-KD's stones); None for every other method."""
+    if not method.runs_teacher:
         return None
-    settings = term.settings()
     teacher = store_teacher(store, config.teacher_checkpoint, num_classes, input_size, f"--method={config.method}")
-    name = store.meta["identity"]["teacher"]["name"]
     student_stages, teacher_stages = stage_taps(
         store, teacher, net, config.student, input_size, config.teacher_layers, config.student_layers
     )
-    n = len(teacher_stages)
-    stones = list(range(1, n + 1)) if settings["stones"] is None else sorted(settings["stones"])
-    if stones[-1] > n:
-        raise UserError(f"--losses {term.loss}.stones: there is no stage {stones[-1]}; the stages are 1..{n}")
-    return SteppingStones(teacher, name, student_stages, teacher_stages, stones, settings["connector"], input_size)
+    name = store.meta["identity"]["teacher"]["name"]
+    return FrozenTeacher(name, teacher, student_stages, teacher_stages, input_size)
 
 
 def _views(

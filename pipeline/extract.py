@@ -34,9 +34,8 @@ from torch import nn
 
 from cache.location import is_remote, location
 from cache.lock import lock_output
+from cache.schema import PARAMS_ARRAY, feature_path, view_path
 from cache.store import (
-    FEATURES,
-    PARAMS_ARRAY,
     ArraySpec,
     DamagedStoreError,
     FeatureStore,
@@ -44,7 +43,6 @@ from cache.store import (
     StoreError,
     compressors,
     stored_bytes,
-    view_path,
 )
 from cache.writer import SplitWriter
 
@@ -408,14 +406,14 @@ def tap_bytes(tap: Tap) -> int:
 
 def _array_specs(taps: list[Tap], logits: bool, num_classes: int) -> list[ArraySpec]:
     """View 0's arrays, the split's own: the teacher's outputs and each row's label and dataset index."""
-    specs = [ArraySpec(f"{FEATURES}/{t.name}", t.shape, FEATURE_DTYPE) for t in taps]
+    specs = [ArraySpec(feature_path(t.name), t.shape, FEATURE_DTYPE) for t in taps]
     specs += [ArraySpec("labels", (), "int64", sets_block=False), ArraySpec("indices", (), "int64", sets_block=False)]
     return specs + _logits_spec(logits, num_classes)
 
 
 def _view_specs(taps: list[Tap], logits: bool, num_classes: int) -> list[ArraySpec]:
     """An augmented view's arrays: the teacher's outputs on it and the parameters that replay it."""
-    specs = [ArraySpec(f"{FEATURES}/{t.name}", t.shape, FEATURE_DTYPE) for t in taps]
+    specs = [ArraySpec(feature_path(t.name), t.shape, FEATURE_DTYPE) for t in taps]
     columns = {"columns": list(PARAMS)}
     specs.append(ArraySpec(PARAMS_ARRAY, (len(PARAMS),), "int32", sets_block=False, attributes=columns))
     return specs + _logits_spec(logits, num_classes)
@@ -466,7 +464,7 @@ def _extract_view(
     batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
     loader = make_loader(images, workers=config.workers, batch_sampler=batches, pin_memory=precision.pin_memory)
     names = [t.name for t in taps]
-    slots = HalfSlots({f"{FEATURES}/{t.name}": t.shape for t in taps}, batch_size, count=QUEUE_BATCHES + 2)
+    slots = HalfSlots({feature_path(t.name): t.shape for t in taps}, batch_size, count=QUEUE_BATCHES + 2)
     desc = f"extract {part.name}" if view == 0 else f"extract {part.name} ({view + 1} of {part.num_views})"
     bar = progress(total=len(positions), desc=desc, unit="img", unit_scale=True, smoothing=0.1)
     with (
@@ -477,7 +475,7 @@ def _extract_view(
     ):
         for pixels, labels, rows, params in loader:
             features = recorder.run(precision.batch(pixels))
-            batch, release = slots.fill({f"{FEATURES}/{n}": f for n, f in features.items()})
+            batch, release = slots.fill({feature_path(n): f for n, f in features.items()})
             if view == 0:
                 batch["labels"] = labels.numpy().astype(np.int64)
                 batch["indices"] = images.indices[rows.numpy()]

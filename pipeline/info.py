@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cache.store import PARAMS_ARRAY, VIEWS, FeatureStore, stored_bytes
+from cache.schema import PARAMS_ARRAY, VIEWS
+from cache.store import FeatureStore, stored_bytes
 
 from .augment import Augmentation
 from .picks import PICKED_BY

@@ -1,12 +1,19 @@
-"""Loss terms (docs/method.md §3, §6): registered classes that own their hyperparameters and declare what they read.
+"""Loss terms (docs/method.md §3, §6): registered modules that own their hyperparameters, their trainable parts and
+declare what they read.
 
-A loss is `loss(output, batch) -> tensor`. `inputs` names the cached arrays it reads from `batch` (store paths such
-as `labels` and `logits`, or `TEACHER_FEATURES` for the paired teacher taps); a method's batch holds nothing else.
-A loss without `student_logits` lets the student's forward pass stop after its last tap. Constructor arguments are
-the loss's hyperparameters, settable per term from YAML (`losses: {kd: {weight: 1.0, temperature: 4}}`).
+A loss is `loss(output, batch) -> tensor`. `inputs` names what it reads: cached arrays from `batch` (store paths
+such as `labels` and `logits`, or `TEACHER_FEATURES` for the paired teacher taps), the batch's store rows
+(`STORE_ROWS`, for per-sample state such as a memory bank), or the store's frozen teacher (`TEACHER_MODEL`, to run
+its layers, as Block-KD's stones do); a method's batch holds nothing else. A loss without `student_logits` lets the
+student's forward pass stop after its last tap. Constructor arguments are the loss's hyperparameters, settable per
+term from YAML (`losses: {kd: {weight: 1.0, temperature: 4}}`).
 
-Feature criteria subclass `FeatureLoss` and compare the aligned pairs of `pipeline.alignment` (projection and
-pooling are not theirs), so a new one is a `criterion` method on one registered class.
+Each term is an `nn.Module` in the distiller's `ModuleDict`, so whatever it owns (projectors, connectors,
+embeddings, memory banks, running statistics) is trained, checkpointed, resumed and wrapped by DDP like the student.
+Parts that depend on the run (the taps' shapes, the teacher) are made in `build(setup)`, called once before training.
+
+Feature criteria subclass `FeatureLoss`, which owns one `pipeline.alignment.FeatureAlignment` (projector and pooling)
+per tap pair, so a new one is a `criterion` method on one registered class.
 """
 
 from __future__ import annotations
@@ -19,42 +26,71 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache.schema import feature_path
+
 from .alignment import FeatureAlignment
 from .errors import UserError
 from .registry import Registry, UnknownName
-from .stones import CONNECTORS
+from .stones import CONNECTORS, SteppingStones
+from .taps import Tap
 
 LOSSES: Registry = Registry("loss")
 TEACHER_FEATURES = "teacher features"  # a loss input meaning "the cached features of the paired teacher taps"
+STORE_ROWS = "store rows"  # a loss input: the batch's rows in the store (int64), one per image
+TEACHER_MODEL = "teacher model"  # a loss input: the store's teacher, frozen, handed to `build`
+RUN_INPUTS = (STORE_ROWS, TEACHER_MODEL)  # inputs that are not cached arrays
+
+
+@dataclass(frozen=True)
+class FrozenTeacher:
+    """The store's teacher for a loss that runs it (`TEACHER_MODEL`): eval mode, never trained or saved, with the
+    stage ends (docs/method.md §6) of both models, paired by stage."""
+
+    name: str
+    model: nn.Module
+    student_stages: list[Tap]
+    teacher_stages: list[Tap]
+    input_size: int
+
+
+@dataclass(frozen=True)
+class TermSetup:
+    """What a term builds its trainable parts from: the paired taps of feature losses (one student tap per teacher
+    tap) and the frozen teacher (present when a term reads `TEACHER_MODEL`)."""
+
+    student_taps: list[Tap] = field(default_factory=list)
+    teacher_taps: list[Tap] = field(default_factory=list)
+    teacher: FrozenTeacher | None = None
 
 
 @dataclass
 class StudentOutput:
     """What the student produced for one batch, as the losses see it."""
 
-    features: dict[str, torch.Tensor]  # the student's distilled taps
+    features: dict[str, torch.Tensor]  # the student's recorded taps: every tap some term reads
     logits: torch.Tensor | None  # None when the forward pass stopped after the last tap
-    pairs: list[tuple[FeatureAlignment, str, torch.Tensor]] = field(default_factory=list)  # (alignment, tap, target)
-    stones: list[torch.Tensor] = field(default_factory=list)  # Block-KD's stepping stones' logits (pipeline.stones)
-    stone_weights: list[float] = field(default_factory=list)  # their weights w_i
-    _aligned: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    @property
-    def aligned(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(projected student, teacher target) per tap pair, computed once however many feature losses use it."""
-        if self._aligned is None:
-            self._aligned = [alignment(self.features[tap], target) for alignment, tap, target in self.pairs]
-        return self._aligned
 
 
 class Loss(nn.Module):
     """Base of the loss terms: `forward(output, batch)` returns a scalar, or named parts ({part: scalar}) that the
-    distiller logs as `loss.part`. A loss with `stepping_stones` has the distiller build Block-KD's stones from its
-    `connector` and `stones` settings."""
+    distiller logs as `loss.part`.
+
+    `build(setup)` makes the parts that depend on the run; `student_taps` lists the student taps the term reads from
+    `output.features`; `record()` is what a run's spec keeps of the built term beyond its settings.
+    """
 
     inputs: ClassVar[tuple[str, ...]] = ()
     student_logits: ClassVar[bool] = True
-    stepping_stones: ClassVar[bool] = False
+
+    def build(self, setup: TermSetup) -> None:
+        """Makes the term's run-dependent parts; nothing to make by default."""
+
+    @property
+    def student_taps(self) -> list[str]:
+        return []
+
+    def record(self) -> dict[str, Any]:
+        return {}
 
     def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -116,11 +152,11 @@ class BlockKD(Loss):
     With stone weights w_i = 1/2^(n−i): L_task = CE(y_S) + Σ w_i CE(y_Ni); L_distill = KD(y_S, y_T) + Σ w_i KD(y_Ni,
     y_T), KD as in `kd` at `temperature`; L_cross = KD(y_S, y_ens) + Σ KD(y_Ni, y_ens) with y_ens the stones' mean
     logits, detached. `connector` (`pipeline.stones.CONNECTORS`) and `stones` (stage numbers 1..n; None: all n) shape
-    the stones. A part with weight 0 is not computed.
+    the stones, which the term owns: their connectors train with the student, into the frozen teacher's tails.
+    A part with weight 0 is not computed.
     """
 
-    inputs = ("labels", "logits")
-    stepping_stones = True
+    inputs = ("labels", "logits", TEACHER_MODEL)
 
     def __init__(
         self,
@@ -145,10 +181,41 @@ class BlockKD(Loss):
             stones = tuple(stones)
             if not (stones and all(i >= 1 for i in stones) and len(set(stones)) == len(stones)):
                 raise UserError(f"loss 'block_kd': stones must be distinct stage numbers from 1, not {list(stones)}")
-        self.connector, self.stones = connector, stones
+        self.connector, self.stages = connector, stones
+        self.stones: SteppingStones | None = None
+
+    def build(self, setup: TermSetup) -> None:
+        """The stepping stones at the chosen stages of the frozen teacher (docs/method.md §6)."""
+        teacher = setup.teacher
+        n = len(teacher.teacher_stages)
+        stages = list(range(1, n + 1)) if self.stages is None else sorted(self.stages)
+        if stages[-1] > n:
+            raise UserError(f"--losses block_kd.stones: there is no stage {stages[-1]}; the stages are 1..{n}")
+        self.stones = SteppingStones(
+            teacher.model,
+            teacher.name,
+            teacher.student_stages,
+            teacher.teacher_stages,
+            stages,
+            self.connector,
+            teacher.input_size,
+        )
+
+    @property
+    def student_taps(self) -> list[str]:
+        return self.stones.student_taps
+
+    def record(self) -> dict[str, Any]:
+        return {"stones": self.stones.describe()}
 
     def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        student, stones, weights, t = output.logits, output.stones, output.stone_weights, self.temperature
+        return self.parts(output.logits, self.stones(output.features), self.stones.weights, batch)
+
+    def parts(
+        self, student: torch.Tensor, stones: list[torch.Tensor], weights: list[float], batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The weighted parts from the student's logits and the stones' logits, with stone weights w_i."""
+        t = self.temperature
         parts = {}
         if self.alpha:
             labels = batch["labels"]
@@ -172,14 +239,34 @@ def _weighted(weights: list[float], losses: list[torch.Tensor]) -> torch.Tensor 
 class FeatureLoss(Loss):
     """Base of feature criteria: the mean over tap pairs of `criterion(projected student, teacher target)`.
 
-    Both tensors are (B, channels, H, W) or (B, channels, tokens), aligned by `FeatureAlignment`.
+    Both tensors are (B, channels, H, W) or (B, channels, tokens), aligned by the term's own `FeatureAlignment` of
+    each pair (its projector trains with the student; two feature terms of one method project separately).
     """
 
     inputs = (TEACHER_FEATURES,)
     student_logits = False
 
+    def build(self, setup: TermSetup) -> None:
+        if len(setup.student_taps) != len(setup.teacher_taps):
+            raise UserError(
+                f"{len(setup.student_taps)} student taps for {len(setup.teacher_taps)} teacher taps; they pair "
+                "one-to-one"
+            )
+        pairs = list(zip(setup.student_taps, setup.teacher_taps, strict=True))
+        self.pairs = nn.ModuleList(FeatureAlignment(s, t) for s, t in pairs)
+        self.paths = [(s.name, feature_path(t.name)) for s, t in pairs]  # (student tap, teacher target's store path)
+
+    @property
+    def student_taps(self) -> list[str]:
+        return [tap for tap, _ in self.paths]
+
     def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([self.criterion(student, teacher) for student, teacher in output.aligned]).mean()
+        return torch.stack(
+            [
+                self.criterion(*pair(output.features[tap], batch[path]))
+                for pair, (tap, path) in zip(self.pairs, self.paths, strict=True)
+            ]
+        ).mean()
 
     def criterion(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

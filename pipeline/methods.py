@@ -1,7 +1,8 @@
 """Distillation methods (docs/method.md §3, §6): each is a named, weighted sum of registered loss terms.
 
 The contract (after mdistiller): `distiller(images, batch) -> (student_output, {"loss_name": weighted tensor})`;
-the training loop sums the dict, logs each entry and trains `distiller.parameters()` (student plus projectors).
+the training loop sums the dict, logs each entry and trains `distiller.parameters()`: the student and whatever its
+loss terms own (projectors, connectors, ...), all in one `ModuleDict`.
 `batch` holds only the cached arrays the method's losses declare (`Distiller.inputs`), so a method without
 a label loss is never even handed a label, and `ce` never reads anything the teacher produced.
 
@@ -21,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .alignment import FeatureAlignment
+from cache.schema import feature_path
+
 from .errors import UserError
-from .losses import LOSSES, TEACHER_FEATURES, StudentOutput, loss_defaults
+from .losses import LOSSES, RUN_INPUTS, TEACHER_FEATURES, TEACHER_MODEL, StudentOutput, TermSetup, loss_defaults
 from .registry import Registry
-from .stones import SteppingStones
 from .taps import Tap, TapRecorder
 
 METHODS: Registry = Registry("method")
@@ -40,8 +41,11 @@ class Term:
     weight: float = 1.0
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    def build(self) -> nn.Module:
-        return LOSSES.get(self.loss)(**self.kwargs)
+    def build(self, setup: TermSetup) -> nn.Module:
+        """The loss module with its hyperparameters, its run-dependent parts built from `setup`."""
+        loss = LOSSES.get(self.loss)(**self.kwargs)
+        loss.build(setup)
+        return loss
 
     def settings(self) -> dict[str, Any]:
         """Weight and every hyperparameter, defaults filled in: what a run records and compares on resume."""
@@ -112,9 +116,9 @@ class Method:
         return any(LOSSES.get(loss).student_logits for loss in self.losses)
 
     @property
-    def stones_term(self) -> Term | None:
-        """The term whose loss trains Block-KD's stepping stones (its settings shape them), if any."""
-        return next((t for t in self.terms if LOSSES.get(t.loss).stepping_stones), None)
+    def runs_teacher(self) -> bool:
+        """Whether a term runs the store's frozen teacher (Block-KD's stones through its tail)."""
+        return TEACHER_MODEL in self.inputs
 
     @property
     def evaluated_with(self) -> str:
@@ -148,66 +152,74 @@ def cached_inputs(method: Method, teacher_targets: list[str]) -> list[str]:
     names = []
     for loss in method.losses:
         for name in LOSSES.get(loss).inputs:
-            names.extend(teacher_targets if name == TEACHER_FEATURES else [name])
+            if name not in RUN_INPUTS:
+                names.extend(teacher_targets if name == TEACHER_FEATURES else [name])
     return list(dict.fromkeys(names))
 
 
 def teacher_targets(teacher_taps: list[Tap]) -> list[str]:
     """The store paths of the teacher taps' cached features."""
-    return [f"features/{t.name}" for t in teacher_taps]
+    return [feature_path(t.name) for t in teacher_taps]
 
 
 class Distiller(nn.Module):
-    """A student, the `FeatureAlignment`s of its tap pairs (if any), Block-KD's stepping stones (if the method has
-    them) and the weighted losses of one method.
+    """A student and the weighted loss terms of one method, each term an `nn.Module` in `losses` (so whatever a
+    term owns trains, saves and resumes with the student).
 
-    Feature-only methods stop the forward pass after the last student tap: later layers get no gradient and
-    are left untouched (the probe replaces them). Methods with a label or logit loss run the whole student.
+    `setup` hands the terms what the run knows: the paired taps (feature losses build their projectors on them) and
+    the frozen teacher (for a term that runs it). Feature-only methods stop the forward pass after the last student
+    tap: later layers get no gradient and are left untouched (the probe replaces them). Methods with a label or
+    logit loss run the whole student.
     """
 
-    def __init__(
-        self,
-        student: nn.Module,
-        method: Method,
-        student_taps: list[Tap],
-        teacher_taps: list[Tap],
-        stones: SteppingStones | None = None,
-    ) -> None:
+    def __init__(self, student: nn.Module, method: Method, setup: TermSetup) -> None:
         super().__init__()
-        if len(student_taps) != len(teacher_taps):
-            raise UserError(
-                f"{len(student_taps)} student taps for {len(teacher_taps)} teacher taps; they pair one-to-one"
-            )
-        if method.has_feature_loss != bool(teacher_taps):
+        if method.has_feature_loss != bool(setup.teacher_taps):
             raise ValueError("teacher taps are given exactly to the methods with a feature loss")
+        if method.runs_teacher != (setup.teacher is not None):
+            raise ValueError("the frozen teacher is given exactly to the methods with a term that runs it")
         self.student, self.method = student, method
-        self.pairs = nn.ModuleList(FeatureAlignment(s, t) for s, t in zip(student_taps, teacher_taps, strict=True))
-        if (method.stones_term is None) != (stones is None):
-            raise ValueError("stepping stones are given exactly to the methods with a stepping-stone loss")
-        self.stones = stones  # its connectors train with the student; the frozen teacher is not a parameter
-        self.student_taps = [t.name for t in student_taps]
-        self.teacher_targets = teacher_targets(teacher_taps)
-        self._losses = {t.loss: (t.weight, t.build()) for t in method.terms}  # no parameters: not in state_dict
-        recorded = list(dict.fromkeys(self.student_taps + (stones.student_taps if stones else [])))
+        self.teacher_targets = teacher_targets(setup.teacher_taps)
+        self.weights = {t.loss: t.weight for t in method.terms}
+        self.losses = nn.ModuleDict({t.loss: t.build(setup) for t in method.terms})
+        recorded = list(dict.fromkeys(tap for loss in self.losses.values() for tap in loss.student_taps))
         self._recorder = TapRecorder(student, recorded, stop_after_last=not method.needs_logits).attach()
+        self.register_load_state_dict_pre_hook(_migrate_loss_parts)
 
     @property
     def inputs(self) -> list[str]:
         """The cached arrays (store paths) this method reads, in a fixed order."""
         return cached_inputs(self.method, self.teacher_targets)
 
+    def record(self) -> dict[str, Any]:
+        """What the run's spec keeps of the built terms (Block-KD's stones)."""
+        return {k: v for loss in self.losses.values() for k, v in loss.record().items()}
+
     def forward(self, images: torch.Tensor, batch: dict[str, torch.Tensor]):
         features = self._recorder.run(images)  # no taps: just the logits
-        pairs = list(zip(self.pairs, self.student_taps, (batch[t] for t in self.teacher_targets), strict=False))
-        output = StudentOutput(features, self._recorder.logits, pairs)
-        if self.stones is not None:
-            output.stones, output.stone_weights = self.stones(features), self.stones.weights
+        output = StudentOutput(features, self._recorder.logits)
         losses = {}
-        for name, (weight, loss) in self._losses.items():
+        for name, loss in self.losses.items():
             value = loss(output, batch)
             parts = value.items() if isinstance(value, dict) else [(None, value)]
-            losses.update({name if part is None else f"{name}.{part}": weight * v for part, v in parts})
+            losses.update({name if part is None else f"{name}.{part}": self.weights[name] * v for part, v in parts})
         return output, losses
+
+
+# Where epoch checkpoints kept the terms' parts before the terms owned them: the distiller's own `pairs.<i>.` (the
+# feature projectors) and `stones.` (Block-KD's), by the input that marks their owner now.
+_MOVED_PARTS = {"pairs.": TEACHER_FEATURES, "stones.": TEACHER_MODEL}
+
+
+def _migrate_loss_parts(module: Distiller, state: dict, prefix: str, *_) -> None:
+    """Renames an older epoch checkpoint's loss parts to the term that owns them now, so its run resumes."""
+    for old, owner_input in _MOVED_PARTS.items():
+        keys = [k for k in state if k.startswith(prefix + old)]
+        owners = [n for n, loss in module.losses.items() if owner_input in loss.inputs]
+        if keys and len(owners) == 1:
+            log.warning("an older checkpoint: its %s* weights now belong to the %s term", old, owners[0])
+            for key in keys:
+                state[f"{prefix}losses.{owners[0]}.{key[len(prefix) :]}"] = state.pop(key)
 
 
 register_method(

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.nn.functional import cosine_similarity
 
-from cache.store import FEATURES, PARAMS_ARRAY, FeatureStore, SplitStore
+from cache.schema import PARAMS_ARRAY, feature_path
+from cache.store import FeatureStore, SplitStore
 
 from .augment import Augmentation, ViewImages
 from .precision import Precision
@@ -93,7 +94,7 @@ def _agreement(
     precision: Precision,
 ) -> list[Agreement]:
     taps = part.tap_names
-    arrays = [f"{FEATURES}/{t}" for t in taps] + (["logits"] if "logits" in part.group.attrs["arrays"] else [])
+    arrays = [feature_path(t) for t in taps] + (["logits"] if "logits" in part.group.attrs["arrays"] else [])
     cosines: dict[str, list[torch.Tensor]] = {a: [] for a in arrays}
     split = part.name.split("/")[0]
     with TapRecorder(teacher, taps, stop_after_last="logits" not in arrays) as recorder:
@@ -102,7 +103,7 @@ def _agreement(
             pixels = torch.stack([image for image, *_ in images.__getitems__([(int(r), view) for r in batch])])
             with precision.autocast():
                 live = recorder.run(precision.batch(pixels))
-            live = {f"{FEATURES}/{t}": v for t, v in live.items()} | (
+            live = {feature_path(t): v for t, v in live.items()} | (
                 {"logits": recorder.logits} if "logits" in arrays else {}
             )
             for array in arrays:

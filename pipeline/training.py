@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from cache.reader import CachedTargets
-from cache.store import FEATURES, FeatureStore
+from cache.schema import feature_path
+from cache.store import FeatureStore
 
 from .augment import ViewImages
 from .distributed import World
 from .errors import UserError
+from .losses import STORE_ROWS
 from .methods import Distiller
 from .models import load_teacher
 from .precision import Precision
@@ -65,7 +67,7 @@ class OnlineTeacher:
     @property
     def paths(self) -> list[str]:
         """The cached arrays (store paths) it stands in for."""
-        return [f"{FEATURES}/{t}" for t in self.taps] + (["logits"] if self.logits else [])
+        return [feature_path(t) for t in self.taps] + (["logits"] if self.logits else [])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -153,7 +155,7 @@ class Trainer:
                 views is not None and not np.array_equal(keys_served[:, 1], target_views)
             ):
                 raise RuntimeError("images and cached targets went out of step")
-            losses = self._step(self.precision.batch(images), target_values, epoch)
+            losses = self._step(self.precision.batch(images), rows, target_values, epoch)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value * len(rows)
             seen += len(rows)
@@ -177,10 +179,14 @@ class Trainer:
         """This rank's share of a global batch of targets."""
         return self.world.share(rows), self.world.share(views), [self.world.share(v) for v in values]
 
-    def _step(self, images: torch.Tensor, target_values: list[np.ndarray], epoch: int) -> dict[str, float]:
-        """One optimizer step; returns the batch's losses."""
+    def _step(
+        self, images: torch.Tensor, rows: torch.Tensor, target_values: list[np.ndarray], epoch: int
+    ) -> dict[str, float]:
+        """One optimizer step on the images of store rows `rows`; returns the batch's losses."""
         paths, device = self.targets.paths, self.precision.device
         batch = {path: torch.from_numpy(v).to(device) for path, v in zip(paths, target_values, strict=True)}
+        if STORE_ROWS in self.distiller.method.inputs:
+            batch[STORE_ROWS] = rows.to(device)
         with self.precision.autocast():
             if self.teacher:
                 batch.update(self.teacher(images))

@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's code, here as in every kdpipe the soak starts (ENV below)
 
-from cache.store import PROGRESS, UNFINISHED_WRITE, VIEWS  # noqa: E402
+from cache.schema import PROGRESS, VIEWS  # noqa: E402
+from cache.store import UNFINISHED_WRITE  # noqa: E402
 from pipeline.layout import (  # noqa: E402
     DISTILL_SUMMARY,
     EXTRACT_SUMMARY,

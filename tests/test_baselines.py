@@ -14,7 +14,8 @@ import yaml
 import zarr
 
 from cache.reader import CachedTargets
-from cache.store import ATTR_KEY, STORE_NAME, FeatureStore
+from cache.schema import ATTR_KEY, STORE_NAME
+from cache.store import FeatureStore
 from helpers import STUDENT, assert_one_line_error, own_classifier_top1, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, probe
 from pipeline.datasets import load_split, stratified_subset

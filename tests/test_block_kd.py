@@ -15,7 +15,7 @@ from torch import nn
 from helpers import assert_one_line_error, interrupted_in_epoch, own_classifier_top1, run_cli
 from pipeline import DistillConfig, distill
 from pipeline.errors import UserError
-from pipeline.losses import BlockKD, StudentOutput
+from pipeline.losses import BlockKD, FrozenTeacher, TermSetup
 from pipeline.methods import Distiller, get_method
 from pipeline.models import create_model
 from pipeline.stones import SteppingStones, stone_weights, teacher_tails
@@ -127,8 +127,11 @@ def test_the_tail_of_the_teachers_own_stage_output_gives_its_logits_without_runn
 
 
 def _block_distiller(losses: dict | None = None):
-    teacher, student, stones = _stones("resnet20", "resnet8", base_width=8)
-    distiller = Distiller(student, get_method("block-kd").configured(losses or {}), [], [], stones)
+    teacher = create_model("resnet20", 10)
+    student = create_model("resnet8", 10, model_kwargs={"base_width": 8})
+    stages = stage_ends(list_taps(student, 32)), stage_ends(list_taps(teacher, 32))
+    setup = TermSetup(teacher=FrozenTeacher("resnet20", teacher, *stages, 32))
+    distiller = Distiller(student, get_method("block-kd").configured(losses or {}), setup)
     return teacher, student, distiller
 
 
@@ -136,13 +139,14 @@ def test_teacher_is_frozen_and_stage_gradients_follow_the_stones():
     teacher, student, distiller = _block_distiller()
     teacher_names = {id(p) for p in teacher.parameters()}
     assert not teacher_names & {id(p) for p in distiller.parameters()}
-    assert not any(k.startswith("stones._tails") for k in distiller.state_dict())
+    assert not any("_tails" in k for k in distiller.state_dict())
+    assert any(k.startswith("losses.block_kd.stones.connectors.") for k in distiller.state_dict())
     images = torch.randn(4, 3, 32, 32)
     distiller.train()
     for i in (1, 2, 3):
         distiller.zero_grad(set_to_none=True)
         output, _ = distiller(images, {"labels": torch.tensor([0, 1, 2, 3]), "logits": torch.randn(4, 10)})
-        output.stones[i - 1].sum().backward()
+        distiller.losses["block_kd"].stones(output.features)[i - 1].sum().backward()
         for stage in (1, 2, 3):
             grads = [p.grad for p in getattr(student, f"layer{stage}").parameters()]
             reached = any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -158,14 +162,14 @@ def _run_config(store, out, **settings) -> DistillConfig:
 
 
 def test_a_run_leaves_the_teacher_bit_identical_and_the_stones_out_of_the_student(scored_store, tmp_path, monkeypatch):
-    distill_module = importlib.import_module("pipeline.distill")
-    built, original = [], distill_module.SteppingStones
+    losses_module = importlib.import_module("pipeline.losses")
+    built, original = [], losses_module.SteppingStones
 
     def keep(teacher, *args):
         built.append((teacher, {k: v.clone() for k, v in teacher.state_dict().items()}))
         return original(teacher, *args)
 
-    monkeypatch.setattr(distill_module, "SteppingStones", keep)
+    monkeypatch.setattr(losses_module, "SteppingStones", keep)
     summary = distill(_run_config(scored_store, tmp_path / "run", steps=6))
     ((teacher, before),) = built
     after = teacher.state_dict()
@@ -203,8 +207,9 @@ def test_two_stage_loss_by_hand(alpha, beta, gamma, t):
     g = torch.Generator().manual_seed(0)
     student, stone1, stone2, teacher = (torch.randn(3, 5, generator=g) * 2 for _ in range(4))
     labels = torch.tensor([0, 4, 2])
-    output = StudentOutput({}, student, stones=[stone1, stone2], stone_weights=stone_weights([1, 2], 2))
-    parts = BlockKD(alpha, beta, gamma, t)(output, {"labels": labels, "logits": teacher})
+    parts = BlockKD(alpha, beta, gamma, t).parts(
+        student, [stone1, stone2], stone_weights([1, 2], 2), {"labels": labels, "logits": teacher}
+    )
     w1, w2 = 0.5, 1.0  # 1/2^(n-i), n = 2
     task = _hand_ce(student, labels) + w1 * _hand_ce(stone1, labels) + w2 * _hand_ce(stone2, labels)
     kd = _hand_kd(student, teacher, t) + w1 * _hand_kd(stone1, teacher, t) + w2 * _hand_kd(stone2, teacher, t)
@@ -220,8 +225,7 @@ def test_two_stage_loss_by_hand(alpha, beta, gamma, t):
 def test_the_cross_term_treats_the_ensemble_as_a_target():
     student = torch.randn(3, 5, requires_grad=True)
     stone = torch.randn(3, 5, requires_grad=True)
-    output = StudentOutput({}, student, stones=[stone], stone_weights=[1.0])
-    BlockKD(0, 0, 1.0)(output, {})["cross"].backward()
+    BlockKD(0, 0, 1.0).parts(student, [stone], [1.0], {})["cross"].backward()
     # Only the stone's own prediction moves towards the (detached) ensemble: a single stone is its own ensemble.
     assert stone.grad.abs().max() < 1e-6 and student.grad.abs().max() > 0
 
@@ -278,8 +282,9 @@ def test_an_interrupted_run_resumes_exactly(scored_store, tmp_path, monkeypatch)
     with interrupted_in_epoch(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         distill(_run_config(scored_store, tmp_path / "cut", **settings))
     saved = load_file(next((tmp_path / "cut").glob("epoch-*.safetensors")))
-    assert any(k.startswith("stones.connectors.") for k in saved)
-    assert not any(k.startswith("stones.") and not k.startswith("stones.connectors.") for k in saved)
+    stones = "losses.block_kd.stones."
+    assert any(k.startswith(stones + "connectors.") for k in saved)
+    assert not any(k.startswith(stones) and not k.startswith(stones + "connectors.") for k in saved)
     distill(_run_config(scored_store, tmp_path / "cut", resume=True, **settings))
     whole, cut = (load_file(tmp_path / run / "student.safetensors") for run in ("whole", "cut"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from cache.store import STORE_NAME, FeatureStore
+from cache.schema import STORE_NAME
+from cache.store import FeatureStore
 from helpers import TouchOnLoad, assert_one_line_error, run_cli
 from pipeline.checkpoints import LoadedWeights, load_checkpoint, save_checkpoint
 from pipeline.datasets import load_split

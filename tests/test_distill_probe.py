@@ -11,7 +11,8 @@ import torch
 import zarr
 
 from cache.reader import CachedTargets
-from cache.store import STORE_NAME, FeatureStore
+from cache.schema import STORE_NAME
+from cache.store import FeatureStore
 from helpers import STUDENT, assert_one_line_error, interrupted_in_epoch, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, load_classifier, probe
 from pipeline.checkpoints import read_model_spec, save_checkpoint

@@ -22,7 +22,7 @@ import pytest
 import yaml
 import zarr
 
-from cache.store import STORE_NAME
+from cache.schema import STORE_NAME
 from cache.verify import chunk_file
 from helpers import assert_one_line_error, load_script, run_cli, small_chunks
 from pipeline import ExtractConfig, ScoreConfig, TeachConfig, extract, score, teach

@@ -12,6 +12,7 @@ import yaml
 from helpers import assert_one_line_error, run_cli
 from pipeline.config import DistillConfig, resolve
 from pipeline.errors import UserError
+from pipeline.losses import TermSetup
 from pipeline.methods import METHODS, Distiller, cached_inputs, get_method
 from pipeline.models import create_model
 from pipeline.taps import Tap, list_taps
@@ -19,13 +20,14 @@ from pipeline.taps import Tap, list_taps
 
 def test_taps_pair_one_to_one():
     with pytest.raises(UserError, match="pair one-to-one"):
-        Distiller(create_model("resnet8", 10), get_method("feature"), [Tap(1, "layer1.0", (16, 32, 32))], [])
+        Distiller(create_model("resnet8", 10), get_method("feature"), TermSetup([], [Tap(1, "a", (16, 32, 32))]))
 
 
 def test_distiller_stops_after_last_tap_and_trains_nothing_after():
     net = create_model("resnet8", 10)
     taps = list_taps(net, 32, names=["layer1.0", "layer2.0"])
-    distiller = Distiller(net, get_method("feature"), taps, [Tap(0, "a", (32, 16, 16)), Tap(1, "b", (64, 8, 8))])
+    teacher = [Tap(0, "a", (32, 16, 16)), Tap(1, "b", (64, 8, 8))]
+    distiller = Distiller(net, get_method("feature"), TermSetup(taps, teacher))
     batch = {"features/a": torch.randn(2, 32, 16, 16), "features/b": torch.randn(2, 64, 8, 8)}
     _, losses = distiller(torch.randn(2, 3, 32, 32), batch)
     losses["feature_mse"].backward()
@@ -39,8 +41,8 @@ def _identity_pair_distiller(method: str, losses: dict | None = None) -> Distill
     method_ = get_method(method).configured(losses or {})
     taps = list_taps(net, 32, names=["layer3.0"]) if method_.teacher_taps else []
     teacher = [Tap(0, "t", (32, 8, 8))] if taps else []
-    distiller = Distiller(net, method_, taps, teacher)
-    for pair in distiller.pairs:
+    distiller = Distiller(net, method_, TermSetup(taps, teacher))
+    for pair in (pair for loss in distiller.losses.values() for pair in getattr(loss, "pairs", ())):
         with torch.no_grad():
             pair.projector.weight.copy_(torch.eye(32)[:, :, None, None])
     return distiller

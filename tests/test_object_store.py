@@ -24,7 +24,8 @@ from safetensors.torch import load
 from cache.location import location
 from cache.lock import LockError, _held, lock_output, store_lock
 from cache.object_lock import Changed
-from cache.store import STORE_NAME, FeatureStore
+from cache.schema import STORE_NAME
+from cache.store import FeatureStore
 from helpers import ROOT, STUDENT, assert_one_line_error, make_store, run_cli, small_chunks, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, ScoreConfig, distill, extract, probe, score
 from pipeline.extract import HalfSlots

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cache.store import STORE_NAME, FeatureStore
+from cache.schema import STORE_NAME
+from cache.store import FeatureStore
 from helpers import STUDENT, assert_one_line_error, interrupted_in_epoch, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, TeachConfig, distill, extract, teach
 from pipeline.checkpoints import RunState, save_checkpoint, save_epoch, start_or_resume

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from cache.store import ATTR_KEY, FeatureStore
+from cache.schema import ATTR_KEY
+from cache.store import FeatureStore
 from helpers import assert_one_line_error, run_cli
 from pipeline.provenance import checkpoint_candidates, recorded_checkpoint
 

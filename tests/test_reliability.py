@@ -16,7 +16,8 @@ import pytest
 import zarr
 
 from cache.lock import OutputLock, _Removed
-from cache.store import STORE_NAME, FeatureStore
+from cache.schema import STORE_NAME
+from cache.store import FeatureStore
 from cache.verify import DAMAGED, INCOMPLETE, SOUND
 from helpers import (
     ROOT,

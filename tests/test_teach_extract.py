@@ -15,7 +15,8 @@ import yaml
 import zarr
 from safetensors.torch import load_file
 
-from cache.store import STORE_NAME, FeatureStore
+from cache.schema import STORE_NAME
+from cache.store import FeatureStore
 from helpers import run_cli, small_chunks
 from pipeline import ExtractConfig, ScoreConfig, TeachConfig, extract, score, teach
 from pipeline.checkpoints import load_checkpoint, read_model_spec, save_checkpoint

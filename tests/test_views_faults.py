@@ -17,7 +17,8 @@ import pytest
 import torch
 import zarr
 
-from cache.store import STORE_NAME, FeatureStore
+from cache.schema import STORE_NAME
+from cache.store import FeatureStore
 from cache.verify import DAMAGED
 from helpers import STUDENT as STUDENT_SETTINGS
 from helpers import assert_one_line_error, interrupted_in_epoch, load_script, run_cli, small_chunks, weights

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import zarr
 
-from cache.store import STORE_NAME, FeatureStore
+from cache.schema import STORE_NAME
+from cache.store import FeatureStore
 from helpers import STUDENT, Disk, assert_one_line_error, run_cli, weights
 from pipeline import DistillConfig, distill
 from pipeline.errors import UserError
