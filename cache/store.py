@@ -267,8 +267,13 @@ class SplitStore:
         for view in self.views():
             view.group.attrs["complete"] = False
 
+    @property
+    def array_names(self) -> list[str]:
+        """The paths of the arrays the split was created with (`cache.schema`)."""
+        return list(self.group.attrs["arrays"])
+
     def arrays(self) -> dict[str, zarr.Array]:
-        return {path: self.array(path) for path in self.group.attrs["arrays"]}
+        return {path: self.array(path) for path in self.array_names}
 
     def check_metadata(self) -> None:
         """Reads every view's arrays' metadata, progress flags included: StoreError names the first unreadable one."""
@@ -313,6 +318,15 @@ class FeatureStore:
                 " upgrade kdpipe"
             )
         return cls(path, group)
+
+    @classmethod
+    def open_complete(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+        """Opens the store at `path` as `open` does, refused unless every split of it is complete: the one guard of
+        every reader of a finished store."""
+        store = cls.open(path, mode=mode)
+        if not store.complete:
+            raise StoreError(f"{store.path} is incomplete; finish it by rerunning the same kdpipe extract")
+        return store
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, Any], overwrite: bool = False) -> FeatureStore:

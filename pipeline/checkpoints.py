@@ -13,7 +13,8 @@ import io
 import json
 import logging
 import re
-from collections.abc import Collection, Iterator
+import time
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from cache.store import StoreError
 
 from .errors import UserError, first_line, user_message, writing
 from .layout import checkpoint_epochs, epoch_state, epoch_weights
-from .runtime import first_difference, write_bytes
+from .runtime import first_difference, write_bytes, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,31 @@ def save_epoch(out_dir: Path, epoch: int, spec: dict, run: RunState, log: list) 
     for old in checkpoint_epochs(out_dir)[:-KEPT_CHECKPOINTS]:
         for path in (epoch_weights(out_dir, old), epoch_state(out_dir, old)):
             path.unlink(missing_ok=True)
+
+
+def train_epochs(
+    out_dir: Path,
+    run: RunState,
+    spec: dict,
+    log: list,
+    epochs: range,
+    train_epoch: Callable[[int], dict],
+    log_file: Path,
+    checkpoint_seconds: float,
+    writes: bool = True,
+) -> list:
+    """The epoch loop of teach and distill: `train_epoch(epoch)` for each of `epochs`, its log row appended to `log`.
+    After an epoch, once `checkpoint_seconds` have passed since the last checkpoint, and after the last epoch, the
+    epoch checkpoint and `log_file` (CSV) are written by the process that `writes` (rank 0): short epochs are not
+    each worth a checkpoint."""
+    last_save = time.perf_counter()
+    for epoch in epochs:
+        log.append(train_epoch(epoch))
+        if writes and (epoch == epochs[-1] or time.perf_counter() - last_save >= checkpoint_seconds):
+            save_epoch(out_dir, epoch, spec, run, log)
+            write_csv(log_file, log)
+            last_save = time.perf_counter()
+    return log
 
 
 def start_or_resume(out_dir: Path, resume: bool, spec: dict, run: RunState, stage: str) -> tuple[list, int]:

@@ -18,20 +18,22 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from cache.location import absolute, location
 from cache.lock import lock_output
 from cache.reader import CachedTargets
-from cache.schema import PARAMS_ARRAY
+from cache.schema import INDICES, LOGITS, PARAMS_ARRAY
 from cache.store import FeatureStore, SplitStore
 
 from . import distributed
 from .augment import Augmentation, ViewImages
-from .checkpoints import RunState, resumable, save_checkpoint, save_epoch, start_or_resume
+from .checkpoints import RunState, resumable, save_checkpoint, start_or_resume, train_epochs
 from .config import DistillConfig
 from .datasets import SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError
@@ -43,7 +45,8 @@ from .pairing import pair_taps, stage_taps
 from .precision import Precision
 from .provenance import load_matching_split, open_complete_store, recorded_data_root
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
-from .runtime import resolve_device, seed_everything, write_args, write_csv, write_json, write_npy
+from .runtime import resolve_device, seed_everything, write_args, write_json, write_npy
+from .taps import Tap
 from .training import OnlineTeacher, Trainer, store_teacher
 from .version import __version__
 
@@ -62,158 +65,230 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     world = distributed.current()
     dev = world.device(resolve_device(config.device))
     _check_processes(config, world, dev)
-    precision = Precision.of(config, dev, training=True)
     method = get_method(config.method).configured(config.losses or {})
-    feature_store, part = open_complete_store(config.store)
-    data_root = recorded_data_root(config.data_root, feature_store.meta.get("data_root"), feature_store.path)
-    data = load_matching_split(feature_store, "train", config.dataset, data_root, fingerprint=config.fingerprint)
-    indices = part.read("indices")
+    run = _build(config, method, _training_data(config, method), Precision.of(config, dev, training=True), world)
+    if config.check:
+        start_or_resume(run.out_dir, config.resume, run.spec, run.state, "distill")
+        return {"stage": "distill", "checked": True, **run.spec}
+    with contextlib.ExitStack() as held:
+        log_rows, first_epoch = world.from_main(lambda: _take_folder(held, run.out_dir, config, run.spec, run.state))
+        if not world.is_main:  # the checkpoint rank 0 found, read alike
+            log_rows, first_epoch = start_or_resume(run.out_dir, config.resume, run.spec, run.state, "distill")
+        if _finished(run.out_dir, first_epoch, run.epochs):
+            return json.loads((run.out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
+        start = time.perf_counter()
+        with resumable(run.out_dir):
+            trainer = _trainer(run, config)
+            train_epochs(
+                run.out_dir,
+                run.state,
+                run.spec,
+                log_rows,
+                range(first_epoch, run.epochs + 1),
+                lambda epoch: trainer.run_epoch(epoch, run.epochs, run.steps_in(epoch)),
+                run.out_dir / DISTILL_LOG,
+                config.checkpoint_seconds,
+                writes=world.is_main,
+            )
+            # rank 0 writes the run's files; every rank returns its summary
+            return world.from_main(lambda: _finish(run, config, trainer.images, log_rows, start))
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The store's train split, the dataset split it was extracted from, and which of its rows train."""
+
+    store: FeatureStore
+    part: SplitStore
+    data: SplitData
+    data_root: str | None  # where the data was found: recorded for probe
+    indices: np.ndarray  # each store row's sample index in `data`
+    rows: np.ndarray | None  # the rows trained on; None: all
+    labelled: np.ndarray | None  # the rows with labels under a label budget; None: all
+
+
+@dataclass
+class DistillRun:
+    """One run, built: the student and its distiller, where its targets come from, its budget and its spec."""
+
+    method: Method
+    training: TrainingData
+    precision: Precision
+    world: distributed.World
+    net: nn.Module
+    pairs: list[tuple[Tap, Tap]]  # (student tap, teacher tap) of the feature losses
+    distiller: Distiller
+    model: nn.Module  # what trains the distiller: DDP's wrapper of it, or itself
+    teacher: OnlineTeacher | None
+    targets: CachedTargets
+    fresh: Augmentation | None  # the policy of fresh views (--augment), drawn every epoch
+    views: int  # the cached views drawn from
+    steps_per_epoch: int
+    total_steps: int
+    state: RunState
+    spec: dict[str, Any]
+    out_dir: Path
+
+    @property
+    def epochs(self) -> int:
+        return self.spec["epochs"]
+
+    def steps_in(self, epoch: int) -> int:
+        """Epoch `epoch`'s optimizer steps: whole epochs, the last one cut short to the step budget."""
+        return min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch)
+
+
+def _training_data(config: DistillConfig, method: Method) -> TrainingData:
+    """The complete store, the data it matches (checked field by field) and the rows the method trains on."""
+    store, part = open_complete_store(config.store)
+    data_root = recorded_data_root(config.data_root, store.meta.get("data_root"), store.path)
+    data = load_matching_split(store, "train", config.dataset, data_root, fingerprint=config.fingerprint)
+    indices = part.read(INDICES)
     rows, labelled = _training_rows(part, method, config, data.classes)
-    _check_classes(data, feature_store, indices, labelled, config.label_fraction)
+    _check_classes(data, store, indices, labelled, config.label_fraction)
+    return TrainingData(store, part, data, data_root, indices, rows, labelled)
+
+
+def _build(
+    config: DistillConfig, method: Method, training: TrainingData, precision: Precision, world: distributed.World
+) -> DistillRun:
+    """The student, its taps paired with the teacher's, the distiller with its terms, the targets, the budget and
+    the optimizer, and the spec that a resumed run must match."""
+    store, part, data = training.store, training.part, training.data
     input_size = data.preprocessing.input_size
     seed_everything(config.seed)
     net = create_model(config.student, data.num_classes, input_size=input_size, model_kwargs=config.model_kwargs)
     student_taps, teacher_taps = pair_taps(
-        method, feature_store, part, net, input_size, config.teacher_layers, config.student_layers
+        method, store, part, net, input_size, config.teacher_layers, config.student_layers
     )
-    teacher = None
-    if config.online_teacher and method.reads_teacher:
-        names = [t.name for t in teacher_taps]
-        teacher = OnlineTeacher.from_store(
-            feature_store, names, config.teacher_checkpoint, data.num_classes, input_size, "logits" in method.inputs
-        )
-    fresh, views, augmentation = _views(config, method, feature_store, part, data)
-    # Online, the teacher supplies what it outputs (features, logits); labels still come from the cache.
-    features = teacher_targets(teacher_taps)
-    paths = [p for p in cached_inputs(method, features) if not (teacher and p in teacher.paths)]
-    missing = [p for p in paths if p not in part.group.attrs["arrays"]]
-    if missing:
-        raise UserError(
-            f"--method={config.method} reads {missing[0]}, which {feature_store.path} does not hold"
-            + _why_not_cached(feature_store, missing[0])
-        )
-    setup = TermSetup(
-        student_taps, teacher_taps, _frozen_teacher(method, feature_store, net, config, data.num_classes, input_size)
-    )
-    distiller = precision.model(Distiller(net, method, setup))
+    teacher = _online_teacher(config, method, store, teacher_taps, data.num_classes, input_size)
+    fresh, views, augmentation = _views(config, method, store, part, data)
+    paths = _cached_paths(config, method, store, part, teacher_taps, teacher)
+    frozen = _frozen_teacher(method, store, net, config, data.num_classes, input_size)
+    distiller = precision.model(Distiller(net, method, TermSetup(student_taps, teacher_taps, frozen)))
     model = world.parallel(distiller, config.sync_batchnorm)
     if teacher:
         precision.model(teacher.model)
-    targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=rows, views=views)
-    num_rows = targets.num_rows
+    targets = CachedTargets(part, paths, int(config.cache_memory_gb * 2**30), rows=training.rows, views=views)
     steps_per_epoch, total_steps, epochs = _step_budget(
-        num_rows, config.batch_size, config.epochs, config.steps, subset=rows is not None
+        targets.num_rows, config.batch_size, config.epochs, config.steps, subset=training.rows is not None
     )
     optimizer, schedule = adamw_onecycle(distiller.parameters(), config.lr, config.weight_decay, total_steps)
     spec = {
         "kdpipe_version": __version__,
-        **_recorded_settings(config, method, labelled is not None),
+        **_recorded_settings(config, method, training.labelled is not None),
         **precision.record(),
         "losses": method.spec(),
         "num_classes": data.num_classes,
         "input_size": input_size,
         "dataset": data.name,
-        "store": absolute(feature_store.path),
-        "store_config_hash": feature_store.meta["config_hash"],
+        "store": absolute(store.path),
+        "store_config_hash": store.meta["config_hash"],
         "student_taps": [t.name for t in student_taps],
         "teacher_taps": [t.name for t in teacher_taps],
         **distiller.record(),
         **({"augmentation": augmentation} if augmentation else {}),
         "epochs": epochs,
         "steps": total_steps,
-        "num_labelled": len(labelled) if labelled is not None else part.num_samples,
-        "num_training_rows": num_rows,
+        "num_labelled": len(training.labelled) if training.labelled is not None else part.num_samples,
+        "num_training_rows": targets.num_rows,
         "target_order": targets.order,
     }
     log.debug(
         "%s: terms %s; student taps %s -> teacher taps %s; targets %s",
         *(method.name, spec["losses"], spec["student_taps"], spec["teacher_taps"], targets.order),
     )
-    out_dir = location(config.out)
-    run = RunState(distiller, optimizer, schedule, scaler=precision.scaler)
-    if config.check:
-        start_or_resume(out_dir, config.resume, spec, run, "distill")
-        return {"stage": "distill", "checked": True, **spec}
-    with contextlib.ExitStack() as held:
-        log_rows, first_epoch = world.from_main(lambda: _take_folder(held, out_dir, config, spec, run))
-        if not world.is_main:  # the checkpoint rank 0 found, read alike
-            log_rows, first_epoch = start_or_resume(out_dir, config.resume, spec, run, "distill")
-        if _finished(out_dir, first_epoch, epochs):
-            return json.loads((out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
-        images = _view_images(data, indices, feature_store, part, fresh, views, config.seed)
-        trainer = Trainer(
-            distiller,
-            optimizer,
-            schedule,
-            targets,
-            images,
-            teacher,
-            config.batch_size,
-            config.seed,
-            precision,
-            config.workers,
-            fresh_views=fresh is not None,
-            world=world,
-            model=model,
+    state = RunState(distiller, optimizer, schedule, scaler=precision.scaler)
+    pairs = list(zip(student_taps, teacher_taps, strict=True))
+    return DistillRun(
+        *(method, training, precision, world, net, pairs, distiller, model, teacher, targets, fresh, views),
+        *(steps_per_epoch, total_steps, state, spec, location(config.out)),
+    )
+
+
+def _online_teacher(
+    config: DistillConfig, method: Method, store: FeatureStore, teacher_taps: list[Tap], num_classes: int, size: int
+) -> OnlineTeacher | None:
+    """The teacher run on every batch (`--online-teacher`) when the method reads what it outputs."""
+    if not (config.online_teacher and method.reads_teacher):
+        return None
+    names, logits = [t.name for t in teacher_taps], LOGITS in method.inputs
+    return OnlineTeacher.from_store(store, names, config.teacher_checkpoint, num_classes, size, logits)
+
+
+def _cached_paths(
+    config: DistillConfig,
+    method: Method,
+    store: FeatureStore,
+    part: SplitStore,
+    teacher_taps: list[Tap],
+    teacher: OnlineTeacher | None,
+) -> list[str]:
+    """The store arrays the method reads from the cache, each checked to be there. Online, the teacher supplies
+    what it outputs (features, logits); labels still come from the cache."""
+    paths = [p for p in cached_inputs(method, teacher_targets(teacher_taps)) if not (teacher and p in teacher.paths)]
+    missing = [p for p in paths if p not in part.array_names]
+    if missing:
+        raise UserError(
+            f"--method={config.method} reads {missing[0]}, which {store.path} does not hold"
+            + _why_not_cached(store, missing[0])
         )
-        start = last_save = time.perf_counter()
-        with resumable(out_dir):
-            for epoch in range(first_epoch, epochs + 1):
-                log_rows.append(
-                    trainer.run_epoch(epoch, epochs, min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch))
-                )
-                # Short epochs (a small labelled subset) are not each worth a checkpoint.
-                due = epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds
-                if due and world.is_main:
-                    save_epoch(out_dir, epoch, spec, run, log_rows)
-                    write_csv(out_dir / DISTILL_LOG, log_rows)
-                    last_save = time.perf_counter()
+    return paths
 
-            def finish() -> dict[str, Any]:  # rank 0 writes the run's files; every rank returns its summary
-                model_spec = {
-                    **spec,
-                    "model": config.student,
-                    "preprocessing": data.preprocessing.to_dict(),
-                }  # as teach's
-                model_spec["data_root"] = data_root  # where probe finds the data by default; not compared on --resume
-                save_checkpoint(net, out_dir / STUDENT_WEIGHTS, model_spec)
-                write_npy(out_dir / LABELLED_INDICES, images.indices[labelled if labelled is not None else slice(None)])
-                summary = {
-                    "stage": "distill",
-                    **spec,
-                    "data_root": data_root,
-                    "pairs": [
-                        {
-                            "student": s.name,
-                            "student_shape": list(s.shape),
-                            "teacher": t.name,
-                            "teacher_shape": list(t.shape),
-                        }
-                        for s, t in zip(student_taps, teacher_taps, strict=True)
-                    ],
-                    "final": log_rows[-1],
-                    "evaluated_with": method.evaluated_with,
-                    **(
-                        _evaluate_classifier(net, data, data_root, config, precision)
-                        if method.evaluated_with == "own classifier"
-                        else {}
-                    ),
-                    "targets": "online teacher"
-                    if teacher
-                    else "cache in RAM"
-                    if targets.in_memory
-                    else "cache streamed",
-                    "device": str(dev),
-                    # not in the spec: the batches are the same whatever the number, so a run resumes with any
-                    "processes": world.size,
-                    "seconds_this_run": round(time.perf_counter() - start, 2),
-                    "weights": str(out_dir / STUDENT_WEIGHTS),
-                }
-                write_json(out_dir / DISTILL_SUMMARY, summary)
-                return summary
 
-            summary = world.from_main(finish)
-        return summary
+def _trainer(run: DistillRun, config: DistillConfig) -> Trainer:
+    """The epoch runner: the training images by store row under their views, paired with the cached targets."""
+    training = run.training
+    images = _view_images(
+        training.data, training.indices, training.store, training.part, run.fresh, run.views, config.seed
+    )
+    return Trainer(
+        *(run.distiller, run.state.optimizer, run.state.schedule, run.targets, images, run.teacher),
+        *(config.batch_size, config.seed, run.precision, config.workers),
+        fresh_views=run.fresh is not None,
+        world=run.world,
+        model=run.model,
+    )
+
+
+def _finish(
+    run: DistillRun, config: DistillConfig, images: ViewImages, log_rows: list[dict[str, Any]], start: float
+) -> dict[str, Any]:
+    """Writes the student's weights (its spec in the header, as teach's), the labelled rows and the summary."""
+    training, out_dir = run.training, run.out_dir
+    data = training.data
+    model_spec = {**run.spec, "model": config.student, "preprocessing": data.preprocessing.to_dict()}
+    model_spec["data_root"] = training.data_root  # where probe finds the data by default; not compared on --resume
+    save_checkpoint(run.net, out_dir / STUDENT_WEIGHTS, model_spec)
+    labelled = training.labelled if training.labelled is not None else slice(None)
+    write_npy(out_dir / LABELLED_INDICES, images.indices[labelled])
+    own_classifier = run.method.evaluated_with == "own classifier"
+    summary = {
+        "stage": "distill",
+        **run.spec,
+        "data_root": training.data_root,
+        "pairs": [
+            {"student": s.name, "student_shape": list(s.shape), "teacher": t.name, "teacher_shape": list(t.shape)}
+            for s, t in run.pairs
+        ],
+        "final": log_rows[-1],
+        "evaluated_with": run.method.evaluated_with,
+        **(_evaluate_classifier(run.net, data, training.data_root, config, run.precision) if own_classifier else {}),
+        "targets": _targets_source(run),
+        "device": str(run.precision.device),
+        # not in the spec: the batches are the same whatever the number, so a run resumes with any
+        "processes": run.world.size,
+        "seconds_this_run": round(time.perf_counter() - start, 2),
+        "weights": str(out_dir / STUDENT_WEIGHTS),
+    }
+    write_json(out_dir / DISTILL_SUMMARY, summary)
+    return summary
+
+
+def _targets_source(run: DistillRun) -> str:
+    if run.teacher:
+        return "online teacher"
+    return "cache in RAM" if run.targets.in_memory else "cache streamed"
 
 
 def _take_folder(

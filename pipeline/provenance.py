@@ -19,9 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def open_complete_store(path: str, split: str = "train", mode: str = "r") -> tuple[FeatureStore, SplitStore]:
-    store = FeatureStore.open(path, mode=mode)
-    if not store.complete:
-        raise UserError(f"{store.path} is incomplete; finish it by rerunning the same kdpipe extract")
+    store = FeatureStore.open_complete(path, mode=mode)
     return store, store.split(split)
 
 

@@ -46,7 +46,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     the store's lock; returns the summary."""
     path = FeatureStore.locate(config.store)
     with lock_output(path, store_lock(path), config.command):
-        return _score(config, FeatureStore.open(path, mode="r+"))
+        return _score(config, FeatureStore.open_complete(path, mode="r+"))
 
 
 def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
@@ -113,8 +113,6 @@ def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
 
 
 def _checked_split(store: FeatureStore, split: str) -> SplitStore:
-    if not store.complete:
-        raise UserError(f"{store.path} is incomplete; finish it by rerunning the same kdpipe extract")
     part = store.split(split)
     if "labels" not in part.group.attrs["arrays"] or "labels" not in part.group:
         raise UserError(f"{store.path} [{split}] has no labels; Q needs them")

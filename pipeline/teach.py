@@ -19,7 +19,7 @@ from torch import nn
 from cache.location import local_folder
 from cache.lock import lock_output
 
-from .checkpoints import RunState, discard_run, resumable, save_checkpoint, save_epoch, start_or_resume
+from .checkpoints import RunState, discard_run, resumable, save_checkpoint, start_or_resume, train_epochs
 from .config import TeachConfig
 from .datasets import held_out_split, load_split
 from .errors import UserError
@@ -27,9 +27,9 @@ from .layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS, folder_lock
 from .models import create_model, served_preprocessing
 from .precision import Precision
 from .recipe import adamw_onecycle, evaluate_top1, make_loader
-from .runtime import progress, resolve_device, seed_everything, write_args, write_csv, write_json
+from .runtime import progress, resolve_device, seed_everything, write_args, write_json
 from .taps import dry_forward
-from .training import require_finite
+from .training import optimizer_step
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,18 @@ def teach(config: TeachConfig) -> dict[str, Any]:
         if first_epoch > epochs and (out_dir / TEACH_SUMMARY).is_file():
             return json.loads((out_dir / TEACH_SUMMARY).read_text())  # a finished run: reused, not recomputed
         write_args(out_dir, config)
-        start = last_save = time.perf_counter()
+        start = time.perf_counter()
         with resumable(out_dir):
-            for epoch in range(first_epoch, epochs + 1):
-                log_rows.append(_train_epoch(run, train_loader, test_loader, epoch, epochs, precision))
-                if epoch == epochs or time.perf_counter() - last_save >= config.checkpoint_seconds:
-                    save_epoch(out_dir, epoch, spec, run, log_rows)
-                    write_csv(out_dir / TEACH_LOG, log_rows)
-                    last_save = time.perf_counter()
+            train_epochs(
+                out_dir,
+                run,
+                spec,
+                log_rows,
+                range(first_epoch, epochs + 1),
+                lambda epoch: _train_epoch(run, train_loader, test_loader, epoch, epochs, precision),
+                out_dir / TEACH_LOG,
+                config.checkpoint_seconds,
+            )
             save_checkpoint(model, out_dir / TEACHER_WEIGHTS, model_spec)
             summary = {
                 "stage": "teach",
@@ -126,9 +130,7 @@ def _train_epoch(run: RunState, train_loader, test_loader, epoch: int, epochs: i
         with precision.autocast():
             logits = model(images)
             loss = criterion(logits, labels)
-        require_finite(loss, epoch)
-        precision.step(loss, optimizer)
-        schedule.step()
+        optimizer_step(loss, epoch, optimizer, schedule, precision)
         loss_sum += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)

@@ -192,13 +192,20 @@ class Trainer:
                 batch.update(self.teacher(images))
             _, losses = self.model(images, batch)
             loss = sum(losses.values())
-        require_finite(loss, epoch)
-        self.precision.step(loss, self.optimizer)
-        self.schedule.step()
+        optimizer_step(loss, epoch, self.optimizer, self.schedule, self.precision)
         return {name: value.item() for name, value in losses.items()}
 
 
-def require_finite(loss: torch.Tensor, epoch: int) -> None:
-    """A diverging run stops at its first non-finite loss (`checkpoints.resumable` says which checkpoint is kept)."""
+def optimizer_step(
+    loss: torch.Tensor,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
+) -> None:
+    """One step of teach's and distill's recipe on `loss` (the gradient scaled under fp16), then the schedule's.
+    A diverging run stops at its first non-finite loss (`checkpoints.resumable` says which checkpoint is kept)."""
     if not torch.isfinite(loss):
         raise UserError(f"the loss is not finite at epoch {epoch}")
+    precision.step(loss, optimizer)
+    schedule.step()
