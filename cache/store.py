@@ -23,7 +23,8 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .location import is_remote, location, remove_tree, tree_bytes, walk_files, zarr_store
-from .schema import ATTR_KEY, FORMAT_VERSION, PARAMS_ARRAY, PROGRESS, STORE_NAME, VIEWS, feature_path
+from .records import SplitRecord, StoreIdentity
+from .schema import ATTR_KEY, FORMAT_VERSION, INDICES, LABELS, PARAMS_ARRAY, PROGRESS, STORE_NAME, VIEWS, feature_path
 
 MIN_CHUNK_BYTES = 4 << 20  # feature chunks hold at least 4 MiB where N allows (fewer, cheaper writes)
 MAX_CHUNK_ROWS = 4096  # bounds the block, hence the resume and sharding granularity
@@ -195,8 +196,8 @@ class SplitStore:
             return None if row is None else (row, "a value NaN or Inf")
         if path == PARAMS_ARRAY:
             bad = (values < 0).reshape(len(values), -1).any(1)
-        elif path in ("labels", "indices"):
-            upper = self.num_classes if path == "labels" else self.group.attrs.get("dataset_size")
+        elif path in (LABELS, INDICES):
+            upper = self.num_classes if path == LABELS else self.record.dataset_size
             bad = (values < 0) | (values >= (upper or np.iinfo(values.dtype).max))
         else:
             return None
@@ -268,9 +269,18 @@ class SplitStore:
             view.group.attrs["complete"] = False
 
     @property
+    def record(self) -> SplitRecord:
+        """The split's attributes, as they are now."""
+        return SplitRecord.from_json(dict(self.group.attrs))
+
+    @property
     def array_names(self) -> list[str]:
         """The paths of the arrays the split was created with (`cache.schema`)."""
-        return list(self.group.attrs["arrays"])
+        return self.record.arrays
+
+    def record_scores(self, scores: dict[str, Any]) -> None:
+        """Keeps `kdpipe score`'s Q record (selected, seed, top_k, Q) with the split."""
+        self.group.attrs["scores"] = scores
 
     def arrays(self) -> dict[str, zarr.Array]:
         return {path: self.array(path) for path in self.array_names}
@@ -361,6 +371,11 @@ class FeatureStore:
     @property
     def meta(self) -> dict[str, Any]:
         return dict(self.group.attrs[ATTR_KEY])
+
+    @property
+    def identity(self) -> StoreIdentity:
+        """What determines the store's contents (`cache.records`)."""
+        return StoreIdentity.from_json(self.meta["identity"])
 
     def update_meta(self, **fields: Any) -> None:
         self.group.attrs[ATTR_KEY] = {**self.meta, **fields}

@@ -28,7 +28,7 @@ from torch import nn
 from cache.location import absolute, location
 from cache.lock import lock_output
 from cache.reader import CachedTargets
-from cache.schema import INDICES, LOGITS, PARAMS_ARRAY
+from cache.schema import INDICES, LABELS, LOGITS, PARAMS_ARRAY
 from cache.store import FeatureStore, SplitStore
 
 from . import distributed
@@ -333,8 +333,7 @@ def _frozen_teacher(
     student_stages, teacher_stages = stage_taps(
         store, teacher, net, config.student, input_size, config.teacher_layers, config.student_layers
     )
-    name = store.meta["identity"]["teacher"]["name"]
-    return FrozenTeacher(name, teacher, student_stages, teacher_stages, input_size)
+    return FrozenTeacher(store.identity.teacher.name, teacher, student_stages, teacher_stages, input_size)
 
 
 def _views(
@@ -352,7 +351,7 @@ def _views(
                 f"--views={views}: {store.path} holds {part.num_views} view{'s' * (part.num_views > 1)} per image "
                 "(`kdpipe extract --views K --augment POLICY` caches more)"
             )
-        recorded = store.meta["identity"].get("augment")
+        recorded = store.identity.augment
         return None, views, {"source": "cache", **recorded, "views": views} if views > 1 else None
     if config.views is not None:
         raise UserError(f"--views={config.views} and --augment: fresh views replace the cached ones; pass one")
@@ -383,20 +382,20 @@ def _view_images(
         return ViewImages(data, fresh, seed, indices)
     if views == 1:
         return ViewImages(data, indices=indices)
-    cached = Augmentation.from_record(store.meta["identity"]["augment"])
+    cached = Augmentation.from_record(store.identity.augment)
     stored = {v: part.view(v).read(PARAMS_ARRAY) for v in range(1, views)}
     return ViewImages(data, cached, indices=indices, stored=stored)
 
 
 def _why_not_cached(store: FeatureStore, path: str) -> str:
     """Why extract left `path` out of the store, where the identity says."""
-    identity = store.meta["identity"]
-    if path == "logits" and identity["teacher"].get("head") == "dropped":
+    identity = store.identity
+    if path == LOGITS and identity.teacher.head == "dropped":
         return (
             ": its teacher's weights had a head for another class count, so extract kept a fresh, untrained head and "
             "cached no logits"
         )
-    if path == "logits" and not identity.get("logits", True):
+    if path == LOGITS and not identity.logits:
         return " (it was extracted with --no-logits)"
     return ""
 
@@ -430,7 +429,7 @@ def _training_rows(
     if config.label_fraction >= 1.0:
         return None, None
     try:
-        labelled = stratified_subset(part.read("labels"), config.label_fraction, config.seed, classes)
+        labelled = stratified_subset(part.read(LABELS), config.label_fraction, config.seed, classes)
     except UserError as err:
         raise UserError(f"--label-fraction={config.label_fraction:g}: {err}") from None
     return (labelled if method.uses_labels or not config.unlabelled_distill else None), labelled

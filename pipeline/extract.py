@@ -17,8 +17,6 @@ whatever the number of processes, and an interrupted run resumes with any number
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import queue
@@ -34,7 +32,8 @@ from torch import nn
 
 from cache.location import is_remote, location
 from cache.lock import lock_output
-from cache.schema import PARAMS_ARRAY, feature_path, view_path
+from cache.records import DatasetRecord, StoreIdentity, TeacherRecord
+from cache.schema import INDICES, LABELS, LOGITS, PARAMS_ARRAY, feature_path, view_path
 from cache.store import (
     ArraySpec,
     DamagedStoreError,
@@ -110,24 +109,23 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     data = {split: d.with_preprocessing(preprocessing) for split, d in data.items()}
     augmentation = _augmentation(config, preprocessing)
     views = {split: config.views if split != held_out_split(config.dataset) else 1 for split in data}
-    identity = {
-        "teacher": teacher,
-        "dataset": {
-            "name": config.dataset,
-            "num_classes": num_classes,
-            "classes": first.classes,
-            "preprocessing": preprocessing.to_dict(),
-            "splits": {s: {**fingerprints[s], "size": len(d)} for s, d in data.items()},
-        },
-        "taps": [t.record() for t in taps],
-        "feature_dtype": FEATURE_DTYPE,
-        "logits": logits,
-        "max_samples": config.max_samples,
-        "subset_seed": config.seed if config.max_samples else None,
-        **precision.record(),  # absent at float32, whose stores keep the identity they always had
-    }
-    if augmentation:  # absent from a store of plain images, whose identity stays what it always was
-        identity["augment"] = {**augmentation.record(), "views": config.views, "seed": config.seed}
+    identity = StoreIdentity(
+        teacher,
+        DatasetRecord(
+            config.dataset,
+            num_classes,
+            first.classes,
+            preprocessing.to_dict(),
+            {s: {**fingerprints[s], "size": len(d)} for s, d in data.items()},
+        ),
+        [t.record() for t in taps],
+        FEATURE_DTYPE,
+        logits,
+        config.max_samples,
+        config.seed if config.max_samples else None,
+        precision.amp,
+        {**augmentation.record(), "views": config.views, "seed": config.seed} if augmentation else None,
+    )
     out = location(config.out)
     specs, view_specs = _array_specs(taps, logits, num_classes), _view_specs(taps, logits, num_classes)
     # Where the teacher's weights and the data were read from: beside the identity, not in it (the same data and
@@ -168,7 +166,7 @@ def _mark_complete(store: FeatureStore, splits: list[str]) -> None:
 def _prepare(
     held: contextlib.ExitStack,
     path: Path,
-    identity: dict[str, Any],
+    identity: StoreIdentity,
     places: dict[str, Any],
     config: ExtractConfig,
     layout: tuple[list[ArraySpec], list[ArraySpec], list[str]],
@@ -200,17 +198,17 @@ def _prepare(
     return plan
 
 
-def _teacher_record(config: ExtractConfig, built: TeacherBuild, layers: list[Tap]) -> dict[str, Any]:
+def _teacher_record(config: ExtractConfig, built: TeacherBuild, layers: list[Tap]) -> TeacherRecord:
     """The store identity's teacher: the model, the weights it ran with, and its stage ends among `layers`."""
-    return {
-        "name": config.teacher,
-        "checkpoint_sha256": file_sha256(config.checkpoint) if config.checkpoint else None,
-        "pretrained": config.pretrained,
-        "model_kwargs": built.model_kwargs,
-        "checkpoint_key": built.checkpoint_key,
-        "head": built.head,
-        "stage_ends": [t.name for t in stage_ends(layers)],
-    }
+    return TeacherRecord(
+        config.teacher,
+        file_sha256(config.checkpoint) if config.checkpoint else None,
+        config.pretrained,
+        built.model_kwargs,
+        built.checkpoint_key,
+        built.head,
+        [t.name for t in stage_ends(layers)],
+    )
 
 
 def _warn_if_trained_otherwise(
@@ -263,13 +261,9 @@ def _select_rows(data: SplitData, max_samples: int | None, seed: int) -> np.ndar
     return rows
 
 
-def config_hash(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
 def _resume_or_create(
     path: Path,
-    identity: dict[str, Any],
+    identity: StoreIdentity,
     places: dict[str, Any],
     config: ExtractConfig,
     specs: tuple[list[ArraySpec], list[ArraySpec]],
@@ -298,7 +292,7 @@ def _resume_or_create(
     return store, intact
 
 
-def _resumable(path: Path, identity: dict[str, Any], overwrite: bool) -> FeatureStore | None:
+def _resumable(path: Path, identity: StoreIdentity, overwrite: bool) -> FeatureStore | None:
     """The store at `path` when it has this identity (resumed, even with --overwrite); None when there is none or
     --overwrite replaces it. A different or unreadable store is refused without --overwrite."""
     if not path.exists():
@@ -310,12 +304,12 @@ def _resumable(path: Path, identity: dict[str, Any], overwrite: bool) -> Feature
             return None
         hint = "" if isinstance(err, DamagedStoreError) else "; choose another --out, or pass --overwrite to replace it"
         raise UserError(f"{err}{hint}") from err
-    if store.meta.get("config_hash") == config_hash(identity):
+    if store.meta.get("config_hash") == identity.config_hash:
         if discarded := store.discard_unfinished_writes():
             log.info("%s: removed %d unfinished chunk writes a killed run left", path, discarded)
         return store
     if not overwrite:
-        where, was, now = first_difference(store.meta.get("identity", {}), identity)
+        where, was, now = first_difference(store.meta.get("identity", {}), identity.to_json())
         field = f"{where} ({short(was)} vs {short(now)})" if where else "format"
         raise UserError(f"{path} holds a different store ({field} differs); use another --out or pass --overwrite")
     return None
@@ -381,13 +375,13 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes / scale:.1f} {unit}"
 
 
-def _create(path: Path, identity: dict[str, Any], places: dict[str, Any], overwrite: bool) -> FeatureStore:
+def _create(path: Path, identity: StoreIdentity, places: dict[str, Any], overwrite: bool) -> FeatureStore:
     """A new, empty store at `path` (replacing the one there with `overwrite`); the files describing whatever store
     was there before (its scores, extract.json) are removed."""
     meta = {
         "kdpipe_version": __version__,
-        "identity": identity,
-        "config_hash": config_hash(identity),
+        "identity": identity.to_json(),
+        "config_hash": identity.config_hash,
         **places,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -407,7 +401,7 @@ def tap_bytes(tap: Tap) -> int:
 def _array_specs(taps: list[Tap], logits: bool, num_classes: int) -> list[ArraySpec]:
     """View 0's arrays, the split's own: the teacher's outputs and each row's label and dataset index."""
     specs = [ArraySpec(feature_path(t.name), t.shape, FEATURE_DTYPE) for t in taps]
-    specs += [ArraySpec("labels", (), "int64", sets_block=False), ArraySpec("indices", (), "int64", sets_block=False)]
+    specs += [ArraySpec(LABELS, (), "int64", sets_block=False), ArraySpec(INDICES, (), "int64", sets_block=False)]
     return specs + _logits_spec(logits, num_classes)
 
 
@@ -420,7 +414,7 @@ def _view_specs(taps: list[Tap], logits: bool, num_classes: int) -> list[ArraySp
 
 
 def _logits_spec(logits: bool, num_classes: int) -> list[ArraySpec]:
-    return [ArraySpec("logits", (num_classes,), "float32", sets_block=False)] if logits else []
+    return [ArraySpec(LOGITS, (num_classes,), "float32", sets_block=False)] if logits else []
 
 
 def _extract_split(
@@ -477,12 +471,12 @@ def _extract_view(
             features = recorder.run(precision.batch(pixels))
             batch, release = slots.fill({feature_path(n): f for n, f in features.items()})
             if view == 0:
-                batch["labels"] = labels.numpy().astype(np.int64)
-                batch["indices"] = images.indices[rows.numpy()]
+                batch[LABELS] = labels.numpy().astype(np.int64)
+                batch[INDICES] = images.indices[rows.numpy()]
             else:
                 batch[PARAMS_ARRAY] = params.numpy()
             if logits:
-                batch["logits"] = recorder.logits.float().cpu().numpy()
+                batch[LOGITS] = recorder.logits.float().cpu().numpy()
             writer.put(batch, on_written=release)
             bar.update(len(labels))
     bar.close()

@@ -16,27 +16,27 @@ def describe_store(path: str | Path) -> str:
     """The report of `kdpipe info`; StoreError when the store's metadata is missing or unreadable."""
     store = FeatureStore.open(path)
     meta = store.meta
-    identity = meta["identity"]
-    teacher, dataset = identity["teacher"], identity["dataset"]
+    identity = store.identity
+    teacher, dataset = identity.teacher, identity.dataset
     lines = [
         f"store       {store.path}",
         f"complete    {'yes' if store.complete else 'NO (resume with the same kdpipe extract command)'}",
-        f"teacher     {teacher['name']}  checkpoint sha256 {(teacher['checkpoint_sha256'] or 'none')[:16]}"
+        f"teacher     {teacher.name}  checkpoint sha256 {(teacher.checkpoint_sha256 or 'none')[:16]}"
         f"  ({meta.get('checkpoint_path') or 'pretrained'})",
-        f"dataset     {dataset['name']}  {dataset['num_classes']} classes  preprocessing {dataset['preprocessing']}",
+        f"dataset     {dataset.name}  {dataset.num_classes} classes  preprocessing {dataset.preprocessing}",
         f"created     {meta['created']} by kdpipe {meta['kdpipe_version']}  config {meta['config_hash'][:16]}",
-        f"head        {teacher.get('head', 'loaded')}  logits {'cached' if identity.get('logits') else 'none'}",
-        f"forward     {_precision(identity.get('amp', 'off'))}",
+        f"head        {teacher.head}  logits {'cached' if identity.logits else 'none'}",
+        f"forward     {_precision(identity.amp)}",
         f"taps        {'name':28s} {'role':10s} {'layout':26s} shape",
     ]
     lines += [
         f"            {t.name:28s} {t.role:10s} {t.describe():26s} {t.shape}"
-        for t in map(Tap.from_record, identity["taps"])
+        for t in map(Tap.from_record, identity.taps)
     ]
     picked = meta.get(PICKED_BY)
     if picked:
         lines.append(f"picked by   {picked['scores']}  (top {picked['top_k']}, seed {picked['seed']})")
-    augment = identity.get("augment")
+    augment = identity.augment
     if augment:
         lines.append(
             f"views       {augment['views']} per training image: view 0 plain, 1..{augment['views'] - 1} "
@@ -49,9 +49,10 @@ def describe_store(path: str | Path) -> str:
         part = store.split(name)
         missing = len(part.missing_blocks())
         state = "complete" if part.complete else f"{missing}/{part.num_blocks} blocks missing"
+        record = part.record
         lines.append(
-            f"split {part.name}: {part.num_samples} of {part.group.attrs['dataset_size']} samples, "
-            f"fingerprint {part.group.attrs['fingerprint'][:16]}, {state}"
+            f"split {part.name}: {part.num_samples} of {record.dataset_size} samples, "
+            f"fingerprint {(record.fingerprint or 'none')[:16]}, {state}"
         )
         lines.append(f"  {'array':32s} {'shape':22s} {'dtype':8s} {'chunk':>6s} {'raw MiB':>9s} {'stored MiB':>10s}")
         raw_total = stored_total = 0

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.schema import feature_path
+from cache.schema import LABELS, LOGITS, feature_path
 
 from .alignment import FeatureAlignment
 from .errors import UserError
@@ -118,24 +118,24 @@ def _positive(loss: str, name: str, value: float) -> float:
 class CrossEntropy(Loss):
     """Cross entropy of the student's logits to the labels."""
 
-    inputs = ("labels",)
+    inputs = (LABELS,)
 
     def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(output.logits, batch["labels"])
+        return F.cross_entropy(output.logits, batch[LABELS])
 
 
 @LOSSES.register(name="kd")
 class KLDivergence(Loss):
     """T²·KL(p_t ‖ p_s) with p = softmax(z / T): summed over classes, averaged over the batch (docs/method.md §6)."""
 
-    inputs = ("logits",)
+    inputs = (LOGITS,)
 
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()
         self.temperature = _positive("kd", "temperature", temperature)
 
     def forward(self, output: StudentOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return kd_loss(output.logits, batch["logits"], self.temperature)
+        return kd_loss(output.logits, batch[LOGITS], self.temperature)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -156,7 +156,7 @@ class BlockKD(Loss):
     A part with weight 0 is not computed.
     """
 
-    inputs = ("labels", "logits", TEACHER_MODEL)
+    inputs = (LABELS, LOGITS, TEACHER_MODEL)
 
     def __init__(
         self,
@@ -218,11 +218,11 @@ class BlockKD(Loss):
         t = self.temperature
         parts = {}
         if self.alpha:
-            labels = batch["labels"]
+            labels = batch[LABELS]
             ce = [F.cross_entropy(y, labels) for y in stones]
             parts["task"] = self.alpha * (F.cross_entropy(student, labels) + _weighted(weights, ce))
         if self.beta:
-            teacher = batch["logits"]
+            teacher = batch[LOGITS]
             kd = [kd_loss(y, teacher, t) for y in stones]
             parts["distill"] = self.beta * (kd_loss(student, teacher, t) + _weighted(weights, kd))
         if self.gamma:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache.schema import feature_path
+from cache.schema import LABELS, LOGITS, feature_path
 
 from .errors import UserError
 from .losses import LOSSES, RUN_INPUTS, TEACHER_FEATURES, TEACHER_MODEL, StudentOutput, TermSetup, loss_defaults
@@ -104,11 +104,11 @@ class Method:
     def reads_teacher(self) -> bool:
         """Whether the method reads anything the teacher outputs (features, logits), which `--online-teacher`
         computes instead of reading the cache."""
-        return self.has_feature_loss or "logits" in self.inputs
+        return self.has_feature_loss or LOGITS in self.inputs
 
     @property
     def uses_labels(self) -> bool:
-        return "labels" in self.inputs
+        return LABELS in self.inputs
 
     @property
     def needs_logits(self) -> bool:

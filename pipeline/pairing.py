@@ -86,7 +86,7 @@ def recorded_taps(store: FeatureStore, names: list[str] | tuple[str, ...], why: 
 
 def store_taps(store: FeatureStore) -> list[Tap]:
     """The store's taps with the shapes, layouts and roles extract recorded."""
-    return [Tap.from_record(t) for t in store.meta["identity"]["taps"]]
+    return [Tap.from_record(t) for t in store.identity.taps]
 
 
 def picked_taps(store: FeatureStore, part: SplitStore, k: int) -> list[Tap]:
@@ -105,7 +105,7 @@ def picked_taps(store: FeatureStore, part: SplitStore, k: int) -> list[Tap]:
 
 def _picks(store: FeatureStore, part: SplitStore) -> dict:
     """The scores that chose the store's picks."""
-    scores = store_picks(store, part.group.attrs.get("scores"))
+    scores = store_picks(store, part.record.scores)
     if not scores:
         raise UserError(f"{store.path} has no scores; run `kdpipe score` first or pass --teacher-layers")
     return scores
@@ -113,10 +113,10 @@ def _picks(store: FeatureStore, part: SplitStore) -> dict:
 
 def standard_taps(store: FeatureStore, k: int) -> list[Tap]:
     """The teacher's k deepest stage ends, which extract recorded from the teacher; they must be cached."""
-    teacher, ends = store.meta["identity"]["teacher"], teacher_stage_ends(store)
+    teacher, ends = store.identity.teacher, teacher_stage_ends(store)
     if k > len(ends):
         raise UserError(
-            f"teacher {teacher['name']} has {len(ends)} stage ends for {k} pairs; "
+            f"teacher {teacher.name} has {len(ends)} stage ends for {k} pairs; "
             "pass --teacher-layers or fewer --student-layers"
         )
     return recorded_taps(store, ends[-k:], " (a stage end of the teacher)")
@@ -129,10 +129,10 @@ def _standard_pairs(store: FeatureStore) -> int:
 
 def teacher_stage_ends(store: FeatureStore) -> list[str]:
     """The names of the teacher's stage ends, as extract recorded them (or read off its architecture)."""
-    teacher = store.meta["identity"]["teacher"]
-    ends = teacher["stage_ends"] if "stage_ends" in teacher else _rebuilt_stage_ends(store)
+    teacher = store.identity.teacher
+    ends = teacher.stage_ends if teacher.stage_ends is not None else _rebuilt_stage_ends(store)
     if not ends:
-        raise UserError(f"teacher {teacher['name']} has no stage ends (no stages found); pass --teacher-layers")
+        raise UserError(f"teacher {teacher.name} has no stage ends (no stages found); pass --teacher-layers")
     return ends
 
 
@@ -154,7 +154,7 @@ def stage_taps(
     else:
         student_stages = stage_ends(list_taps(student, input_size))
     if len(student_stages) != len(teacher_stages):
-        named = store.meta["identity"]["teacher"]["name"]
+        named = store.identity.teacher.name
         raise UserError(
             f"teacher {named} has {len(teacher_stages)} stages ({', '.join(t.name for t in teacher_stages)}) and "
             f"student {student_name} {len(student_stages)} ({', '.join(t.name for t in student_stages) or 'none'}); "
@@ -166,16 +166,14 @@ def stage_taps(
 def _rebuilt_stage_ends(store: FeatureStore) -> list[str]:
     """A store from before extract recorded the teacher's stage ends: they are read off its architecture, rebuilt
     with the recorded kwargs (no weights needed)."""
-    identity = store.meta["identity"]
-    teacher, input_size = identity["teacher"], identity["dataset"]["preprocessing"]["input_size"]
-    kwargs = teacher.get("model_kwargs") or None
+    identity = store.identity
+    teacher, input_size = identity.teacher, identity.dataset.input_size
+    kwargs = teacher.model_kwargs or None
     try:
         with torch.random.fork_rng():  # building the architecture must not move the student's random stream
-            model = create_model(
-                teacher["name"], identity["dataset"]["num_classes"], input_size=input_size, model_kwargs=kwargs
-            )
+            model = create_model(teacher.name, identity.dataset.num_classes, input_size=input_size, model_kwargs=kwargs)
     except UserError as err:
-        raise UserError(f"cannot rebuild teacher {teacher['name']!r} of {store.path} (kwargs {kwargs}): {err}") from err
+        raise UserError(f"cannot rebuild teacher {teacher.name!r} of {store.path} (kwargs {kwargs}): {err}") from err
     return [t.name for t in stage_ends(list_taps(model, input_size))]
 
 

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from cache.location import location
+from cache.records import TeacherRecord
 from cache.store import FeatureStore, StoreError
 
 from .errors import UserError
@@ -63,10 +64,10 @@ def read_picks(source: str) -> dict[str, Any]:
     except StoreError as err:
         raise UserError(f"{PICKED}{source}: {err}") from None
     scored = [store.split(s) for s in store.expected_splits() if store.split_created(s)]
-    scores = next((p.group.attrs["scores"] for p in scored if "scores" in p.group.attrs), None)
+    scores = next((p.record.scores for p in scored if p.record.scores), None)
     if scores is None:
         raise UserError(f"{PICKED}{source}: {store.path} was never scored; run `kdpipe score {source}` first")
-    teacher = store.meta["identity"]["teacher"]
+    teacher = store.identity.teacher.to_json()
     context = {"teacher": {k: teacher.get(k) for k in TEACHER_KEYS}, "config_hash": store.meta.get("config_hash")}
     return _record(scores["selected"], scores["Q"], {**scores, **context}, str(score_files(store.path)[0]))
 
@@ -90,8 +91,9 @@ def _record(selected: list[str], q: dict[str, float], summary: dict[str, Any], s
     }
 
 
-def check_teacher(picks: dict[str, Any], teacher: dict[str, Any]) -> None:
+def check_teacher(picks: dict[str, Any], record: TeacherRecord) -> None:
     """Picks apply to the teacher they were scored on: its name and, where the picks recorded them, its weights."""
+    teacher = record.to_json()
     differ = [k for k, v in picks["teacher"].items() if teacher.get(k) != v]
     if differ:
         raise UserError(

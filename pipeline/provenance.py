@@ -38,14 +38,14 @@ def load_matching_split(
     recomputed with the scheme the store records; `fingerprint` "full" refuses a store whose scheme did not hash
     every sample's content.
     """
-    recorded = store.meta["identity"]["dataset"]
-    name = dataset or recorded["name"]
-    if name != recorded["name"]:
-        raise UserError(f"{store.path} was extracted from dataset {recorded['name']!r}, not {name!r}")
-    preprocessing = Preprocessing.from_dict(recorded["preprocessing"])
+    recorded = store.identity.dataset
+    name = dataset or recorded.name
+    if name != recorded.name:
+        raise UserError(f"{store.path} was extracted from dataset {recorded.name!r}, not {name!r}")
+    preprocessing = Preprocessing.from_dict(recorded.preprocessing)
     data = load_split(name, split, data_root, download=download, preprocessing=preprocessing)
-    expected = store.split(split).group.attrs if split in store.split_names() else recorded["splits"].get(split, {})
-    size = expected.get("dataset_size", expected.get("size"))
+    expected = _split_data_record(store, split)
+    size = expected.get("size")
     if size is not None and size != len(data):
         raise UserError(
             f"{store.path} does not match the data given: {split} split size differs ({size} vs {len(data)})"
@@ -90,7 +90,7 @@ def recorded_checkpoint(store: FeatureStore, given: str | None, purpose: str) ->
     `given`, else the first of `checkpoint_candidates` holding a file of the recorded sha256; None for a teacher
     extracted without a checkpoint. A file of another sha256 is never used: given, it is refused naming both files;
     at a recorded place, the next place is tried, and the error names every place when none is left."""
-    expected = store.meta["identity"]["teacher"]["checkpoint_sha256"]
+    expected = store.identity.teacher.checkpoint_sha256
     if given is not None:
         _check_given_checkpoint(store, given, expected, purpose)
         return given
@@ -141,6 +141,16 @@ def checkpoint_candidates(store: FeatureStore) -> list[Path]:
     else:
         places = [Path(os.path.abspath(recorded)), *(above / recorded for above in [folder, *folder.parents])]
     return list(dict.fromkeys(Path(os.path.normpath(place)) for place in places))  # `..` collapsed as written
+
+
+def _split_data_record(store: FeatureStore, split: str) -> dict:
+    """What the store recorded of the data of `split`: its size, fingerprint and scheme (from the split's own record
+    once it exists, else from the identity)."""
+    if split not in store.split_names():
+        return store.identity.dataset.splits.get(split, {})
+    record = store.split(split).record
+    scheme = {"fingerprint_scheme": record.fingerprint_scheme} if record.fingerprint_scheme else {}
+    return {"size": record.dataset_size, "fingerprint": record.fingerprint, **scheme}
 
 
 def _recorded_scheme(store: FeatureStore, split: str, expected, mode: str) -> str | None:

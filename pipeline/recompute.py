@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn.functional import cosine_similarity
 
-from cache.schema import PARAMS_ARRAY, feature_path
+from cache.schema import INDICES, LOGITS, PARAMS_ARRAY, feature_path
 from cache.store import FeatureStore, SplitStore
 
 from .augment import Augmentation, ViewImages
@@ -57,16 +57,14 @@ def recompute(
 ) -> list[Agreement]:
     """The agreement of every cached array of every view of every complete split with the live teacher."""
     store = FeatureStore.open(path)
-    identity = store.meta["identity"]
-    num_classes = identity["dataset"]["num_classes"]
-    input_size = identity["dataset"]["preprocessing"]["input_size"]
+    identity = store.identity
+    num_classes, input_size = identity.dataset.num_classes, identity.dataset.input_size
     # the teacher runs at the precision the store was extracted with, as it ran then
-    amp = identity.get("amp", "off")
+    amp = identity.amp
     refused_as = f"--recompute ({store.path} was extracted with --amp={amp})"
     precision = Precision(resolve_device(device), amp, refused_as=refused_as)
     teacher = precision.model(store_teacher(store, checkpoint, num_classes, input_size, "--recompute")).eval()
-    augment = identity.get("augment")
-    augmentation = Augmentation.from_record(augment) if augment else None
+    augmentation = Augmentation.from_record(identity.augment) if identity.augment else None
     root = recorded_data_root(data_root, store.meta.get("data_root"), store.path)
     found = []
     for part in store.splits():
@@ -75,7 +73,7 @@ def recompute(
             continue
         data = load_matching_split(store, part.name, None, root)
         rows = np.sort(np.random.default_rng(seed).permutation(part.num_samples)[:rows_per_view])
-        indices = part.read("indices")
+        indices = part.read(INDICES)
         for view, view_part in enumerate(part.views()):
             stored = {view: view_part.read(PARAMS_ARRAY)} if view else {}
             images = ViewImages(data, augmentation, indices=indices, stored=stored)
@@ -94,17 +92,17 @@ def _agreement(
     precision: Precision,
 ) -> list[Agreement]:
     taps = part.tap_names
-    arrays = [feature_path(t) for t in taps] + (["logits"] if "logits" in part.group.attrs["arrays"] else [])
+    arrays = [feature_path(t) for t in taps] + ([LOGITS] if LOGITS in part.array_names else [])
     cosines: dict[str, list[torch.Tensor]] = {a: [] for a in arrays}
     split = part.name.split("/")[0]
-    with TapRecorder(teacher, taps, stop_after_last="logits" not in arrays) as recorder:
+    with TapRecorder(teacher, taps, stop_after_last=LOGITS not in arrays) as recorder:
         for start in progress(range(0, len(rows), batch_size), desc=f"recompute {part.name}", leave=False):
             batch = rows[start : start + batch_size]
             pixels = torch.stack([image for image, *_ in images.__getitems__([(int(r), view) for r in batch])])
             with precision.autocast():
                 live = recorder.run(precision.batch(pixels))
             live = {feature_path(t): v for t, v in live.items()} | (
-                {"logits": recorder.logits} if "logits" in arrays else {}
+                {LOGITS: recorder.logits} if LOGITS in arrays else {}
             )
             for array in arrays:
                 cached = torch.from_numpy(part.read(array, batch).astype(np.float32))

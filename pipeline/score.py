@@ -18,6 +18,7 @@ import numpy as np
 from cache.location import location
 from cache.lock import lock_output
 from cache.reader import gather_rows
+from cache.schema import LABELS
 from cache.store import FeatureStore, SplitStore
 
 from .cluster import dask_client, run_tasks, same_threads, scheduler_kind, thread_counts
@@ -52,8 +53,8 @@ def score(config: ScoreConfig) -> dict[str, Any]:
 def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
     part = _checked_split(feature_store, config.split)
     taps = _taps_to_score(feature_store, part, config.layers)
-    num_classes = feature_store.meta["identity"]["dataset"]["num_classes"]
-    labels = part.read("labels")
+    num_classes = feature_store.identity.dataset.num_classes
+    labels = part.read(LABELS)
     rows = _sample_rows(labels, num_classes, config.max_samples, config.seed)
     try:
         subset_a, subset_b = draw_subsets(labels[rows], num_classes, config.seed)
@@ -85,7 +86,7 @@ def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
         scheduler = {**scheduler_kind(client, config.dask_processes), "threads": threads}
         results = run_tasks(client, job, taps, desc="score", unit="tap")
     selected, notes = _select(results, config.top_k)
-    identity = feature_store.meta["identity"]
+    identity = feature_store.identity
     summary = {
         "stage": "score",
         "kdpipe_version": __version__,
@@ -94,8 +95,8 @@ def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
         "scores_file": str(scores_file),
         "plot_file": str(plot_file) if config.plot else None,
         "split": config.split,
-        "teacher": identity["teacher"]["name"],
-        "dataset": identity["dataset"]["name"],
+        "teacher": identity.teacher.name,
+        "dataset": identity.dataset.name,
         "seed": config.seed,
         "top_k": config.top_k,
         "selected": [results[i]["name"] for i in selected],
@@ -114,7 +115,7 @@ def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
 
 def _checked_split(store: FeatureStore, split: str) -> SplitStore:
     part = store.split(split)
-    if "labels" not in part.group.attrs["arrays"] or "labels" not in part.group:
+    if LABELS not in part.array_names:
         raise UserError(f"{store.path} [{split}] has no labels; Q needs them")
     return part
 
@@ -122,13 +123,13 @@ def _checked_split(store: FeatureStore, split: str) -> SplitStore:
 def _train_split_size(store: FeatureStore, part: SplitStore) -> int:
     """N_train of K: the size of the dataset's whole training split (docs/method.md quirk 8), whatever split is
     scored."""
-    train = store.meta["identity"]["dataset"].get("splits", {}).get("train")
-    return int(train["size"]) if train else int(part.group.attrs["dataset_size"])
+    train = store.identity.dataset.splits.get("train")
+    return int(train["size"]) if train else int(part.record.dataset_size)
 
 
 def _taps_to_score(store: FeatureStore, part: SplitStore, layers: tuple[str, ...]) -> list[dict[str, Any]]:
     """The requested taps (default: all) as recorded in the store, in depth order."""
-    taps = store.meta["identity"]["taps"]
+    taps = store.identity.taps
     names = [t["name"] for t in taps]
     unknown = [name for name in layers if name not in names]
     if unknown:
@@ -260,12 +261,14 @@ def _select(results: list[dict[str, Any]], top_k: int) -> tuple[list[int], list[
 def _record(part: SplitStore, summary: dict[str, Any]) -> None:
     """Scores into the split's attributes and the summary's scores file (and plot) next to the store."""
     with writing(part.path):
-        part.group.attrs["scores"] = {
-            "selected": summary["selected"],
-            "seed": summary["seed"],
-            "top_k": summary["top_k"],
-            "Q": {t["name"]: t["Q"] for t in summary["taps"]},
-        }
+        part.record_scores(
+            {
+                "selected": summary["selected"],
+                "seed": summary["seed"],
+                "top_k": summary["top_k"],
+                "Q": {t["name"]: t["Q"] for t in summary["taps"]},
+            }
+        )
     write_json(location(summary["scores_file"]), summary)
     if summary["plot_file"]:
         plot_scores(summary, location(summary["plot_file"]))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cache.reader import CachedTargets
-from cache.schema import feature_path
+from cache.schema import LOGITS, feature_path
 from cache.store import FeatureStore
 
 from .augment import ViewImages
@@ -67,7 +67,7 @@ class OnlineTeacher:
     @property
     def paths(self) -> list[str]:
         """The cached arrays (store paths) it stands in for."""
-        return [feature_path(t) for t in self.taps] + (["logits"] if self.logits else [])
+        return [feature_path(t) for t in self.taps] + ([LOGITS] if self.logits else [])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -82,22 +82,22 @@ def store_teacher(
     """Rebuilds the store's teacher as recorded (model kwargs, checkpoint entry) for `purpose` (an option named in
     errors); its weights must be the ones the store was extracted with (the recorded sha256): `checkpoint`, else
     found where the store records them (`provenance.recorded_checkpoint`)."""
-    teacher = store.meta["identity"]["teacher"]
+    teacher = store.identity.teacher
     checkpoint = recorded_checkpoint(store, checkpoint, purpose)
     try:
         # building the teacher (on the CPU) must not move the student's random stream
         with torch.random.fork_rng(devices=[]):
             model, _ = load_teacher(
-                teacher["name"],
+                teacher.name,
                 checkpoint,
-                teacher.get("pretrained", False),
-                teacher.get("model_kwargs") or None,
+                teacher.pretrained,
+                teacher.model_kwargs or None,
                 num_classes,
                 input_size,
-                teacher.get("checkpoint_key"),
+                teacher.checkpoint_key,
             )
     except UserError as err:
-        raise UserError(f"{purpose}: cannot rebuild teacher {teacher['name']!r} of {store.path}: {err}") from err
+        raise UserError(f"{purpose}: cannot rebuild teacher {teacher.name!r} of {store.path}: {err}") from err
     return model
 
 

@@ -222,6 +222,7 @@ def make_store(
     path, features: dict, labels, dataset_size: int | None = None, num_classes: int | None = None, complete: bool = True
 ):
     """A feature store written directly from arrays (one 'train' split), for tests that need exact contents."""
+    from cache.records import DatasetRecord, StoreIdentity, TeacherRecord
     from cache.store import ArraySpec, FeatureStore
 
     labels = np.asarray(labels, dtype=np.int64)
@@ -230,15 +231,14 @@ def make_store(
         {"index": i, "name": name, "shape": list(x.shape[1:]), "kind": "map"}
         for i, (name, x) in enumerate(features.items())
     ]
-    identity = {
-        "teacher": {"name": "synthetic", "checkpoint_sha256": None},
-        "taps": taps,
-        "dataset": {"name": "synthetic", "num_classes": num_classes},
-    }
+    classes = [str(c) for c in range(num_classes)]
+    identity = StoreIdentity(
+        TeacherRecord("synthetic"), DatasetRecord("synthetic", num_classes, classes, {}), taps, "float16"
+    )
     store = FeatureStore.create(
         path,
         {
-            "identity": identity,
+            "identity": identity.to_json(),
             "config_hash": "test",
             "kdpipe_version": "test",
             "created": "now",
