@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -32,15 +32,7 @@ class TeacherRecord:
     stage_ends: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "pretrained": self.pretrained,
-            "model_kwargs": self.model_kwargs,
-            "checkpoint_key": self.checkpoint_key,
-            "head": self.head,
-            "stage_ends": self.stage_ends,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> TeacherRecord:
@@ -71,13 +63,7 @@ class DatasetRecord:
         return self.preprocessing["input_size"]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "num_classes": self.num_classes,
-            "classes": self.classes,
-            "preprocessing": self.preprocessing,
-            "splits": self.splits,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> DatasetRecord:
