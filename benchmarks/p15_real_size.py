@@ -83,7 +83,8 @@ def children_usage() -> Iterator[dict[str, float]]:
 def linked_copy(extract: Path, folder: Path) -> Path:
     """The extract folder hard-linked into `folder` (same file system), less what score writes beside the store and
     the store's lock: the copy's are its own."""
-    from pipeline.layout import STORE_NAME, score_files, store_lock
+    from cache.lock import store_lock
+    from pipeline.layout import STORE_NAME, score_files
 
     copy = folder / "extract"
     try:

@@ -22,22 +22,26 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from .errors import DamagedStoreError, StoreError
 from .location import is_remote, location, remove_tree, tree_bytes, walk_files, zarr_store
 from .records import SplitRecord, StoreIdentity
-from .schema import ATTR_KEY, FORMAT_VERSION, INDICES, LABELS, PARAMS_ARRAY, PROGRESS, STORE_NAME, VIEWS, feature_path
+from .schema import (
+    ATTR_KEY,
+    DEFAULT_COMPRESSION,
+    FORMAT_VERSION,
+    INDICES,
+    LABELS,
+    PARAMS_ARRAY,
+    PROGRESS,
+    STORE_NAME,
+    VIEWS,
+    feature_path,
+)
 
 MIN_CHUNK_BYTES = 4 << 20  # feature chunks hold at least 4 MiB where N allows (fewer, cheaper writes)
 MAX_CHUNK_ROWS = 4096  # bounds the block, hence the resume and sharding granularity
 UNFINISHED_WRITE = ".partial"  # zarr's local store writes a file under this suffix, then renames it into place
 UNREADABLE = (ValueError, TypeError, KeyError)  # what zarr raises for metadata that is not JSON or not Zarr's
-
-
-class StoreError(Exception):
-    """A store that is missing, foreign, newer, incomplete or inconsistent with what the caller expects."""
-
-
-class DamagedStoreError(StoreError):
-    """A store whose root metadata is missing or unreadable: `kdpipe extract --overwrite` rebuilds it."""
 
 
 REBUILD = "kdpipe extract --overwrite rebuilds the store"
@@ -58,9 +62,6 @@ class ArraySpec:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-# Picked by benchmarks/p5_storage.py on real activations: 0.45 of float32 bytes (zstd:1:shuffle 0.30) at 4x the
-# encode and decode speed of zstd, which the teacher's cores and the streamed distillation loader both feel.
-DEFAULT_COMPRESSION = "lz4:5:bitshuffle"
 BLOSC_NAMES = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
 SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
 

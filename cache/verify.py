@@ -15,8 +15,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StoreError
 from .lock import lock_output, store_lock
-from .store import PROGRESS, FeatureStore, SplitStore, StoreError
+from .store import PROGRESS, FeatureStore, SplitStore
 
 SOUND, DAMAGED, INCOMPLETE = 0, 1, 2
 

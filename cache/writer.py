@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from .store import SplitStore, StoreError, first_non_finite_row
+from .errors import StoreError
+from .store import SplitStore, first_non_finite_row
 
 WRITE_BYTES = 8 << 20  # rows gathered per array before one write call
 

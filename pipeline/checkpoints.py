@@ -24,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, load_file, safe_open, save
 from torch import nn
 
+from cache.errors import StoreError
 from cache.location import is_remote, location
-from cache.store import StoreError
 
 from .errors import UserError, first_line, user_message, writing
 from .layout import checkpoint_epochs, epoch_state, epoch_weights

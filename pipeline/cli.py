@@ -22,9 +22,9 @@ import click
 from click.core import ParameterSource
 from tqdm import tqdm
 
+from cache.errors import StoreError
+from cache.holder import LockError
 from cache.location import LocationError, is_url, remote_cause, remote_message
-from cache.lock import LockError
-from cache.store import StoreError
 
 from .config import (
     Boolean,

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import click
 import yaml
 
-from cache.store import DEFAULT_COMPRESSION
+from cache.schema import DEFAULT_COMPRESSION
 
 from .errors import UserError
 from .fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMALL_TREE_FILES

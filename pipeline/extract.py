@@ -30,19 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from cache.errors import DamagedStoreError, StoreError
 from cache.location import is_remote, location
-from cache.lock import lock_output
+from cache.lock import lock_output, store_lock
 from cache.records import DatasetRecord, StoreIdentity, TeacherRecord
 from cache.schema import INDICES, LABELS, LOGITS, PARAMS_ARRAY, feature_path, view_path
-from cache.store import (
-    ArraySpec,
-    DamagedStoreError,
-    FeatureStore,
-    SplitStore,
-    StoreError,
-    compressors,
-    stored_bytes,
-)
+from cache.store import ArraySpec, FeatureStore, SplitStore, compressors, stored_bytes
 from cache.writer import SplitWriter
 
 from . import distributed
@@ -51,7 +44,7 @@ from .checkpoints import file_sha256, read_model_spec
 from .config import ExtractConfig
 from .datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
 from .errors import UserError, writing
-from .layout import EXTRACT_SUMMARY, STORE_NAME, derived_files, store_lock
+from .layout import EXTRACT_SUMMARY, STORE_NAME, derived_files
 from .models import TeacherBuild, load_teacher, served_preprocessing
 from .picks import PICKED_BY, check_teacher, expand_layers
 from .precision import Precision

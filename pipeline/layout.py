@@ -30,7 +30,6 @@ import re
 from pathlib import Path
 
 from cache.location import location
-from cache.lock import store_lock as store_lock  # a store's lock, beside it: STORE.lock
 from cache.schema import STORE_NAME as STORE_NAME  # an extract folder holds the store under this name
 
 FOLDER_LOCK = "kdpipe.lock"  # the lock of a teach, distill or report folder, inside it

@@ -13,9 +13,10 @@ import json
 import logging
 from typing import Any
 
+from cache.errors import StoreError
 from cache.location import location
 from cache.records import TeacherRecord
-from cache.store import FeatureStore, StoreError
+from cache.store import FeatureStore
 
 from .errors import UserError
 from .layout import SCORES, score_files

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from cache.errors import StoreError
 from cache.location import location
 from cache.lock import lock_output
-from cache.store import FeatureStore, StoreError
+from cache.store import FeatureStore
 
 from .checkpoints import file_or_bytes, load_checkpoint, read_model_spec, save_checkpoint
 from .config import ProbeConfig

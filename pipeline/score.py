@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cache.location import location
-from cache.lock import lock_output
+from cache.lock import lock_output, store_lock
 from cache.reader import gather_rows
 from cache.schema import LABELS
 from cache.store import FeatureStore, SplitStore
@@ -25,7 +25,7 @@ from .cluster import dask_client, run_tasks, same_threads, scheduler_kind, threa
 from .config import ScoreConfig
 from .datasets import stratified_subset
 from .errors import UserError, writing
-from .layout import score_files, store_lock
+from .layout import score_files
 from .quality import (
     QualityError,
     class_spectrum,

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cache.errors import StoreError
 from cache.location import local_folder
-from cache.store import FeatureStore, StoreError
+from cache.store import FeatureStore
 
 from .layout import DISTILL_SUMMARY, PROBE_SUMMARY, SCORES, TEACH_SUMMARY
 

@@ -247,12 +247,13 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 calls = [["--help"], *([name, "--help"] for name in cli.commands), ["teach", "--epoch", "3"]]
 codes = {" ".join(args): CliRunner().invoke(cli, args).exit_code for args in calls}
-print(json.dumps({"codes": codes, "imported": sorted({"torch", "torchvision", "timm", "dask"} & set(sys.modules))}))
+print(json.dumps({"codes": codes, "imported": sorted({"torch", "torchvision", "timm", "dask", "zarr"} & set(sys.modules))}))
 """
 
 
 def test_help_and_usage_errors_import_no_torch():
-    """torch (with torchvision, timm, dask) takes seconds and ~900 MB to import: help and a usage error need none."""
+    """torch (with torchvision, timm, dask) takes seconds and ~900 MB to import, Zarr a fifth of a second: help and a
+    usage error need none of them."""
     run = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     found = json.loads(run.stdout)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from cache.lock import OutputLock, _Removed
+from cache.lock import OutputLock, _Removed, store_lock
 from cache.schema import STORE_NAME
 from cache.store import FeatureStore
 from cache.verify import DAMAGED, INCOMPLETE, SOUND
@@ -31,7 +31,7 @@ from helpers import (
     tree_bytes,
 )
 from pipeline import DistillConfig, ProbeConfig, distill, probe
-from pipeline.layout import EXTRACT_SUMMARY, PROBE_SUMMARY, STUDENT_WEIGHTS, folder_lock, score_files, store_lock
+from pipeline.layout import EXTRACT_SUMMARY, PROBE_SUMMARY, STUDENT_WEIGHTS, folder_lock, score_files
 
 
 @pytest.mark.slow

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from cache import store
+from cache.errors import StoreError
 from cache.store import (
     MIN_CHUNK_BYTES,
     ArraySpec,
     FeatureStore,
-    StoreError,
     chunk_rows,
     first_non_finite_row,
     plan_chunks,
