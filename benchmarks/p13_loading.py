@@ -38,7 +38,7 @@ WORKER_COUNTS = (0, 1, 2)
 
 def loader_rate(data, workers: int) -> tuple[float, float]:
     """(images/s over a full epoch with `workers` workers, seconds to the first batch of the epoch before it)."""
-    from pipeline.recipe import make_loader
+    from pipeline.engine.recipe import make_loader
 
     loader = make_loader(data, BATCH, workers=workers)
     with Timer() as start:
@@ -54,7 +54,7 @@ def loader_rate(data, workers: int) -> tuple[float, float]:
 
 
 def first_batches(data, count: int) -> list[torch.Tensor]:
-    from pipeline.recipe import make_loader
+    from pipeline.engine.recipe import make_loader
 
     batches = []
     for images, _ in make_loader(data, BATCH):
@@ -103,8 +103,8 @@ def stage_seconds(data, num_images: int) -> dict[str, float]:
 
 
 def main() -> None:
-    from pipeline.datasets import load_split
-    from pipeline.models import create_model, served_preprocessing
+    from pipeline.data.datasets import load_split
+    from pipeline.models.zoo import create_model, served_preprocessing
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=120, help="Images per digit class (10 classes).")

@@ -34,8 +34,8 @@ def teacher_checkpoint(folder: Path, name: str) -> str:
     """Random weights for `name` (10 classes) with non-zero last BatchNorms, saved as kdpipe saves a teacher."""
     import torch
 
-    from pipeline.checkpoints import save_checkpoint
-    from pipeline.models import create_model
+    from pipeline.engine.checkpoints import save_checkpoint
+    from pipeline.models.zoo import create_model
 
     torch.manual_seed(0)
     path = folder / "teacher.safetensors"

@@ -53,14 +53,14 @@ def ideal_speedup(
     import torch
 
     from cache.store import FeatureStore
-    from pipeline.losses import TermSetup
-    from pipeline.methods import Distiller, get_method
-    from pipeline.models import create_model, load_teacher
-    from pipeline.pairing import student_taps
-    from pipeline.precision import Precision
-    from pipeline.recipe import adamw_onecycle
-    from pipeline.taps import Tap
-    from pipeline.training import OnlineTeacher
+    from pipeline.distillation.losses import TermSetup
+    from pipeline.distillation.methods import Distiller, get_method
+    from pipeline.distillation.pairing import student_taps
+    from pipeline.engine.precision import Precision
+    from pipeline.engine.recipe import adamw_onecycle
+    from pipeline.engine.training import OnlineTeacher
+    from pipeline.models.taps import Tap
+    from pipeline.models.zoo import create_model, load_teacher
 
     setup_threads()
     precision = Precision(torch.device(device), amp, channels_last, training=True)

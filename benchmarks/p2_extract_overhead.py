@@ -35,11 +35,11 @@ def teacher_forward(
     import torch
     from torch.utils.data import Subset
 
-    from pipeline.datasets import load_split
-    from pipeline.models import load_teacher
-    from pipeline.precision import Precision
-    from pipeline.recipe import make_loader
-    from pipeline.taps import TapRecorder, list_taps
+    from pipeline.data.datasets import load_split
+    from pipeline.engine.precision import Precision
+    from pipeline.engine.recipe import make_loader
+    from pipeline.models.taps import TapRecorder, list_taps
+    from pipeline.models.zoo import load_teacher
 
     setup_threads()
     precision = Precision(torch.device(device), amp, channels_last)

@@ -37,7 +37,7 @@ from cache.schema import FEATURES  # noqa: E402
 from cache.store import ArraySpec, FeatureStore, first_non_finite_row  # noqa: E402
 from cache.writer import SplitWriter  # noqa: E402
 from p2_extract_overhead import teacher_forward  # noqa: E402
-from pipeline.extract import FEATURE_DTYPE, QUEUE_BATCHES, HalfSlots  # noqa: E402
+from pipeline.stages.extract import FEATURE_DTYPE, QUEUE_BATCHES, HalfSlots  # noqa: E402
 from workload import DATASET, TEACHER, THREADS, teacher_checkpoint  # noqa: E402
 
 KEPT_BATCHES = 4  # distinct batches of real activations the writer cycles through (compression depends on them)

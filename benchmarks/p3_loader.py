@@ -25,7 +25,7 @@ STREAM_BUDGET = 64 << 20
 def build_store(path: Path, num_images: int):
     """A complete store with the workload's three teacher taps (random values: loading speed ignores them)."""
     from cache.store import ArraySpec, FeatureStore
-    from pipeline.datasets import load_split
+    from pipeline.data.datasets import load_split
 
     data = load_split(DATASET, "train")
     identity = {"teacher": {"name": "bench"}, "taps": [], "dataset": {"name": DATASET, "num_classes": 10}}
@@ -45,8 +45,8 @@ def build_store(path: Path, num_images: int):
 def loader_rate(part, data, memory_bytes: int) -> tuple[float, bool]:
     """Samples/s of one epoch of paired image + target batches, exactly as distill iterates them."""
     from cache.reader import CachedTargets
-    from pipeline.augment import ViewImages
-    from pipeline.recipe import make_loader
+    from pipeline.data.augment import ViewImages
+    from pipeline.engine.recipe import make_loader
 
     targets = CachedTargets(part, [f"features/{t}" for t in TAP_SHAPES], memory_bytes)
     windows = targets.epoch_order(np.random.default_rng(0))
@@ -63,11 +63,11 @@ def loader_rate(part, data, memory_bytes: int) -> tuple[float, bool]:
 
 def student_step_rate(num_batches: int = 8) -> float:
     """Images/s of the feature-distillation training step of the workload's student."""
-    from pipeline.losses import TermSetup
-    from pipeline.methods import Distiller, get_method
-    from pipeline.models import create_model
-    from pipeline.pairing import student_taps
-    from pipeline.taps import Tap
+    from pipeline.distillation.losses import TermSetup
+    from pipeline.distillation.methods import Distiller, get_method
+    from pipeline.distillation.pairing import student_taps
+    from pipeline.models.taps import Tap
+    from pipeline.models.zoo import create_model
 
     student = create_model(STUDENT, 10)
     teacher_taps = [Tap(i, t, TAP_SHAPES[t]) for i, t in enumerate(TEACHER_TAPS)]

@@ -24,10 +24,10 @@ STUDENT_STAGES = ("layer1.0", "layer2.0", "layer3.0")  # resnet8's three stages,
 
 def distillers():
     """(kd, block-kd) distillers on fresh, identically seeded resnet8 students, and the teacher."""
-    from pipeline.losses import FrozenTeacher, TermSetup
-    from pipeline.methods import Distiller, get_method
-    from pipeline.models import create_model
-    from pipeline.taps import list_taps
+    from pipeline.distillation.losses import FrozenTeacher, TermSetup
+    from pipeline.distillation.methods import Distiller, get_method
+    from pipeline.models.taps import list_taps
+    from pipeline.models.zoo import create_model
 
     torch.manual_seed(0)
     teacher = create_model(TEACHER, 10)
@@ -63,7 +63,7 @@ def teacher_from_the_image_seconds(teacher, images: torch.Tensor, stones: int) -
 
 
 def main() -> None:
-    from pipeline.recipe import adamw_onecycle
+    from pipeline.engine.recipe import adamw_onecycle
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)

@@ -40,7 +40,7 @@ def extract_split(out: Path, checkpoint: str, num_images: int, device: str = "cp
 
 
 def speed_flags(amp: str = "off", channels_last: bool = False) -> list[str]:
-    """The `pipeline.precision` options of extract and distill, as command-line flags."""
+    """The `pipeline.engine.precision` options of extract and distill, as command-line flags."""
     return ["--amp", amp] + (["--channels-last"] if channels_last else [])
 
 
@@ -49,8 +49,8 @@ def setup_threads() -> None:
 
 
 def teacher_checkpoint(folder: Path) -> str:
-    from pipeline.checkpoints import save_checkpoint
-    from pipeline.models import create_model
+    from pipeline.engine.checkpoints import save_checkpoint
+    from pipeline.models.zoo import create_model
 
     path = folder / "teacher.safetensors"
     if not path.exists():

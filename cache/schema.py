@@ -25,7 +25,7 @@ INDICES = "indices"  # each row's sample index in its dataset split
 LOGITS = "logits"
 PROGRESS = "progress"
 VIEWS = "views"
-PARAMS_ARRAY = "params"  # an augmented view's replay parameters (`pipeline.augment.PARAMS`)
+PARAMS_ARRAY = "params"  # an augmented view's replay parameters (`pipeline.data.augment.PARAMS`)
 # The chunks' codec unless `--compression` names another. Picked by benchmarks/p5_storage.py on real activations: 0.45
 # of float32 bytes (zstd:1:shuffle 0.30) at 4x the encode and decode speed of zstd, which the teacher's cores and the
 # streamed distillation loader both feel.

@@ -11,7 +11,6 @@ and checks):
 import importlib
 import os
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,9 @@ _API = {
     **dict.fromkeys(
         ["DistillConfig", "ExtractConfig", "ProbeConfig", "ReportConfig", "ScoreConfig", "TeachConfig"], "config"
     ),
-    **dict.fromkeys(["create_model", "list_models", "load_teacher"], "models"),
-    "load_classifier": "probe",
-    **{stage: stage for stage in _STAGES},
+    **dict.fromkeys(["create_model", "list_models", "load_teacher"], "models.zoo"),
+    "load_classifier": "stages.probe",
+    **{stage: f"stages.{stage}" for stage in _STAGES},
 }
 __all__ = sorted(_API)
 
@@ -47,16 +46,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_API})
-
-
-class _Package(types.ModuleType):
-    """Keeps `pipeline.distill` (and each stage) the function, as the API has it: importing the submodule
-    `pipeline.distill` would otherwise bind the module to that name in the package."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _STAGES and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

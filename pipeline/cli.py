@@ -75,7 +75,7 @@ def cli(quiet: bool, verbose: int) -> None:
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [h for h in logger.handlers if not isinstance(h, _TqdmHandler)] + [handler]
-        logger.setLevel(level)  # above INFO also turns the progress bars off (pipeline.runtime.progress)
+        logger.setLevel(level)  # above INFO also turns the progress bars off (pipeline.engine.runtime.progress)
 
 
 def _user_errors(fn: Callable) -> Callable:
@@ -144,7 +144,7 @@ def command(config: type[Config]) -> Callable:
 
     def bind(fn: Callable[[Config], None]) -> click.Command:
         def callback(config_file: str | None, **values) -> None:
-            from . import distributed  # imports torch: a command's run needs it, its --help does not
+            from .engine import distributed  # imports torch: a command's run needs it, its --help does not
 
             ctx = click.get_current_context()
             given = {k: v for k, v in values.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
@@ -177,7 +177,7 @@ def command(config: type[Config]) -> Callable:
 
 @command(ModelsConfig)
 def models(config: ModelsConfig) -> None:
-    from .models import list_models, split_namespace
+    from .models.zoo import list_models, split_namespace
 
     for name in list_models(config.pattern):
         click.echo(name)
@@ -187,7 +187,7 @@ def models(config: ModelsConfig) -> None:
 
 @command(DatasetsConfig)
 def datasets(config: DatasetsConfig) -> None:
-    from .datasets import DATASETS
+    from .data.datasets import DATASETS
 
     names = DATASETS.names(config.pattern)
     width = max(map(len, names), default=0)
@@ -210,9 +210,9 @@ def _with_settings(summary: str, settings: dict) -> str:
 
 @command(MethodsConfig)
 def methods(config: MethodsConfig) -> None:
-    from .augment import POLICIES, policy_defaults
-    from .losses import LOSSES, describe
-    from .methods import METHODS, format_terms
+    from .data.augment import POLICIES, policy_defaults
+    from .distillation.losses import LOSSES, describe
+    from .distillation.methods import METHODS, format_terms
 
     for name in METHODS.names():
         method = METHODS.get(name)
@@ -231,9 +231,9 @@ def methods(config: MethodsConfig) -> None:
 
 @command(LayersConfig)
 def layers(config: LayersConfig) -> None:
-    from .extract import tap_bytes
-    from .models import create_model
-    from .taps import list_taps
+    from .models.taps import list_taps
+    from .models.zoo import create_model
+    from .stages.extract import tap_bytes
 
     net = create_model(config.model, config.num_classes, input_size=config.input_size, model_kwargs=config.model_kwargs)
     taps = list_taps(net, config.input_size)
@@ -249,7 +249,7 @@ def layers(config: LayersConfig) -> None:
 
 @command(TeachConfig)
 def teach(config: TeachConfig) -> None:
-    from .teach import teach as run
+    from .stages.teach import teach as run
 
     summary = run(config)
     click.echo(
@@ -260,7 +260,7 @@ def teach(config: TeachConfig) -> None:
 
 @command(ExtractConfig)
 def extract(config: ExtractConfig) -> None:
-    from .extract import extract as run  # OMP_WAIT_POLICY for extraction is set in pipeline/__init__.py
+    from .stages.extract import extract as run  # OMP_WAIT_POLICY for extraction is set in pipeline/__init__.py
 
     summary = run(config)
     for split, s in summary["splits"].items():
@@ -274,8 +274,8 @@ def extract(config: ExtractConfig) -> None:
 
 @command(ScoreConfig)
 def score(config: ScoreConfig) -> None:
-    from .score import format_table
-    from .score import score as run
+    from .stages.score import format_table
+    from .stages.score import score as run
 
     summary = run(config)
     click.echo(format_table(summary))
@@ -291,7 +291,7 @@ def _pairs(summary: dict) -> str:
 
 @command(DistillConfig)
 def distill(config: DistillConfig) -> None:
-    from .distill import distill as run
+    from .stages.distill import distill as run
 
     summary = run(config)
     if summary.get("checked"):
@@ -309,7 +309,7 @@ def distill(config: DistillConfig) -> None:
 
 @command(ProbeConfig)
 def probe(config: ProbeConfig) -> None:
-    from .probe import probe as fit
+    from .stages.probe import probe as fit
 
     summary = fit(config)
     click.echo(
@@ -321,8 +321,8 @@ def probe(config: ProbeConfig) -> None:
 @command(ReportConfig)
 def report(config: ReportConfig) -> None:
     from .layout import REPORT_TEXT
-    from .report import format_budget_table, format_table
-    from .report import report as run
+    from .stages.report import format_budget_table, format_table
+    from .stages.report import report as run
 
     summary = run(config)
     click.echo(summary["setting"])
@@ -338,7 +338,7 @@ def report(config: ReportConfig) -> None:
 @command(QTestConfig)
 def q_test(config: QTestConfig) -> None:
     from .layout import Q_TEST_TEXT
-    from .qtest import format_predictor_table, format_set_table, q_test, verdict
+    from .stages.qtest import format_predictor_table, format_set_table, q_test, verdict
 
     summary = q_test(config)
     click.echo(summary["setting"])
@@ -350,7 +350,7 @@ def q_test(config: QTestConfig) -> None:
 
 @command(StudyConfig)
 def study(config: StudyConfig) -> None:
-    from .study import study as run
+    from .stages.study import study as run
 
     for stage, done in run(config.file).items():
         click.echo(f"{stage}: done in {done['seconds']:.0f} s")
@@ -358,7 +358,7 @@ def study(config: StudyConfig) -> None:
 
 @command(SummaryConfig)
 def summary(config: SummaryConfig) -> None:
-    from .summary import summarize
+    from .stages.summary import summarize
 
     click.echo(summarize(config.folder))
 
@@ -367,7 +367,7 @@ def summary(config: SummaryConfig) -> None:
 def verify(config: VerifyConfig) -> None:
     from cache.verify import SOUND, verify_store
 
-    from .runtime import progress
+    from .engine.runtime import progress
 
     verdict = verify_store(config.store, config.repair, progress)
     for problem in verdict.problems:
@@ -387,8 +387,9 @@ def verify(config: VerifyConfig) -> None:
 
 
 def _recompute(config: VerifyConfig) -> None:
-    """The live teacher against a sample of every view (`pipeline.recompute`): a table, and exit 1 below the bar."""
-    from .recompute import MIN_COSINE, recompute
+    """The live teacher against a sample of every view (`pipeline.stages.recompute`): a table, and exit 1 below the
+    bar."""
+    from .stages.recompute import MIN_COSINE, recompute
 
     found = recompute(config.store, config.recompute, config.teacher_checkpoint, config.data_root, config.device)
     click.echo(f"{'split':8s} {'view':>4s}  {'array':32s} {'rows':>5s} {'min cosine':>11s} {'mean cosine':>12s}")
@@ -409,7 +410,7 @@ def _recompute(config: VerifyConfig) -> None:
 
 @command(InfoConfig)
 def info(config: InfoConfig) -> None:
-    from .info import describe_store
+    from .stages.info import describe_store
 
     click.echo(describe_store(config.store))
 

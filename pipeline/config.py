@@ -30,8 +30,8 @@ import yaml
 
 from cache.schema import DEFAULT_COMPRESSION
 
+from .data.fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMALL_TREE_FILES
 from .errors import UserError
-from .fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMALL_TREE_FILES
 from .layout import Q_TEST_PLOT, REPORT_BUDGET_PLOT, REPORT_PLOT, SCORES_PLOT
 from .registry import UnknownName
 
@@ -39,7 +39,7 @@ from .registry import UnknownName
 # configs' declarations load in a fraction of a second (benchmarks/p16_cli_start.py).
 
 DEVICE_NAMES = ["auto", "cpu", "cuda"] + [f"cuda:{i}" for i in range(8)]
-AMP_MODES = ("off", "bf16", "fp16")  # `pipeline.precision` runs them
+AMP_MODES = ("off", "bf16", "fp16")  # `pipeline.engine.precision` runs them
 
 
 class ConfigError(UserError):
@@ -162,9 +162,9 @@ class MappingType(click.ParamType):
 
 
 class Registered(click.ParamType):
-    """A name that a registry holds (`pipeline.registry`), e.g. `Registered("pipeline.methods", "METHODS")`; an
-    unknown one is refused with the closest registered name. The registry's module is imported when a value is
-    converted, not when the option is declared: it imports torch, which `kdpipe --help` should not wait for.
+    """A name that a registry holds (`pipeline.registry`), e.g. `Registered("pipeline.distillation.methods",
+    "METHODS")`; an unknown one is refused with the closest registered name. The registry's module is imported when a
+    value is converted, not when the option is declared: it imports torch, which `kdpipe --help` should not wait for.
     `namespaced` lets a name with a library prefix (`timm:resnet18`) through: that library checks it on use."""
 
     name = "name"
@@ -188,7 +188,10 @@ class LossTerms(MappingType):
     loss's constructor; normalised to `{loss: {weight?, **hyperparameters}}`."""
 
     def convert(self, value: Any, param, ctx) -> dict[str, dict[str, Any]]:
-        from .losses import LOSSES, loss_parameters  # imports torch: on use, not when the option is declared
+        from .distillation.losses import (  # imports torch: on use, not when the option is declared
+            LOSSES,
+            loss_parameters,
+        )
 
         terms = {}
         for loss, settings in super().convert(value, param, ctx).items():
@@ -336,7 +339,7 @@ class Config:
     """Base of the command configs: every field converted and checked by its type on construction."""
 
     command: ClassVar[str]
-    several_processes: ClassVar[bool] = False  # runs as N torchrun processes (`pipeline.distributed`)
+    several_processes: ClassVar[bool] = False  # runs as N torchrun processes (`pipeline.engine.distributed`)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -370,8 +373,8 @@ def _plain(value: Any) -> Any:
 
 # Options several commands share, each default written once here.
 
-MODEL = Registered("pipeline.models", "MODELS", namespaced=True)
-DATASET = Registered("pipeline.datasets", "DATASETS")
+MODEL = Registered("pipeline.models.zoo", "MODELS", namespaced=True)
+DATASET = Registered("pipeline.data.datasets", "DATASETS")
 
 
 def _device() -> Any:
@@ -424,7 +427,7 @@ def _normalization() -> Any:
 
 
 def _augment(purpose: str) -> Any:
-    policy = Registered("pipeline.augment", "POLICIES")
+    policy = Registered("pipeline.data.augment", "POLICIES")
     return option(None, f"Augmentation policy (`kdpipe methods` lists them) {purpose}.", policy)
 
 
@@ -478,7 +481,8 @@ class RunOptions(Config):
 
 @dataclass(frozen=True, kw_only=True)
 class SpeedOptions(Config):
-    """How the model's forward (and backward) passes run: their precision and memory layout (`pipeline.precision`)."""
+    """How the model's forward (and backward) passes run: their precision and memory layout
+    (`pipeline.engine.precision`)."""
 
     amp: str = option(
         "off",
@@ -614,7 +618,10 @@ class DistillConfig(RunOptions, SpeedOptions):
     store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
     student: str = option("resnet9", "Student model (`kdpipe models`).", MODEL, spec=True)
     method: str = option(
-        "feature", "Distillation method (`kdpipe methods`).", Registered("pipeline.methods", "METHODS"), spec=True
+        "feature",
+        "Distillation method (`kdpipe methods`).",
+        Registered("pipeline.distillation.methods", "METHODS"),
+        spec=True,
     )
     losses: dict | None = option(
         None,

@@ -166,7 +166,7 @@ def demo_summary(measurement: dict) -> str:
 
 def score_table(measurement: dict) -> str:
     """The Q table `kdpipe score` printed for the demo's store, from its scores.json."""
-    from pipeline.score import format_table  # imports torch: only when this output is asked for
+    from pipeline.stages.score import format_table  # imports torch: only when this output is asked for
 
     scores = json.loads((DEMO / "extract" / "scores.json").read_text())
     return f"```\n{format_table(scores)}\n```"

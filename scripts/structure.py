@@ -1,7 +1,7 @@
 """The package structure in numbers, for a checkout: modules per folder, the depth of the module-level import graph
 (its floors), imports that climb back to a package's `__init__`, import cycles, and the length of named functions.
 
-    python scripts/structure.py [ROOT] [--function pipeline/distill.py:distill ...] [--module pipeline.config ...]
+    python scripts/structure.py [ROOT] [--function FILE:NAME ...] [--module pipeline.config ...]
 
 Only imports at module level count (those inside functions run when a command does, not when a module loads), and
 only imports of kdpipe's own modules (`pipeline`, `cache`). Run it on two checkouts to compare them.

@@ -67,8 +67,8 @@ class Disk:
 
     Where this process may mount (root in a container that allows it) it is a real tmpfs of `size_mib`: a ballast
     file fills it, a remount makes it read-only, and every writer (kdpipe's, zarr's, a mkdir) meets the fault.
-    Elsewhere the fault is injected into kdpipe's file writes under `path` (the `open` of `pipeline.runtime`), with
-    the errno the real disk gives.
+    Elsewhere the fault is injected into kdpipe's file writes under `path` (the `open` of `pipeline.engine.runtime`),
+    with the errno the real disk gives.
     """
 
     def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch, size_mib: int = 16) -> None:
@@ -78,9 +78,9 @@ class Disk:
         self.real = subprocess.run(mount, capture_output=True).returncode == 0
         self.fault: int | None = None
         if not self.real:
-            import pipeline.runtime
+            import pipeline.engine.runtime
 
-            monkeypatch.setattr(pipeline.runtime, "open", self._open, raising=False)
+            monkeypatch.setattr(pipeline.engine.runtime, "open", self._open, raising=False)
 
     def _open(self, file, *args, **kwargs):
         if self.fault is not None and Path(file).is_relative_to(self.path):
@@ -194,9 +194,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def own_classifier_top1(run_dir: Path) -> float:
     """The test top-1 of a run's own classifier, recomputed here from its saved weights and recorded preprocessing,
     image by image in plain eval mode: the oracle for the top-1 that distill reports for a method that trains one."""
-    from pipeline.checkpoints import read_model_spec
-    from pipeline.datasets import Preprocessing, load_split
-    from pipeline.models import create_model
+    from pipeline.data.datasets import Preprocessing, load_split
+    from pipeline.engine.checkpoints import read_model_spec
+    from pipeline.models.zoo import create_model
 
     spec = read_model_spec(Path(run_dir) / STUDENT_WEIGHTS)
     net = create_model(
@@ -317,7 +317,7 @@ def naive_quality(x: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarra
 @contextlib.contextmanager
 def interrupted_in_epoch(monkeypatch, epoch: int):
     """Within the block, a distill run is interrupted (KeyboardInterrupt) as its epoch `epoch` starts."""
-    from pipeline.training import Trainer
+    from pipeline.engine.training import Trainer
 
     real_epoch = Trainer.run_epoch
 

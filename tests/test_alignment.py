@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.alignment import FeatureAlignment
+from pipeline.distillation.alignment import FeatureAlignment
 from pipeline.errors import UserError
-from pipeline.taps import Tap
+from pipeline.models.taps import Tap
 
 
 def pair(s_shape, t_shape, **layouts) -> FeatureAlignment:

@@ -16,10 +16,10 @@ from cache.reader import CachedTargets
 from cache.store import FeatureStore
 from helpers import STUDENT, assert_one_line_error, interrupted_in_epoch, run_cli, small_chunks
 from pipeline import DistillConfig, ExtractConfig, distill, extract
-from pipeline.augment import PLAIN, Augmentation, Replay, ViewImages
-from pipeline.datasets import load_split
-from pipeline.methods import Distiller
-from pipeline.training import Trainer
+from pipeline.data.augment import PLAIN, Augmentation, Replay, ViewImages
+from pipeline.data.datasets import load_split
+from pipeline.distillation.methods import Distiller
+from pipeline.engine.training import Trainer
 
 TAPS = ("layer2.2", "layer3.2")
 VIEWS = 3
@@ -96,7 +96,9 @@ def test_a_views_parameters_depend_on_its_image_and_view_alone(digits):
 @pytest.mark.slow  # extracts and trains: the full suite runs it
 def test_the_student_sees_exactly_the_pixels_the_teacher_was_cached_on(digits_teacher, tmp_path, monkeypatch):
     """Extract's teacher inputs and distill's student inputs, per (row, view), are equal byte for byte."""
-    extract_module = importlib.import_module("pipeline.extract")  # `pipeline.extract` is the stage's function
+    extract_module = importlib.import_module(
+        "pipeline.stages.extract"
+    )  # `pipeline.stages.extract` is the stage's function
     teacher_inputs: list[torch.Tensor] = []
 
     class Recording(extract_module.TapRecorder):

@@ -9,8 +9,8 @@ import torch
 from cache.store import FeatureStore
 from helpers import assert_one_line_error, make_store, run_cli
 from pipeline import layout
-from pipeline.checkpoints import save_checkpoint
-from pipeline.models import create_model
+from pipeline.engine.checkpoints import save_checkpoint
+from pipeline.models.zoo import create_model
 
 SUMMARIES = (
     layout.TEACH_SUMMARY,

@@ -18,10 +18,10 @@ from cache.schema import ATTR_KEY, STORE_NAME
 from cache.store import FeatureStore
 from helpers import STUDENT, assert_one_line_error, own_classifier_top1, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, probe
-from pipeline.datasets import load_split, stratified_subset
+from pipeline.data.datasets import load_split, stratified_subset
+from pipeline.engine.training import Trainer
 from pipeline.layout import DISTILL_LOG, LABELLED_INDICES, PROBE_SUMMARY, REPORT_SUMMARY, REPORT_TEXT, STUDENT_WEIGHTS
-from pipeline.report import recipe_differences
-from pipeline.training import Trainer
+from pipeline.stages.report import recipe_differences
 
 BUDGET = {**STUDENT, "label_fraction": 0.25, "steps": 10, "batch_size": 20}
 
@@ -157,7 +157,7 @@ def test_report_runs_then_reuses_and_refuses_changed_settings(scored_store, tmp_
     assert "| kd | ce + kd |" in result.output and (out / "report.png").stat().st_size > 0
 
     # A second report reuses every run: nothing trains, no probe is refitted.
-    probe_module = importlib.import_module("pipeline.probe")
+    probe_module = importlib.import_module("pipeline.stages.probe")
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")

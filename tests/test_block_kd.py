@@ -14,12 +14,12 @@ from torch import nn
 
 from helpers import assert_one_line_error, interrupted_in_epoch, own_classifier_top1, run_cli
 from pipeline import DistillConfig, distill
+from pipeline.distillation.losses import BlockKD, FrozenTeacher, TermSetup
+from pipeline.distillation.methods import Distiller, get_method
+from pipeline.distillation.stones import SteppingStones, stone_weights, teacher_tails
 from pipeline.errors import UserError
-from pipeline.losses import BlockKD, FrozenTeacher, TermSetup
-from pipeline.methods import Distiller, get_method
-from pipeline.models import create_model
-from pipeline.stones import SteppingStones, stone_weights, teacher_tails
-from pipeline.taps import list_taps, stage_ends
+from pipeline.models.taps import list_taps, stage_ends
+from pipeline.models.zoo import create_model
 
 
 def _stones(teacher_name: str, student_name: str, size: int = 32, connector: str = "conv1x1_bn", **student_kwargs):
@@ -162,7 +162,7 @@ def _run_config(store, out, **settings) -> DistillConfig:
 
 
 def test_a_run_leaves_the_teacher_bit_identical_and_the_stones_out_of_the_student(scored_store, tmp_path, monkeypatch):
-    losses_module = importlib.import_module("pipeline.losses")
+    losses_module = importlib.import_module("pipeline.distillation.losses")
     built, original = [], losses_module.SteppingStones
 
     def keep(teacher, *args):

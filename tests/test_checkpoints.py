@@ -18,11 +18,11 @@ from torch import nn
 from cache.schema import STORE_NAME
 from cache.store import FeatureStore
 from helpers import TouchOnLoad, assert_one_line_error, run_cli
-from pipeline.checkpoints import LoadedWeights, load_checkpoint, save_checkpoint
-from pipeline.datasets import load_split
+from pipeline.data.datasets import load_split
+from pipeline.engine.checkpoints import LoadedWeights, load_checkpoint, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.layout import DISTILL_SUMMARY, TEACHER_WEIGHTS
-from pipeline.models import create_model, load_teacher
+from pipeline.models.zoo import create_model, load_teacher
 
 SMALL = {"base_width": 8}
 SMALL_FLAG = "{base_width: 8}"
@@ -173,7 +173,7 @@ def test_extract_with_a_dropped_head_caches_no_logits_and_kd_refuses(tmp_path):
 def test_a_pickled_model_is_refused(tmp_path):
     torch.save(small_resnet(), tmp_path / "model.pt")
     result = run_cli(*extract_args(tmp_path / "model.pt", tmp_path / "out"), expect_ok=False)
-    assert_one_line_error(result, "model.pt", "pickled objects (pipeline.models.CifarResNet)", "state_dict()")
+    assert_one_line_error(result, "model.pt", "pickled objects (pipeline.models.zoo.CifarResNet)", "state_dict()")
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,9 @@ import yaml
 
 from helpers import ROOT, assert_one_line_error, run_cli
 from pipeline import DistillConfig
-from pipeline.checkpoints import save_checkpoint
+from pipeline.engine.checkpoints import save_checkpoint
 from pipeline.errors import UserError, first_line, user_message
-from pipeline.models import create_model
+from pipeline.models.zoo import create_model
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,8 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 calls = [["--help"], *([name, "--help"] for name in cli.commands), ["teach", "--epoch", "3"]]
 codes = {" ".join(args): CliRunner().invoke(cli, args).exit_code for args in calls}
-print(json.dumps({"codes": codes, "imported": sorted({"torch", "torchvision", "timm", "dask", "zarr"} & set(sys.modules))}))
+heavy = {"torch", "torchvision", "timm", "dask", "zarr"}
+print(json.dumps({"codes": codes, "imported": sorted(heavy & set(sys.modules))}))
 """
 
 

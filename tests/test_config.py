@@ -17,9 +17,9 @@ from helpers import ROOT, STUDENT, assert_one_line_error, run_cli
 from pipeline import DistillConfig, ExtractConfig, distill
 from pipeline.cli import cli
 from pipeline.config import COMMANDS, CommaList, ConfigError, file_values, resolve
+from pipeline.engine.training import Trainer
 from pipeline.errors import UserError
 from pipeline.layout import args_file
-from pipeline.training import Trainer
 
 STAGES = {"teach": pipeline.teach, "extract": pipeline.extract, "score": pipeline.score}
 STAGES |= {"distill": pipeline.distill, "probe": pipeline.probe, "report": pipeline.report}
@@ -52,7 +52,7 @@ def test_no_option_default_is_written_twice():
         params = list(inspect.signature(stage).parameters.values())
         assert len(params) == 1 and params[0].annotation in (COMMANDS[name], COMMANDS[name].__name__), name
         assert params[0].default is inspect.Parameter.empty, name
-    for path in (ROOT / "pipeline").glob("*.py"):
+    for path in (ROOT / "pipeline").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("option", "Option", "Argument"):
                 literal = [k for k in node.keywords if k.arg == "default" and isinstance(k.value, ast.Constant)]
@@ -145,11 +145,11 @@ def test_library_logs_and_only_the_command_line_prints(scored_store, tmp_path):
     assert "epoch 1: feature_mse" in result.stderr
     quiet = run_cli("--quiet", *args, "--out", tmp_path / "b")
     assert "epoch" not in quiet.stderr and quiet.stdout.startswith("feature:")
-    assert "pipeline.training: epoch 1" in run_cli("-v", *args, "--out", tmp_path / "c").stderr
+    assert "pipeline.engine.training: epoch 1" in run_cli("-v", *args, "--out", tmp_path / "c").stderr
 
 
 def test_report_runs_the_stages_through_the_python_api():
-    tree = ast.parse((ROOT / "pipeline" / "report.py").read_text())
+    tree = ast.parse((ROOT / "pipeline" / "stages" / "report.py").read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert {"distill", "probe"} <= imported and not {"cli", "click"} & imported
@@ -164,7 +164,7 @@ def test_top_level_keys_are_options_not_positional_arguments(tmp_path):
 
 def test_report_plan_takes_the_sections_and_owns_only_its_settings(tmp_path):
     from pipeline import ReportConfig
-    from pipeline.report import plan
+    from pipeline.stages.report import plan
 
     config = ReportConfig(
         store="s",

@@ -17,8 +17,8 @@ from sklearn.model_selection import train_test_split
 
 from cache.store import FeatureStore
 from helpers import assert_one_line_error, run_cli, write_image_folder, write_png
-from pipeline import datasets, fingerprint
-from pipeline.datasets import load_split
+from pipeline.data import datasets, fingerprint
+from pipeline.data.datasets import load_split
 from pipeline.layout import LABELLED_INDICES, STORE_NAME, STUDENT_WEIGHTS, TEACH_SUMMARY, TEACHER_WEIGHTS
 
 FOLDER = {"train": {"ant": 30, "bee": 30, "cat": 2}, "val": {"ant": 3, "bee": 3, "cat": 3}}
@@ -191,7 +191,7 @@ def test_every_digit_is_fingerprinted(scored_store, tmp_path, monkeypatch):
     assert 1 not in np.linspace(0, len(original) - 1, OLD_SCHEME_SAMPLES, dtype=np.int64)
     changed = sklearn.datasets.load_digits()
     train_idx, _ = train_test_split(np.arange(1797), test_size=0.2, stratify=changed.target, random_state=0)
-    raw = np.sort(train_idx)[1]  # the fixed split of pipeline.datasets.digits
+    raw = np.sort(train_idx)[1]  # the fixed split of pipeline.data.datasets.digits
     assert np.array_equal(np.rint(changed.images[raw] * 255 / 16), original.images.images[1, 0].numpy())
     changed.images[raw, 0, 0] += 1
     monkeypatch.setattr(sklearn.datasets, "load_digits", lambda: changed)

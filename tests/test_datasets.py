@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from helpers import TouchOnLoad, assert_one_line_error, run_cli
-from pipeline.datasets import Preprocessing, held_out_split, load_split
+from pipeline.data.datasets import Preprocessing, held_out_split, load_split
 from pipeline.errors import UserError
 
 

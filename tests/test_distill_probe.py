@@ -15,11 +15,11 @@ from cache.schema import STORE_NAME
 from cache.store import FeatureStore
 from helpers import STUDENT, assert_one_line_error, interrupted_in_epoch, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, distill, extract, load_classifier, probe
-from pipeline.checkpoints import read_model_spec, save_checkpoint
-from pipeline.datasets import Preprocessing, load_split
+from pipeline.data.datasets import Preprocessing, load_split
+from pipeline.engine.checkpoints import read_model_spec, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.layout import DISTILL_LOG, DISTILL_SUMMARY, STUDENT_WEIGHTS
-from pipeline.models import create_model
+from pipeline.models.zoo import create_model
 
 LABEL_BUDGET = {"label_fraction": 0.25, "steps": 10}
 
@@ -197,8 +197,8 @@ def test_unscored_store_needs_teacher_layers(digits_teacher, tmp_path):
 @pytest.mark.slow
 def test_online_teacher_matches_the_cache(scored_store, digits_teacher, tmp_path):
     """Online targets equal the cached ones to float16 precision, so both modes train alike."""
-    from pipeline.provenance import load_matching_split
-    from pipeline.training import OnlineTeacher
+    from pipeline.engine.provenance import load_matching_split
+    from pipeline.engine.training import OnlineTeacher
 
     store = FeatureStore.open(scored_store)
     part = store.split("train")
@@ -302,7 +302,7 @@ def test_distill_and_probe_find_the_data_where_extract_read_it(tmp_path, monkeyp
 
 def test_top1_is_exact_from_the_counts():
     """27 of 30 right is 90.0, not float32's 89.99999761581421."""
-    from pipeline.probe import _top1
+    from pipeline.stages.probe import _top1
 
     labels = torch.arange(30) % 3
     logits = torch.nn.functional.one_hot(labels, 3).float()
@@ -323,7 +323,7 @@ def test_probe_warns_when_the_embedding_is_constant(scored_store, tmp_path, capl
         if isinstance(module, torch.nn.BatchNorm2d):
             torch.nn.init.ones_(module.bias)  # constant, but not zero
     save_checkpoint(student, run / STUDENT_WEIGHTS, read_model_spec(run / STUDENT_WEIGHTS))
-    with caplog.at_level("WARNING", logger="pipeline.probe"):
+    with caplog.at_level("WARNING", logger="pipeline.stages.probe"):
         summary = probe(ProbeConfig(run=str(run), device="cpu"))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     expected = "barely varies across images (relative spread 0): the probe can only reach chance"

@@ -145,7 +145,7 @@ def test_baselines_train_on_two_ranks(one_process_store, tmp_path, method):
 
 
 def test_a_batch_the_ranks_cannot_share_equally_is_refused(scored_store, tmp_path, monkeypatch):
-    from pipeline import distributed
+    from pipeline.engine import distributed
 
     monkeypatch.setattr(distributed, "current", lambda: distributed.World(0, 3))  # as distill sees 3 ranks
     result = run_cli("distill", str(scored_store), "--batch-size", 64, "--out", tmp_path, expect_ok=False)

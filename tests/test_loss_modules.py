@@ -14,11 +14,11 @@ from torch import nn
 
 from helpers import interrupted_in_epoch
 from pipeline import DistillConfig, distill
-from pipeline.distributed import World
-from pipeline.losses import LOSSES, STORE_ROWS, TEACHER_FEATURES, FeatureLoss, TermSetup
-from pipeline.methods import Distiller, get_method
-from pipeline.models import create_model
-from pipeline.taps import Tap, list_taps
+from pipeline.distillation.losses import LOSSES, STORE_ROWS, TEACHER_FEATURES, FeatureLoss, TermSetup
+from pipeline.distillation.methods import Distiller, get_method
+from pipeline.engine.distributed import World
+from pipeline.models.taps import Tap, list_taps
+from pipeline.models.zoo import create_model
 
 TERM = "gain_mse"
 PREFIX = f"losses.{TERM}."

@@ -11,11 +11,11 @@ import yaml
 
 from helpers import assert_one_line_error, run_cli
 from pipeline.config import DistillConfig, resolve
+from pipeline.distillation.losses import TermSetup
+from pipeline.distillation.methods import METHODS, Distiller, cached_inputs, get_method
 from pipeline.errors import UserError
-from pipeline.losses import TermSetup
-from pipeline.methods import METHODS, Distiller, cached_inputs, get_method
-from pipeline.models import create_model
-from pipeline.taps import Tap, list_taps
+from pipeline.models.taps import Tap, list_taps
+from pipeline.models.zoo import create_model
 
 
 def test_taps_pair_one_to_one():
@@ -189,9 +189,9 @@ def test_cosine_feature_criterion_trains_and_refuses_bad_settings(scored_store, 
 
 def test_methods_lists_every_description_whole():
     """Each method's, loss's and augmentation policy's description in full, wrapped within the width, never cut."""
-    from pipeline.augment import POLICIES
     from pipeline.cli import MAX_WIDTH
-    from pipeline.losses import LOSSES
+    from pipeline.data.augment import POLICIES
+    from pipeline.distillation.losses import LOSSES
 
     output = run_cli("methods").output
     assert max(map(len, output.splitlines())) <= MAX_WIDTH

@@ -28,8 +28,8 @@ from cache.schema import STORE_NAME
 from cache.store import FeatureStore
 from helpers import ROOT, STUDENT, assert_one_line_error, make_store, run_cli, small_chunks, weights
 from pipeline import DistillConfig, ExtractConfig, ProbeConfig, ScoreConfig, distill, extract, probe, score
-from pipeline.extract import HalfSlots
 from pipeline.layout import STUDENT_WEIGHTS
+from pipeline.stages.extract import HalfSlots
 
 pytestmark = pytest.mark.s3
 

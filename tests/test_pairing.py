@@ -10,8 +10,8 @@ import pytest
 
 from helpers import run_cli
 from pipeline import DistillConfig, ExtractConfig, ScoreConfig, distill, extract, list_models, score
+from pipeline.distillation.quality import select_top_k
 from pipeline.errors import UserError
-from pipeline.quality import select_top_k
 
 # Students beyond the built-ins: a sample of the families timm and torchvision serve, small enough at 32 px.
 EXTERNAL_STUDENTS = ["timm:resnet10t", "timm:mobilenetv3_small_050", "tv:mobilenet_v2", "tv:shufflenet_v2_x0_5"]

@@ -12,13 +12,13 @@ from cache.schema import STORE_NAME
 from cache.store import FeatureStore
 from helpers import STUDENT, assert_one_line_error, interrupted_in_epoch, run_cli, weights
 from pipeline import DistillConfig, ExtractConfig, TeachConfig, distill, extract, teach
-from pipeline.checkpoints import RunState, save_checkpoint, save_epoch, start_or_resume
+from pipeline.engine.checkpoints import RunState, save_checkpoint, save_epoch, start_or_resume
+from pipeline.engine.precision import Precision
+from pipeline.engine.recipe import adamw_onecycle
 from pipeline.errors import UserError
 from pipeline.layout import TEACH_LOG
-from pipeline.models import create_model
-from pipeline.precision import Precision
-from pipeline.recipe import adamw_onecycle
-from pipeline.recompute import recompute
+from pipeline.models.zoo import create_model
+from pipeline.stages.recompute import recompute
 
 CPU = torch.device("cpu")
 TAPS = ("layer2.2", "layer3.2")

@@ -10,7 +10,7 @@ import re
 import pytest
 from tqdm import tqdm
 
-from pipeline import runtime
+from pipeline.engine import runtime
 
 
 class FakeClock:

@@ -11,7 +11,7 @@ import pytest
 from cache.schema import ATTR_KEY
 from cache.store import FeatureStore
 from helpers import assert_one_line_error, run_cli
-from pipeline.provenance import checkpoint_candidates, recorded_checkpoint
+from pipeline.engine.provenance import checkpoint_candidates, recorded_checkpoint
 
 CHECKPOINT = "teacher/model.safetensors"
 STAGE_ENDS = "layer1.2,layer2.2,layer3.2"  # resnet20's, which fitnet pairs and Block-KD's stones need

@@ -14,9 +14,9 @@ import yaml
 
 from helpers import assert_one_line_error, run_cli
 from pipeline import ExtractConfig, ScoreConfig, extract, score
+from pipeline.engine.training import Trainer
 from pipeline.layout import DISTILL_SUMMARY, PROBE_SUMMARY, Q_TEST_PLOT, Q_TEST_SUMMARY, Q_TEST_TEXT, SCORES
-from pipeline.qtest import rank_agreement, top_pick
-from pipeline.training import Trainer
+from pipeline.stages.qtest import rank_agreement, top_pick
 
 TAPS = ("stem", "layer1.2", "layer2.2", "layer3.2", "pool")
 
@@ -136,7 +136,7 @@ def test_q_test_runs_every_tap_and_set_and_tables_their_own_results(five_tap_sto
         raise AssertionError("a finished run was recomputed")
 
     monkeypatch.setattr(Trainer, "run_epoch", must_not_run)
-    monkeypatch.setattr(importlib.import_module("pipeline.probe"), "fit_linear", must_not_run)
+    monkeypatch.setattr(importlib.import_module("pipeline.stages.probe"), "fit_linear", must_not_run)
     run_cli("q-test", "--config", config)
     again = json.loads((out / Q_TEST_SUMMARY).read_text())
     assert again["taps"] == rows and again["predictors"] == summary["predictors"] and again["sets"] == summary["sets"]

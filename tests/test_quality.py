@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import naive_quality
-from pipeline.quality import (
+from pipeline.distillation.quality import (
     GRAM_COLUMNS,
     QualityError,
     class_spectrum,
@@ -91,7 +91,7 @@ def test_many_tied_candidates_take_the_float64_product_route_with_the_same_answe
     """Sparse features (3 of 400 coordinates each) are mostly orthogonal: thousands of pairs tie at |cosine| 0 and
     all are candidates, so m_c comes from float64 products of their rows. Each route (by default, all pair by pair,
     all by products) gives the float64 loop's m_c and delta_c."""
-    import pipeline.quality as quality
+    import pipeline.distillation.quality as quality
 
     rng = np.random.default_rng(6)
     labels = np.repeat(np.arange(2), 120)

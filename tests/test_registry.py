@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from helpers import run_cli
-from pipeline.datasets import list_datasets
+from pipeline.data.datasets import list_datasets
 from pipeline.errors import UserError
-from pipeline.models import create_model, list_models
+from pipeline.models.taps import LAYER, STAGE_END, TapRecorder, candidate_taps, dry_forward, list_taps
+from pipeline.models.zoo import create_model, list_models
 from pipeline.registry import Registry, UnknownName
-from pipeline.taps import LAYER, STAGE_END, TapRecorder, candidate_taps, dry_forward, list_taps
 
 
 def test_model_and_dataset_listing():
@@ -185,7 +185,7 @@ def test_layers_bytes_are_float16_bytes_per_image():
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt", "pt-wrapped"])
 def test_checkpoint_formats_load_exactly(tmp_path, fmt):
-    from pipeline.checkpoints import load_checkpoint, read_model_spec, save_checkpoint
+    from pipeline.engine.checkpoints import load_checkpoint, read_model_spec, save_checkpoint
 
     torch.manual_seed(1)
     source = create_model("resnet8", 10)

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from pipeline.layout import REPORT_BUDGET_PLOT, REPORT_PLOT, REPORT_TEXT
-from pipeline.report import aggregate, budget_figure, budget_tables, report_figure, write_report
+from pipeline.stages.report import aggregate, budget_figure, budget_tables, report_figure, write_report
 
 
 def _result(method: str, top1: float, store, fraction: float = 0.25, seed: int = 0) -> dict:

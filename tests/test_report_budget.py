@@ -20,7 +20,7 @@ from pipeline.layout import (
     STUDENT_WEIGHTS,
     report_run,
 )
-from pipeline.report import plan
+from pipeline.stages.report import plan
 
 
 def test_plan_runs_every_fraction_entry_and_seed_the_main_fraction_in_the_main_folders(tmp_path):

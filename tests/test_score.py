@@ -12,7 +12,7 @@ import zarr
 from cache.store import FeatureStore
 from helpers import assert_one_line_error, make_store, naive_quality, run_cli, small_chunks
 from pipeline import ExtractConfig, ScoreConfig, extract, score
-from pipeline.quality import draw_subsets
+from pipeline.distillation.quality import draw_subsets
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from dask.distributed import Client, LocalCluster
 from threadpoolctl import threadpool_info
 
 from helpers import assert_one_line_error, run_cli
-from pipeline.cluster import same_threads, thread_counts
+from pipeline.engine.cluster import same_threads, thread_counts
 
 pytestmark = pytest.mark.dask
 

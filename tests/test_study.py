@@ -20,9 +20,9 @@ from torchvision.transforms import v2
 
 from helpers import assert_one_line_error, run_cli
 from pipeline import ExtractConfig, ScoreConfig, extract, score
-from pipeline.datasets import _digits_arrays
+from pipeline.data.datasets import _digits_arrays
 from pipeline.layout import Q_TEST_SUMMARY, REPORT_SUMMARY, SCORES, TEACHER_WEIGHTS, score_files
-from pipeline.study import current_scores
+from pipeline.stages.study import current_scores
 
 REPO = Path(__file__).resolve().parents[1]
 

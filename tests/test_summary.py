@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.summary import summarize
+from pipeline.stages.summary import summarize
 
 
 def _write(path, **values):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.distillation.pairing import default_student_taps
 from pipeline.errors import UserError
-from pipeline.models import create_model
-from pipeline.pairing import default_student_taps
-from pipeline.taps import FLATTEN, STEM, Tap, TapRecorder, infer_layout, list_taps, pool_embedding, stage_ends
+from pipeline.models.taps import FLATTEN, STEM, Tap, TapRecorder, infer_layout, list_taps, pool_embedding, stage_ends
+from pipeline.models.zoo import create_model
 
 VIT_B = (
     "timm:vit_base_patch16_224",
@@ -150,7 +150,7 @@ def test_a_tap_that_folds_the_batch_is_refused():
 
 
 def test_pairs_far_apart_in_size_are_warned_about(caplog):
-    from pipeline.pairing import _warn_if_far_apart
+    from pipeline.distillation.pairing import _warn_if_far_apart
 
     with caplog.at_level("WARNING"):
         _warn_if_far_apart(Tap(1, "s", (64, 16, 16)), Tap(2, "t", (64, 4, 4)))  # 4x: pooled without a word

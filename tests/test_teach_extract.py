@@ -19,13 +19,13 @@ from cache.schema import STORE_NAME
 from cache.store import FeatureStore
 from helpers import run_cli, small_chunks
 from pipeline import ExtractConfig, ScoreConfig, TeachConfig, extract, score, teach
-from pipeline.checkpoints import load_checkpoint, read_model_spec, save_checkpoint
-from pipeline.datasets import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_split
-from pipeline.extract import HalfSlots
+from pipeline.data.datasets import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_split
+from pipeline.engine.checkpoints import load_checkpoint, read_model_spec, save_checkpoint
+from pipeline.engine.provenance import load_matching_split
 from pipeline.layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS
-from pipeline.models import create_model
-from pipeline.provenance import load_matching_split
-from pipeline.taps import TapRecorder
+from pipeline.models.taps import TapRecorder
+from pipeline.models.zoo import create_model
+from pipeline.stages.extract import HalfSlots
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_teach_check_changes_no_result(tmp_path, monkeypatch):
     """The dry forward before training (eval mode, random state kept) leaves the trained teacher bit-identical."""
     args = dict(teacher="resnet8", model_kwargs={"base_width": 4}, epochs=1, batch_size=256, device="cpu")
     teach(TeachConfig(out=str(tmp_path / "checked"), **args))
-    monkeypatch.setattr(importlib.import_module("pipeline.teach"), "dry_forward", lambda *args, **kwargs: None)
+    monkeypatch.setattr(importlib.import_module("pipeline.stages.teach"), "dry_forward", lambda *args, **kwargs: None)
     teach(TeachConfig(out=str(tmp_path / "unchecked"), **args))
     checked, unchecked = (load_file(str(tmp_path / d / TEACHER_WEIGHTS)) for d in ("checked", "unchecked"))
     assert checked.keys() == unchecked.keys() and all(torch.equal(checked[k], unchecked[k]) for k in checked)

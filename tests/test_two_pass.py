@@ -10,8 +10,8 @@ import pytest
 from cache.store import FeatureStore
 from helpers import assert_one_line_error, run_cli
 from pipeline import DistillConfig, ExtractConfig, ScoreConfig, distill, extract, score
-from pipeline.checkpoints import save_checkpoint
-from pipeline.models import create_model
+from pipeline.engine.checkpoints import save_checkpoint
+from pipeline.models.zoo import create_model
 
 pytestmark = pytest.mark.slow  # whole extract, score and distill runs
 

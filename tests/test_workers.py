@@ -11,9 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import assert_one_line_error, run_cli, weights
-from pipeline.checkpoints import save_checkpoint
+from pipeline.engine.checkpoints import save_checkpoint
 from pipeline.layout import CLASSIFIER
-from pipeline.models import create_model
+from pipeline.models.zoo import create_model
 
 pytestmark = pytest.mark.slow  # every loader spawns its workers: seconds each
 

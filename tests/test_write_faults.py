@@ -16,6 +16,9 @@ from cache.schema import STORE_NAME
 from cache.store import FeatureStore
 from helpers import STUDENT, Disk, assert_one_line_error, run_cli, weights
 from pipeline import DistillConfig, distill
+from pipeline.distillation.methods import Distiller
+from pipeline.engine.runtime import write_json
+from pipeline.engine.training import Trainer
 from pipeline.errors import UserError
 from pipeline.layout import (
     DISTILL_LOG,
@@ -26,9 +29,6 @@ from pipeline.layout import (
     checkpoint_epochs,
     epoch_weights,
 )
-from pipeline.methods import Distiller
-from pipeline.runtime import write_json
-from pipeline.training import Trainer
 
 SMALL = ["--student", "resnet8", "--model-kwargs", "{base_width: 8}", "--epochs", 1, "--batch-size", 64]
 # Each command with its outputs on the disk, and the folder its error must name.
@@ -118,7 +118,7 @@ TEACH += ["--epochs", 2, "--checkpoint-seconds", 0, "--device", "cpu"]
 @pytest.mark.slow
 def test_teach_on_a_disk_that_fills_keeps_the_last_epoch_and_resumes_exactly(tmp_path, disk, monkeypatch):
     run_cli(*TEACH, "--out", tmp_path / "whole")
-    teach_module = importlib.import_module("pipeline.teach")
+    teach_module = importlib.import_module("pipeline.stages.teach")
     real_epoch = teach_module._train_epoch
 
     def fills_the_disk_in_epoch_2(run, train_loader, test_loader, epoch, *rest):
@@ -195,7 +195,7 @@ def test_extract_on_a_disk_that_fills_resumes_when_space_is_freed(digits_teacher
     if not disk.real:
         pytest.skip("needs a real small disk (mount); test_reliability injects the same fault into zarr's writes")
     roomy = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(importlib.import_module("pipeline.extract").shutil, "disk_usage", lambda path: roomy)
+    monkeypatch.setattr(importlib.import_module("pipeline.stages.extract").shutil, "disk_usage", lambda path: roomy)
     args = ["extract", "--checkpoint", digits_teacher["checkpoint"], "--layers", "layer3.2", "--splits", "test"]
     args += ["--device", "cpu"]
     run_cli(*args, "--out", tmp_path / "whole")

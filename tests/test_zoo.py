@@ -15,10 +15,10 @@ from torch import nn
 
 from cache.store import FeatureStore
 from helpers import run_cli
+from pipeline.engine.provenance import load_matching_split
 from pipeline.errors import UserError
-from pipeline.models import create_model
-from pipeline.provenance import load_matching_split
-from pipeline.taps import FLATTEN, LAYER, STAGE_END, Tap, TapRecorder, list_taps, stage_ends
+from pipeline.models.taps import FLATTEN, LAYER, STAGE_END, Tap, TapRecorder, list_taps, stage_ends
+from pipeline.models.zoo import create_model
 
 # One small configuration per family; every layout kdpipe knows occurs: NCHW maps, NHWC maps (Swin, MambaOut),
 # tokens with one prefix token (ViT) and two (DeiT), vectors (global pools).

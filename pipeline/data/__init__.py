@@ -1,0 +1,1 @@
+"""Data in: dataset loaders and their file formats, fingerprints, and the replayable augmentation policies."""

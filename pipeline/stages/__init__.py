@@ -1,0 +1,1 @@
+"""The stages, one module each: teach, extract, score, distill, probe and the commands built on them."""

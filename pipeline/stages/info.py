@@ -1,0 +1,85 @@
+"""`kdpipe info`: what a feature store holds, how big it is, where it came from and whether it is complete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cache.schema import PARAMS_ARRAY, VIEWS
+from cache.store import FeatureStore, stored_bytes
+
+from ..data.augment import Augmentation
+from ..distillation.picks import PICKED_BY
+from ..models.taps import Tap
+
+
+def describe_store(path: str | Path) -> str:
+    """The report of `kdpipe info`; StoreError when the store's metadata is missing or unreadable."""
+    store = FeatureStore.open(path)
+    meta = store.meta
+    identity = store.identity
+    teacher, dataset = identity.teacher, identity.dataset
+    lines = [
+        f"store       {store.path}",
+        f"complete    {'yes' if store.complete else 'NO (resume with the same kdpipe extract command)'}",
+        f"teacher     {teacher.name}  checkpoint sha256 {(teacher.checkpoint_sha256 or 'none')[:16]}"
+        f"  ({meta.get('checkpoint_path') or 'pretrained'})",
+        f"dataset     {dataset.name}  {dataset.num_classes} classes  preprocessing {dataset.preprocessing}",
+        f"created     {meta['created']} by kdpipe {meta['kdpipe_version']}  config {meta['config_hash'][:16]}",
+        f"head        {teacher.head}  logits {'cached' if identity.logits else 'none'}",
+        f"forward     {_precision(identity.amp)}",
+        f"taps        {'name':28s} {'role':10s} {'layout':26s} shape",
+    ]
+    lines += [
+        f"            {t.name:28s} {t.role:10s} {t.describe():26s} {t.shape}"
+        for t in map(Tap.from_record, identity.taps)
+    ]
+    picked = meta.get(PICKED_BY)
+    if picked:
+        lines.append(f"picked by   {picked['scores']}  (top {picked['top_k']}, seed {picked['seed']})")
+    augment = identity.augment
+    if augment:
+        lines.append(
+            f"views       {augment['views']} per training image: view 0 plain, 1..{augment['views'] - 1} "
+            f"{Augmentation.from_record(augment).describe()}, seed {augment['seed']}"
+        )
+    for name in store.expected_splits():
+        if not store.split_created(name):
+            lines.append(f"split {name}: not written (rerun the same kdpipe extract)")
+            continue
+        part = store.split(name)
+        missing = len(part.missing_blocks())
+        state = "complete" if part.complete else f"{missing}/{part.num_blocks} blocks missing"
+        record = part.record
+        lines.append(
+            f"split {part.name}: {part.num_samples} of {record.dataset_size} samples, "
+            f"fingerprint {(record.fingerprint or 'none')[:16]}, {state}"
+        )
+        lines.append(f"  {'array':32s} {'shape':22s} {'dtype':8s} {'chunk':>6s} {'raw MiB':>9s} {'stored MiB':>10s}")
+        raw_total = stored_total = 0
+        for name, arr in part.arrays().items():
+            raw, stored = arr.nbytes, stored_bytes(store.path, arr)
+            raw_total, stored_total = raw_total + raw, stored_total + stored
+            lines.append(
+                f"  {name:32s} {str(arr.shape):22s} {str(arr.dtype):8s} {arr.chunks[0]:>6d} "
+                f"{raw / 2**20:>9.2f} {stored / 2**20:>10.2f}"
+            )
+        lines.append(_total_line("total" if part.num_views == 1 else "view 0", raw_total, stored_total))
+        for v, view in enumerate(part.views()[1:], start=1):
+            arrays = view.arrays().values()
+            raw, stored = sum(a.nbytes for a in arrays), sum(stored_bytes(store.path, a) for a in arrays)
+            missing = len(view.missing_blocks())
+            state = "" if not missing else f"  {missing}/{view.num_blocks} blocks missing"
+            label = f"view {v} ({VIEWS}/{v}/, with {PARAMS_ARRAY})"
+            lines.append(_total_line(label, raw, stored) + state)
+    return "\n".join(lines)
+
+
+def _precision(amp: str) -> str:
+    return "float32" if amp == "off" else f"{amp} autocast (--amp {amp}), stored as float16"
+
+
+def _total_line(label: str, raw: int, stored: int) -> str:
+    ratio = stored / raw if raw else float("nan")
+    return (
+        f"  {label:32s} {'':22s} {'':8s} {'':>6s} {raw / 2**20:>9.2f} {stored / 2**20:>10.2f}  (stored/raw {ratio:.2f})"
+    )
