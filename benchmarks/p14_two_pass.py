@@ -35,12 +35,13 @@ def teacher_checkpoint(folder: Path, name: str) -> str:
     import torch
 
     from pipeline.engine.checkpoints import save_checkpoint
+    from pipeline.models.spec import ModelSpec
     from pipeline.models.zoo import create_model
 
     torch.manual_seed(0)
     path = folder / "teacher.safetensors"
     model = create_model(name, 10, model_kwargs={"zero_init_last": False})
-    save_checkpoint(model, path, {"model": name, "num_classes": 10})
+    save_checkpoint(model, path, ModelSpec(name, 10))
     return str(path)
 
 

@@ -50,12 +50,13 @@ def setup_threads() -> None:
 
 def teacher_checkpoint(folder: Path) -> str:
     from pipeline.engine.checkpoints import save_checkpoint
+    from pipeline.models.spec import ModelSpec
     from pipeline.models.zoo import create_model
 
     path = folder / "teacher.safetensors"
     if not path.exists():
         torch.manual_seed(0)
-        save_checkpoint(create_model(TEACHER, 10), path, {"model": TEACHER, "num_classes": 10})
+        save_checkpoint(create_model(TEACHER, 10), path, ModelSpec(TEACHER, 10))
     return str(path)
 
 

@@ -354,10 +354,15 @@ class Config:
         """Plain values (lists for tuples), as written to `<command>_args.yaml`."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
+    @classmethod
+    def spec_fields(cls) -> set[str]:
+        """The options a run's spec records (`option(spec=True)`)."""
+        return {f.name for f in fields(cls) if f.metadata["spec"]}
+
     def run_settings(self) -> dict[str, Any]:
         """The settings recorded in a run's spec (`option(spec=True)`), by option name; unset model kwargs as {}, the
         same model."""
-        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["spec"]}
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name in self.spec_fields()}
         if "model_kwargs" in settings:
             settings["model_kwargs"] = settings["model_kwargs"] or {}
         return settings

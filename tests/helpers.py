@@ -199,11 +199,9 @@ def own_classifier_top1(run_dir: Path) -> float:
     from pipeline.models.zoo import create_model
 
     spec = read_model_spec(Path(run_dir) / STUDENT_WEIGHTS)
-    net = create_model(
-        spec["model"], spec["num_classes"], input_size=spec["input_size"], model_kwargs=spec["model_kwargs"]
-    )
+    net = create_model(spec.model, spec.num_classes, input_size=spec.input_size, model_kwargs=spec.model_kwargs)
     net.load_state_dict(weights(run_dir))
-    test = load_split(spec["dataset"], "test", preprocessing=Preprocessing.from_dict(spec["preprocessing"]))
+    test = load_split(spec.dataset, "test", preprocessing=Preprocessing.from_dict(spec.preprocessing))
     with torch.no_grad():
         correct = sum(int(net.eval()(test[i][0][None]).argmax()) == int(test[i][1]) for i in range(len(test)))
     return 100 * correct / len(test)

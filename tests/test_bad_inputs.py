@@ -10,6 +10,7 @@ from cache.store import FeatureStore
 from helpers import assert_one_line_error, make_store, run_cli
 from pipeline import layout
 from pipeline.engine.checkpoints import save_checkpoint
+from pipeline.models.spec import ModelSpec
 from pipeline.models.zoo import create_model
 
 SUMMARIES = (
@@ -51,8 +52,8 @@ def places(digits_teacher, tmp_path_factory):
     make_store(root / "oneclass" / "features.zarr", {"x": torch.randn(6, 2).numpy()}, [0] * 6)
     (root / "images" / "train" / "cat").mkdir(parents=True)
     (root / "images" / "val" / "cat").mkdir(parents=True)
-    features_only = {"model": "timm:test_resnet", "num_classes": 10, "model_kwargs": {"features_only": True}}
-    net = create_model(features_only["model"], 10, model_kwargs=features_only["model_kwargs"])
+    features_only = ModelSpec("timm:test_resnet", 10, model_kwargs={"features_only": True})
+    net = create_model(features_only.model, 10, model_kwargs=features_only.model_kwargs)
     save_checkpoint(net, root / "features_only.safetensors", features_only)
     return {"root": root, "ckpt": digits_teacher["checkpoint"]}
 

@@ -22,6 +22,7 @@ from pipeline.data.datasets import load_split
 from pipeline.engine.checkpoints import LoadedWeights, load_checkpoint, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.layout import DISTILL_SUMMARY, TEACHER_WEIGHTS
+from pipeline.models.spec import ModelSpec
 from pipeline.models.zoo import create_model, load_teacher
 
 SMALL = {"base_width": 8}
@@ -191,7 +192,7 @@ def test_unreadable_files_are_refused_naming_the_form(tmp_path, name, damage, fo
         path.write_bytes(np.random.default_rng(0).bytes(4096))
     else:
         if path.suffix == ".safetensors":
-            save_checkpoint(small_resnet(), path, {"model": "resnet8", "num_classes": 10})
+            save_checkpoint(small_resnet(), path, ModelSpec("resnet8", 10))
         else:
             torch.save(small_resnet().state_dict(), path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

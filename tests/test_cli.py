@@ -15,15 +15,14 @@ from helpers import ROOT, assert_one_line_error, run_cli
 from pipeline import DistillConfig
 from pipeline.engine.checkpoints import save_checkpoint
 from pipeline.errors import UserError, first_line, user_message
+from pipeline.models.spec import ModelSpec
 from pipeline.models.zoo import create_model
 
 
 @pytest.fixture(scope="module")
 def foreign_checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(
-        create_model("resnet8", 10), folder / "resnet8.safetensors", {"model": "resnet8", "num_classes": 10}
-    )
+    save_checkpoint(create_model("resnet8", 10), folder / "resnet8.safetensors", ModelSpec("resnet8", 10))
     torch.save(create_model("resnet8", 10).state_dict(), folder / "resnet8.pt")
     (folder / "garbage.safetensors").write_bytes(b"not a checkpoint")
     return folder

@@ -19,6 +19,7 @@ from pipeline.data.datasets import Preprocessing, load_split
 from pipeline.engine.checkpoints import read_model_spec, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.layout import DISTILL_LOG, DISTILL_SUMMARY, STUDENT_WEIGHTS
+from pipeline.models.spec import ModelSpec
 from pipeline.models.zoo import create_model
 
 LABEL_BUDGET = {"label_fraction": 0.25, "steps": 10}
@@ -238,7 +239,7 @@ def test_student_and_probe_see_the_pixels_the_store_records(tmp_path):
     """A store extracted with a timm teacher's own preprocessing: the student trains on it, the probe embeds with
     it and exports it as the classifier's transform, and without the store the run's record gives the same."""
     teacher = tmp_path / "teacher.safetensors"
-    save_checkpoint(create_model("timm:test_resnet", 10), teacher, {"model": "timm:test_resnet", "num_classes": 10})
+    save_checkpoint(create_model("timm:test_resnet", 10), teacher, ModelSpec("timm:test_resnet", 10))
     store = tmp_path / "store"
     extract(
         ExtractConfig(
@@ -250,7 +251,7 @@ def test_student_and_probe_see_the_pixels_the_store_records(tmp_path):
     run = tmp_path / "run"
     args = {**STUDENT, "epochs": 1, "batch_size": 50, "teacher_layers": ("layer2.0",)}
     distill(DistillConfig(store=str(store), out=str(run), **args))
-    assert read_model_spec(run / STUDENT_WEIGHTS)["preprocessing"] == recorded
+    assert read_model_spec(run / STUDENT_WEIGHTS).preprocessing == recorded
     with_store = probe(ProbeConfig(run=str(run), device="cpu"))
     raw = load_split("digits", "test").images.images[0]
     expected = Preprocessing.from_dict(recorded).transform()(raw)
@@ -280,7 +281,7 @@ def test_distill_and_probe_find_the_data_where_extract_read_it(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     write_image_folder(tmp_path / "images", {"train": 8, "val": 3})
     teacher = create_model("resnet8", 3, model_kwargs={"base_width": 4})
-    save_checkpoint(teacher, tmp_path / "teacher.safetensors", {"model": "resnet8", "num_classes": 3})
+    save_checkpoint(teacher, tmp_path / "teacher.safetensors", ModelSpec("resnet8", 3))
     extract = ["extract", "--teacher", "resnet8", "--model-kwargs", "{base_width: 4}", "--dataset", "imagefolder"]
     extract += ["--checkpoint", "teacher.safetensors", "--input-size", 32, "--layers", "layer3.0", "--device", "cpu"]
     run_cli(*extract, "--data-root", "images", "--out", "store")

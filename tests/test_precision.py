@@ -17,6 +17,7 @@ from pipeline.engine.precision import Precision
 from pipeline.engine.recipe import adamw_onecycle
 from pipeline.errors import UserError
 from pipeline.layout import TEACH_LOG
+from pipeline.models.spec import ModelSpec
 from pipeline.models.zoo import create_model
 from pipeline.stages.recompute import recompute
 
@@ -126,7 +127,7 @@ def test_an_overflow_under_bf16_is_refused_in_one_line(tmp_path):
     with torch.no_grad():
         model.stem[0].weight.mul_(1e6)
     checkpoint = tmp_path / "huge.safetensors"
-    save_checkpoint(model, checkpoint, {"model": "resnet8", "num_classes": 10})
+    save_checkpoint(model, checkpoint, ModelSpec("resnet8", 10))
     result = run_cli(
         "extract", "--teacher", "resnet8", "--model-kwargs", "{base_width: 4}", "--checkpoint", checkpoint,
         "--max-samples", 64, "--amp", "bf16", "--device", "cpu", "--out", tmp_path / "out", expect_ok=False,

@@ -67,3 +67,26 @@ def test_docs_store_md_shows_the_schema():
     assert f'attributes["{schema.ATTR_KEY}"]' in layout
     assert text.startswith(f"# The feature store (format version {schema.FORMAT_VERSION})")
     assert f"`DIR/{schema.STORE_NAME}`" in text
+
+
+def test_a_students_header_and_run_spec_round_trip(scored_store, tmp_path):
+    """The student's header reads back as a typed model spec holding the run spec; both write the JSON they read,
+    and the run spec is the one distill.json and the epoch checkpoints carry."""
+    from safetensors import safe_open
+
+    from pipeline import DistillConfig, distill
+    from pipeline.engine.checkpoints import SPEC_KEY, read_model_spec
+    from pipeline.stages.distill import RunSpec
+
+    out = tmp_path / "run"
+    summary = distill(DistillConfig(store=str(scored_store), out=str(out), student="resnet8", steps=2, device="cpu"))
+    with safe_open(str(out / "student.safetensors"), framework="pt") as f:
+        header = json.loads(f.metadata()[SPEC_KEY])
+    spec = read_model_spec(out / "student.safetensors")
+    assert spec.to_json() == header and spec.model == "resnet8" and spec.head is None
+    run = RunSpec.from_json(spec.run)
+    assert run.to_json() == spec.run and run.terms == {} and run.steps == 2
+    assert run.settings["student"] == "resnet8" and run.student_taps == summary["student_taps"]
+    assert {k: summary[k] for k in spec.run} == spec.run
+    with_stones = RunSpec.from_json({**spec.run, "stones": [{"stage": 1}]})  # what Block-KD's term records
+    assert with_stones.terms == {"stones": [{"stage": 1}]} and with_stones.settings == run.settings

@@ -186,13 +186,14 @@ def test_layers_bytes_are_float16_bytes_per_image():
 @pytest.mark.parametrize("fmt", ["safetensors", "pt", "pt-wrapped"])
 def test_checkpoint_formats_load_exactly(tmp_path, fmt):
     from pipeline.engine.checkpoints import load_checkpoint, read_model_spec, save_checkpoint
+    from pipeline.models.spec import ModelSpec
 
     torch.manual_seed(1)
     source = create_model("resnet8", 10)
     path = tmp_path / f"w.{fmt.split('-')[0]}"
     if fmt == "safetensors":
-        save_checkpoint(source, path, {"model": "resnet8", "num_classes": 10})
-        assert read_model_spec(path) == {"model": "resnet8", "num_classes": 10}
+        save_checkpoint(source, path, ModelSpec("resnet8", 10))
+        assert read_model_spec(path) == ModelSpec("resnet8", 10)
     else:
         state = source.state_dict()
         torch.save({"state_dict": state, "epoch": 3} if fmt == "pt-wrapped" else state, path)

@@ -23,6 +23,7 @@ from pipeline.data.datasets import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, l
 from pipeline.engine.checkpoints import load_checkpoint, read_model_spec, save_checkpoint
 from pipeline.engine.provenance import load_matching_split
 from pipeline.layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS
+from pipeline.models.spec import ModelSpec
 from pipeline.models.taps import TapRecorder
 from pipeline.models.zoo import create_model
 from pipeline.stages.extract import HalfSlots
@@ -42,7 +43,7 @@ def test_teach_writes_its_outputs(digits_teacher):
     assert len((out / TEACH_LOG).read_text().splitlines()) == 1 + digits_teacher["epochs"]
     assert yaml.safe_load((out / "teach_args.yaml").read_text())["epochs"] == digits_teacher["epochs"]
     digits = load_split("digits", "train").preprocessing.to_dict()  # a built-in model keeps the dataset's
-    assert read_model_spec(digits_teacher["checkpoint"])["preprocessing"] == digits_teacher["preprocessing"] == digits
+    assert read_model_spec(digits_teacher["checkpoint"]).preprocessing == digits_teacher["preprocessing"] == digits
 
 
 @pytest.mark.slow
@@ -69,7 +70,7 @@ def test_teach_serves_and_records_a_timm_models_preprocessing(tmp_path):
     summary = teach(TeachConfig(teacher="timm:test_resnet", epochs=1, batch_size=256, device="cpu", out=str(tmp_path)))
     expected = _timm_preprocessing("test_resnet").to_dict()
     assert expected["mean"] == [0.5, 0.5, 0.5] and expected["crop_pct"] < 1
-    assert read_model_spec(summary["checkpoint"])["preprocessing"] == summary["preprocessing"] == expected
+    assert read_model_spec(summary["checkpoint"]).preprocessing == summary["preprocessing"] == expected
     extract_args = ["extract", "--teacher", "timm:test_resnet", "--checkpoint", summary["checkpoint"], "--splits"]
     extract_args += ["test", "--max-samples", 20, "--device", "cpu"]
     same = run_cli(*extract_args, "--out", tmp_path / "same")
@@ -83,9 +84,7 @@ def timm_teacher(tmp_path_factory) -> Path:
     """A random-init timm:resnet18 (its class's pretrained config, no weights downloaded) with a kdpipe checkpoint."""
     path = tmp_path_factory.mktemp("timm") / "resnet18.safetensors"
     torch.manual_seed(0)
-    save_checkpoint(
-        create_model("timm:resnet18", 10, input_size=32), path, {"model": "timm:resnet18", "num_classes": 10}
-    )
+    save_checkpoint(create_model("timm:resnet18", 10, input_size=32), path, ModelSpec("timm:resnet18", 10))
     return path
 
 
@@ -161,7 +160,7 @@ def test_extract_round_trip_cnn(digits_teacher, tmp_path):
 def test_extract_round_trip_vit(tmp_path):
     torch.manual_seed(0)
     model = create_model("vit_tiny_cifar", 10, input_size=32)
-    save_checkpoint(model, tmp_path / "vit.safetensors", {"model": "vit_tiny_cifar", "num_classes": 10})
+    save_checkpoint(model, tmp_path / "vit.safetensors", ModelSpec("vit_tiny_cifar", 10))
     config = ExtractConfig(
         teacher="vit_tiny_cifar",
         out=str(tmp_path / "out"),

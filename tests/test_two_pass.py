@@ -11,6 +11,7 @@ from cache.store import FeatureStore
 from helpers import assert_one_line_error, run_cli
 from pipeline import DistillConfig, ExtractConfig, ScoreConfig, distill, extract, score
 from pipeline.engine.checkpoints import save_checkpoint
+from pipeline.models.spec import ModelSpec
 from pipeline.models.zoo import create_model
 
 pytestmark = pytest.mark.slow  # whole extract, score and distill runs
@@ -76,13 +77,13 @@ def test_scores_file_and_stage_ends_name_the_taps(digits_teacher, sample_store, 
 def test_picks_from_another_teacher_or_an_unscored_store_are_refused(digits_teacher, sample_store, tmp_path):
     sample, _ = sample_store
     other = tmp_path / "other.safetensors"
-    save_checkpoint(create_model("resnet20", 10), other, {"model": "resnet20", "num_classes": 10})
+    save_checkpoint(create_model("resnet20", 10), other, ModelSpec("resnet20", 10))
     result = run_cli(
         "extract", "--checkpoint", other, "--layers", f"picked:{sample}", "--out", tmp_path / "x", expect_ok=False
     )
     assert_one_line_error(result, "scored on another teacher", "checkpoint_sha256")
     smaller = tmp_path / "resnet8.safetensors"  # another architecture: the picked taps may not exist in it
-    save_checkpoint(create_model("resnet8", 10), smaller, {"model": "resnet8", "num_classes": 10})
+    save_checkpoint(create_model("resnet8", 10), smaller, ModelSpec("resnet8", 10))
     result = run_cli(
         "extract", "--teacher", "resnet8", "--checkpoint", smaller, "--layers", f"picked:{sample}",
         "--out", tmp_path / "z", expect_ok=False,

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from helpers import assert_one_line_error, run_cli, weights
 from pipeline.engine.checkpoints import save_checkpoint
 from pipeline.layout import CLASSIFIER
+from pipeline.models.spec import ModelSpec
 from pipeline.models.zoo import create_model
 
 pytestmark = pytest.mark.slow  # every loader spawns its workers: seconds each
@@ -30,7 +31,7 @@ def jpeg_folder(tmp_path_factory):
                 pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / c / f"{k:03d}.jpg", quality=90)
     torch.manual_seed(0)
-    save_checkpoint(create_model("resnet8", 3), root / "teacher.safetensors", {"model": "resnet8", "num_classes": 3})
+    save_checkpoint(create_model("resnet8", 3), root / "teacher.safetensors", ModelSpec("resnet8", 3))
     return root
 
 

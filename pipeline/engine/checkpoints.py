@@ -29,6 +29,7 @@ from cache.location import is_remote, location
 
 from ..errors import UserError, first_line, user_message, writing
 from ..layout import checkpoint_epochs, epoch_state, epoch_weights
+from ..models.spec import ModelSpec
 from .runtime import first_difference, write_bytes, write_csv
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,14 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, model_spec: dict[str, Any]) -> None:
-    """Weights as safetensors, written whole or not at all; `model_spec` (name, num_classes, ...) goes in the header
-    so a loader can check it."""
-    write_bytes(path, save(_cpu_state(model), metadata={SPEC_KEY: json.dumps(model_spec, sort_keys=True)}))
+def save_checkpoint(model: nn.Module, path: str | Path, model_spec: ModelSpec) -> None:
+    """Weights as safetensors, written whole or not at all; `model_spec` goes in the header so a loader can check
+    it and rebuild the model."""
+    header = json.dumps(model_spec.to_json(), sort_keys=True)
+    write_bytes(path, save(_cpu_state(model), metadata={SPEC_KEY: header}))
 
 
-def read_model_spec(path: str | Path) -> dict[str, Any] | None:
+def read_model_spec(path: str | Path) -> ModelSpec | None:
     """The model spec that `save_checkpoint` wrote, or None for checkpoints made elsewhere."""
     path = location(path)
     if path.suffix != ".safetensors":
@@ -80,7 +82,12 @@ def read_model_spec(path: str | Path) -> dict[str, Any] | None:
                 spec = (f.metadata() or {}).get(SPEC_KEY)
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read checkpoint {path} as safetensors: {first_line(err)}") from err
-    return json.loads(spec) if spec else None
+    if not spec:
+        return None
+    try:
+        return ModelSpec.from_json(json.loads(spec))
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not the fields kdpipe writes
+        raise UserError(f"checkpoint {path}: its {SPEC_KEY} header is not a kdpipe model spec ({err!r})") from None
 
 
 def _remote_safetensors_metadata(path) -> dict[str, str]:

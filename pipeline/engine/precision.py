@@ -29,6 +29,7 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_RECORD = "amp"  # the key a store's identity and a run's spec record the precision under
 
 
 class Precision:
@@ -96,4 +97,4 @@ class Precision:
     def record(self) -> dict[str, str]:
         """What a store's identity and a run's spec record: the precision when it is not float32 (absent otherwise,
         so stores and runs from before AMP keep their identity)."""
-        return {} if self.amp == "off" else {"amp": self.amp}
+        return {} if self.amp == "off" else {AMP_RECORD: self.amp}

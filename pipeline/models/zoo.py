@@ -375,10 +375,10 @@ def load_teacher(
     if checkpoint_key and not checkpoint:
         raise UserError(f"--checkpoint-key={checkpoint_key}: there is no --checkpoint to read it from")
     spec = read_model_spec(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
-    if spec and spec.get("model") != name:
-        raise UserError(f"checkpoint {checkpoint} holds a {spec.get('model')!r}, not a {name!r}")
+    if spec and spec.model != name:
+        raise UserError(f"checkpoint {checkpoint} holds a {spec.model!r}, not a {name!r}")
     if spec and not model_kwargs:
-        model_kwargs = spec.get("model_kwargs") or None
+        model_kwargs = spec.model_kwargs or None
     model, head = _build(name, num_classes, 3, input_size, pretrained, model_kwargs)
     key = None
     if checkpoint:

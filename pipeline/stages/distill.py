@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,14 @@ from ..distillation.methods import Distiller, Method, cached_inputs, get_method,
 from ..distillation.pairing import pair_taps, stage_taps
 from ..engine import distributed
 from ..engine.checkpoints import RunState, resumable, save_checkpoint, start_or_resume, train_epochs
-from ..engine.precision import Precision
+from ..engine.precision import AMP_RECORD, Precision
 from ..engine.provenance import load_matching_split, open_complete_store, recorded_data_root
 from ..engine.recipe import adamw_onecycle, evaluate_top1, make_loader
 from ..engine.runtime import resolve_device, seed_everything, write_args, write_json, write_npy
 from ..engine.training import OnlineTeacher, Trainer, store_teacher
 from ..errors import UserError
 from ..layout import DISTILL_LOG, DISTILL_SUMMARY, LABELLED_INDICES, STUDENT_WEIGHTS, folder_lock
+from ..models.spec import ModelSpec
 from ..models.taps import Tap
 from ..models.zoo import create_model
 from ..version import __version__
@@ -67,13 +68,14 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     _check_processes(config, world, dev)
     method = get_method(config.method).configured(config.losses or {})
     run = _build(config, method, _training_data(config, method), Precision.of(config, dev, training=True), world)
+    spec = run.spec.to_json()
     if config.check:
-        start_or_resume(run.out_dir, config.resume, run.spec, run.state, "distill")
-        return {"stage": "distill", "checked": True, **run.spec}
+        start_or_resume(run.out_dir, config.resume, spec, run.state, "distill")
+        return {"stage": "distill", "checked": True, **spec}
     with contextlib.ExitStack() as held:
-        log_rows, first_epoch = world.from_main(lambda: _take_folder(held, run.out_dir, config, run.spec, run.state))
+        log_rows, first_epoch = world.from_main(lambda: _take_folder(held, run.out_dir, config, spec, run.state))
         if not world.is_main:  # the checkpoint rank 0 found, read alike
-            log_rows, first_epoch = start_or_resume(run.out_dir, config.resume, run.spec, run.state, "distill")
+            log_rows, first_epoch = start_or_resume(run.out_dir, config.resume, spec, run.state, "distill")
         if _finished(run.out_dir, first_epoch, run.epochs):
             return json.loads((run.out_dir / DISTILL_SUMMARY).read_text())  # a finished run: reused, not recomputed
         start = time.perf_counter()
@@ -82,7 +84,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             train_epochs(
                 run.out_dir,
                 run.state,
-                run.spec,
+                spec,
                 log_rows,
                 range(first_epoch, run.epochs + 1),
                 lambda epoch: trainer.run_epoch(epoch, run.epochs, run.steps_in(epoch)),
@@ -92,6 +94,65 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             )
             # rank 0 writes the run's files; every rank returns its summary
             return world.from_main(lambda: _finish(run, config, trainer.images, log_rows, start))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Every setting that shapes a distill run's result, as the config and the method resolve them: stored with each
+    epoch checkpoint (a resumed run must match it, every key but the version), in the student's header and in
+    distill.json. Its JSON is flat, as it always was: the settings, the run's facts, what the built terms record."""
+
+    settings: dict[str, Any]  # the config's run settings the method uses, then the precision (when not float32)
+    losses: dict[str, dict[str, Any]]  # every term's weight and hyperparameters
+    num_classes: int
+    input_size: int
+    dataset: str
+    store: str  # absolute path or URL
+    store_config_hash: str
+    student_taps: list[str]
+    teacher_taps: list[str]
+    terms: dict[str, Any]  # what the built loss terms record (Block-KD's stones)
+    augmentation: dict[str, Any] | None  # the views trained on, when not the plain images
+    epochs: int
+    steps: int
+    num_labelled: int
+    num_training_rows: int
+    target_order: str
+    kdpipe_version: str = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kdpipe_version": self.kdpipe_version,
+            **self.settings,
+            "losses": self.losses,
+            "num_classes": self.num_classes,
+            "input_size": self.input_size,
+            "dataset": self.dataset,
+            "store": self.store,
+            "store_config_hash": self.store_config_hash,
+            "student_taps": self.student_taps,
+            "teacher_taps": self.teacher_taps,
+            **self.terms,
+            **({"augmentation": self.augmentation} if self.augmentation is not None else {}),
+            "epochs": self.epochs,
+            "steps": self.steps,
+            "num_labelled": self.num_labelled,
+            "num_training_rows": self.num_training_rows,
+            "target_order": self.target_order,
+        }
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> RunSpec:
+        """A recorded run spec: the options a run records (and the precision) are its settings, whatever is neither
+        a setting nor a fact of the run is a term's record. A fact an older run did not record reads as None."""
+        settings = DistillConfig.spec_fields() | {AMP_RECORD}
+        facts = {f.name for f in fields(cls)} - {"settings", "terms"}
+        return cls(
+            settings={k: v for k, v in record.items() if k in settings},
+            terms={k: v for k, v in record.items() if k not in settings | facts},
+            **{k: record.get(k) for k in facts - {"kdpipe_version"}},
+            kdpipe_version=record.get("kdpipe_version", __version__),
+        )
 
 
 @dataclass(frozen=True)
@@ -126,12 +187,12 @@ class DistillRun:
     steps_per_epoch: int
     total_steps: int
     state: RunState
-    spec: dict[str, Any]
+    spec: RunSpec
     out_dir: Path
 
     @property
     def epochs(self) -> int:
-        return self.spec["epochs"]
+        return self.spec.epochs
 
     def steps_in(self, epoch: int) -> int:
         """Epoch `epoch`'s optimizer steps: whole epochs, the last one cut short to the step budget."""
@@ -174,29 +235,27 @@ def _build(
         targets.num_rows, config.batch_size, config.epochs, config.steps, subset=training.rows is not None
     )
     optimizer, schedule = adamw_onecycle(distiller.parameters(), config.lr, config.weight_decay, total_steps)
-    spec = {
-        "kdpipe_version": __version__,
-        **_recorded_settings(config, method, training.labelled is not None),
-        **precision.record(),
-        "losses": method.spec(),
-        "num_classes": data.num_classes,
-        "input_size": input_size,
-        "dataset": data.name,
-        "store": absolute(store.path),
-        "store_config_hash": store.meta["config_hash"],
-        "student_taps": [t.name for t in student_taps],
-        "teacher_taps": [t.name for t in teacher_taps],
-        **distiller.record(),
-        **({"augmentation": augmentation} if augmentation else {}),
-        "epochs": epochs,
-        "steps": total_steps,
-        "num_labelled": len(training.labelled) if training.labelled is not None else part.num_samples,
-        "num_training_rows": targets.num_rows,
-        "target_order": targets.order,
-    }
+    spec = RunSpec(
+        settings={**_recorded_settings(config, method, training.labelled is not None), **precision.record()},
+        losses=method.spec(),
+        num_classes=data.num_classes,
+        input_size=input_size,
+        dataset=data.name,
+        store=absolute(store.path),
+        store_config_hash=store.meta["config_hash"],
+        student_taps=[t.name for t in student_taps],
+        teacher_taps=[t.name for t in teacher_taps],
+        terms=distiller.record(),
+        augmentation=augmentation,
+        epochs=epochs,
+        steps=total_steps,
+        num_labelled=len(training.labelled) if training.labelled is not None else part.num_samples,
+        num_training_rows=targets.num_rows,
+        target_order=targets.order,
+    )
     log.debug(
         "%s: terms %s; student taps %s -> teacher taps %s; targets %s",
-        *(method.name, spec["losses"], spec["student_taps"], spec["teacher_taps"], targets.order),
+        *(method.name, spec.losses, spec.student_taps, spec.teacher_taps, targets.order),
     )
     state = RunState(distiller, optimizer, schedule, scaler=precision.scaler)
     pairs = list(zip(student_taps, teacher_taps, strict=True))
@@ -257,15 +316,24 @@ def _finish(
     """Writes the student's weights (its spec in the header, as teach's), the labelled rows and the summary."""
     training, out_dir = run.training, run.out_dir
     data = training.data
-    model_spec = {**run.spec, "model": config.student, "preprocessing": data.preprocessing.to_dict()}
-    model_spec["data_root"] = training.data_root  # where probe finds the data by default; not compared on --resume
+    spec = run.spec.to_json()
+    model_spec = ModelSpec(
+        config.student,
+        run.spec.num_classes,
+        run.spec.input_size,
+        run.spec.settings["model_kwargs"],
+        run.spec.dataset,
+        data.preprocessing.to_dict(),
+        training.data_root,  # where probe finds the data by default; not compared on --resume
+        run=spec,
+    )
     save_checkpoint(run.net, out_dir / STUDENT_WEIGHTS, model_spec)
     labelled = training.labelled if training.labelled is not None else slice(None)
     write_npy(out_dir / LABELLED_INDICES, images.indices[labelled])
     own_classifier = run.method.evaluated_with == "own classifier"
     summary = {
         "stage": "distill",
-        **run.spec,
+        **spec,
         "data_root": training.data_root,
         "pairs": [
             {"student": s.name, "student_shape": list(s.shape), "teacher": t.name, "teacher_shape": list(t.shape)}

@@ -209,7 +209,8 @@ def _warn_if_trained_otherwise(
 ) -> None:
     """A kdpipe teacher records the preprocessing it was trained with, pretrained timm weights their input size;
     extracting with another is allowed, not quiet."""
-    trained = (read_model_spec(checkpoint) or {}).get("preprocessing") if checkpoint else None
+    spec = read_model_spec(checkpoint) if checkpoint else None
+    trained = spec.preprocessing if spec else None
     used = preprocessing.to_dict()
     if trained and trained != used:
         log.warning("%s was trained with preprocessing %s; extracting with %s", checkpoint, trained, used)

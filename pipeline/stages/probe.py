@@ -10,6 +10,7 @@ decay is chosen on a stratified held-out part of the train split, never on the t
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ from ..engine.recipe import make_loader
 from ..engine.runtime import progress, resolve_device, seed_everything, write_args, write_json
 from ..errors import UserError
 from ..layout import CLASSIFIER, LABELLED_INDICES, PROBE_SUMMARY, STUDENT_WEIGHTS, folder_lock
+from ..models.spec import ModelSpec, ProbeHead
 from ..models.taps import STEM, Tap, TapRecorder, list_taps, pool_embedding, stage_ends
 from ..models.zoo import create_model
+from .distill import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +69,14 @@ def load_classifier(path: str | Path) -> LinearProbeClassifier:
     path = location(path)
     path = path / CLASSIFIER if path.is_dir() else path
     spec = read_model_spec(path)
-    if not spec or "tap" not in spec:
+    if not spec or spec.head is None:
         raise UserError(f"{path} is not a kdpipe classifier")
-    backbone = create_model(
-        spec["model"], spec["num_classes"], input_size=spec["input_size"], model_kwargs=spec["model_kwargs"]
-    )
-    head = nn.Linear(spec["embedding_dim"], spec["num_classes"])
-    classifier = LinearProbeClassifier(backbone, spec["tap"], spec["tap_layout"], head)
+    backbone = create_model(spec.model, spec.num_classes, input_size=spec.input_size, model_kwargs=spec.model_kwargs)
+    head = nn.Linear(spec.head.embedding_dim, spec.num_classes)
+    classifier = LinearProbeClassifier(backbone, spec.head.tap, spec.head.tap_layout, head)
     load_checkpoint(classifier, path)
-    classifier.transform = Preprocessing.from_dict(spec["preprocessing"]).transform()
-    classifier.classes = spec["classes"]
+    classifier.transform = Preprocessing.from_dict(spec.preprocessing).transform()
+    classifier.classes = spec.head.classes
     return classifier.eval()
 
 
@@ -91,21 +92,20 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
 
 def _probe(config: ProbeConfig, run_dir: Path) -> dict[str, Any]:
     spec = read_model_spec(run_dir / STUDENT_WEIGHTS)
-    if not spec:
+    if not spec or spec.run is None:
         raise UserError(f"{run_dir / STUDENT_WEIGHTS} is not a distilled kdpipe student; run kdpipe distill first")
+    run = RunSpec.from_json(spec.run)
     dev = resolve_device(config.device)
     seed, max_iter = config.seed, config.max_iter
     seed_everything(seed)
-    backbone = create_model(
-        spec["model"], spec["num_classes"], input_size=spec["input_size"], model_kwargs=spec["model_kwargs"]
-    )
+    backbone = create_model(spec.model, spec.num_classes, input_size=spec.input_size, model_kwargs=spec.model_kwargs)
     load_checkpoint(backbone, run_dir / STUDENT_WEIGHTS)
-    tap = list_taps(backbone, spec["input_size"], names=[config.tap or _default_tap(backbone, spec)])[0]
+    tap = list_taps(backbone, spec.input_size, names=[config.tap or _default_tap(backbone, spec, run)])[0]
     train, test = _probe_data(
-        spec, recorded_data_root(config.data_root, spec.get("data_root"), run_dir), config.fingerprint
+        spec, run, recorded_data_root(config.data_root, spec.data_root, run_dir), config.fingerprint
     )
     # Only the labelled subset of a --label-fraction run trains the head (the whole train split otherwise).
-    labelled = _labelled_indices(run_dir, spec, len(train))
+    labelled = _labelled_indices(run_dir, run, len(train))
     train.check_classes(labelled, None if len(labelled) == len(train) else f"the {len(labelled)} labelled samples")
     write_args(run_dir, config)
     backbone.to(dev).eval()
@@ -123,19 +123,13 @@ def _probe(config: ProbeConfig, run_dir: Path) -> dict[str, Any]:
     train_top1 = _top1(head(z_train), y_train)
     folded = _fold_standardisation(head, mean, std)
     classifier = LinearProbeClassifier(backbone.cpu(), tap.name, tap.layout, folded)
-    export_spec = {
-        **spec,
-        "tap": tap.name,
-        "tap_layout": tap.layout,
-        "embedding_dim": int(x_train.shape[1]),
-        "classes": train.classes,
-        "preprocessing": train.preprocessing.to_dict(),
-    }
+    head_spec = ProbeHead(tap.name, tap.layout, int(x_train.shape[1]), train.classes)
+    export_spec = replace(spec, preprocessing=train.preprocessing.to_dict(), head=head_spec)
     save_checkpoint(classifier, run_dir / CLASSIFIER, export_spec)
     summary = {
         "stage": "probe",
         "run": str(run_dir),
-        "model": spec["model"],
+        "model": spec.model,
         "tap": tap.name,
         "tap_layout": tap.layout,
         "embedding_dim": int(x_train.shape[1]),
@@ -154,38 +148,37 @@ def _probe(config: ProbeConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _labelled_indices(run_dir: Path, spec: dict[str, Any], num_train: int) -> np.ndarray:
+def _labelled_indices(run_dir: Path, run: RunSpec, num_train: int) -> np.ndarray:
     """Dataset indices of the train images the run may use labels of: those its distill run recorded."""
     path = run_dir / LABELLED_INDICES
     if path.is_file():
         return np.load(file_or_bytes(path))
-    if spec.get("label_fraction", 1.0) < 1.0:
+    if run.settings.get("label_fraction", 1.0) < 1.0:
         raise UserError(f"{path} is missing, so the labelled subset of this --label-fraction run is unknown")
     return np.arange(num_train)  # runs from before the file existed: the whole train split
 
 
-def _probe_data(spec: dict[str, Any], data_root: str | None, fingerprint: str) -> tuple[SplitData, SplitData]:
+def _probe_data(spec: ModelSpec, run: RunSpec, data_root: str | None, fingerprint: str) -> tuple[SplitData, SplitData]:
     """Train split checked against the store the student was distilled from (when it is still there), else served
     with the preprocessing the run recorded; the test split served as the train split."""
     try:
-        store = FeatureStore.open(spec["store"])
+        store = FeatureStore.open(run.store)
     except StoreError:
         store = None
-    if store is not None and store.meta["config_hash"] == spec["store_config_hash"]:
-        train = load_matching_split(store, "train", spec["dataset"], data_root, fingerprint=fingerprint)
-    else:
-        recorded = spec.get("preprocessing")  # runs distilled before it was recorded: the dataset's own
-        preprocessing = Preprocessing.from_dict(recorded) if recorded else None
-        train = load_split(spec["dataset"], "train", data_root, spec["input_size"], preprocessing=preprocessing)
-    test = load_split(spec["dataset"], held_out_split(spec["dataset"]), data_root, preprocessing=train.preprocessing)
+    if store is not None and store.meta["config_hash"] == run.store_config_hash:
+        train = load_matching_split(store, "train", spec.dataset, data_root, fingerprint=fingerprint)
+    else:  # runs distilled before the preprocessing was recorded: the dataset's own
+        preprocessing = Preprocessing.from_dict(spec.preprocessing) if spec.preprocessing else None
+        train = load_split(spec.dataset, "train", data_root, spec.input_size, preprocessing=preprocessing)
+    test = load_split(spec.dataset, held_out_split(spec.dataset), data_root, preprocessing=train.preprocessing)
     return train, test
 
 
-def _default_tap(backbone: nn.Module, spec: dict[str, Any]) -> str:
+def _default_tap(backbone: nn.Module, spec: ModelSpec, run: RunSpec) -> str:
     """The last distilled tap; a student trained without feature loss is probed at its last stage end."""
-    if spec["student_taps"]:
-        return spec["student_taps"][-1]
-    taps = list_taps(backbone, spec["input_size"])
+    if run.student_taps:
+        return run.student_taps[-1]
+    taps = list_taps(backbone, spec.input_size)
     return (stage_ends(taps) or [t for t in taps if t.role != STEM])[-1].name
 
 

@@ -28,6 +28,7 @@ from ..engine.runtime import progress, resolve_device, seed_everything, write_ar
 from ..engine.training import optimizer_step
 from ..errors import UserError
 from ..layout import TEACH_LOG, TEACH_SUMMARY, TEACHER_WEIGHTS, folder_lock
+from ..models.spec import ModelSpec
 from ..models.taps import dry_forward
 from ..models.zoo import create_model, served_preprocessing
 from ..version import __version__
@@ -55,14 +56,14 @@ def teach(config: TeachConfig) -> dict[str, Any]:
     dry_forward(model, input_size, num_classes=train.num_classes)  # wrong sizes and outputs fail before training
     preprocessing = served_preprocessing(config.teacher, model, train.preprocessing, config.normalization)
     train, held_out = train.with_preprocessing(preprocessing), held_out.with_preprocessing(preprocessing)
-    model_spec = {
-        "model": config.teacher,
-        "num_classes": train.num_classes,
-        "input_size": input_size,
-        "model_kwargs": config.model_kwargs or {},
-        "dataset": config.dataset,
-        "preprocessing": preprocessing.to_dict(),
-    }
+    model_spec = ModelSpec(
+        config.teacher,
+        train.num_classes,
+        input_size,
+        config.model_kwargs or {},
+        config.dataset,
+        preprocessing.to_dict(),
+    )
     pin = precision.pin_memory
     train_loader = make_loader(
         train, config.batch_size, config.workers, shuffle=True, generator=generator, drop_last=True, pin_memory=pin
@@ -76,7 +77,7 @@ def teach(config: TeachConfig) -> dict[str, Any]:
         "kdpipe_version": __version__,
         **config.run_settings(),
         **precision.record(),
-        **model_spec,
+        **model_spec.to_json(),
         "dataset_fingerprint": fingerprint["fingerprint"],
         "dataset_fingerprint_scheme": fingerprint["fingerprint_scheme"],
     }
@@ -102,7 +103,7 @@ def teach(config: TeachConfig) -> dict[str, Any]:
             save_checkpoint(model, out_dir / TEACHER_WEIGHTS, model_spec)
             summary = {
                 "stage": "teach",
-                **model_spec,
+                **model_spec.to_json(),
                 "checkpoint": str(out_dir / TEACHER_WEIGHTS),
                 "test_split": held_out.split,
                 "test_top1": log_rows[-1]["test_top1"],
