@@ -129,11 +129,48 @@ class StoreIdentity:
 
 
 @dataclass(frozen=True)
+class Picks:
+    """The taps `kdpipe score` picked (`selected`, its top `top_k` by Q at `seed`) and every scored tap's Q
+    (`quality`, JSON key `Q`; None where Q is undefined), as a scored split records them. Carried to a store that
+    caches only them (its `picked_by` entry), they also say where they were read (`source`: the scores file), which
+    store they scored (`scored_store_config_hash`) and on which teacher (`teacher`: its name, and its weights' sha256
+    where recorded)."""
+
+    selected: list[str]
+    quality: dict[str, float | None]
+    seed: int
+    top_k: int
+    source: str | None = None
+    scored_store_config_hash: str | None = None
+    teacher: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        record = {"selected": self.selected, "seed": self.seed, "top_k": self.top_k, "Q": self.quality}
+        if self.source is not None:  # carried picks; a split's own record has none of these
+            record.update(
+                scores=self.source, scored_store_config_hash=self.scored_store_config_hash, teacher=self.teacher
+            )
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Picks:
+        return cls(
+            list(record["selected"]),
+            dict(record["Q"]),
+            record["seed"],
+            record["top_k"],
+            record.get("scores"),
+            record.get("scored_store_config_hash"),
+            record.get("teacher"),
+        )
+
+
+@dataclass(frozen=True)
 class SplitRecord:
     """A split's attributes: `num_samples` rows of `dataset_size` samples in blocks of `block_rows`, the `taps` and
     `arrays` it holds, its data `fingerprint` (and the scheme it was computed with; None in stores from before
-    schemes were recorded), its number of `views`, whether it is `complete`, and its `scores` (the Q record
-    `kdpipe score` leaves: selected, seed, top_k, Q; None until scored)."""
+    schemes were recorded), its number of `views`, whether it is `complete`, and its `scores` (what `kdpipe score`
+    picked; None until scored)."""
 
     num_samples: int
     block_rows: int
@@ -144,7 +181,7 @@ class SplitRecord:
     fingerprint_scheme: str | None = None
     views: int = 1
     complete: bool = False
-    scores: dict[str, Any] | None = None
+    scores: Picks | None = None
 
     @classmethod
     def from_json(cls, attrs: dict[str, Any]) -> SplitRecord:
@@ -158,5 +195,5 @@ class SplitRecord:
             attrs.get("fingerprint_scheme"),
             attrs.get("views", 1),
             bool(attrs.get("complete", False)),
-            attrs.get("scores"),
+            Picks.from_json(attrs["scores"]) if attrs.get("scores") else None,
         )

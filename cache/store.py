@@ -24,7 +24,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import DamagedStoreError, StoreError
 from .location import is_remote, location, remove_tree, tree_bytes, walk_files, zarr_store
-from .records import SplitRecord, StoreIdentity
+from .records import Picks, SplitRecord, StoreIdentity
 from .schema import (
     ATTR_KEY,
     DEFAULT_COMPRESSION,
@@ -279,9 +279,9 @@ class SplitStore:
         """The paths of the arrays the split was created with (`cache.schema`)."""
         return self.record.arrays
 
-    def record_scores(self, scores: dict[str, Any]) -> None:
-        """Keeps `kdpipe score`'s Q record (selected, seed, top_k, Q) with the split."""
-        self.group.attrs["scores"] = scores
+    def record_scores(self, scores: Picks) -> None:
+        """Keeps what `kdpipe score` picked, and every tap's Q, with the split."""
+        self.group.attrs["scores"] = scores.to_json()
 
     def arrays(self) -> dict[str, zarr.Array]:
         return {path: self.array(path) for path in self.array_names}

@@ -30,7 +30,7 @@ def test_every_split_record_reads(scored_store):
         assert record.num_samples == part.num_samples and record.complete
         assert record.dataset_size == store.identity.dataset.splits[part.name]["size"]
         assert set(record.arrays) == {"features/layer2.2", "features/layer3.2", "labels", "indices", "logits"}
-    assert store.split("train").record.scores["selected"] == ["layer2.2", "layer3.2"]
+    assert store.split("train").record.scores.selected == ["layer2.2", "layer3.2"]
 
 
 def test_an_older_identity_reads_with_what_its_missing_fields_meant(scored_store, tmp_path):

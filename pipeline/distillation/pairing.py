@@ -48,7 +48,7 @@ def pair_taps(
     if teacher_layers:
         teacher = recorded_taps(store, teacher_layers)
     elif method.teacher_taps == "picked":
-        teacher = picked_taps(store, part, k or _fitted(len(_picks(store, part)["selected"]), offered, "top {} by Q"))
+        teacher = picked_taps(store, part, k or _fitted(len(_picks(store, part).selected), offered, "top {} by Q"))
     else:
         teacher = standard_taps(store, k or _fitted(_standard_pairs(store), offered, "{} deepest stage ends"))
     student = student_taps(net, input_size, student_layers, len(teacher), offered)
@@ -93,13 +93,13 @@ def picked_taps(store: FeatureStore, part: SplitStore, k: int) -> list[Tap]:
     """The store's k picks from `kdpipe score` (its own, or those of the sample store that chose what it caches), or
     the top k of its cached taps by the recorded Q when k differs from the picks' number."""
     scores = _picks(store, part)
-    if k == len(scores["selected"]):
-        return recorded_taps(store, scores["selected"])
+    if k == len(scores.selected):
+        return recorded_taps(store, scores.selected)
     cached = {t.name for t in store_taps(store)}
-    scored = recorded_taps(store, [name for name in scores["Q"] if name in cached])
+    scored = recorded_taps(store, [name for name in scores.quality if name in cached])
     if k > len(scored):
         raise UserError(f"{store.path} caches {len(scored)} scored taps for {k} pairs; pass --teacher-layers")
-    qualities = [math.nan if scores["Q"][t.name] is None else float(scores["Q"][t.name]) for t in scored]
+    qualities = [math.nan if scores.quality[t.name] is None else float(scores.quality[t.name]) for t in scored]
     return [scored[i] for i in select_top_k(qualities, k)]
 
 

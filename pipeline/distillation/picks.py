@@ -15,7 +15,7 @@ from typing import Any
 
 from cache.errors import StoreError
 from cache.location import location
-from cache.records import TeacherRecord
+from cache.records import Picks, TeacherRecord
 from cache.store import FeatureStore
 
 from ..errors import UserError
@@ -30,7 +30,7 @@ TEACHER_KEYS = ("name", "checkpoint_sha256", "pretrained", "model_kwargs")  # th
 PICKED_BY = "picked_by"  # the store metadata entry recording the scores that chose its taps
 
 
-def expand_layers(entries: tuple[str, ...], taps: list[Tap]) -> tuple[list[str], dict[str, Any] | None]:
+def expand_layers(entries: tuple[str, ...], taps: list[Tap]) -> tuple[list[str], Picks | None]:
     """The tap names `--layers` asks for, `picked:PATH` and `stage-ends` expanded (in the order given, each once),
     and the picks' record when `picked:` was among them."""
     names, picks = [], None
@@ -43,7 +43,7 @@ def expand_layers(entries: tuple[str, ...], taps: list[Tap]) -> tuple[list[str],
             if picks is not None:
                 raise UserError(f"--layers: {PICKED}PATH is given twice; name one scored store")
             picks = read_picks(entry[len(PICKED) :])
-            names += picks["selected"]
+            names += picks.selected
         elif entry == STAGE_ENDS:
             names += [t.name for t in stage_ends(taps)]
         else:
@@ -51,7 +51,7 @@ def expand_layers(entries: tuple[str, ...], taps: list[Tap]) -> tuple[list[str],
     return list(dict.fromkeys(names)), picks
 
 
-def read_picks(source: str) -> dict[str, Any]:
+def read_picks(source: str) -> Picks:
     """What score recorded about its picks at `source`: a scored store (or its extract folder) or its scores file."""
     path = location(source)
     if path.is_file() or path.name.endswith(SCORES):  # a store is a folder
@@ -70,7 +70,8 @@ def read_picks(source: str) -> dict[str, Any]:
         raise UserError(f"{PICKED}{source}: {store.path} was never scored; run `kdpipe score {source}` first")
     teacher = store.identity.teacher.to_json()
     context = {"teacher": {k: teacher.get(k) for k in TEACHER_KEYS}, "config_hash": store.meta.get("config_hash")}
-    return _record(scores["selected"], scores["Q"], {**scores, **context}, str(score_files(store.path)[0]))
+    summary = {"seed": scores.seed, "top_k": scores.top_k, **context}
+    return _record(scores.selected, scores.quality, summary, str(score_files(store.path)[0]))
 
 
 def _reason(err: Exception) -> str:
@@ -79,30 +80,24 @@ def _reason(err: Exception) -> str:
     return "not the layout kdpipe score writes" if isinstance(err, TypeError) else str(err)
 
 
-def _record(selected: list[str], q: dict[str, float], summary: dict[str, Any], source: str) -> dict[str, Any]:
+def _record(selected: list[str], q: dict[str, float | None], summary: dict[str, Any], source: str) -> Picks:
     teacher = summary["teacher"]
-    return {
-        "selected": list(selected),
-        "Q": q,
-        "seed": summary["seed"],
-        "top_k": summary["top_k"],
-        "scores": source,
-        "scored_store_config_hash": summary.get("config_hash"),
-        "teacher": teacher if isinstance(teacher, dict) else {"name": teacher},  # a scores file names it only
-    }
+    teacher = teacher if isinstance(teacher, dict) else {"name": teacher}  # a scores file names it only
+    return Picks(list(selected), q, summary["seed"], summary["top_k"], source, summary.get("config_hash"), teacher)
 
 
-def check_teacher(picks: dict[str, Any], record: TeacherRecord) -> None:
+def check_teacher(picks: Picks, record: TeacherRecord) -> None:
     """Picks apply to the teacher they were scored on: its name and, where the picks recorded them, its weights."""
     teacher = record.to_json()
-    differ = [k for k, v in picks["teacher"].items() if teacher.get(k) != v]
+    differ = [k for k, v in picks.teacher.items() if teacher.get(k) != v]
     if differ:
         raise UserError(
-            f"{PICKED}{picks['scores']}: the picks were scored on another teacher ({differ[0]} "
-            f"{picks['teacher'][differ[0]]!r}, here {teacher.get(differ[0])!r}); score this teacher's sample first"
+            f"{PICKED}{picks.source}: the picks were scored on another teacher ({differ[0]} "
+            f"{picks.teacher[differ[0]]!r}, here {teacher.get(differ[0])!r}); score this teacher's sample first"
         )
 
 
-def store_picks(store: FeatureStore, scores: dict[str, Any] | None) -> dict[str, Any] | None:
+def store_picks(store: FeatureStore, scores: Picks | None) -> Picks | None:
     """The scores that pick a store's taps: its own (`scores`, a split's record) or those that chose what it caches."""
-    return scores or store.meta.get(PICKED_BY)
+    carried = store.meta.get(PICKED_BY)
+    return scores or (Picks.from_json(carried) if carried else None)

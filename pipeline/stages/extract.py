@@ -125,7 +125,7 @@ def extract(config: ExtractConfig) -> dict[str, Any]:
     # weights may live anywhere); distill and probe find the data there by default.
     places = {**checkpoint_places(config.checkpoint, out), "data_root": absolute_root(config.data_root)}
     if picks:  # the scores that chose the taps (`pipeline.distillation.picks`)
-        places[PICKED_BY] = picks
+        places[PICKED_BY] = picks.to_json()
     path = out / STORE_NAME
     layout = (specs, view_specs, [t.name for t in taps])
     # zarr's own writes, refused by a full or read-only disk, name the store

@@ -8,7 +8,7 @@ from cache.schema import PARAMS_ARRAY, VIEWS
 from cache.store import FeatureStore, stored_bytes
 
 from ..data.augment import Augmentation
-from ..distillation.picks import PICKED_BY
+from ..distillation.picks import store_picks
 from ..models.taps import Tap
 
 
@@ -33,9 +33,9 @@ def describe_store(path: str | Path) -> str:
         f"            {t.name:28s} {t.role:10s} {t.describe():26s} {t.shape}"
         for t in map(Tap.from_record, identity.taps)
     ]
-    picked = meta.get(PICKED_BY)
+    picked = store_picks(store, None)
     if picked:
-        lines.append(f"picked by   {picked['scores']}  (top {picked['top_k']}, seed {picked['seed']})")
+        lines.append(f"picked by   {picked.source}  (top {picked.top_k}, seed {picked.seed})")
     augment = identity.augment
     if augment:
         lines.append(

@@ -18,6 +18,7 @@ import numpy as np
 from cache.location import location
 from cache.lock import lock_output, store_lock
 from cache.reader import gather_rows
+from cache.records import Picks
 from cache.schema import LABELS
 from cache.store import FeatureStore, SplitStore
 
@@ -261,14 +262,8 @@ def _select(results: list[dict[str, Any]], top_k: int) -> tuple[list[int], list[
 def _record(part: SplitStore, summary: dict[str, Any]) -> None:
     """Scores into the split's attributes and the summary's scores file (and plot) next to the store."""
     with writing(part.path):
-        part.record_scores(
-            {
-                "selected": summary["selected"],
-                "seed": summary["seed"],
-                "top_k": summary["top_k"],
-                "Q": {t["name"]: t["Q"] for t in summary["taps"]},
-            }
-        )
+        quality = {t["name"]: t["Q"] for t in summary["taps"]}
+        part.record_scores(Picks(summary["selected"], quality, summary["seed"], summary["top_k"]))
     write_json(location(summary["scores_file"]), summary)
     if summary["plot_file"]:
         plot_scores(summary, location(summary["plot_file"]))
