@@ -63,11 +63,19 @@ def location(text: str | os.PathLike):
 
 
 def local_folder(text: str | os.PathLike, command: str) -> Path:
-    """`text` as a local path, for a command that writes only to a file system (`kdpipe teach`, `report`, ...): a
-    URL of object storage is refused in one line, never taken for a local folder named after its scheme (`s3:`)."""
-    if is_url(text) and _scheme(str(text)) not in LOCAL_SCHEMES:
-        raise LocationError(f"{text}: kdpipe {command} writes to a local folder only, not to object storage")
+    """`text` as a local path, for a command that writes only to a file system (`kdpipe summary`, ...): a URL of
+    object storage is refused in one line, never taken for a local folder named after its scheme (`s3:`)."""
+    if is_object_storage(text):
+        raise LocationError(f"{text}: kdpipe {command} {LOCAL_ONLY}")
     return location(text)
+
+
+LOCAL_ONLY = "writes to a local folder only, not to object storage"
+
+
+def is_object_storage(text: str | os.PathLike) -> bool:
+    """Whether `text` is a URL of object storage (not a path, not a `file://` URL)."""
+    return is_url(text) and _scheme(str(text)) not in LOCAL_SCHEMES
 
 
 def _scheme(url: str) -> str:

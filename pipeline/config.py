@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import click
 import yaml
 
+from cache.location import LOCAL_ONLY, is_object_storage
 from cache.schema import DEFAULT_COMPRESSION
 
 from .data.fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMALL_TREE_FILES
@@ -159,6 +160,27 @@ class MappingType(click.ParamType):
         if not isinstance(parsed, dict):
             self.fail(f"{value!r} is not a mapping such as '{{base_width: 8}}'", param, ctx)
         return dict(parsed)
+
+
+class Location(click.Path):
+    """Where a command reads or writes: a path (checked as `click.Path` checks it), or an fsspec URL
+    (`s3://bucket/key`) passed on as given. A command that reads and writes local folders only (`object_storage`
+    False) refuses a URL of object storage in one line, before anything runs, never taking it for a local folder named
+    after its scheme (`s3:`)."""
+
+    name = "location"
+
+    def __init__(self, object_storage: bool = True, **path_checks: Any) -> None:
+        super().__init__(**path_checks)
+        self.object_storage = object_storage
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not is_object_storage(value):
+            return super().convert(value, param, ctx)
+        if not self.object_storage:
+            command = f"kdpipe {ctx.command.name}" if ctx else "this command"
+            self.fail(f"{value}: {command} {LOCAL_ONLY}", param, ctx)
+        return value
 
 
 class Registered(click.ParamType):
@@ -516,7 +538,7 @@ class TeachConfig(DataOptions, RunOptions, SpeedOptions):
     teacher: str = _teacher(spec=True)
     model_kwargs: dict | None = _model_kwargs(spec=True)
     normalization: str = _normalization()
-    out: str = option("runs/teacher", "Output folder.", click.Path(file_okay=False))
+    out: str = option("runs/teacher", "Output folder (local).", Location(object_storage=False, file_okay=False))
     epochs: int = option(15, "Epochs.", Integer(min=1), spec=True)
     batch_size: int = option(128, "Batch size.", Integer(min=1), spec=True)
     lr: float = option(0.01, "OneCycle peak learning rate.", _positive(), spec=True)
@@ -562,7 +584,9 @@ class ExtractConfig(DataOptions, RunOptions, SpeedOptions):
     augment: str | None = _augment("the augmented views are drawn from")
     augment_kwargs: dict | None = _augment_kwargs()
     max_samples: int | None = option(None, "Cache a seeded class-stratified subset per split.", Integer(min=1))
-    out: str = option("runs/extract", "Folder for features.zarr and extract.json.", click.Path(file_okay=False))
+    out: str = option(
+        "runs/extract", "Folder for features.zarr and extract.json (a path or URL).", Location(file_okay=False)
+    )
     batch_size: int = option(64, "Batch size.", Integer(min=1))
     compression: str = option(
         DEFAULT_COMPRESSION,
@@ -581,7 +605,7 @@ class ExtractConfig(DataOptions, RunOptions, SpeedOptions):
 class ScoreConfig(Config):
     """Knowledge quality Q = S + sqrt(I*E) of each cached tap of STORE; picks the top-k taps."""
 
-    store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
+    store: str = option(help="Feature store (an extract folder; a path or URL).", type=Location(), argument=True)
     split: str = option("train", "Split whose features are scored.")
     layers: tuple[str, ...] = _layers("Taps to score (default: every cached tap).")
     top_k: int = option(4, "Number of taps to select.", Integer(min=1))
@@ -620,7 +644,7 @@ class DistillConfig(RunOptions, SpeedOptions):
 
     several_processes: ClassVar[bool] = True
 
-    store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
+    store: str = option(help="Feature store (an extract folder; a path or URL).", type=Location(), argument=True)
     student: str = option("resnet9", "Student model (`kdpipe models`).", MODEL, spec=True)
     method: str = option(
         "feature",
@@ -646,7 +670,7 @@ class DistillConfig(RunOptions, SpeedOptions):
     )
     data_root: str | None = _data_root("STORE")
     fingerprint: str = _fingerprint()
-    out: str = option("runs/distill", "Output folder.", click.Path(file_okay=False))
+    out: str = option("runs/distill", "Output folder (a path or URL).", Location(file_okay=False))
     epochs: int = option(20, "Epochs (without --steps).", Integer(min=1))
     steps: int | None = option(
         None,
@@ -710,7 +734,7 @@ class DistillConfig(RunOptions, SpeedOptions):
 class ProbeConfig(RunOptions):
     """Freeze RUN's distilled backbone, fit a linear head on its pooled features, report top-1."""
 
-    run: str = option(help="A distill output folder.", type=click.Path(file_okay=False), argument=True)
+    run: str = option(help="A distill output folder (a path or URL).", type=Location(file_okay=False), argument=True)
     tap: str | None = option(None, "Student tap to probe (default: the last distilled one).")
     data_root: str | None = _data_root("RUN")
     fingerprint: str = _fingerprint()
@@ -739,7 +763,7 @@ class ReportConfig(DistillRunsOptions):
     """Run (or reuse) every method over the seeds against STORE with the config's distill and probe settings;
     write report.md, report.json and report.png, and print the table."""
 
-    store: str = option(MISSING, "Feature store (extract folder) every run uses.", click.Path())
+    store: str = option(MISSING, "Feature store (extract folder) every run uses.", Location())
     methods: tuple[str, ...] = option(
         ("ce", "kd", "fitnet", "feature-standard", "feature"),
         "Methods to compare (`kdpipe methods`), each optionally with distill flags joined by + "
@@ -753,7 +777,7 @@ class ReportConfig(DistillRunsOptions):
         f"and {REPORT_BUDGET_PLOT}.",
         FractionList(),
     )
-    out: str = option("runs/report", "Output folder.", click.Path(file_okay=False))
+    out: str = option("runs/report", "Output folder (local).", Location(object_storage=False, file_okay=False))
     plot: bool = _plot(REPORT_PLOT)
 
 
@@ -764,7 +788,7 @@ class QTestConfig(DistillRunsOptions):
     section's student layers, which the probe reads) and per k-tap set (Q's top k, the stage ends, random draws, Q's
     bottom k), probe each, and rank-correlate Q, S, I, E and depth with the probed top-1."""
 
-    store: str = option(MISSING, "Scored feature store (extract folder) every run uses.", click.Path())
+    store: str = option(MISSING, "Scored feature store (extract folder) every run uses.", Location())
     taps: tuple[str, ...] = _layers("Teacher taps to distill one at a time (default: every scored tap).")
     seeds: tuple[int, ...] = option((0, 1), "Seeds, one run each per tap and per tap set.", SeedList())
     random_sets: int = option(
@@ -773,7 +797,7 @@ class QTestConfig(DistillRunsOptions):
     bootstrap: int = option(
         10_000, "Bootstrap resamples of the taps for the correlations' 95 % intervals.", Integer(min=100)
     )
-    out: str = option("runs/q-test", "Output folder.", click.Path(file_okay=False))
+    out: str = option("runs/q-test", "Output folder (local).", Location(object_storage=False, file_okay=False))
     plot: bool = _plot(Q_TEST_PLOT)
 
 
@@ -804,7 +828,7 @@ class VerifyConfig(Config):
     """Read every chunk of STORE (checksums, NaN/Inf), check chunk files and splits against the completion flags.
     Exit status: 0 sound, 1 damaged (or not a store), 2 incomplete (resume with the same kdpipe extract)."""
 
-    store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
+    store: str = option(help="Feature store (an extract folder; a path or URL).", type=Location(), argument=True)
     repair: bool = option(
         False,
         "Mark blocks with damaged or missing chunks unwritten, so that rerunning the same kdpipe extract recomputes "
@@ -854,7 +878,11 @@ class MethodsConfig(Config):
 class SummaryConfig(Config):
     """Summarise the stage results found under FOLDER (teach, score, probe) in one table."""
 
-    folder: str = option(help="An experiment folder.", type=click.Path(exists=True, file_okay=False), argument=True)
+    folder: str = option(
+        help="An experiment folder (local).",
+        type=Location(object_storage=False, exists=True, file_okay=False),
+        argument=True,
+    )
 
 
 @command("info")
@@ -862,7 +890,7 @@ class SummaryConfig(Config):
 class InfoConfig(Config):
     """Print a store's taps, shapes, raw and stored sizes, completion and provenance."""
 
-    store: str = option(help="Feature store (an extract folder).", type=click.Path(), argument=True)
+    store: str = option(help="Feature store (an extract folder; a path or URL).", type=Location(), argument=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -184,3 +184,36 @@ def test_report_plan_takes_the_sections_and_owns_only_its_settings(tmp_path):
         plan(replace(config, methods=("feature+no-online-teacher",)))
     with pytest.raises(UserError, match="names no method"):
         plan(replace(config, methods=()))
+
+
+# Where each command writes: the commands whose outputs go to object storage too, and those that write local folders.
+WRITES_ANYWHERE = {("extract", "out"), ("distill", "out"), ("probe", "run")}
+WRITES_LOCALLY = {("teach", "out"), ("report", "out"), ("q-test", "out"), ("summary", "folder")}
+
+
+def test_every_output_and_store_option_is_a_location_that_says_where_it_may_be():
+    """Every --out, store, run and folder option is a `Location`: a command writing local folders only refuses a URL
+    of object storage (from the command line and from Python alike), the others take it as given."""
+    from pipeline.config import Location, field_types
+
+    places = {
+        (name, f): kind
+        for name, config in COMMANDS.items()
+        for f, kind in field_types(config).items()
+        if f in ("out", "store", "run", "folder")
+    }
+    assert all(isinstance(kind, Location) for kind in places.values()), places
+    assert {p for p, kind in places.items() if not kind.object_storage} == WRITES_LOCALLY
+    assert WRITES_ANYWHERE <= {p for p, kind in places.items() if kind.object_storage}
+    for name, option in WRITES_LOCALLY:
+        with pytest.raises(ConfigError, match=f"{option}: s3://b/x: this command writes to a local folder only"):
+            _config(name, option, "s3://b/x")
+    for name, option in WRITES_ANYWHERE:
+        assert getattr(_config(name, option, "s3://b/x"), option) == "s3://b/x"
+
+
+def _config(command: str, option: str, value: str):
+    """`command`'s config with `option` set to `value`, its other required options to a placeholder."""
+    config = COMMANDS[command]
+    required = {f.name: "s" for f in fields(config) if f.default is MISSING and f.name != option}
+    return config(**required, **{option: value})

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cache.location import local_folder
+from cache.location import location
 from cache.lock import lock_output
 from cache.store import FeatureStore
 
@@ -65,7 +65,7 @@ class TapSet:
 def q_test(config: QTestConfig) -> dict[str, Any]:
     """Plans every run (checked against the store first), runs or reuses each, writes q-test.md, q-test.json (and
     q-test.png) in `config.out` and returns the summary, holding the folder's lock throughout."""
-    out = local_folder(config.out, config.command)
+    out = location(config.out)  # local: the option refuses object storage
     scored = read_scored_taps(config.store)
     student_layers = _student_layers(config)
     taps = _tested_taps(scored, config.taps)

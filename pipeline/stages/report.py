@@ -24,7 +24,7 @@ from typing import Any
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from cache.location import is_url, local_folder
+from cache.location import is_url, location
 from cache.lock import lock_output
 
 from ..config import Boolean, DistillConfig, ProbeConfig, ReportConfig, field_types
@@ -76,7 +76,7 @@ def report(config: ReportConfig) -> dict[str, Any]:
     """Checks every (entry, seed) against the store first (a setting that fails fails before hours of runs), then
     runs or reuses each, writes report.md, report.json (and report.png) in `config.out` and returns the summary.
     The report holds its folder's lock throughout (each run, its own folder's too)."""
-    out = local_folder(config.out, config.command)  # before the plan checks every run against the store
+    out = location(config.out)  # local: the option refuses object storage
     runs = plan(config)
     with lock_output(out, folder_lock(out), config.command):
         return _report(config, runs, out)

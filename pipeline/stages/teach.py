@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from cache.location import local_folder
+from cache.location import location
 from cache.lock import lock_output
 
 from ..config import TeachConfig
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def teach(config: TeachConfig) -> dict[str, Any]:
     """Trains the teacher on the train split, evaluating every epoch on the held-out split; returns the summary."""
-    out_dir = local_folder(config.out, config.command)
+    out_dir = location(config.out)  # local: the option refuses object storage
     if (out_dir / TEACHER_WEIGHTS).exists() and not (config.overwrite or config.resume):
         raise UserError(f"{out_dir / TEACHER_WEIGHTS} exists (stores may record it); pass --overwrite or another --out")
     dev = resolve_device(config.device)
