@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -99,14 +100,14 @@ def linked_copy(extract: Path, folder: Path) -> Path:
 def storage(extract: Path) -> dict:
     """P5 at real size: each tap's chunk files against its float32 bytes."""
     from cache.schema import FEATURES
-    from cache.store import FeatureStore, stored_bytes
+    from cache.store import FeatureStore
 
     store = FeatureStore.open(extract)
     taps = {}
-    for path, array in store.split("train").arrays().items():
-        if path.startswith(f"{FEATURES}/"):
-            tap = path.split("/", 1)[1]
-            taps[tap] = {"stored_bytes": stored_bytes(store.path, array), "fp32_bytes": 4 * array.size}
+    for array in store.split("train").stored_arrays():
+        if array.path.startswith(f"{FEATURES}/"):
+            tap = array.path.split("/", 1)[1]
+            taps[tap] = {"stored_bytes": array.stored_bytes, "fp32_bytes": 4 * math.prod(array.shape)}
     stored, fp32 = (sum(t[k] for t in taps.values()) for k in ("stored_bytes", "fp32_bytes"))
     return {"taps": taps, "stored_bytes": stored, "fp32_bytes": fp32, "ratio": round(stored / fp32, 3)}
 

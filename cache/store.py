@@ -286,6 +286,13 @@ class SplitStore:
     def arrays(self) -> dict[str, zarr.Array]:
         return {path: self.array(path) for path in self.array_names}
 
+    def stored_arrays(self) -> list[StoredArray]:
+        """Every array's shape, chunking and size, raw and stored."""
+        return [
+            StoredArray(path, a.shape, str(a.dtype), a.chunks[0], a.nbytes, tree_bytes(self.path / path / "c"))
+            for path, a in self.arrays().items()
+        ]
+
     def check_metadata(self) -> None:
         """Reads every view's arrays' metadata, progress flags included: StoreError names the first unreadable one."""
         for view in self.views():
@@ -483,6 +490,14 @@ def _missing_value(dtype: str) -> float | int:
     return float("nan") if np.dtype(dtype).kind == "f" else -1
 
 
-def stored_bytes(store_path: Path, array: zarr.Array) -> int:
-    """Bytes of an array's chunk files (or objects) in the store, metadata excluded."""
-    return tree_bytes(store_path / array.path / "c")
+@dataclass(frozen=True)
+class StoredArray:
+    """An array as the store holds it, for reports: its path in its split (or view), shape, dtype, chunk length in
+    rows, and its raw bytes and stored bytes (its chunk files or objects, compressed; metadata excluded)."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_rows: int
+    raw_bytes: int
+    stored_bytes: int

@@ -35,7 +35,7 @@ from cache.location import is_remote, location
 from cache.lock import lock_output, store_lock
 from cache.records import DatasetRecord, StoreIdentity, TeacherRecord
 from cache.schema import INDICES, LABELS, LOGITS, PARAMS_ARRAY, feature_path, view_path
-from cache.store import ArraySpec, FeatureStore, SplitStore, compressors, stored_bytes
+from cache.store import ArraySpec, FeatureStore, SplitStore, compressors
 from cache.writer import SplitWriter
 
 from ..config import ExtractConfig
@@ -520,9 +520,9 @@ def _summary(store: FeatureStore, timings: dict[str, dict[str, float]], out: Pat
     splits = {}
     for part in store.splits():
         arrays = {
-            view_path(v, path): {"raw_bytes": int(arr.nbytes), "stored_bytes": stored_bytes(store.path, arr)}
+            view_path(v, a.path): {"raw_bytes": a.raw_bytes, "stored_bytes": a.stored_bytes}
             for v, view in enumerate(part.views())
-            for path, arr in view.arrays().items()
+            for a in view.stored_arrays()
         }
         raw = sum(a["raw_bytes"] for a in arrays.values())
         stored = sum(a["stored_bytes"] for a in arrays.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache.schema import PARAMS_ARRAY, VIEWS
-from cache.store import FeatureStore, stored_bytes
+from cache.store import FeatureStore
 
 from ..data.augment import Augmentation
 from ..distillation.picks import store_picks
@@ -56,17 +56,16 @@ def describe_store(path: str | Path) -> str:
         )
         lines.append(f"  {'array':32s} {'shape':22s} {'dtype':8s} {'chunk':>6s} {'raw MiB':>9s} {'stored MiB':>10s}")
         raw_total = stored_total = 0
-        for name, arr in part.arrays().items():
-            raw, stored = arr.nbytes, stored_bytes(store.path, arr)
-            raw_total, stored_total = raw_total + raw, stored_total + stored
+        for a in part.stored_arrays():
+            raw_total, stored_total = raw_total + a.raw_bytes, stored_total + a.stored_bytes
             lines.append(
-                f"  {name:32s} {str(arr.shape):22s} {str(arr.dtype):8s} {arr.chunks[0]:>6d} "
-                f"{raw / 2**20:>9.2f} {stored / 2**20:>10.2f}"
+                f"  {a.path:32s} {str(a.shape):22s} {a.dtype:8s} {a.chunk_rows:>6d} "
+                f"{a.raw_bytes / 2**20:>9.2f} {a.stored_bytes / 2**20:>10.2f}"
             )
         lines.append(_total_line("total" if part.num_views == 1 else "view 0", raw_total, stored_total))
         for v, view in enumerate(part.views()[1:], start=1):
-            arrays = view.arrays().values()
-            raw, stored = sum(a.nbytes for a in arrays), sum(stored_bytes(store.path, a) for a in arrays)
+            arrays = view.stored_arrays()
+            raw, stored = sum(a.raw_bytes for a in arrays), sum(a.stored_bytes for a in arrays)
             missing = len(view.missing_blocks())
             state = "" if not missing else f"  {missing}/{view.num_blocks} blocks missing"
             label = f"view {v} ({VIEWS}/{v}/, with {PARAMS_ARRAY})"
