@@ -8,6 +8,7 @@ alike; each process's wall seconds, CPU seconds (user + system) and peak RSS com
 - eager: the same help after importing everything `pipeline/__init__.py` imported before it became lazy (every
   stage, so torch, torchvision, timm and dask), as every `kdpipe` call did.
 - torch: `python -c "import torch"`, the floor of any path that imports torch.
+- bare: `python -c pass`, the interpreter's own start, the floor of any command.
 
     python benchmarks/p16_cli_start.py [--repeats 5]
 """
@@ -30,6 +31,7 @@ VARIANTS = {
     "now": [KDPIPE, "--help"],
     "eager": [sys.executable, "-c", EAGER, "--help"],
     "torch": [sys.executable, "-c", "import torch"],
+    "bare": [sys.executable, "-c", "pass"],
 }
 
 
@@ -57,9 +59,11 @@ def main() -> None:
     for name, (wall, cpu, rss) in medians.items():
         print(f"{name:6s} {wall:6.2f} s wall  {cpu:6.2f} s CPU  {rss:6.0f} MiB peak RSS")
     (wall, cpu, rss), (eager_wall, eager_cpu, eager_rss) = medians["now"], medians["eager"]
+    bare_wall, bare_cpu, _ = medians["bare"]
     print(
         f"P16 kdpipe --help, eager imports / now (median of {args.repeats}): wall {eager_wall / wall:.1f}x, "
-        f"CPU {eager_cpu / cpu:.1f}x, RSS {eager_rss / rss:.1f}x"
+        f"CPU {eager_cpu / cpu:.1f}x, RSS {eager_rss / rss:.1f}x; now / python -c pass: wall {wall / bare_wall:.1f}x, "
+        f"CPU {cpu / bare_cpu:.1f}x"
     )
 
 

@@ -137,7 +137,8 @@ def test_round_trip_equals_a_local_run(s3, digits_teacher, local_store):
     reference = weights(local / "distill")
     assert student.keys() == reference.keys() and all(torch.equal(student[k], reference[k]) for k in student)
     probed = probe(ProbeConfig(run=f"{s3}/runs/distill", device="cpu"))
-    assert probed["test_top1"] > 0
+    local_probed = probe(ProbeConfig(run=str(local / "distill"), device="cpu"))  # the same weights, probed locally
+    assert probed["test_top1"] == local_probed["test_top1"] and probed["weight_decay"] == local_probed["weight_decay"]
     objects = _objects(f"{s3}/runs")
     names = {key.rsplit("/", 1)[-1] for key in objects}
     expected = {"extract.json", "extract_args.yaml", "scores.json", "score_args.yaml", "distill.json"}
