@@ -75,8 +75,8 @@ def test_a_students_header_and_run_spec_round_trip(scored_store, tmp_path):
     from safetensors import safe_open
 
     from pipeline import DistillConfig, distill
+    from pipeline.distillation.run_spec import RunSpec
     from pipeline.engine.checkpoints import SPEC_KEY, read_model_spec
-    from pipeline.stages.distill import RunSpec
 
     out = tmp_path / "run"
     summary = distill(DistillConfig(store=str(scored_store), out=str(out), student="resnet8", steps=2, device="cpu"))

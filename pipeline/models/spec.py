@@ -30,8 +30,8 @@ class ProbeHead:
 class ModelSpec:
     """A model as its weights file records it: the architecture (`model`, `num_classes`, `input_size`, the
     `model_kwargs` it was built with), the `dataset` and `preprocessing` it was trained on, and for a distilled
-    student where its data was found (`data_root`) and its run spec (`run`, `pipeline.stages.distill.RunSpec`'s JSON);
-    a classifier adds its probe `head`."""
+    student where its data was found (`data_root`) and its run spec (`run`, the JSON of
+    `pipeline.distillation.run_spec.RunSpec`); a classifier adds its probe `head`."""
 
     model: str
     num_classes: int

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,10 @@ from ..data.datasets import SplitData, held_out_split, load_split, stratified_su
 from ..distillation.losses import FrozenTeacher, TermSetup
 from ..distillation.methods import Distiller, Method, cached_inputs, get_method, teacher_targets
 from ..distillation.pairing import pair_taps, stage_taps
+from ..distillation.run_spec import RunSpec
 from ..engine import distributed
 from ..engine.checkpoints import RunState, resumable, save_checkpoint, start_or_resume, train_epochs
-from ..engine.precision import AMP_RECORD, Precision
+from ..engine.precision import Precision
 from ..engine.provenance import load_matching_split, open_complete_store, recorded_data_root
 from ..engine.recipe import adamw_onecycle, evaluate_top1, make_loader
 from ..engine.runtime import resolve_device, seed_everything, write_args, write_json, write_npy
@@ -49,7 +50,6 @@ from ..layout import DISTILL_LOG, DISTILL_SUMMARY, LABELLED_INDICES, STUDENT_WEI
 from ..models.spec import ModelSpec
 from ..models.taps import Tap
 from ..models.zoo import create_model
-from ..version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -94,65 +94,6 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             )
             # rank 0 writes the run's files; every rank returns its summary
             return world.from_main(lambda: _finish(run, config, trainer.images, log_rows, start))
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Every setting that shapes a distill run's result, as the config and the method resolve them: stored with each
-    epoch checkpoint (a resumed run must match it, every key but the version), in the student's header and in
-    distill.json. Its JSON is flat, as it always was: the settings, the run's facts, what the built terms record."""
-
-    settings: dict[str, Any]  # the config's run settings the method uses, then the precision (when not float32)
-    losses: dict[str, dict[str, Any]]  # every term's weight and hyperparameters
-    num_classes: int
-    input_size: int
-    dataset: str
-    store: str  # absolute path or URL
-    store_config_hash: str
-    student_taps: list[str]
-    teacher_taps: list[str]
-    terms: dict[str, Any]  # what the built loss terms record (Block-KD's stones)
-    augmentation: dict[str, Any] | None  # the views trained on, when not the plain images
-    epochs: int
-    steps: int
-    num_labelled: int
-    num_training_rows: int
-    target_order: str
-    kdpipe_version: str = __version__
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kdpipe_version": self.kdpipe_version,
-            **self.settings,
-            "losses": self.losses,
-            "num_classes": self.num_classes,
-            "input_size": self.input_size,
-            "dataset": self.dataset,
-            "store": self.store,
-            "store_config_hash": self.store_config_hash,
-            "student_taps": self.student_taps,
-            "teacher_taps": self.teacher_taps,
-            **self.terms,
-            **({"augmentation": self.augmentation} if self.augmentation is not None else {}),
-            "epochs": self.epochs,
-            "steps": self.steps,
-            "num_labelled": self.num_labelled,
-            "num_training_rows": self.num_training_rows,
-            "target_order": self.target_order,
-        }
-
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> RunSpec:
-        """A recorded run spec: the options a run records (and the precision) are its settings, whatever is neither
-        a setting nor a fact of the run is a term's record. A fact an older run did not record reads as None."""
-        settings = DistillConfig.spec_fields() | {AMP_RECORD}
-        facts = {f.name for f in fields(cls)} - {"settings", "terms"}
-        return cls(
-            settings={k: v for k, v in record.items() if k in settings},
-            terms={k: v for k, v in record.items() if k not in settings | facts},
-            **{k: record.get(k) for k in facts - {"kdpipe_version"}},
-            kdpipe_version=record.get("kdpipe_version", __version__),
-        )
 
 
 @dataclass(frozen=True)

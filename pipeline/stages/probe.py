@@ -27,6 +27,7 @@ from cache.store import FeatureStore
 
 from ..config import ProbeConfig
 from ..data.datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
+from ..distillation.run_spec import RunSpec
 from ..engine.checkpoints import file_or_bytes, load_checkpoint, read_model_spec, save_checkpoint
 from ..engine.precision import Precision
 from ..engine.provenance import load_matching_split, recorded_data_root
@@ -37,7 +38,6 @@ from ..layout import CLASSIFIER, LABELLED_INDICES, PROBE_SUMMARY, STUDENT_WEIGHT
 from ..models.spec import ModelSpec, ProbeHead
 from ..models.taps import STEM, Tap, TapRecorder, list_taps, pool_embedding, stage_ends
 from ..models.zoo import create_model
-from .distill import RunSpec
 
 log = logging.getLogger(__name__)
 
