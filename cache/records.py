@@ -6,7 +6,9 @@ The identity's JSON is the store root's `identity` attribute and, hashed, its `c
 exactly the keys extract always wrote for a store of its kind (no `amp` at float32, no `augment` without views), so an
 interrupted store resumes under the same hash. `from_json` is the one place older stores are read: keys added since
 take the value they meant before they existed. The identity's version is the store's format version
-(`cache.schema.FORMAT_VERSION`); a split's record is read from its group's attributes (`SplitStore.record`).
+(`cache.schema.FORMAT_VERSION`); a split's record is read from its group's attributes (`SplitStore.record`). Beside
+the identity, not hashed, the store records its provenance (`StoreProvenance`): who wrote it, when, and where its
+teacher's weights and data were found.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .schema import PICKED_BY
 
 
 @dataclass(frozen=True)
@@ -196,4 +200,35 @@ class SplitRecord:
             attrs.get("views", 1),
             bool(attrs.get("complete", False)),
             Picks.from_json(attrs["scores"]) if attrs.get("scores") else None,
+        )
+
+
+@dataclass(frozen=True)
+class StoreProvenance:
+    """The store root's record beside its identity: the kdpipe that wrote it and when, the identity's hash, where
+    the teacher's weights were read (`checkpoint_path` absolute, `checkpoint_relative` from the folder holding the
+    store; None without a checkpoint, and `relative_recorded` False in stores from before the relative path was
+    kept), the data root (None: the dataset's own), and the picks that chose its taps (two-pass extraction)."""
+
+    kdpipe_version: str
+    created: str
+    config_hash: str
+    checkpoint_path: str | None = None
+    checkpoint_relative: str | None = None
+    relative_recorded: bool = True
+    data_root: str | None = None
+    picked_by: Picks | None = None
+
+    @classmethod
+    def from_json(cls, meta: dict[str, Any]) -> StoreProvenance:
+        picked = meta.get(PICKED_BY)
+        return cls(
+            meta.get("kdpipe_version", "unknown"),
+            meta.get("created", "unknown"),
+            meta["config_hash"],
+            meta.get("checkpoint_path"),
+            meta.get("checkpoint_relative"),
+            "checkpoint_relative" in meta,
+            meta.get("data_root"),
+            Picks.from_json(picked) if picked else None,
         )

@@ -19,6 +19,9 @@ from __future__ import annotations
 FORMAT_VERSION = 1
 STORE_NAME = "features.zarr"  # the store's name inside an extract output folder
 ATTR_KEY = "kdpipe"  # the store root's attribute holding kdpipe's metadata
+PICKED_BY = (
+    "picked_by"  # the metadata entry recording the scores that chose a store's taps (`kdpipe extract --layers picked:`)
+)
 FEATURES = "features"
 LABELS = "labels"
 INDICES = "indices"  # each row's sample index in its dataset split

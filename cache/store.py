@@ -24,7 +24,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import DamagedStoreError, StoreError
 from .location import is_remote, location, remove_tree, tree_bytes, walk_files, zarr_store
-from .records import Picks, SplitRecord, StoreIdentity
+from .records import Picks, SplitRecord, StoreIdentity, StoreProvenance
 from .schema import (
     ATTR_KEY,
     DEFAULT_COMPRESSION,
@@ -384,6 +384,11 @@ class FeatureStore:
     def identity(self) -> StoreIdentity:
         """What determines the store's contents (`cache.records`)."""
         return StoreIdentity.from_json(self.meta["identity"])
+
+    @property
+    def provenance(self) -> StoreProvenance:
+        """Who wrote the store, when, and where its teacher's weights and data were found (`cache.records`)."""
+        return StoreProvenance.from_json(self.meta)
 
     def update_meta(self, **fields: Any) -> None:
         self.group.attrs[ATTR_KEY] = {**self.meta, **fields}

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 PICKED = "picked:"  # --layers picked:PATH, the taps score picked in the store at PATH (or in its scores file)
 STAGE_ENDS = "stage-ends"  # --layers stage-ends, the teacher's stage ends (what the baselines distill from)
 TEACHER_KEYS = ("name", "checkpoint_sha256", "pretrained", "model_kwargs")  # the weights whose layers were scored
-PICKED_BY = "picked_by"  # the store metadata entry recording the scores that chose its taps
 
 
 def expand_layers(entries: tuple[str, ...], taps: list[Tap]) -> tuple[list[str], Picks | None]:
@@ -69,7 +68,7 @@ def read_picks(source: str) -> Picks:
     if scores is None:
         raise UserError(f"{PICKED}{source}: {store.path} was never scored; run `kdpipe score {source}` first")
     teacher = store.identity.teacher.to_json()
-    context = {"teacher": {k: teacher.get(k) for k in TEACHER_KEYS}, "config_hash": store.meta.get("config_hash")}
+    context = {"teacher": {k: teacher.get(k) for k in TEACHER_KEYS}, "config_hash": store.provenance.config_hash}
     summary = {"seed": scores.seed, "top_k": scores.top_k, **context}
     return _record(scores.selected, scores.quality, summary, str(score_files(store.path)[0]))
 
@@ -99,5 +98,4 @@ def check_teacher(picks: Picks, record: TeacherRecord) -> None:
 
 def store_picks(store: FeatureStore, scores: Picks | None) -> Picks | None:
     """The scores that pick a store's taps: its own (`scores`, a split's record) or those that chose what it caches."""
-    carried = store.meta.get(PICKED_BY)
-    return scores or (Picks.from_json(carried) if carried else None)
+    return scores or store.provenance.picked_by

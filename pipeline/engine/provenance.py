@@ -115,7 +115,7 @@ def _check_given_checkpoint(store: FeatureStore, given: str, expected: str | Non
         raise UserError(f"{purpose}: --teacher-checkpoint={given} does not exist")
     actual = file_sha256(given)
     if actual != expected:
-        recorded = store.meta.get("checkpoint_path") or "pretrained weights, no checkpoint"
+        recorded = store.provenance.checkpoint_path or "pretrained weights, no checkpoint"
         raise UserError(
             f"{purpose}: {given} (sha256 {actual[:16]}) is not the checkpoint {store.path} was extracted with "
             f"({recorded}, sha256 {(expected or 'none')[:16]})"
@@ -127,14 +127,15 @@ def checkpoint_candidates(store: FeatureStore) -> list[Path]:
     path, then its path from the folder holding the store (moved with it). An older record holds the path as
     extract was given it: absolute, or relative to where extract ran, tried from the working directory and then
     from the folder holding the store and each folder above it (one of them is likely where extract ran)."""
-    recorded = store.meta.get("checkpoint_path")
+    provenance = store.provenance
+    recorded = provenance.checkpoint_path
     if recorded is None:
         return []
     if is_remote(store.path):
         return [Path(recorded)]
     folder = Path(os.path.abspath(store.path)).parent
-    if "checkpoint_relative" in store.meta:
-        relative = store.meta["checkpoint_relative"]
+    if provenance.relative_recorded:
+        relative = provenance.checkpoint_relative
         places = [Path(recorded), *([folder / relative] if relative else [])]
     elif Path(recorded).is_absolute():
         places = [Path(recorded)]

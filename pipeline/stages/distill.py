@@ -143,7 +143,7 @@ class DistillRun:
 def _training_data(config: DistillConfig, method: Method) -> TrainingData:
     """The complete store, the data it matches (checked field by field) and the rows the method trains on."""
     store, part = open_complete_store(config.store)
-    data_root = recorded_data_root(config.data_root, store.meta.get("data_root"), store.path)
+    data_root = recorded_data_root(config.data_root, store.provenance.data_root, store.path)
     data = load_matching_split(store, "train", config.dataset, data_root, fingerprint=config.fingerprint)
     indices = part.read(INDICES)
     rows, labelled = _training_rows(part, method, config, data.classes)
@@ -183,7 +183,7 @@ def _build(
         input_size=input_size,
         dataset=data.name,
         store=absolute(store.path),
-        store_config_hash=store.meta["config_hash"],
+        store_config_hash=store.provenance.config_hash,
         student_taps=[t.name for t in student_taps],
         teacher_taps=[t.name for t in teacher_taps],
         terms=distiller.record(),

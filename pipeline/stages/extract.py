@@ -34,14 +34,14 @@ from cache.errors import DamagedStoreError, StoreError
 from cache.location import is_remote, location
 from cache.lock import lock_output, store_lock
 from cache.records import DatasetRecord, StoreIdentity, TeacherRecord
-from cache.schema import INDICES, LABELS, LOGITS, PARAMS_ARRAY, feature_path, view_path
+from cache.schema import INDICES, LABELS, LOGITS, PARAMS_ARRAY, PICKED_BY, feature_path, view_path
 from cache.store import ArraySpec, FeatureStore, SplitStore, compressors
 from cache.writer import SplitWriter
 
 from ..config import ExtractConfig
 from ..data.augment import PARAMS, POLICIES, Augmentation, ViewImages
 from ..data.datasets import Preprocessing, SplitData, held_out_split, load_split, stratified_subset
-from ..distillation.picks import PICKED_BY, check_teacher, expand_layers
+from ..distillation.picks import check_teacher, expand_layers
 from ..engine import distributed
 from ..engine.checkpoints import file_sha256, read_model_spec
 from ..engine.precision import Precision
@@ -298,7 +298,7 @@ def _resumable(path: Path, identity: StoreIdentity, overwrite: bool) -> FeatureS
             return None
         hint = "" if isinstance(err, DamagedStoreError) else "; choose another --out, or pass --overwrite to replace it"
         raise UserError(f"{err}{hint}") from err
-    if store.meta.get("config_hash") == identity.config_hash:
+    if store.provenance.config_hash == identity.config_hash:
         if discarded := store.discard_unfinished_writes():
             log.info("%s: removed %d unfinished chunk writes a killed run left", path, discarded)
         return store
@@ -539,7 +539,7 @@ def _summary(store: FeatureStore, timings: dict[str, dict[str, float]], out: Pat
         "stage": "extract",
         "store": str(store.path),
         "complete": store.complete,
-        "config_hash": store.meta["config_hash"],
+        "config_hash": store.provenance.config_hash,
         "splits": splits,
     }
     write_json(out / EXTRACT_SUMMARY, summary)

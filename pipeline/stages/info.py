@@ -15,16 +15,15 @@ from ..models.taps import Tap
 def describe_store(path: str | Path) -> str:
     """The report of `kdpipe info`; StoreError when the store's metadata is missing or unreadable."""
     store = FeatureStore.open(path)
-    meta = store.meta
-    identity = store.identity
+    provenance, identity = store.provenance, store.identity
     teacher, dataset = identity.teacher, identity.dataset
     lines = [
         f"store       {store.path}",
         f"complete    {'yes' if store.complete else 'NO (resume with the same kdpipe extract command)'}",
         f"teacher     {teacher.name}  checkpoint sha256 {(teacher.checkpoint_sha256 or 'none')[:16]}"
-        f"  ({meta.get('checkpoint_path') or 'pretrained'})",
+        f"  ({provenance.checkpoint_path or 'pretrained'})",
         f"dataset     {dataset.name}  {dataset.num_classes} classes  preprocessing {dataset.preprocessing}",
-        f"created     {meta['created']} by kdpipe {meta['kdpipe_version']}  config {meta['config_hash'][:16]}",
+        f"created     {provenance.created} by kdpipe {provenance.kdpipe_version}  config {provenance.config_hash[:16]}",
         f"head        {teacher.head}  logits {'cached' if identity.logits else 'none'}",
         f"forward     {_precision(identity.amp)}",
         f"taps        {'name':28s} {'role':10s} {'layout':26s} shape",

@@ -165,7 +165,7 @@ def _probe_data(spec: ModelSpec, run: RunSpec, data_root: str | None, fingerprin
         store = FeatureStore.open(run.store)
     except StoreError:
         store = None
-    if store is not None and store.meta["config_hash"] == run.store_config_hash:
+    if store is not None and store.provenance.config_hash == run.store_config_hash:
         train = load_matching_split(store, "train", spec.dataset, data_root, fingerprint=fingerprint)
     else:  # runs distilled before the preprocessing was recorded: the dataset's own
         preprocessing = Preprocessing.from_dict(spec.preprocessing) if spec.preprocessing else None

@@ -65,7 +65,7 @@ def recompute(
     precision = Precision(resolve_device(device), amp, refused_as=refused_as)
     teacher = precision.model(store_teacher(store, checkpoint, num_classes, input_size, "--recompute")).eval()
     augmentation = Augmentation.from_record(identity.augment) if identity.augment else None
-    root = recorded_data_root(data_root, store.meta.get("data_root"), store.path)
+    root = recorded_data_root(data_root, store.provenance.data_root, store.path)
     found = []
     for part in store.splits():
         if not part.complete:

@@ -92,7 +92,7 @@ def _score(config: ScoreConfig, feature_store: FeatureStore) -> dict[str, Any]:
         "stage": "score",
         "kdpipe_version": __version__,
         "store": str(feature_store.path),
-        "config_hash": feature_store.meta.get("config_hash"),  # the store scored (kdpipe summary compares it)
+        "config_hash": feature_store.provenance.config_hash,  # the store scored (kdpipe summary compares it)
         "scores_file": str(scores_file),
         "plot_file": str(plot_file) if config.plot else None,
         "split": config.split,

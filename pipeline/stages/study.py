@@ -87,7 +87,7 @@ def current_scores(config: ScoreConfig) -> dict[str, Any] | None:
         return None
     summary = json.loads(scores_file.read_text())
     written_with = yaml.safe_load(args_file.read_text())
-    config_hash = FeatureStore.open(store, mode="r").meta.get("config_hash")
+    config_hash = FeatureStore.open(store, mode="r").provenance.config_hash
     return summary if summary.get("config_hash") == config_hash and written_with == config.to_dict() else None
 
 

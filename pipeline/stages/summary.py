@@ -33,7 +33,7 @@ def _stale_reason(scores_file: Path, scores: dict) -> str | None:
         return f"its store cannot be read: {err}"
     if "config_hash" not in scores:
         return "written before kdpipe recorded which store it scored"
-    if scores["config_hash"] != store.meta.get("config_hash"):
+    if scores["config_hash"] != store.provenance.config_hash:
         return "its store was rebuilt with another configuration since"
     return None
 
