@@ -243,8 +243,16 @@ def _trainer(run: DistillRun, config: DistillConfig) -> Trainer:
         training.data, training.indices, training.store, training.part, run.fresh, run.views, config.seed
     )
     return Trainer(
-        *(run.distiller, run.state.optimizer, run.state.schedule, run.targets, images, run.teacher),
-        *(config.batch_size, config.seed, run.precision, config.workers),
+        distiller=run.distiller,
+        optimizer=run.state.optimizer,
+        schedule=run.state.schedule,
+        targets=run.targets,
+        images=images,
+        teacher=run.teacher,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        precision=run.precision,
+        workers=config.workers,
         fresh_views=run.fresh is not None,
         world=run.world,
         model=run.model,
