@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -164,23 +165,30 @@ class MappingType(click.ParamType):
 
 class Location(click.Path):
     """Where a command reads or writes: a path (checked as `click.Path` checks it), or an fsspec URL
-    (`s3://bucket/key`) passed on as given. A command that reads and writes local folders only (`object_storage`
-    False) refuses a URL of object storage in one line, before anything runs, never taking it for a local folder named
-    after its scheme (`s3:`)."""
+    (`s3://bucket/key`) passed on as given; a value that is neither (a number or a list from YAML) is refused. A
+    command that reads and writes local folders only (`object_storage` False) refuses a URL of object storage in one
+    line, before anything runs, never taking it for a local folder named after its scheme (`s3:`); `local_only` says
+    what it does locally."""
 
     name = "location"
 
-    def __init__(self, object_storage: bool = True, **path_checks: Any) -> None:
+    def __init__(self, object_storage: bool = True, local_only: str = LOCAL_ONLY, **path_checks: Any) -> None:
         super().__init__(**path_checks)
-        self.object_storage = object_storage
+        self.object_storage, self.local_only = object_storage, local_only
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, (str, os.PathLike)):
+            self.fail(f"expected a path, not {value!r}", param, ctx)
         if not is_object_storage(value):
             return super().convert(value, param, ctx)
         if not self.object_storage:
             command = f"kdpipe {ctx.command.name}" if ctx else "this command"
-            self.fail(f"{value}: {command} {LOCAL_ONLY}", param, ctx)
+            self.fail(f"{value}: {command} {self.local_only}", param, ctx)
         return value
+
+
+CHECKPOINT = Location(dir_okay=False)  # weights: a local file, or an object on storage
+DATA_LOCAL_ONLY = "reads datasets from a local folder only, not from object storage"
 
 
 class Registered(click.ParamType):
@@ -418,7 +426,8 @@ def _workers() -> Any:
 
 def _data_root(default_from: str = "") -> Any:
     recorded = f" (default: the one {default_from} recorded)" if default_from else ""
-    return option(None, f"Folder holding the dataset's files{recorded}.", click.Path(file_okay=False))
+    local = Location(object_storage=False, local_only=DATA_LOCAL_ONLY, file_okay=False)
+    return option(None, f"Folder holding the dataset's files{recorded}.", local)
 
 
 def _fingerprint() -> Any:
@@ -559,7 +568,7 @@ class ExtractConfig(DataOptions, RunOptions, SpeedOptions):
     checkpoint: str | None = option(
         None,
         "Teacher weights: .safetensors, or a torch file (.pt/.pth/.pth.tar) read with weights_only=True.",
-        click.Path(dir_okay=False),
+        CHECKPOINT,
     )
     checkpoint_key: str | None = option(
         None,
@@ -704,7 +713,7 @@ class DistillConfig(RunOptions, SpeedOptions):
     teacher_checkpoint: str | None = option(
         None,
         "Teacher weights for --online-teacher and block-kd (default: the path recorded in the store).",
-        click.Path(dir_okay=False),
+        CHECKPOINT,
     )
     views: int | None = option(
         None,
@@ -807,7 +816,11 @@ class StudyConfig(Config):
     """Run every stage FILE has a section for (teach, extract, score, q-test, report) in that order, continuing or
     reusing what an earlier, interrupted or finished, run of the same FILE left."""
 
-    file: str = option(help="Experiment config (YAML) with a section per stage.", type=click.Path(), argument=True)
+    file: str = option(
+        help="Experiment config (YAML) with a section per stage.",
+        type=Location(object_storage=False, local_only="reads a local file only"),
+        argument=True,
+    )
 
 
 @command("layers")
@@ -843,7 +856,7 @@ class VerifyConfig(Config):
         Integer(min=0),
     )
     teacher_checkpoint: str | None = option(
-        None, "Teacher weights for --recompute (default: the path recorded in the store).", click.Path(dir_okay=False)
+        None, "Teacher weights for --recompute (default: the path recorded in the store).", CHECKPOINT
     )
     data_root: str | None = _data_root("STORE")
     device: str = _device()
@@ -900,9 +913,11 @@ class InfoConfig(Config):
 def load_config(path: str | Path) -> dict[str, Any]:
     """The mapping a config file holds; every top-level key must be a command or an option of some command."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise UserError(f"--config: cannot read {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"--config: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from err
     except yaml.YAMLError as err:
         raise UserError(f"--config: {path} is not valid YAML: {str(err).splitlines()[0]}") from err
     data = {} if data is None else data

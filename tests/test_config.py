@@ -217,3 +217,16 @@ def _config(command: str, option: str, value: str):
     config = COMMANDS[command]
     required = {f.name: "s" for f in fields(config) if f.default is MISSING and f.name != option}
     return config(**required, **{option: value})
+
+
+def test_a_config_file_that_is_not_utf8_or_gives_a_path_a_number_is_one_line(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"teach:\n  epochs: 1\n  \xff\xfe: x\n")
+    assert_one_line_error(run_cli("teach", "--config", binary, expect_ok=False), str(binary), "is not UTF-8 text")
+    for option in ("data_root", "checkpoint", "out"):
+        numeric = tmp_path / f"{option}.yaml"
+        numeric.write_text(yaml.safe_dump({"extract": {option: 5}}))
+        result = run_cli("extract", "--config", numeric, expect_ok=False)
+        assert_one_line_error(result, str(numeric), f"extract.{option}: expected a path, not 5")
+    result = run_cli("extract", "--data-root", "s3://bucket/data", expect_ok=False)
+    assert_one_line_error(result, "s3://bucket/data: kdpipe extract reads datasets from a local folder only")

@@ -87,7 +87,7 @@ def read_model_spec(path: str | Path) -> ModelSpec | None:
     try:
         return ModelSpec.from_json(json.loads(spec))
     except (ValueError, KeyError, TypeError) as err:  # not JSON, or not the fields kdpipe writes
-        raise UserError(f"checkpoint {path}: its {SPEC_KEY} header is not a kdpipe model spec ({err!r})") from None
+        raise UserError(f"checkpoint {path}: its {SPEC_KEY} header is not a kdpipe model spec ({err})") from None
 
 
 def _remote_safetensors_metadata(path) -> dict[str, str]:

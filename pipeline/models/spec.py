@@ -14,6 +14,20 @@ from typing import Any
 HEAD_FIELDS = ("tap", "tap_layout", "embedding_dim", "classes")
 OWN_FIELDS = ("model", "preprocessing", "data_root", *HEAD_FIELDS)  # a student's header: these, and its run spec
 RUN_MARK = "losses"  # a key only a run spec has
+# (key, accepted types, required) of every field a reader builds a model or a classifier from
+FIELD_TYPES = (
+    ("model", (str,), True),
+    ("num_classes", (int,), True),
+    ("input_size", (int,), False),
+    ("model_kwargs", (dict,), False),
+    ("dataset", (str,), False),
+    ("preprocessing", (dict,), False),
+    ("data_root", (str,), False),
+    ("tap", (str,), False),
+    ("tap_layout", (str,), False),
+    ("embedding_dim", (int,), False),
+    ("classes", (list,), False),
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,14 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> ModelSpec:
+        """The spec a header holds; ValueError naming the first field that is missing or of the wrong type."""
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON object is expected, not {type(record).__name__}")
+        for key, types, required in FIELD_TYPES:
+            if key in record and record[key] is not None and not isinstance(record[key], types):
+                raise ValueError(f"{key} is {type(record[key]).__name__}, not {' or '.join(t.__name__ for t in types)}")
+            if required and record.get(key) is None:
+                raise ValueError(f"{key} is missing")
         head = ProbeHead(*(record[k] for k in HEAD_FIELDS)) if "tap" in record else None
         return cls(
             record["model"],
