@@ -122,6 +122,9 @@ def _verify_split(verdict: Verdict, name: str, repair: bool, progress: Progress)
         verdict.problems += found
         verdict.checked += count
         if repair and bad_blocks:
+            # incomplete first: a kill between these writes leaves a store that says it is incomplete, never one
+            # marked complete with blocks flagged unwritten
+            store.update_meta(complete=False)
+            part.mark_incomplete()
             for block in sorted(bad_blocks):
                 view.array(PROGRESS)[block] = 0
-            part.mark_incomplete()

@@ -18,7 +18,7 @@ import zarr
 from cache.lock import OutputLock, _Removed, store_lock
 from cache.schema import STORE_NAME
 from cache.store import FeatureStore
-from cache.verify import DAMAGED, INCOMPLETE, SOUND
+from cache.verify import DAMAGED, INCOMPLETE, SOUND, verify_store
 from helpers import (
     ROOT,
     STUDENT,
@@ -312,6 +312,25 @@ def test_verify_exit_status(tmp_path):
     assert "train/features/x chunk 0 (rows 0-7): a value NaN or Inf at row 5" in result.output
     assert run_cli("verify", tmp_path / "nan", "--repair", expect_ok=False).exit_code == DAMAGED
     assert run_cli("verify", tmp_path / "nan", expect_ok=False).exit_code == INCOMPLETE
+
+
+def test_a_repair_killed_before_it_flags_a_block_leaves_the_store_incomplete(tmp_path, monkeypatch):
+    """--repair clears `complete` (the store's and the split's) before it flags any block unwritten, so a kill in
+    between leaves a store that says it is incomplete."""
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float16)
+    make_store(tmp_path / "nan" / STORE_NAME, {"x": x}, np.arange(8) % 2)
+    zarr.open_group(str(tmp_path / "nan" / STORE_NAME), mode="r+")["train/features/x"][5, 2] = np.nan
+
+    def killed(self, key, value):
+        raise KeyboardInterrupt  # the kill, as the first block flag is written
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        verify_store(tmp_path / "nan", repair=True)
+    monkeypatch.undo()
+    store = FeatureStore.open(tmp_path / "nan")
+    assert not store.complete and not store.split("train").complete
+    assert store.split("train").missing_blocks() == []  # the flag was never written: the kill came first
 
 
 # ---------------------------------------------------------------------------------------------------------------
