@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import logging
-import re
+import pickle
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -38,6 +38,7 @@ SPEC_KEY = "kdpipe_model_spec"  # the safetensors header entry holding the model
 KEPT_CHECKPOINTS = 2
 DEFAULT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # the entries timm's load_state_dict tries
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel and torch.compile, as timm's clean_state_dict
+ALLOWED_GLOBALS = [argparse.Namespace]  # what weights_only=True also reads: the args timm's train.py saves
 
 
 @dataclass(frozen=True)
@@ -138,10 +139,10 @@ def _read_weights(path: Path) -> Any:
         except (SafetensorError, OSError) as err:
             raise UserError(f"cannot read checkpoint {path} as safetensors: {first_line(err)}") from err
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return torch.load(file_or_bytes(path), map_location="cpu", weights_only=True)
     except Exception as err:  # whatever torch.load meets (pickled objects, junk, a cut-off file): one line
-        refused = refused_global(err)
+        refused = refused_global(path) if isinstance(err, pickle.UnpicklingError) else None
         if refused:
             raise UserError(
                 f"cannot read checkpoint {path}: a torch file of pickled objects ({refused}) that weights_only=True "
@@ -155,10 +156,17 @@ def _read_weights(path: Path) -> Any:
         raise UserError(f"cannot read checkpoint {path} as a torch file: {reason}") from err
 
 
-def refused_global(err: BaseException) -> str | None:
-    """The pickled global that torch.load(weights_only=True) refused, where that is why it failed."""
-    refused = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-    return refused[0] if refused else None
+def refused_global(path: Path, shown: int = 3) -> str | None:
+    """The pickled globals of the torch file at `path` that torch.load(weights_only=True) refuses (the first `shown`
+    by name, and how many there are), as torch's own scan of the file finds them, not as its error message words
+    them; None when there are none or the file cannot be scanned."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    try:
+        found = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(file_or_bytes(path))) - allowed)
+    except Exception:  # a file too damaged to scan: it fails as damaged, not as refused
+        return None
+    more = f", ... ({len(found)} in all)" if len(found) > shown else ""
+    return ", ".join(found[:shown]) + more if found else None
 
 
 def _is_state_dict(value: Any) -> bool:

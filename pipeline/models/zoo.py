@@ -306,7 +306,8 @@ def _load_torchvision_weights(model: nn.Module, name: str, num_classes: int) -> 
         state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused the cached file
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        refused = f" ({refused_global(err)})" if refused_global(err) else ""
+        found = refused_global(cached) if cached.is_file() else None
+        refused = f" ({found})" if found else ""
         raise UserError(
             f"cannot load the pretrained weights of {name!r} ({weights}): {cached} is not plain weights that "
             f"weights_only=True reads{refused}; delete it to download it again"
