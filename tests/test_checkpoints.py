@@ -8,7 +8,7 @@ import json
 import logging
 import pickle
 import urllib.error
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -277,3 +277,59 @@ def test_torchvision_pretrained_weights_fit_the_dataset_s_class_count(monkeypatc
     assert model.fc.weight.shape == (10, 512)
     assert torch.equal(model.fc.weight, fresh.fc.weight) and torch.equal(model.fc.bias, fresh.fc.bias)
     assert_weights(model, {**imagenet, "fc.weight": fresh.fc.weight, "fc.bias": fresh.fc.bias})
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "pickled state", "truncated weights"])
+def test_resume_passes_over_a_damaged_newest_checkpoint_to_the_previous_good_one(
+    damage, scored_store, tmp_path, caplog
+):
+    """A run killed in epoch 3 whose newest checkpoint (epoch 2) is damaged resumes from epoch 1, saying so, and ends
+    with the uninterrupted run's weights; with every checkpoint damaged it is one Error line naming them."""
+    from helpers import interrupted_in_epoch
+    from pipeline import DistillConfig, distill
+    from pipeline.layout import STUDENT_WEIGHTS, epoch_state, epoch_weights
+
+    def config(out, **more):
+        run = {"student": "resnet8", "model_kwargs": {"base_width": 8}, "batch_size": 100, "epochs": 3}
+        return DistillConfig(store=str(scored_store), out=str(out), device="cpu", checkpoint_seconds=0.0, **run, **more)
+
+    distill(config(tmp_path / "whole"))
+    with pytest.MonkeyPatch.context() as patch, interrupted_in_epoch(patch, 3), pytest.raises(KeyboardInterrupt):
+        distill(config(tmp_path / "cut"))
+    cut = tmp_path / "cut"
+
+    def spoil(epoch: int) -> None:
+        state, weights = epoch_state(cut, epoch), epoch_weights(cut, epoch)
+        if damage == "truncated state":
+            state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+        elif damage == "pickled state":
+            torch.save({"spec": PurePosixPath("x")}, state)  # a global weights_only=True refuses
+        else:
+            weights.write_bytes(weights.read_bytes()[:100])
+
+    spoil(2)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        distill(config(cut, resume=True))
+    assert "the checkpoint of epoch 2 in" in caplog.text and "continuing from the checkpoint of epoch 1" in caplog.text
+    assert (cut / STUDENT_WEIGHTS).read_bytes() == (tmp_path / "whole" / STUDENT_WEIGHTS).read_bytes()
+    for epoch in (2, 3):  # the resumed run's own checkpoints, then both spoiled
+        spoil(epoch)
+    result = run_cli(
+        "distill",
+        scored_store,
+        "--student",
+        "resnet8",
+        "--model-kwargs",
+        "{base_width: 8}",
+        "--batch-size",
+        100,
+        "--epochs",
+        4,
+        "--out",
+        cut,
+        "--resume",
+        "--device",
+        "cpu",
+        expect_ok=False,
+    )
+    assert_one_line_error(result, "--resume: no checkpoint in", "epoch 3 (", "epoch 2 (")

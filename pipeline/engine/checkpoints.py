@@ -356,8 +356,7 @@ def start_or_resume(out_dir: Path, resume: bool, spec: dict, run: RunState, stag
         return [], 1
     if not done:
         raise UserError(f"--resume: {out_dir} holds no checkpoint")
-    epoch = done[-1]
-    state = torch.load(file_or_bytes(epoch_state(out_dir, epoch)), map_location="cpu", weights_only=True)
+    epoch, state, weights = _newest_readable(out_dir, done)
     # a setting recorded only when it is not its default (amp, augmentation) is compared in either direction
     compared = sorted((set(spec) | set(state["spec"])) - {"kdpipe_version"})
     where, was, now = first_difference({k: state["spec"].get(k) for k in compared}, {k: spec.get(k) for k in compared})
@@ -365,7 +364,7 @@ def start_or_resume(out_dir: Path, resume: bool, spec: dict, run: RunState, stag
         raise UserError(
             f"--resume: the checkpoint in {out_dir} was made with {where} = {_setting(was)}, not {_setting(now)}"
         )
-    run.module.load_state_dict(read_safetensors(epoch_weights(out_dir, epoch)), strict=True)
+    run.module.load_state_dict(weights, strict=True)
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["torch_rng"])
@@ -374,6 +373,28 @@ def start_or_resume(out_dir: Path, resume: bool, spec: dict, run: RunState, stag
     if run.scaler is not None:
         run.scaler.load_state_dict(state["scaler"])
     return list(state["log"]), epoch + 1
+
+
+def _newest_readable(out_dir: Path, epochs: list[int]) -> tuple[int, dict, dict[str, torch.Tensor]]:
+    """(epoch, state, weights) of the newest epoch checkpoint whose two files read whole; a damaged, truncated or
+    refused newer one is named in a warning and passed over; none readable is one UserError naming them."""
+    refused = []
+    for epoch in reversed(epochs):
+        files = (epoch_state(out_dir, epoch), epoch_weights(out_dir, epoch))
+        try:
+            state = torch.load(file_or_bytes(files[0]), map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not {"spec", "optimizer", "schedule", "log"} <= state.keys():
+                raise ValueError("not an epoch state kdpipe wrote")
+            weights = read_safetensors(files[1])
+        except Exception as err:  # torch.load and safetensors raise whatever the bytes provoke: one line each
+            reason = first_line(err)
+            refused.append(f"epoch {epoch} ({reason})")
+            log.warning("--resume: the checkpoint of epoch %d in %s is unreadable (%s)", epoch, out_dir, reason)
+            continue
+        if refused:
+            log.warning("--resume: continuing from the checkpoint of epoch %d instead", epoch)
+        return epoch, state, weights
+    raise UserError(f"--resume: no checkpoint in {out_dir} reads whole: {'; '.join(refused)}")
 
 
 def discard_run(out_dir: Path, summary: Path) -> None:
