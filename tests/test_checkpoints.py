@@ -314,22 +314,6 @@ def test_resume_passes_over_a_damaged_newest_checkpoint_to_the_previous_good_one
     assert (cut / STUDENT_WEIGHTS).read_bytes() == (tmp_path / "whole" / STUDENT_WEIGHTS).read_bytes()
     for epoch in (2, 3):  # the resumed run's own checkpoints, then both spoiled
         spoil(epoch)
-    result = run_cli(
-        "distill",
-        scored_store,
-        "--student",
-        "resnet8",
-        "--model-kwargs",
-        "{base_width: 8}",
-        "--batch-size",
-        100,
-        "--epochs",
-        4,
-        "--out",
-        cut,
-        "--resume",
-        "--device",
-        "cpu",
-        expect_ok=False,
-    )
+    student = ["--student", "resnet8", "--model-kwargs", "{base_width: 8}", "--batch-size", 100, "--epochs", 4]
+    result = run_cli("distill", scored_store, *student, "--out", cut, "--resume", "--device", "cpu", expect_ok=False)
     assert_one_line_error(result, "--resume: no checkpoint in", "epoch 3 (", "epoch 2 (")
