@@ -12,6 +12,7 @@ all: view 0 is the split's own arrays (what score reads), view v the same paths 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -354,10 +355,13 @@ class FeatureStore:
                 raise StoreError(f"{path} already exists")
             if not path.is_dir() or not _zarr_files_only(path):
                 raise StoreError(f"{path} exists and is not a Zarr store; refusing to delete it")
+            if _foreign_group(path):
+                raise StoreError(f"{path} is a Zarr group kdpipe did not write; refusing to delete it")
             remove_tree(path)
         try:
-            group = zarr.open_group(zarr_store(path, read_only=False), mode="w-")
-            group.attrs[ATTR_KEY] = {**meta, "format_version": FORMAT_VERSION, "complete": False}
+            # the attributes in the group's first write: no moment when kdpipe's new store looks like another tool's
+            attributes = {ATTR_KEY: {**meta, "format_version": FORMAT_VERSION, "complete": False}}
+            group = zarr.open_group(zarr_store(path, read_only=False), mode="w-", attributes=attributes)
         except OSError:  # a full disk: no half-made store left for the next run to refuse
             with contextlib.suppress(OSError):
                 remove_tree(path)
@@ -478,6 +482,17 @@ def _create_arrays(
             attributes=spec.attributes,
         )
     group.create_array(PROGRESS, shape=(math.ceil(num_samples / block),), chunks=(1,), dtype="uint8", fill_value=0)
+
+
+def _foreign_group(path) -> bool:
+    """Whether `path` holds a readable Zarr group without kdpipe's attribute: another tool's data, never deleted.
+    Unreadable root metadata is what a damaged store looks like, and extract --overwrite rebuilds it."""
+    root = path / "zarr.json"
+    try:
+        metadata = json.loads(root.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and ATTR_KEY not in (metadata.get("attributes") or {})
 
 
 def _zarr_files_only(path) -> bool:

@@ -163,3 +163,20 @@ def test_first_non_finite_row_checked_block_by_block_finds_what_a_whole_array_ch
     assert first_non_finite_row(rows) == (naive[0] if naive else None)
     monkeypatch.setattr(store, "FINITE_CHECK_BYTES", 1)  # one row a block
     assert first_non_finite_row(rows) == (naive[0] if naive else None)
+
+
+def test_overwrite_deletes_only_a_store_kdpipe_wrote(tmp_path):
+    """Another tool's Zarr group is refused, not deleted; a store kdpipe wrote, or a damaged one (its root
+    metadata unreadable), is replaced."""
+    import zarr
+
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(str(foreign), mode="w", attributes={"tool": "other"}).create_array("x", shape=(4,), dtype="f4")
+    before = sorted(p.relative_to(foreign) for p in foreign.rglob("*"))
+    with pytest.raises(StoreError, match="a Zarr group kdpipe did not write; refusing to delete it"):
+        FeatureStore.create(foreign, {"identity": {}}, overwrite=True)
+    assert sorted(p.relative_to(foreign) for p in foreign.rglob("*")) == before
+    ours = FeatureStore.create(tmp_path / "ours.zarr", {"identity": {"v": 1}})
+    assert FeatureStore.create(ours.path, {"identity": {"v": 2}}, overwrite=True).meta["identity"] == {"v": 2}
+    (ours.path / "zarr.json").write_text("{not json")  # damaged: extract --overwrite rebuilds it
+    assert FeatureStore.create(ours.path, {"identity": {"v": 3}}, overwrite=True).meta["identity"] == {"v": 3}
