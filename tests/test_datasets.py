@@ -205,3 +205,49 @@ def test_imagefolder_shares_the_train_label_map(tmp_path):
     assert held_out_split("imagefolder") == "val"
     with pytest.raises(UserError, match="has no split 'test'"):
         load_split("imagefolder", "test", root=str(tmp_path))
+
+
+def test_imagefolder_lists_the_files_torchvision_lists_in_its_order(tmp_path):
+    """Regular files and plain folders: exactly torchvision's samples, in its order (nested folders sorted by path,
+    which is not a depth-first walk: `b-x` sorts before `b/c`), so stores' fingerprints stay what they were."""
+    from helpers import write_png
+    from pipeline.data.datasets import LabelledImageFolder
+
+    for folder in ("train/ant", "train/ant/b", "train/ant/b-x", "train/ant/b/c", "train/bee"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        write_png(tmp_path / folder / "0.png", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "train/ant/notes.txt").write_text("not an image")
+    ours = LabelledImageFolder(str(tmp_path / "train"), ["ant", "bee"], transform=None).samples
+    theirs = torchvision.datasets.ImageFolder(str(tmp_path / "train")).samples
+    assert ours == theirs and len(ours) == 5
+    assert [p.split("train/")[1] for p, _ in ours][:4] == ["ant/0.png", "ant/b/0.png", "ant/b-x/0.png", "ant/b/c/0.png"]
+
+
+@pytest.mark.parametrize("fault", ["named pipe", "symlink loop", "decoder error"])
+def test_an_image_folder_with_a_pipe_a_loop_or_an_undecodable_image_is_one_line(fault, tmp_path, monkeypatch):
+    """A named pipe is never opened (it would block the fingerprint forever), a folder symlink back up is refused
+    (it would repeat images under the wrong class), and a decoder error of any class names the image."""
+    import os
+
+    from helpers import write_image_folder
+
+    root = write_image_folder(tmp_path / "images", {"train": {"ant": 3, "bee": 3}, "val": {"ant": 1, "bee": 1}})
+    if fault == "named pipe":
+        os.mkfifo(root / "train" / "ant" / "blocked.png")
+        expected = ["blocked.png is not a regular file (a named pipe)"]
+    elif fault == "symlink loop":
+        os.symlink("..", root / "train" / "bee" / "up")
+        expected = ["/train/bee/up/", "leads back to", "a folder symlink loop"]
+    else:
+        from PIL import Image as PILImage
+
+        def bomb(*args, **kwargs):
+            raise PILImage.DecompressionBombError("Image size (999999999 pixels) exceeds limit")
+
+        monkeypatch.setattr(PILImage, "open", bomb)
+        expected = ["cannot read image", ".png: Image size (999999999 pixels) exceeds limit"]
+    args = ["teach", "--teacher", "resnet8", "--dataset", "imagefolder", "--data-root", root, "--input-size", 16]
+    result = run_cli(
+        *args, "--epochs", 1, "--batch-size", 2, "--out", tmp_path / "t", "--device", "cpu", expect_ok=False
+    )
+    assert_one_line_error(result, *expected)

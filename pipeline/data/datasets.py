@@ -13,6 +13,8 @@ import functools
 import hashlib
 import json
 import math
+import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torchvision
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from ..errors import UserError, first_line
@@ -385,11 +388,58 @@ class LabelledImageFolder(torchvision.datasets.ImageFolder):
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return self.fixed_classes, {c: i for i, c in enumerate(self.fixed_classes)}
 
+    @staticmethod
+    def make_dataset(
+        directory: str,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """(path, class) of every image file under each class folder, in sorted order, as torchvision lists them,
+        but only regular files (a named pipe or a device would block or never end a read) and each folder once: a
+        folder symlink is followed unless it leads back into a folder already walked (a loop would repeat every
+        image under it), which is an error naming the link."""
+        samples = []
+        for name, label in sorted(class_to_idx.items(), key=lambda item: item[1]):
+            top = os.path.join(directory, name)
+            if os.path.isdir(top):
+                samples += [(path, label) for path in _image_files(top, extensions or IMG_EXTENSIONS)]
+        return samples
+
     def __getitem__(self, index: int):
         try:
             return super().__getitem__(index)
-        except OSError as err:  # PIL's UnidentifiedImageError is an OSError
+        except Exception as err:  # any decoder failure (PIL's errors are OSError, ValueError, DecompressionBombError)
             raise UserError(f"cannot read image {self.samples[index][0]}: {first_line(err)}") from err
+
+
+def _image_files(top: str, extensions: tuple[str, ...]) -> list[str]:
+    """The regular files with an image extension under `top`, in torchvision's order (folders sorted by path, files
+    by name); a folder met twice (a symlink loop) or a file that is not regular (a FIFO, a socket, a device) is a
+    UserError naming it. Files are checked by `stat` before anything reads them."""
+    folders, walked = [], set()
+    for folder, _, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:
+            raise UserError(f"{folder} leads back to {real}, already read (a folder symlink loop); remove the link")
+        walked.add(real)
+        folders.append((folder, names))
+    found = []
+    for folder, names in sorted(folders):
+        for name in sorted(n for n in names if n.lower().endswith(extensions)):
+            path = os.path.join(folder, name)
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise UserError(f"{path} is not a regular file ({_file_kind(mode)}); an image folder holds images")
+            found.append(path)
+    return found
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device")]
+    kinds.append((stat.S_ISBLK, "a block device"))
+    return next((kind for test, kind in kinds if test(mode)), "not a file")
 
 
 @register_dataset
