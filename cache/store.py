@@ -32,6 +32,7 @@ from .schema import (
     FORMAT_VERSION,
     INDICES,
     LABELS,
+    LOGITS,
     PARAMS_ARRAY,
     PROGRESS,
     STORE_NAME,
@@ -294,11 +295,31 @@ class SplitStore:
             for path, a in self.arrays().items()
         ]
 
-    def check_metadata(self) -> None:
-        """Reads every view's arrays' metadata, progress flags included: StoreError names the first unreadable one."""
+    def check_metadata(self, identity: StoreIdentity | None = None) -> None:
+        """Reads every view's arrays' metadata, progress flags included, and checks it against what kdpipe created
+        (`check_layout`): StoreError names the first unreadable or altered one."""
         for view in self.views():
-            view.arrays()
-            view.array(PROGRESS)
+            view.check_layout(identity)
+
+    def check_layout(self, identity: StoreIdentity | None = None) -> None:
+        """Every array's metadata as kdpipe creates it, against the split's own record and the store's identity:
+        a row per sample, chunked along rows only in chunks that divide the block, a missing chunk reading as NaN
+        (floats) or -1 (integers), checksummed chunks, a feature array of its tap's shape and the feature dtype,
+        logits as wide as the classes, one progress flag per block. Metadata rewritten by another tool, a hand edit
+        or a partial sync is a DamagedStoreError naming the array and the field, not numbers read wrong."""
+        for path, array in self.arrays().items():
+            where = f"{self.name}/{path}"
+            _expect(where, "rows", array.shape[0], self.num_samples)
+            _expect(where, "chunk shape", tuple(array.chunks[1:]), tuple(array.shape[1:]))
+            if self.num_blocks > 1 and self.block_rows % array.chunks[0]:  # one block: its length is the split's
+                blocks = f"chunks of {array.chunks[0]} rows that do not divide the block of {self.block_rows}"
+                raise DamagedStoreError(f"{where}: {blocks}; {REBUILD}")
+            _expect(where, "fill value", _fill_text(array.fill_value), _fill_text(_missing_value(str(array.dtype))))
+            _expect(where, "checksum", "crc32c" in _codec_names(array), True)
+            if identity is not None:
+                _check_against_identity(where, path, array, identity)
+        progress = self.array(PROGRESS)
+        _expect(f"{self.name}/{PROGRESS}", "shape", progress.shape, (self.num_blocks,))
 
 
 class FeatureStore:
@@ -345,6 +366,9 @@ class FeatureStore:
         store = cls.open(path, mode=mode)
         if not store.complete:
             raise StoreError(f"{store.path} is incomplete; finish it by rerunning the same kdpipe extract")
+        identity = store.identity
+        for part in store.splits():
+            part.check_metadata(identity)
         return store
 
     @classmethod
@@ -503,6 +527,32 @@ def _zarr_files_only(path) -> bool:
         if "c" not in folders and name != "zarr.json" and not name.endswith(UNFINISHED_WRITE):  # chunk folders: chunks
             return False
     return True
+
+
+def _expect(where: str, field: str, found: Any, expected: Any) -> None:
+    if found != expected:
+        raise DamagedStoreError(
+            f"{where}: {field} {found} in its metadata, not {expected} as kdpipe created it; {REBUILD}"
+        )
+
+
+def _check_against_identity(where: str, path: str, array: zarr.Array, identity: StoreIdentity) -> None:
+    """A feature array of its tap's recorded shape and the feature dtype; logits as wide as the classes."""
+    taps = {feature_path(t["name"]): tuple(t["shape"]) for t in identity.taps}
+    if path in taps:
+        _expect(where, "sample shape", tuple(array.shape[1:]), taps[path])
+        _expect(where, "dtype", str(array.dtype), identity.feature_dtype)
+    elif path == LOGITS:
+        _expect(where, "width", tuple(array.shape[1:]), (identity.dataset.num_classes,))
+
+
+def _fill_text(value: Any) -> str:
+    """A fill value as comparable text (NaN equals NaN)."""
+    return str(float(value)) if isinstance(value, (float, np.floating)) else str(value)
+
+
+def _codec_names(array: zarr.Array) -> set[str]:
+    return {type(codec).__name__.lower().removesuffix("codec") for codec in array.compressors}
 
 
 def _missing_value(dtype: str) -> float | int:

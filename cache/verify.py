@@ -48,7 +48,9 @@ def _no_progress(items: Iterable, **_) -> Iterable:
 def verify_split(
     store: FeatureStore, part: SplitStore, progress: Progress = _no_progress
 ) -> tuple[list[str], set[int], int]:
-    """Problems found in one split, the blocks they touch, and the number of chunks read."""
+    """Problems found in one split, the blocks they touch, and the number of chunks read; metadata kdpipe did not
+    create (`SplitStore.check_layout`) is a DamagedStoreError before any chunk is read."""
+    part.check_layout(store.identity)
     problems, bad_blocks, checked = [], set(), 0
     done = set(range(part.num_blocks)) - set(part.missing_blocks())
     if part.complete and len(done) < part.num_blocks:

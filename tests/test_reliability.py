@@ -366,3 +366,58 @@ def test_overwrite_removes_what_described_the_old_store(digits_teacher, store):
     assert not any(path.exists() for path in derived)
     hash_now = FeatureStore.open(store).meta["config_hash"]
     assert json.loads((store / EXTRACT_SUMMARY).read_text())["config_hash"] == hash_now
+
+
+def _rewrite_metadata(array_dir: Path, edit) -> None:
+    """Another tool's (or a hand's) edit of one array's zarr.json."""
+    path = array_dir / "zarr.json"
+    metadata = json.loads(path.read_text())
+    edit(metadata)
+    path.write_text(json.dumps(metadata))
+
+
+ALTERED_METADATA = {
+    "rows": ("features/layer3.2", lambda m: m.update(shape=[m["shape"][0] - 1, *m["shape"][1:]]), "rows 399"),
+    "fill value": ("features/layer2.2", lambda m: m.update(fill_value=0.0), "fill value 0.0"),
+    "no checksum": ("labels", lambda m: m.update(codecs=m["codecs"][:-1]), "checksum False"),
+    "logits width": (
+        "logits",
+        lambda m: (
+            m.update(shape=[m["shape"][0], 7]),
+            m["chunk_grid"]["configuration"].update(
+                chunk_shape=[m["chunk_grid"]["configuration"]["chunk_shape"][0], 7]
+            ),
+        ),
+        "width (7,)",
+    ),
+    "feature shape": (
+        "features/layer3.2",
+        lambda m: (
+            m.update(shape=[m["shape"][0], 1, *m["shape"][2:]]),
+            m["chunk_grid"]["configuration"].update(
+                chunk_shape=[m["chunk_grid"]["configuration"]["chunk_shape"][0], 1, *m["shape"][2:]]
+            ),
+        ),
+        "sample shape (1,",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ALTERED_METADATA)
+def test_array_metadata_kdpipe_did_not_write_is_one_line_in_every_reader(case, scored_store, tmp_path):
+    """An array whose metadata disagrees with what kdpipe created (its rows, fill value, checksum, a feature's
+    shape, the logits' width) is named, with the field, by verify, score and distill, before any number is read."""
+    array, edit, field = ALTERED_METADATA[case]
+    store = tmp_path / "store"
+    shutil.copytree(scored_store, store)
+    _rewrite_metadata(store / STORE_NAME / "train" / array, edit)
+    where = f"train/{array}: {field}"
+    result = run_cli("verify", store, expect_ok=False)
+    assert (
+        result.exit_code == DAMAGED
+        and where in result.output
+        and "kdpipe extract --overwrite rebuilds" in result.output
+    )
+    assert_one_line_error(run_cli("score", store, "--no-plot", expect_ok=False), where)
+    distill = ["distill", store, "--method", "kd", "--student", "resnet8", "--out", tmp_path / "run", "--device", "cpu"]
+    assert_one_line_error(run_cli(*distill, "--steps", 1, expect_ok=False), where)
