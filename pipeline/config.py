@@ -33,7 +33,7 @@ from cache.location import LOCAL_ONLY, is_object_storage
 from cache.schema import DEFAULT_COMPRESSION
 
 from .data.fingerprint import FINGERPRINT_MODES, SAMPLED_FILES, SMALL_TREE_BYTES, SMALL_TREE_FILES
-from .errors import UserError
+from .errors import UserError, shown
 from .layout import Q_TEST_PLOT, REPORT_BUDGET_PLOT, REPORT_PLOT, SCORES_PLOT
 from .registry import UnknownName
 
@@ -64,7 +64,7 @@ class Integer(click.IntRange):
 
     def convert(self, value: Any, param, ctx) -> int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            self.fail(f"{value!r} is not a valid integer", param, ctx)
+            self.fail(f"{shown(value)} is not a valid integer", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -75,7 +75,7 @@ class Number(click.FloatRange):
 
     def convert(self, value: Any, param, ctx) -> float:
         if isinstance(value, bool):
-            self.fail(f"{value!r} is not a valid float", param, ctx)
+            self.fail(f"{shown(value)} is not a valid float", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -86,7 +86,7 @@ class Boolean(click.types.BoolParamType):
         if isinstance(value, bool):
             return value
         if not isinstance(value, str):
-            self.fail(f"{value!r} is not a valid boolean", param, ctx)
+            self.fail(f"{shown(value)} is not a valid boolean", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -107,7 +107,7 @@ class CommaList(click.ParamType):
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             items = [value]  # a YAML `seeds: 3`
         else:
-            self.fail(f"{value!r} is not a comma-separated list", param, ctx)
+            self.fail(f"{shown(value)} is not a comma-separated list", param, ctx)
         if self.item is None:
             return tuple(str(v) for v in items)
         return tuple(self.item.convert(v, param, ctx) for v in items)
@@ -159,7 +159,7 @@ class MappingType(click.ParamType):
             except yaml.YAMLError:
                 parsed = None
         if not isinstance(parsed, dict):
-            self.fail(f"{value!r} is not a mapping such as '{{base_width: 8}}'", param, ctx)
+            self.fail(f"{shown(value)} is not a mapping such as '{{base_width: 8}}'", param, ctx)
         return dict(parsed)
 
 
@@ -178,7 +178,7 @@ class Location(click.Path):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, (str, os.PathLike)):
-            self.fail(f"expected a path, not {value!r}", param, ctx)
+            self.fail(f"expected a path, not {shown(value)}", param, ctx)
         if not is_object_storage(value):
             return super().convert(value, param, ctx)
         if not self.object_storage:
@@ -326,13 +326,13 @@ def option_kinds() -> dict[str, type]:
 def convert_value(config: type[Config], f: Field, value: Any) -> Any:
     kind = field_types(config)[f.name]
     if isinstance(value, (list, tuple, dict)) and not getattr(kind, "collection", False):
-        raise ConfigError(f"expected a single value, not {value!r}", f.name)
+        raise ConfigError(f"expected a single value, not {shown(value)}", f.name)
     try:
         return kind.convert(value, None, None)
     except click.BadParameter as err:
         raise ConfigError(err.message, f.name) from None
     except (TypeError, ValueError) as err:  # a type click did not expect (a mapping given as a path)
-        raise ConfigError(f"{value!r} is not a valid {kind.name} ({err})", f.name) from None
+        raise ConfigError(f"{shown(value)} is not a valid {kind.name} ({err})", f.name) from None
 
 
 def convert_values(config: type[Config], values: Mapping[str, Any], arguments: bool = True) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
+import reprlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -75,6 +76,18 @@ def _keyword(match: re.Match) -> str:
     stripped = value.rstrip(_VALUE_END)
     shown = stripped if kind in (int, float) or stripped.isupper() else repr(stripped)
     return f"{name}={shown}{value[len(stripped) :]}"
+
+
+# How an error message shows a value it was given: a repr bounded in length and depth, so that a crafted value (a
+# YAML of nested aliases expands to megabytes) cannot make the one `Error:` line huge.
+_SHOWN = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxtuple, _SHOWN.maxset = 2, 4, 4, 4, 4
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 80, 80, 40
+
+
+def shown(value: object) -> str:
+    """`value` as an error message shows it: its repr, shortened (`...`) past a few items, levels or characters."""
+    return _SHOWN.repr(value)
 
 
 def first_line(err: BaseException) -> str:

@@ -230,3 +230,16 @@ def test_a_config_file_that_is_not_utf8_or_gives_a_path_a_number_is_one_line(tmp
         assert_one_line_error(result, str(numeric), f"extract.{option}: expected a path, not 5")
     result = run_cli("extract", "--data-root", "s3://bucket/data", expect_ok=False)
     assert_one_line_error(result, "s3://bucket/data: kdpipe extract reads datasets from a local folder only")
+
+
+def test_a_value_echoed_in_an_error_is_bounded(tmp_path):
+    """A 400-byte YAML of nested aliases expands to 10^8 items: the error line shows a bounded sketch of it (it was
+    half a gigabyte)."""
+    anchors = "".join(
+        f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 10) if i else ', '.join(['x'] * 10)}]\n" for i in range(8)
+    )
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("teach:\n  model_kwargs:\n    k:\n" + anchors + "  epochs: *a7\n")
+    result = run_cli("teach", "--config", bomb, expect_ok=False)
+    assert_one_line_error(result, "teach.epochs: expected a single value, not [[[...], [...], [...], [...], ...], ")
+    assert len(result.output) < 400
