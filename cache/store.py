@@ -169,6 +169,7 @@ class SplitStore:
             )
         self.num_samples: int = group.attrs["num_samples"]
         self.block_rows: int = group.attrs["block_rows"]
+        self.dataset_size: int | None = group.attrs.get("dataset_size")  # bounds the indices `read` accepts
 
     def read(self, path: str, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """`array[rows]`, checked: a damaged chunk, or a value no writer stores, is a StoreError naming the array (and
@@ -200,7 +201,7 @@ class SplitStore:
         if path == PARAMS_ARRAY:
             bad = (values < 0).reshape(len(values), -1).any(1)
         elif path in (LABELS, INDICES):
-            upper = self.num_classes if path == LABELS else self.record.dataset_size
+            upper = self.num_classes if path == LABELS else self.dataset_size
             bad = (values < 0) | (values >= (upper or np.iinfo(values.dtype).max))
         else:
             return None
